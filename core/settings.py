@@ -1,0 +1,183 @@
+"""Frozen settings objects: one definition drives the CLI flags, the dashboard widgets and the cache key.
+
+Every open choice of the method (METHOD.md) is a field here, never a silent constant. A field is
+declared with `setting(...)`, which records its help text and its valid values; `__post_init__`
+validates them, so a bad value fails where it is given, with a message naming the field and what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+from typing import Any, ClassVar
+
+
+class SettingsError(ValueError):
+    """A setting has a value outside its valid range or choices."""
+
+
+def setting(default: Any, *, help: str, choices: tuple | None = None,
+            low: float | None = None, high: float | None = None,
+            low_open: bool = False, in_key: bool = True) -> Any:
+    """Declare a settings field. `in_key=False` marks fields that cannot change a result
+    (batch size, device), so they stay out of the cache key."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "choices": choices, "low": low, "high": high,
+        "low_open": low_open, "in_key": in_key})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Base of all settings groups. Subclasses are frozen dataclasses of `setting(...)` fields."""
+
+    group: ClassVar[str] = "settings"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_field(type(self).__name__, f, getattr(self, f.name))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def key_dict(self) -> dict[str, Any]:
+        """The fields that determine a result, for cache keys."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata.get("in_key", True)}
+
+    def key(self) -> str:
+        return stable_hash({"group": self.group, **self.key_dict()})
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def field_specs(cls) -> list[dict[str, Any]]:
+        """Name, default, type, choices, range and help of every field: what a UI needs for a widget."""
+        return [{"name": f.name, "default": f.default, "type": type(f.default).__name__,
+                 **{k: f.metadata[k] for k in ("help", "choices", "low", "high", "low_open")}}
+                for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            kind = type(f.default)
+            if kind is bool:
+                parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                    default=f.default, help=f.metadata["help"])
+            else:
+                parser.add_argument(flag, dest=f.name, type=kind, default=f.default,
+                                    choices=f.metadata["choices"],
+                                    help=f"{f.metadata['help']} (default: {f.default})")
+
+    @classmethod
+    def from_namespace(cls, namespace: argparse.Namespace):
+        return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)
+                      if hasattr(namespace, f.name)})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise SettingsError(f"{cls.__name__}: unknown setting(s) {sorted(unknown)}; "
+                                f"known: {sorted(names)}")
+        return cls(**values)
+
+
+def _check_field(owner: str, f: dataclasses.Field, value: Any) -> None:
+    meta = f.metadata
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise SettingsError(f"{owner}.{f.name}={value!r} is not one of {list(meta['choices'])}; "
+                            f"pick one of those.")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SettingsError(f"{owner}.{f.name}={value!r} is not a finite number.")
+        low, high = meta.get("low"), meta.get("high")
+        too_low = low is not None and (value <= low if meta.get("low_open") else value < low)
+        too_high = high is not None and value > high
+        if too_low or too_high:
+            left = "(" if meta.get("low_open") else "["
+            lo = "-inf" if low is None else low
+            hi = "inf" if high is None else high
+            raise SettingsError(f"{owner}.{f.name}={value!r} is out of range {left}{lo}, {hi}]; "
+                                f"choose a value in that range.")
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Hash of a JSON-able object, independent of dict order and of the Python session."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+# --- The method's settings groups -------------------------------------------------------------
+
+GRANULARITIES = ("qkv", "module")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSettings(Settings):
+    """How edge scores are computed (METHOD.md sections 2-3)."""
+
+    group: ClassVar[str] = "score"
+    granularity: str = setting("qkv", choices=GRANULARITIES,
+                               help="destination slots: q/k/v inputs per attention (qkv) or one per "
+                                    "attention block (module)")
+    dtype: str = setting("float32", choices=DTYPES,
+                         help="model weights and activations; scores always accumulate in float32 "
+                              "(float64 for a float64 model)")
+    batch_size: int = setting(1, low=1, help="samples per forward+backward pass (results do not "
+                                             "depend on it)", in_key=False)
+    device: str = setting("auto", help="torch device: auto (cuda if available, else cpu), cpu, "
+                                       "cuda, cuda:1 ...", in_key=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionSettings(Settings):
+    """Which questions are scored, and where answers are cut (METHOD.md section 4)."""
+
+    group: ClassVar[str] = "selection"
+    beta: float = setting(0.5, low=0.0, high=10.0,
+                          help="keep a question if its pair-mean answer length >= floor(beta*T_bar)")
+    gamma: float = setting(1.5, low=0.0, high=10.0,
+                           help="keep a question if its pair-mean answer length <= floor(gamma*T_bar)")
+    delta: float = setting(0.5, low=0.0, high=2.0,
+                           help="drop a question if |T_base-T_post| / mean(T_base,T_post) > delta")
+    n: int = setting(100, low=1, help="questions drawn (the same for both models)")
+    seed: int = setting(42, low=0, help="seed of the random draw of questions")
+
+
+def check_alpha(alpha: float) -> float:
+    """alpha is the fraction of T_bar kept: T_cut = max(floor(alpha*T_bar), 1)."""
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0 < alpha <= 1:
+        raise SettingsError(f"alpha={alpha!r} is out of range (0, 1]: it is the fraction of the mean "
+                            f"answer length kept, e.g. 0.03, 0.1, 0.3 or 0.5.")
+    return float(alpha)
+
+
+PAPER_ALPHAS = (0.03, 0.1, 0.3, 0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricSettings(Settings):
+    """Conventions of the distribution metrics (METHOD.md section 5). The defaults reproduce the
+    paper's formulas; every stored or shown metric carries the key of the settings that made it."""
+
+    group: ClassVar[str] = "metrics"
+    intensity_normaliser: str = setting("dense", choices=("dense", "edges"),
+                                        help="mean |W| over all n_src*n_dst entries (dense, the "
+                                             "paper's formula) or over real edges only (edges)")
+    histogram_bins: int = setting(100, low=2, high=100000,
+                                  help="equal-width bins over [0, max |W|] for the entropy")
+    kurtosis_of: str = setting("signed", choices=("signed", "abs"),
+                               help="excess kurtosis of signed W (paper) or of |W|")
+    bootstrap: int = setting(1000, low=0, high=100000,
+                             help="paired bootstrap resamples of the questions for CIs (0: none)")
+    ci_level: float = setting(0.95, low=0.5, high=0.999, help="confidence level of the intervals")
+    fdr: float = setting(0.05, low=0.0, high=0.5, low_open=True,
+                         help="Benjamini-Hochberg false discovery rate of the per-edge tests")
+    seed: int = setting(0, low=0, help="seed of the bootstrap resampling")
