@@ -1,0 +1,121 @@
+"""Batched greedy generation with Hugging Face `generate` (METHOD.md section 4).
+
+Prompts arrive as token ids (rendered once by core.templates) and answers leave as token ids, exactly
+as generated, so attribution later runs on the very sequences the model produced, never re-tokenised.
+An answer ends before the first EOS token, or before the first stop string; the EOS token and the
+stop string's tokens are not part of the answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+FINISH_REASONS = ("eos", "stop", "length")
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    answer_ids: tuple[int, ...]
+    # Why the answer ended: EOS token, a stop string, or the token limit.
+    finish_reason: str
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every token id that ends a turn: the model's generation config may list several."""
+    ids: set[int] = set()
+    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if source is None:
+            continue
+        ids.update([source] if isinstance(source, int) else source)
+    return ids
+
+
+def generate_greedy(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
+                    stop_strings: Sequence[str] = (), batch_size: int = 8,
+                    progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Greedy answers to `prompt_ids`, as token ids, in the order of the prompts."""
+    return [list(g.answer_ids) for g in generate_greedy_detailed(
+        model, tokenizer, prompt_ids, max_new_tokens, stop_strings, batch_size, progress)]
+
+
+def generate_greedy_detailed(model, tokenizer, prompt_ids: Sequence[Sequence[int]],
+                             max_new_tokens: int, stop_strings: Sequence[str] = (),
+                             batch_size: int = 8,
+                             progress: Callable[[int, int], None] | None = None) -> list[Generation]:
+    """Like `generate_greedy`, with the reason each answer ended.
+
+    Prompts are left-padded and batched longest first (similar lengths share a batch, so little
+    compute goes to padding); `progress(done, total)` is called after each batch.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("an empty prompt was given; every prompt needs at least one token")
+    eos = eos_token_ids(model, tokenizer)
+    if not eos:
+        raise ValueError("neither the model's generation config nor the tokenizer names an EOS "
+                         "token; set tokenizer.eos_token before generating")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+        eos_token_id=sorted(eos), pad_token_id=pad_id,
+        stop_strings=list(stop_strings) or None)
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    results: list[Generation | None] = [None] * len(prompt_ids)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        width = max(len(prompt_ids[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids = list(prompt_ids[i])
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids):] = 1
+        with torch.no_grad():
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                    generation_config=config, tokenizer=tokenizer)
+        for row, i in enumerate(batch):
+            new_ids = output[row, width:].tolist()
+            results[i] = finish_answer(new_ids, tokenizer, eos, stop_strings)
+        if progress is not None:
+            progress(min(start + batch_size, len(order)), len(order))
+    return results  # type: ignore[return-value]
+
+
+def finish_answer(new_ids: Sequence[int], tokenizer, eos: set[int],
+                  stop_strings: Sequence[str] = ()) -> Generation:
+    """Cut generated ids at the first EOS or stop string; the marker itself is dropped."""
+    ids = list(new_ids)
+    reason = "length"
+    for index, token in enumerate(ids):
+        if token in eos:
+            ids, reason = ids[:index], "eos"
+            break
+    if stop_strings:
+        text = tokenizer.decode(ids)
+        hits = [pos for pos in (text.find(s) for s in stop_strings) if pos >= 0]
+        if hits:
+            ids, reason = ids[:_tokens_before(ids, tokenizer, min(hits))], "stop"
+    return Generation(tuple(ids), reason)
+
+
+def _tokens_before(ids: list[int], tokenizer, char_pos: int) -> int:
+    """The largest k such that the text of ids[:k] ends at or before character `char_pos`.
+
+    Decoded length grows with the prefix, so a binary search needs O(log n) decodes.
+    """
+    low, high = 0, len(ids)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if len(tokenizer.decode(ids[:mid])) <= char_pos:
+            low = mid
+        else:
+            high = mid - 1
+    return low
