@@ -171,6 +171,10 @@ class MetricSettings(Settings):
     intensity_normaliser: str = setting("dense", choices=("dense", "edges"),
                                         help="mean |W| over all n_src*n_dst entries (dense, the "
                                              "paper's formula) or over real edges only (edges)")
+    flatten: str = setting("dense", choices=("dense", "edges"),
+                           help="entries of each matrix that the entropy histogram, the kurtosis and "
+                                "the diversity use: all n_src*n_dst, structural zeros included (dense, "
+                                "the paper's flattened matrices) or real edges only (edges)")
     histogram_bins: int = setting(100, low=2, high=100000,
                                   help="equal-width bins over [0, max |W|] for the entropy")
     kurtosis_of: str = setting("signed", choices=("signed", "abs"),
