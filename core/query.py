@@ -1,0 +1,391 @@
+"""The dashboard's only read path into the result cache (core/store.py).
+
+Every call opens a short read-only connection, so a run writing the cache in another process is never
+blocked for long and never seen half-done (a reader waits while the writer holds the file for one
+transaction). Results are memoised in-process, keyed by the cache's version token, so nothing stale is
+returned after a write.
+
+Sample matrices of a run at an alpha hold the questions scored for EVERY model of the run (a run still
+being computed shows its complete questions only), in the run's selection order, so sample k of every
+model is the same question.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from core.graph import ResidualGraph
+from core.settings import MetricSettings, stable_hash
+from core.store import Store
+
+METRIC_TABLE_COLUMNS = ("run_key", "pair", "dataset", "post_label", "alpha", "metric", "base", "post",
+                        "change_pct", "ci_low", "ci_high", "direction", "settings_key")
+
+# Questions of a run scored for every one of its models at (t_cut, score_key).
+_COMPLETE_SQL = """
+    complete AS (
+        SELECT rs.question_id FROM run_samples rs
+        JOIN scores s ON s.generation_key = rs.generation_key AND s.t_cut = $t_cut
+                     AND s.score_key = $score_key
+        WHERE rs.run_key = $run_key
+        GROUP BY rs.question_id
+        HAVING count(*) = (SELECT count(*) FROM run_models WHERE run_key = $run_key))
+"""
+
+
+class RunNotFoundError(KeyError):
+    pass
+
+
+class ResultCache:
+    """Read access to one cache file. Missing file = empty cache."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._memo: dict[tuple, Any] = {}
+        self._memo_token: tuple | None = None
+
+    @classmethod
+    def open(cls, path: str | Path | None = None) -> "ResultCache":
+        return cls(Store(path))
+
+    @property
+    def path(self) -> Path:
+        return self.store.path
+
+    # --- memoisation --------------------------------------------------------------------------
+
+    def _cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        token = self.store.version_token()
+        if token != self._memo_token:
+            self._memo.clear()
+            self._memo_token = token
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def _sql(self, sql: str, params: Any = None) -> pd.DataFrame:
+        with self.store.read() as con:
+            return con.execute(sql, params).df()
+
+    # --- runs -----------------------------------------------------------------------------------
+
+    def is_empty(self) -> bool:
+        if not self.store.tables_present():
+            return True
+        return self._cached(("is_empty",), lambda: self._sql("SELECT count(*) AS n FROM runs")
+                            ["n"].iloc[0] == 0)
+
+    def runs(self) -> pd.DataFrame:
+        """One row per (run, post model)."""
+        columns = ["run_key", "pair", "kind", "dataset", "base_label", "post_label", "algorithm",
+                   "granularity", "n_layers", "alphas", "t_cuts", "n_selected", "n_candidates",
+                   "t_bar", "created_at", "updated_at", "settings", "selection_report",
+                   "code_version"]
+        if not self.store.tables_present():
+            return pd.DataFrame(columns=columns)
+        return self._cached(("runs",), lambda: self._runs(columns))
+
+    def _runs(self, columns: list[str]) -> pd.DataFrame:
+        table = self._sql("""
+            SELECT r.run_key, r.name AS pair, r.kind, r.dataset_name AS dataset,
+                   b.label AS base_label, p.label AS post_label, p.algorithm, r.granularity,
+                   r.n_layers, r.n_selected, r.n_candidates, r.t_bar, r.created_at, r.updated_at,
+                   r.selection, r.score, r.gen_settings, r.selection_report, r.code_version,
+                   (SELECT list(alpha ORDER BY alpha) FROM run_alphas a WHERE a.run_key = r.run_key)
+                       AS alphas,
+                   (SELECT list(t_cut ORDER BY alpha) FROM run_alphas a WHERE a.run_key = r.run_key)
+                       AS t_cuts
+            FROM runs r
+            JOIN run_models b ON b.run_key = r.run_key AND b.role = 'base'
+            JOIN run_models p ON p.run_key = r.run_key AND p.role = 'post'
+            ORDER BY r.created_at, r.run_key, p.position""")
+        table["alphas"] = [list(map(float, a)) if a is not None else [] for a in table["alphas"]]
+        table["t_cuts"] = [list(map(int, t)) if t is not None else [] for t in table["t_cuts"]]
+        table["settings"] = [{"selection": json.loads(s), "score": json.loads(c),
+                              "generation": json.loads(g)}
+                             for s, c, g in zip(table["selection"], table["score"],
+                                                table["gen_settings"])]
+        table["selection_report"] = [json.loads(s) if s else {} for s in table["selection_report"]]
+        return table[columns].reset_index(drop=True)
+
+    def _run(self, run_key: str) -> dict[str, Any]:
+        def load() -> dict[str, Any]:
+            with self.store.read() as con:
+                row = con.execute("SELECT name, n_layers, granularity, score_key FROM runs "
+                                  "WHERE run_key = ?", [run_key]).fetchone()
+                if row is None:
+                    raise RunNotFoundError(f"no run {run_key!r} in the cache {self.path}; "
+                                           f"`python -m core ls` lists the cached runs")
+                models = con.execute("SELECT label, role FROM run_models WHERE run_key = ? "
+                                     "ORDER BY position", [run_key]).fetchall()
+                alphas = dict(con.execute("SELECT alpha, t_cut FROM run_alphas WHERE run_key = ?",
+                                          [run_key]).fetchall())
+            return {"name": row[0], "graph": ResidualGraph(row[1], row[2]), "score_key": row[3],
+                    "base": next(label for label, role in models if role == "base"),
+                    "posts": [label for label, role in models if role == "post"],
+                    "t_cuts": alphas}
+        return self._cached(("run", run_key), load)
+
+    def graph(self, run_key: str) -> ResidualGraph:
+        return self._run(run_key)["graph"]
+
+    def _label(self, run_key: str, model: str | None, default_post: bool = True) -> str:
+        run = self._run(run_key)
+        if model is None:
+            return run["posts"][0] if default_post else run["base"]
+        if model == "base":
+            return run["base"]
+        if model == run["base"] or model in run["posts"]:
+            return model
+        raise KeyError(f"run {run_key!r} has no model {model!r}; its models are 'base' "
+                       f"({run['base']}) and {run['posts']}")
+
+    def _t_cut(self, run_key: str, alpha: float) -> int:
+        t_cuts = self._run(run_key)["t_cuts"]
+        for known, t_cut in t_cuts.items():
+            if math.isclose(known, alpha, rel_tol=1e-9, abs_tol=1e-12):
+                return int(t_cut)
+        raise KeyError(f"run {run_key!r} has no alpha {alpha}; its alphas are {sorted(t_cuts)}")
+
+    # --- matrices -------------------------------------------------------------------------------
+
+    def sample_edges(self, run_key: str, alpha: float, model: str) -> tuple[np.ndarray, list[str]]:
+        """Real-edge vectors [n, n_edges] of a model's samples, and their question ids."""
+        label = self._label(run_key, model)
+        return self._cached(("edges", run_key, float(alpha), label),
+                            lambda: self._sample_edges(run_key, alpha, label))
+
+    def _sample_edges(self, run_key: str, alpha: float, label: str) -> tuple[np.ndarray, list[str]]:
+        run = self._run(run_key)
+        params = {"run_key": run_key, "t_cut": self._t_cut(run_key, alpha),
+                  "score_key": run["score_key"], "label": label}
+        with self.store.read() as con:
+            table = con.sql(f"""
+                WITH {_COMPLETE_SQL}
+                SELECT rs.question_id, s.edge_scores FROM run_samples rs
+                JOIN complete c ON c.question_id = rs.question_id
+                JOIN scores s ON s.generation_key = rs.generation_key AND s.t_cut = $t_cut
+                             AND s.score_key = $score_key
+                WHERE rs.run_key = $run_key AND rs.label = $label
+                ORDER BY rs.position""", params=params).to_arrow_table()
+        n_edges = run["graph"].n_edges
+        column = table.column("edge_scores").combine_chunks()
+        values = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        edges = values.reshape(len(table), n_edges)
+        edges.flags.writeable = False
+        return edges, table.column("question_id").to_pylist()
+
+    def sample_matrices(self, run_key: str, alpha: float, model: str) -> tuple[np.ndarray, list[str]]:
+        """Dense per-sample matrices [n, n_src, n_dst] (float32) and their question ids."""
+        edges, ids = self.sample_edges(run_key, alpha, model)
+        return self.graph(run_key).dense(edges), ids
+
+    def mean_matrices(self, run_key: str, alpha: float,
+                      post_label: str | None = None) -> dict[str, np.ndarray]:
+        post = self._label(run_key, post_label)
+
+        def compute() -> dict[str, np.ndarray]:
+            graph = self.graph(run_key)
+            out = {}
+            for name, model in (("base", "base"), ("post", post)):
+                edges, _ = self.sample_edges(run_key, alpha, model)
+                if len(edges) == 0:
+                    raise ValueError(f"run {run_key!r} has no question scored for every model at "
+                                     f"alpha={alpha} yet")
+                out[f"{name}_abs"] = graph.dense(np.abs(edges).mean(axis=0))
+                out[f"{name}_signed"] = graph.dense(edges.mean(axis=0))
+            return out
+        return self._cached(("mean", run_key, float(alpha), post), compute)
+
+    def edge_across_alphas(self, run_key: str, src: str, dst: str,
+                           post_label: str | None = None) -> pd.DataFrame:
+        """Mean |W| and mean W of one edge at every alpha of the run, for base and post."""
+        graph = self.graph(run_key)
+        s, d = graph.src_index(src), graph.dst_index(dst)
+        if not graph.real_edge_mask[s, d]:
+            raise ValueError(f"{src}->{dst} is not an edge: {dst} is computed before {src} is read; "
+                             f"pick a source computed earlier than the slot")
+        position = int(graph.real_edge_mask.ravel()[: s * graph.n_dst + d].sum())
+        post = self._label(run_key, post_label)
+        base = self._label(run_key, "base")
+        run = self._run(run_key)
+
+        def compute() -> pd.DataFrame:
+            rows = []
+            with self.store.read() as con:
+                for alpha, t_cut in sorted(run["t_cuts"].items()):
+                    params = {"run_key": run_key, "t_cut": int(t_cut), "score_key": run["score_key"],
+                              "position": position + 1, "labels": [base, post]}
+                    found = con.execute(f"""
+                        WITH {_COMPLETE_SQL}
+                        SELECT rs.label, avg(abs(s.edge_scores[$position])) AS mean_abs,
+                               avg(s.edge_scores[$position]) AS mean_signed, count(*) AS n
+                        FROM run_samples rs
+                        JOIN complete c ON c.question_id = rs.question_id
+                        JOIN scores s ON s.generation_key = rs.generation_key AND s.t_cut = $t_cut
+                                     AND s.score_key = $score_key
+                        WHERE rs.run_key = $run_key AND list_contains($labels, rs.label)
+                        GROUP BY rs.label""", params).fetchall()
+                    for label, mean_abs, mean_signed, n in found:
+                        rows.append({"alpha": alpha, "model": "base" if label == base else label,
+                                     "mean_abs": mean_abs, "mean_signed": mean_signed, "n": n})
+            return pd.DataFrame(rows, columns=["alpha", "model", "mean_abs", "mean_signed", "n"])
+        return self._cached(("edge", run_key, src, dst, post), compute)
+
+    # --- metrics --------------------------------------------------------------------------------
+
+    def comparison(self, run_key: str, alpha: float, settings: MetricSettings = MetricSettings(),
+                   post_label: str | None = None):
+        """core.metrics.Comparison of base and post at alpha: stored by the pipeline for its
+        default settings, computed (and memoised) for any other settings."""
+        from core import metrics
+
+        post = self._label(run_key, post_label)
+
+        def compute():
+            stored = self._stored_comparisons(settings.key()).get((run_key, post, float(alpha)))
+            if stored is not None:
+                return stored
+            base_edges, _ = self.sample_edges(run_key, alpha, "base")
+            post_edges, _ = self.sample_edges(run_key, alpha, post)
+            graph = self.graph(run_key)
+            return metrics.compare_models(graph.dense(base_edges), graph.dense(post_edges), graph,
+                                          settings)
+        return self._cached(("comparison", run_key, float(alpha), post, settings.key()), compute)
+
+    def _stored_comparisons(self, settings_key: str) -> dict[tuple, Any]:
+        from core import metrics
+
+        def load() -> dict[tuple, Any]:
+            table = self._sql("SELECT run_key, post_label, alpha, comparison FROM metrics "
+                              "WHERE settings_key = ?", [settings_key])
+            return {(r.run_key, r.post_label, float(r.alpha)):
+                    metrics.Comparison.from_dict(json.loads(r.comparison))
+                    for r in table.itertuples()}
+        return self._cached(("stored_comparisons", settings_key), load)
+
+    def metric_table(self, settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
+        """All runs x post models x alphas x metrics, with the change's % and its interval."""
+        from core import metrics
+
+        def compute() -> pd.DataFrame:
+            parts = []
+            for run in self.runs().itertuples():
+                for alpha in run.alphas:
+                    try:
+                        comparison = self.comparison(run.run_key, alpha, settings, run.post_label)
+                    except ValueError:
+                        continue  # nothing complete yet at this alpha
+                    part = metrics.grid_table([(run.pair, run.dataset, alpha, comparison)])
+                    part["run_key"], part["post_label"] = run.run_key, run.post_label
+                    parts.append(part)
+            if not parts:
+                return pd.DataFrame(columns=list(METRIC_TABLE_COLUMNS))
+            table = pd.concat(parts, ignore_index=True).rename(
+                columns={"change_pct_low": "ci_low", "change_pct_high": "ci_high"})
+            return table[list(METRIC_TABLE_COLUMNS) + ["ci_excludes_zero"]]
+        return self._cached(("metric_table", settings.key()), compute)
+
+    def significant_edges(self, run_key: str, alpha: float,
+                          settings: MetricSettings = MetricSettings(),
+                          post_label: str | None = None) -> pd.DataFrame:
+        from core import metrics
+
+        post = self._label(run_key, post_label)
+
+        def compute() -> pd.DataFrame:
+            graph = self.graph(run_key)
+            base_edges, _ = self.sample_edges(run_key, alpha, "base")
+            post_edges, _ = self.sample_edges(run_key, alpha, post)
+            return metrics.significant_edges(graph.dense(base_edges), graph.dense(post_edges),
+                                             graph, settings)
+        return self._cached(("significant", run_key, float(alpha), post, settings.key()), compute)
+
+    # --- samples --------------------------------------------------------------------------------
+
+    def samples(self, run_key: str, alpha: float, post_label: str | None = None,
+                settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
+        """One row per question complete at alpha: texts, correctness, lengths, the scored
+        (truncated) texts, and per-sample metrics of both models (base_<metric>, post_<metric>)."""
+        from core import metrics
+
+        post = self._label(run_key, post_label)
+        base = self._label(run_key, "base")
+        run = self._run(run_key)
+
+        def compute() -> pd.DataFrame:
+            params = {"run_key": run_key, "t_cut": self._t_cut(run_key, alpha),
+                      "score_key": run["score_key"]}
+            with self.store.read() as con:
+                table = con.execute(f"""
+                    WITH {_COMPLETE_SQL}
+                    SELECT rs.label, rs.position, rs.question_id, q.question, q.reference,
+                           g.answer_text, gr.correct, len(g.answer_ids) AS answer_len,
+                           g.finish_reason, gr.extracted, s.t_cut, s.scored_text, s.loss
+                    FROM run_samples rs
+                    JOIN complete c ON c.question_id = rs.question_id
+                    JOIN runs r ON r.run_key = rs.run_key
+                    JOIN generations g ON g.generation_key = rs.generation_key
+                    LEFT JOIN grades gr ON gr.generation_key = rs.generation_key
+                    JOIN questions q ON q.dataset_key = r.dataset_key
+                                    AND q.question_id = rs.question_id
+                    JOIN scores s ON s.generation_key = rs.generation_key AND s.t_cut = $t_cut
+                                 AND s.score_key = $score_key
+                    WHERE rs.run_key = $run_key
+                    ORDER BY rs.position""", params).df()
+            sides = {}
+            for side, label in (("base", base), ("post", post)):
+                part = table[table["label"] == label].set_index("question_id")
+                sides[side] = part
+            b, p = sides["base"], sides["post"]
+            out = pd.DataFrame({
+                "question_id": b.index, "question": b["question"].to_numpy(),
+                "reference": b["reference"].to_numpy(),
+                "base_text": b["answer_text"].to_numpy(), "post_text": p.loc[b.index, "answer_text"].to_numpy(),
+                "base_correct": b["correct"].to_numpy(), "post_correct": p.loc[b.index, "correct"].to_numpy(),
+                "base_answer": b["extracted"].to_numpy(), "post_answer": p.loc[b.index, "extracted"].to_numpy(),
+                "base_answer_len": b["answer_len"].to_numpy(),
+                "post_answer_len": p.loc[b.index, "answer_len"].to_numpy(),
+                "t_cut": b["t_cut"].to_numpy(),
+                "base_truncated_text": b["scored_text"].to_numpy(),
+                "post_truncated_text": p.loc[b.index, "scored_text"].to_numpy(),
+                "base_loss": b["loss"].to_numpy(), "post_loss": p.loc[b.index, "loss"].to_numpy()})
+            graph = self.graph(run_key)
+            for side, model in (("base", "base"), ("post", post)):
+                edges, ids = self.sample_edges(run_key, alpha, model)
+                if ids != list(out["question_id"]):
+                    raise RuntimeError("internal: sample order differs between queries")
+                if len(ids):
+                    for name, values in metrics.per_sample_metrics(graph.dense(edges), graph,
+                                                                   settings).items():
+                        out[f"{side}_{name}"] = values
+            return out
+        return self._cached(("samples", run_key, float(alpha), post, settings.key()), compute)
+
+    def content_key(self, run_key: str) -> str:
+        """Changes whenever the run's stored data change."""
+        def compute() -> str:
+            with self.store.read() as con:
+                row = con.execute("""
+                    SELECT r.updated_at,
+                           (SELECT list(alpha || ':' || t_cut ORDER BY alpha) FROM run_alphas
+                            WHERE run_key = $run_key),
+                           (SELECT count(*) || ':' || max(s.created_at) FROM run_samples rs
+                            JOIN scores s ON s.generation_key = rs.generation_key
+                                         AND s.score_key = r.score_key
+                            WHERE rs.run_key = $run_key),
+                           (SELECT count(*) || ':' || max(created_at) FROM metrics
+                            WHERE run_key = $run_key)
+                    FROM runs r WHERE r.run_key = $run_key""", {"run_key": run_key}).fetchone()
+            if row is None:
+                raise RunNotFoundError(f"no run {run_key!r} in the cache {self.path}")
+            return stable_hash([run_key, *map(str, row)])
+        return self._cached(("content_key", run_key), compute)

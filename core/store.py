@@ -1,0 +1,325 @@
+"""The result cache: one DuckDB file holding everything a run produced, keyed by what produced it.
+
+Layout (every key is a content hash, see `core.settings.stable_hash`):
+- models, datasets + questions: identity of inputs (a model is its spec plus a content fingerprint);
+- generations (prompt and answer token ids exactly as generated) and grades;
+- scores: one row per (generation, T_cut, score settings) with the real-edge vector of the sample,
+  its loss and its time, so identical work is shared by every run that needs it;
+- runs, run_models, run_samples, run_alphas: what a run is (pair or series, dataset, settings), the
+  questions it selected, T_bar and T_cut per alpha;
+- metrics: the default-convention comparison of each run, post model and alpha;
+- stage_timings and code versions.
+
+Concurrency. DuckDB lets one process open a file read-write OR several open it read-only. So:
+- one writer at a time: a job holds `<cache>.writer.lock` (a file lock) for its whole duration;
+- connections are short-lived: the writer opens the file for one transaction and closes it, readers
+  open it read-only for one query and close it; either side retries while the other holds the file;
+- a transaction commits a complete unit (a sample's scores with its loss and time), so a killed
+  writer (kill -9) loses only the unit in flight, which DuckDB rolls back on the next open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import functools
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+
+from core import __version__
+from core.settings import stable_hash
+
+SCHEMA_VERSION = "1"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV_CACHE = "CIRCUITDIFF_CACHE"
+# Retry a busy file every RETRY_S seconds, for up to this long.
+OPEN_TIMEOUT_S = 30.0
+RETRY_S = 0.02
+
+TABLES = {
+    "meta": """key VARCHAR PRIMARY KEY, value VARCHAR""",
+    "models": """model_key VARCHAR PRIMARY KEY, label VARCHAR, spec VARCHAR, fingerprint VARCHAR,
+        architecture VARCHAR, n_layers INTEGER, tokenizer_fingerprint VARCHAR, created_at TIMESTAMP""",
+    "datasets": """dataset_key VARCHAR PRIMARY KEY, name VARCHAR, source VARCHAR,
+        content_hash VARCHAR, n_questions INTEGER, created_at TIMESTAMP""",
+    "questions": """dataset_key VARCHAR, question_id VARCHAR, position INTEGER, question VARCHAR,
+        reference VARCHAR, PRIMARY KEY (dataset_key, question_id)""",
+    "generations": """generation_key VARCHAR PRIMARY KEY, model_key VARCHAR, dataset_key VARCHAR,
+        question_id VARCHAR, gen_key VARCHAR, prompt_ids INTEGER[], answer_ids INTEGER[],
+        answer_text VARCHAR, finish_reason VARCHAR, seconds DOUBLE, backend VARCHAR,
+        created_at TIMESTAMP""",
+    "grades": """generation_key VARCHAR PRIMARY KEY, extracted VARCHAR, correct BOOLEAN,
+        rule VARCHAR, created_at TIMESTAMP""",
+    "runs": """run_key VARCHAR PRIMARY KEY, name VARCHAR, kind VARCHAR, dataset_key VARCHAR,
+        dataset_name VARCHAR, gen_key VARCHAR, gen_settings VARCHAR, selection_key VARCHAR,
+        selection VARCHAR, score_key VARCHAR, score VARCHAR, n_layers INTEGER, granularity VARCHAR,
+        n_candidates INTEGER, n_selected INTEGER, t_bar DOUBLE, selection_report VARCHAR,
+        code_version VARCHAR, git_commit VARCHAR, created_at TIMESTAMP, updated_at TIMESTAMP""",
+    "run_models": """run_key VARCHAR, label VARCHAR, role VARCHAR, model_key VARCHAR,
+        algorithm VARCHAR, position INTEGER, PRIMARY KEY (run_key, label)""",
+    "run_samples": """run_key VARCHAR, label VARCHAR, question_id VARCHAR, position INTEGER,
+        generation_key VARCHAR, PRIMARY KEY (run_key, label, question_id)""",
+    "run_alphas": """run_key VARCHAR, alpha DOUBLE, t_cut INTEGER, PRIMARY KEY (run_key, alpha)""",
+    "scores": """generation_key VARCHAR, t_cut INTEGER, score_key VARCHAR, model_key VARCHAR,
+        dataset_key VARCHAR, question_id VARCHAR, edge_scores FLOAT[], loss DOUBLE, seconds DOUBLE,
+        scored_text VARCHAR, code_version VARCHAR, created_at TIMESTAMP,
+        PRIMARY KEY (generation_key, t_cut, score_key)""",
+    "metrics": """run_key VARCHAR, post_label VARCHAR, alpha DOUBLE, settings_key VARCHAR,
+        settings VARCHAR, comparison VARCHAR, created_at TIMESTAMP,
+        PRIMARY KEY (run_key, post_label, alpha, settings_key)""",
+    "stage_timings": """run_key VARCHAR, stage VARCHAR, items INTEGER, seconds DOUBLE,
+        code_version VARCHAR, git_commit VARCHAR, created_at TIMESTAMP""",
+    "file_hashes": """path VARCHAR PRIMARY KEY, size BIGINT, mtime_ns BIGINT, sha256 VARCHAR""",
+}
+
+
+class CacheError(RuntimeError):
+    """The cache cannot be used as asked; the message says why and what to do."""
+
+
+class CacheCorruptError(CacheError):
+    pass
+
+
+class CacheBusyError(CacheError):
+    pass
+
+
+class WriterBusyError(CacheError):
+    """Another process holds the cache's writer lock (a run, an import or a synthetic build)."""
+
+
+def default_cache_path() -> Path:
+    return Path(os.environ.get(ENV_CACHE) or REPO_ROOT / "cache" / "circuitdiff.duckdb")
+
+
+def now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
+
+
+@functools.cache
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def code_version() -> str:
+    commit = git_commit()
+    return f"{__version__}+{commit[:12]}" if commit else __version__
+
+
+def _is_lock_conflict(error: Exception) -> bool:
+    text = str(error)
+    return "lock" in text.lower() and ("Conflicting" in text or "Could not set lock" in text)
+
+
+class Store:
+    """Access to one cache file. Cheap to create; holds no connection between calls."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else default_cache_path()
+        self.lock_path = Path(str(self.path) + ".writer.lock")
+        self._schema_checked = False
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def version_token(self) -> tuple:
+        """Changes whenever a transaction commits (the WAL or the main file changes), without
+        opening the database: what in-process memoisation keys on."""
+        token = []
+        for file in (self.path, Path(str(self.path) + ".wal")):
+            try:
+                stat = file.stat()
+                token.append((stat.st_mtime_ns, stat.st_size))
+            except FileNotFoundError:
+                token.append(None)
+        return tuple(token)
+
+    # --- connections ------------------------------------------------------------------------
+
+    def _connect(self, read_only: bool, timeout: float) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.Error as error:
+                if _is_lock_conflict(error):
+                    if time.monotonic() > deadline:
+                        raise CacheBusyError(
+                            f"the cache {self.path} stayed locked by another process for "
+                            f"{timeout:.0f} s ({error}); wait for it to finish and retry") from error
+                    time.sleep(RETRY_S)
+                    continue
+                if "not a valid DuckDB database" in str(error) or "Corrupt" in str(error):
+                    raise CacheCorruptError(
+                        f"the cache file {self.path} is not a readable DuckDB database ({error}). "
+                        f"It was left untouched: move it aside (or delete it) to start an empty "
+                        f"cache, then re-import runs with `python -m core import`.") from error
+                raise CacheError(f"cannot open the cache {self.path}: {error}") from error
+
+    @contextlib.contextmanager
+    def read(self, timeout: float = OPEN_TIMEOUT_S) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection for one consistent read; the file must exist."""
+        if not self.exists():
+            raise CacheError(f"the cache {self.path} does not exist yet; run `python -m core run` "
+                             f"or `python -m core import` to fill it")
+        con = self._connect(read_only=True, timeout=timeout)
+        try:
+            self._check_schema(con)
+            con.execute("BEGIN TRANSACTION")
+            yield con
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def write(self, timeout: float = OPEN_TIMEOUT_S) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One write transaction: committed as a whole when the block ends, rolled back on error.
+        Takes the writer lock for the block unless this process already holds it."""
+        with self.writer_lock(wait=True):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            con = self._connect(read_only=False, timeout=timeout)
+            try:
+                self._ensure_schema(con)
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    yield con
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+                con.execute("COMMIT")
+            finally:
+                con.close()
+
+    @contextlib.contextmanager
+    def writer_lock(self, wait: bool = False, timeout: float = OPEN_TIMEOUT_S) -> Iterator[None]:
+        """Hold the cache's single-writer lock (re-entrant within this Store).
+
+        wait=False fails at once with WriterBusyError when another process holds it."""
+        import filelock
+
+        lock = self._lock()
+        try:
+            lock.acquire(timeout=timeout if wait else 0)
+        except filelock.Timeout:
+            raise WriterBusyError(
+                f"another process is writing to the cache {self.path} (lock {self.lock_path} is "
+                f"held): wait for its run to finish, or cancel it, then retry") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def writer_active(self) -> bool:
+        """Whether some process holds the writer lock now."""
+        import filelock
+
+        probe = filelock.FileLock(str(self.lock_path), is_singleton=False)
+        try:
+            probe.acquire(timeout=0)
+        except filelock.Timeout:
+            return True
+        probe.release()
+        return False
+
+    def _lock(self):
+        import filelock
+
+        if not hasattr(self, "_filelock"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._filelock = filelock.FileLock(str(self.lock_path), is_singleton=False)
+        return self._filelock
+
+    # --- schema -------------------------------------------------------------------------------
+
+    def _ensure_schema(self, con: duckdb.DuckDBPyConnection) -> None:
+        if self._schema_checked:
+            return
+        existing = {row[0] for row in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'").fetchall()}
+        if "meta" in existing:
+            self._check_schema(con)
+        elif existing:
+            raise CacheCorruptError(f"the file {self.path} is a DuckDB database but not a "
+                                    f"circuitdiff cache (no meta table); point CIRCUITDIFF_CACHE "
+                                    f"elsewhere. It was left untouched.")
+        con.execute("BEGIN TRANSACTION")
+        for name, columns in TABLES.items():
+            con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
+        con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('created_at', ?)",
+                    [SCHEMA_VERSION, now().isoformat()])
+        con.execute("COMMIT")
+        self._schema_checked = True
+
+    def _check_schema(self, con: duckdb.DuckDBPyConnection) -> None:
+        if self._schema_checked:
+            return
+        try:
+            row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except duckdb.CatalogException:
+            # An empty database: the first write creates the tables.
+            if con.execute("SELECT count(*) FROM information_schema.tables").fetchone()[0] == 0:
+                return
+            raise CacheCorruptError(f"the file {self.path} is a DuckDB database but not a "
+                                    f"circuitdiff cache (no meta table); point CIRCUITDIFF_CACHE "
+                                    f"elsewhere. It was left untouched.") from None
+        if row is None or row[0] != SCHEMA_VERSION:
+            found = row[0] if row else "none"
+            raise CacheError(f"the cache {self.path} has schema version {found}, this code reads "
+                             f"version {SCHEMA_VERSION}; export its runs with the matching code "
+                             f"version, or use a new cache file (CIRCUITDIFF_CACHE)")
+        self._schema_checked = True
+
+    def tables_present(self) -> bool:
+        if not self.exists():
+            return False
+        with self.read() as con:
+            return con.execute("SELECT count(*) FROM information_schema.tables WHERE "
+                               "table_name = 'runs'").fetchone()[0] > 0
+
+    # --- inserts (inside a `write()` block) ---------------------------------------------------
+
+    @staticmethod
+    def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict],
+                    replace: bool = False) -> None:
+        """Insert dict rows; existing keys are kept (or replaced with replace=True)."""
+        if not rows:
+            return
+        if table not in TABLES:
+            raise KeyError(f"unknown cache table {table!r}")
+        columns = list(rows[0])
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        placeholders = ", ".join("?" for _ in columns)
+        con.executemany(f"{verb} INTO {table} ({', '.join(columns)}) VALUES ({placeholders})",
+                        [[row[c] for c in columns] for row in rows])
+
+    @staticmethod
+    def insert_arrow(con: duckdb.DuckDBPyConnection, table: str, arrow_table,
+                     replace: bool = False) -> None:
+        """Bulk insert of a pyarrow table whose columns are a subset of the table's."""
+        if table not in TABLES:
+            raise KeyError(f"unknown cache table {table!r}")
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        columns = ", ".join(arrow_table.column_names)
+        con.register("_incoming", arrow_table)
+        try:
+            con.execute(f"{verb} INTO {table} ({columns}) SELECT {columns} FROM _incoming")
+        finally:
+            con.unregister("_incoming")
+
+
+def table_names() -> tuple[str, ...]:
+    return tuple(TABLES)
+
+
+def generation_key(model_key: str, dataset_key: str, question_id: str, gen_key: str) -> str:
+    return stable_hash(["generation", model_key, dataset_key, question_id, gen_key])
