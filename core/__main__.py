@@ -9,6 +9,7 @@ import sys
 # Each module defines register(subparsers), which adds its sub-command and sets `handler`.
 COMMAND_MODULES = (
     "core.commands.score",
+    "core.commands.metrics",
 )
 
 
