@@ -96,8 +96,8 @@ class _Pieces:
     """What the metrics of any multiset of one model's samples are computed from."""
 
     per_sample: dict[str, np.ndarray]   # intensity, edge_entropy, kurtosis, output_entropy: [n]
-    pooled_abs: np.ndarray              # [n, m] |W| over the `flatten` entries, for complexity
-    sample_max: np.ndarray              # [n] max of each row of pooled_abs
+    sorted_abs: np.ndarray              # [n, m] |W| over the `flatten` entries, each row sorted
+    sample_max: np.ndarray              # [n] max of each row
     correlation: np.ndarray             # [n, n] Pearson correlations, diagonal zeroed
     bins: int
 
@@ -142,42 +142,37 @@ def _flatten(scores: np.ndarray, graph: ResidualGraph, settings: MetricSettings)
 
 def _pieces(scores: np.ndarray, graph: ResidualGraph, settings: MetricSettings) -> _Pieces:
     flat = _flatten(scores, graph, settings)
-    if np.any(flat.std(axis=1) == 0):
-        constant = np.nonzero(flat.std(axis=1) == 0)[0]
+    constant = np.nonzero(flat.std(axis=1) == 0)[0]
+    if constant.size:
         raise ValueError(f"sample(s) {constant[:10].tolist()} are constant over the "
                          f"{settings.flatten} entries, so their correlations are undefined; drop them")
     correlation = np.corrcoef(flat)
     np.fill_diagonal(correlation, 0.0)
-    pooled_abs = np.abs(flat)
-    return _Pieces(per_sample=_per_sample(scores, graph, settings), pooled_abs=pooled_abs,
-                   sample_max=pooled_abs.max(axis=1), correlation=correlation,
+    sorted_abs = np.sort(np.abs(flat), axis=1)
+    return _Pieces(per_sample=_per_sample(scores, graph, settings), sorted_abs=sorted_abs,
+                   sample_max=sorted_abs[:, -1], correlation=correlation,
                    bins=settings.histogram_bins)
 
 
-def _histograms(values: np.ndarray, top: float, bins: int) -> np.ndarray:
-    """Counts [rows, bins] of each row of values <= top in `bins` equal-width bins over [0, top],
-    binned as np.histogram does: [e_i, e_i+1), the last bin closed."""
+def _histograms(sorted_rows: np.ndarray, top: float, bins: int) -> np.ndarray:
+    """Counts [rows, bins] of each sorted row (all values in [0, top]) in `bins` equal-width bins
+    over [0, top], binned as np.histogram does: [e_i, e_i+1), the last bin closed. Counting by the
+    edges themselves (values below each edge) puts a value lying on an edge in the bin starting
+    there, whatever the rounding of value * bins / top."""
     edges = np.linspace(0.0, top, bins + 1)
-    index = (values * (bins / top)).astype(np.intp)
-    np.minimum(index, bins - 1, out=index)
-    # Rounding can put a value next to its bin: move it by the edges themselves, as np.histogram does.
-    index -= values < edges[index]
-    index += (values >= edges[index + 1]) & (index < bins - 1)
-    rows = values.shape[0]
-    flat_index = (index + bins * np.arange(rows)[:, None]).ravel()
-    return np.bincount(flat_index, minlength=rows * bins).reshape(rows, bins)
+    below = np.stack([np.searchsorted(row, edges, side="left") for row in sorted_rows])
+    below[:, -1] = sorted_rows.shape[1]  # the closed last bin holds the values equal to top
+    return np.diff(below, axis=1)
 
 
 def _complexity(pieces: _Pieces, counts: np.ndarray) -> np.ndarray:
     """Histogram entropy of the pool of each replicate (counts [R, n]: draws of each sample)."""
     drawn_max = np.where(counts > 0, pieces.sample_max[None, :], -np.inf).max(axis=1)
     out = np.zeros(counts.shape[0])
-    for top in np.unique(drawn_max):
+    for top in np.unique(drawn_max):  # > 0: check_scores refuses all-zero samples
         replicates = drawn_max == top
-        if top == 0:
-            continue  # every pooled value is 0: one bin holds all, entropy 0
         eligible = pieces.sample_max <= top  # the only samples these replicates can have drawn
-        hist = _histograms(pieces.pooled_abs[eligible], float(top), pieces.bins)
+        hist = _histograms(pieces.sorted_abs[eligible], float(top), pieces.bins)
         pooled = counts[np.ix_(replicates, eligible)].astype(np.float64) @ hist
         out[replicates] = _normalised_entropy(pooled)
     return out

@@ -400,3 +400,10 @@ def test_cli_single_file_and_mismatched_questions(tmp_path, capsys):
     assert main(["metrics", "--scores", str(tmp_path / "a.npz"), "--against", str(tmp_path / "b.npz")]) == 2
     assert "same questions" in capsys.readouterr().err
     assert main(["metrics", "--scores", str(tmp_path / "missing.npz")]) == 2
+
+
+def test_sample_constant_over_real_edges_is_refused_when_flattening_over_edges():
+    scores = dense(X, np.ones(8))
+    assert math.isfinite(model_metrics(scores, SMALL, settings())["diversity"])  # zeros make it vary
+    with pytest.raises(ValueError, match="constant over the edges entries"):
+        model_metrics(scores, SMALL, settings(flatten="edges"))

@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         report["files"][str(args.against)] = summarise_model(post, graph, settings).to_dict()
         report["comparison"] = compare_models(base, post, graph, settings).to_dict()
         edges = significant_edges(base, post, graph, settings)
-        report["significant_edges"] = json.loads(edges.to_json(orient="records"))
-    print(json.dumps(report, indent=1))
+        # Full precision (to_json would round tiny p-values to 0), NaN as null.
+        report["significant_edges"] = edges.astype(object).where(edges.notna(), None).to_dict("records")
+    print(json.dumps(report, indent=1, allow_nan=False))
     return 0
