@@ -226,7 +226,8 @@ def planted(seed, n=60, graph=ResidualGraph(6)):
     rng = np.random.default_rng(seed)
 
     def draw():
-        return rng.lognormal(0.0, 0.5, size=(n, graph.n_edges)) * rng.choice([-1.0, 1.0], size=(n, graph.n_edges))
+        shape = (n, graph.n_edges)
+        return rng.lognormal(0.0, 0.5, size=shape) * rng.choice([-1.0, 1.0], size=shape)
 
     base, post = draw(), draw()
     changed = rng.choice(graph.n_edges, size=12, replace=False)
