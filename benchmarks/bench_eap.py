@@ -1,0 +1,147 @@
+"""EAP cost against a plain forward+backward of the same loss, on a SmolLM2-135M-shaped random Llama.
+
+Prints, per sequence length, EAP time / plain time (targets <= 1.10) and EAP peak memory / plain peak
+memory (target <= 1.15), measured in this run, then `time_ratio=<at 512> mem_ratio=<at 512>`.
+Both sides use frozen weights and the same loss (core.eap.forward_loss). Time: median of interleaved
+repeats in one process. Memory: each measurement in a fresh subprocess; peak resident memory above
+the level after the model is built (Linux VmHWM, reset through /proc/self/clear_refs), or
+torch.cuda.max_memory_allocated on CUDA.
+
+Usage: python benchmarks/bench_eap.py [--lengths 256 512 1024] [--repeats 3] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from core.eap import Sample, forward_loss, score_samples  # noqa: E402
+from core.settings import ScoreSettings  # noqa: E402
+
+PROMPT_FRACTION = 0.25
+
+
+def smollm2_shaped_model(device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
+    model = LlamaForCausalLM(config).eval()
+    model.requires_grad_(False)
+    return model.to(device)
+
+
+def sample_of_length(n_tokens: int) -> Sample:
+    generator = torch.Generator().manual_seed(n_tokens)
+    prompt = int(n_tokens * PROMPT_FRACTION)
+    ids = torch.randint(0, 49152, (n_tokens + 1,), generator=generator).tolist()
+    t_cut = n_tokens - prompt + 1
+    return Sample(f"len{n_tokens}", tuple(ids[:prompt]), tuple(ids[prompt:prompt + t_cut]), t_cut)
+
+
+def plain_forward_backward(model, sample: Sample) -> None:
+    forward_loss(model, [sample]).sum().backward()
+
+
+def eap(model, sample: Sample) -> None:
+    score_samples(model, [sample], ScoreSettings())
+
+
+METHODS = {"plain": plain_forward_backward, "eap": eap}
+
+
+def synchronise(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_ratio(model, sample: Sample, repeats: int, device: str) -> tuple[float, float]:
+    for method in METHODS.values():  # warm-up
+        method(model, sample)
+    seconds = {name: [] for name in METHODS}
+    for _ in range(repeats):
+        for name, method in METHODS.items():
+            synchronise(device)
+            start = time.perf_counter()
+            method(model, sample)
+            synchronise(device)
+            seconds[name].append(time.perf_counter() - start)
+    return statistics.median(seconds["plain"]), statistics.median(seconds["eap"])
+
+
+def _read_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_peak_bytes(method_name: str, n_tokens: int, device: str) -> int:
+    """Peak memory of one call above the level with the model built (run in a fresh process)."""
+    model = smollm2_shaped_model(device)
+    sample = sample_of_length(n_tokens)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        METHODS[method_name](model, sample)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    base = _read_kib("VmRSS")
+    METHODS[method_name](model, sample)
+    return (_read_kib("VmHWM") - base) * 1024
+
+
+def peak_in_subprocess(method_name: str, n_tokens: int, device: str) -> int:
+    completed = subprocess.run(
+        [sys.executable, __file__, "--peak-of", method_name, str(n_tokens), "--device", device],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return json.loads(completed.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peak-of", nargs=2, metavar=("METHOD", "TOKENS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.peak_of:
+        print(json.dumps({"peak_bytes": measure_peak_bytes(args.peak_of[0], int(args.peak_of[1]),
+                                                          args.device)}))
+        return
+
+    model = smollm2_shaped_model(args.device)
+    print(f"SmolLM2-135M-shaped random Llama (30 layers, d=576, 9 heads / 3 KV heads), {args.device}, "
+          f"{torch.get_num_threads()} threads, float32, batch 1, prompt {PROMPT_FRACTION:.0%} of tokens")
+    print(f"{'tokens':>6} {'plain s':>8} {'eap s':>8} {'time x':>7} {'plain MB':>9} {'eap MB':>8} {'mem x':>6}")
+    at = {}
+    for n_tokens in args.lengths:
+        sample = sample_of_length(n_tokens)
+        plain_s, eap_s = time_ratio(model, sample, args.repeats, args.device)
+        plain_mb = peak_in_subprocess("plain", n_tokens, args.device) / 2**20
+        eap_mb = peak_in_subprocess("eap", n_tokens, args.device) / 2**20
+        at[n_tokens] = (eap_s / plain_s, eap_mb / plain_mb)
+        print(f"{n_tokens:>6} {plain_s:>8.3f} {eap_s:>8.3f} {eap_s / plain_s:>7.3f} "
+              f"{plain_mb:>9.1f} {eap_mb:>8.1f} {eap_mb / plain_mb:>6.3f}")
+    key = 512 if 512 in at else args.lengths[0]
+    print(f"time_ratio={at[key][0]:.3f} mem_ratio={at[key][1]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
