@@ -70,15 +70,16 @@ def test_padded_batch_equals_samples_one_at_a_time(architecture):
     np.testing.assert_allclose(batched.loss, single.loss, rtol=1e-5)
 
 
-def test_bfloat16_mean_abs_score_within_two_percent_of_float32():
+@pytest.mark.parametrize("narrow", [torch.bfloat16, torch.float16])
+def test_narrow_dtype_mean_abs_score_within_two_percent_of_float32(narrow):
     samples = random_samples(4, seed=13, min_prompt=20, max_prompt=30, min_answer=20, max_answer=30)
     means = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, narrow):
         model = tiny_model("llama", n_layers=4, hidden=64, dtype=dtype, seed=2)
         result = score_samples(model, samples, ScoreSettings(batch_size=2))
         assert result.scores.dtype == np.float32  # accumulated in float32 whatever the model dtype
         means[dtype] = np.abs(result.scores).mean()
-    assert abs(means[torch.bfloat16] / means[torch.float32] - 1) < 0.02, means
+    assert abs(means[narrow] / means[torch.float32] - 1) < 0.02, means
 
 
 def test_loss_is_mean_nll_of_the_kept_answer_tokens():
