@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.graph import ResidualGraph
+from core.commands.score import load_score_file
 from core.metrics import compare_models, significant_edges, summarise_model
 from core.settings import MetricSettings
 
@@ -24,29 +24,6 @@ def register(subparsers) -> None:
                         help="score file of the post-trained model on the same questions")
     MetricSettings.add_arguments(parser)
     parser.set_defaults(handler=run)
-
-
-def load_score_file(path: Path) -> tuple[np.ndarray, ResidualGraph, list[str]]:
-    """Scores [n, n_src, n_dst], their graph and sample ids from an .npz of `python -m core score`."""
-    if not path.exists():
-        raise FileNotFoundError(f"score file {path} does not exist")
-    with np.load(path, allow_pickle=False) as data:
-        missing = {"scores", "src_names", "dst_names", "real_edge_mask", "sample_ids"} - set(data.files)
-        if missing:
-            raise ValueError(f"{path} lacks {sorted(missing)}; write it with `python -m core score`")
-        scores, sample_ids = data["scores"], [str(i) for i in data["sample_ids"]]
-        src_names, dst_names = tuple(map(str, data["src_names"])), tuple(map(str, data["dst_names"]))
-        mask = data["real_edge_mask"]
-    n_layers = (len(src_names) - 1) // 2
-    granularity = {4 * n_layers + 1: "qkv", 2 * n_layers + 1: "module"}.get(len(dst_names))
-    graph = ResidualGraph(max(n_layers, 1), granularity or "qkv")
-    if (granularity is None or (src_names, dst_names) != (graph.src_names, graph.dst_names)
-            or not np.array_equal(mask, graph.real_edge_mask)):
-        raise ValueError(f"{path}: its node names and edge mask are not those of a residual graph "
-                         f"({len(src_names)} sources, {len(dst_names)} slots)")
-    if len(sample_ids) != scores.shape[0]:
-        raise ValueError(f"{path} has {scores.shape[0]} score matrices but {len(sample_ids)} sample ids")
-    return scores, graph, sample_ids
 
 
 def _aligned(base_ids: list[str], post_ids: list[str], post: np.ndarray, path: Path) -> np.ndarray:

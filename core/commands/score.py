@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.graph import ResidualGraph
 from core.settings import ScoreSettings
 
 
@@ -59,10 +60,39 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=len(samples), desc="scoring", unit="sample") as bar:
         result = score_samples(model, samples, settings,
                                progress=lambda done, total: bar.update(done - bar.n))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    graph = result.graph
-    np.savez(args.out, scores=result.scores, src_names=np.array(graph.src_names),
-             dst_names=np.array(graph.dst_names), real_edge_mask=graph.real_edge_mask,
-             sample_ids=np.array(result.sample_ids), loss=result.loss)
-    print(f"wrote {len(samples)} samples x {graph.n_edges} edges to {args.out}")
+    save_score_file(args.out, result)
+    print(f"wrote {len(samples)} samples x {result.graph.n_edges} edges to {args.out}")
     return 0
+
+
+def save_score_file(path: Path, result) -> None:
+    """The .npz format read by load_score_file and `python -m core metrics`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    graph = result.graph
+    with path.open("wb") as handle:  # a file handle keeps np.savez from appending ".npz"
+        np.savez(handle, scores=result.scores, src_names=np.array(graph.src_names),
+                 dst_names=np.array(graph.dst_names), real_edge_mask=graph.real_edge_mask,
+                 sample_ids=np.array(result.sample_ids), loss=result.loss)
+
+
+def load_score_file(path: Path) -> tuple[np.ndarray, ResidualGraph, list[str]]:
+    """Scores [n, n_src, n_dst], their graph and sample ids from an .npz of `python -m core score`."""
+    if not path.exists():
+        raise FileNotFoundError(f"score file {path} does not exist")
+    with np.load(path, allow_pickle=False) as data:
+        missing = {"scores", "src_names", "dst_names", "real_edge_mask", "sample_ids"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path} lacks {sorted(missing)}; write it with `python -m core score`")
+        scores, sample_ids = data["scores"], [str(i) for i in data["sample_ids"]]
+        src_names, dst_names = tuple(map(str, data["src_names"])), tuple(map(str, data["dst_names"]))
+        mask = data["real_edge_mask"]
+    n_layers = (len(src_names) - 1) // 2
+    granularity = {4 * n_layers + 1: "qkv", 2 * n_layers + 1: "module"}.get(len(dst_names))
+    graph = ResidualGraph(max(n_layers, 1), granularity or "qkv")
+    if (granularity is None or (src_names, dst_names) != (graph.src_names, graph.dst_names)
+            or not np.array_equal(mask, graph.real_edge_mask)):
+        raise ValueError(f"{path}: its node names and edge mask are not those of a residual graph "
+                         f"({len(src_names)} sources, {len(dst_names)} slots)")
+    if len(sample_ids) != scores.shape[0]:
+        raise ValueError(f"{path} has {scores.shape[0]} score matrices but {len(sample_ids)} sample ids")
+    return scores, graph, sample_ids
