@@ -139,3 +139,38 @@ def _tokens_before(ids: list[int], tokenizer, char_pos: int) -> int:
         else:
             high = mid - 1
     return low
+
+
+def generate_vllm(spec, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
+                  stop_strings: Sequence[str] = (), dtype: str = "bfloat16") -> list[Generation]:
+    """The same answers with vLLM (greedy), cut at EOS or a stop string like the HF backend.
+    `spec` is a core.models.ModelSpec; an adapter is served as a LoRA on its base."""
+    try:
+        import vllm
+        from vllm.inputs import TokensPrompt
+    except ImportError:
+        raise ValueError("gen_backend=vllm was asked for but vLLM is not installed; install it "
+                         "(pip install vllm) or use --gen-backend hf") from None
+    lora = None
+    model_spec = spec
+    if spec.kind == "adapter":
+        from vllm.lora.request import LoRARequest
+
+        model_spec, lora = spec.base, LoRARequest("adapter", 1, spec.path)
+    llm = vllm.LLM(model=model_spec.path, revision=model_spec.revision, dtype=dtype,
+                   tokenizer=spec.tokenizer_source(), trust_remote_code=False,
+                   enable_lora=lora is not None, seed=0)
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
+                                 stop=list(stop_strings) or None, include_stop_str_in_output=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params,
+                           lora_request=lora)
+    eos = {tokenizer.eos_token_id} - {None}
+    try:
+        from transformers import GenerationConfig
+
+        configured = GenerationConfig.from_pretrained(model_spec.path).eos_token_id
+        eos.update([configured] if isinstance(configured, int) else configured or [])
+    except OSError:
+        pass  # no generation_config.json: the tokenizer's EOS is the only one
+    return [finish_answer(list(o.outputs[0].token_ids), tokenizer, eos, stop_strings)
+            for o in outputs]

@@ -12,6 +12,7 @@ model is the same question.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import pandas as pd
 
 from core.graph import ResidualGraph
 from core.settings import MetricSettings, stable_hash
-from core.store import Store
+from core.store import Store, fetch_one, fetch_vectors, vector_table
 
 METRIC_TABLE_COLUMNS = ("run_key", "pair", "dataset", "post_label", "alpha", "metric", "base", "post",
                         "change_pct", "ci_low", "ci_high", "direction", "settings_key")
@@ -51,6 +52,7 @@ class ResultCache:
         self.store = store
         self._memo: dict[tuple, Any] = {}
         self._memo_token: tuple | None = None
+        self._con = None
 
     @classmethod
     def open(cls, path: str | Path | None = None) -> "ResultCache":
@@ -68,17 +70,39 @@ class ResultCache:
             self._memo.clear()
             self._memo_token = token
         if key not in self._memo:
-            self._memo[key] = compute()
+            with self._read():
+                self._memo[key] = compute()
         return self._memo[key]
 
-    def _sql(self, sql: str, params: Any = None) -> pd.DataFrame:
+    @contextlib.contextmanager
+    def _read(self):
+        """One read-only connection for a whole public query (nested calls share it): opening the
+        file is the largest fixed cost of a query."""
+        if self._con is not None:
+            yield self._con
+            return
         with self.store.read() as con:
+            self._con = con
+            try:
+                yield con
+            finally:
+                self._con = None
+
+    def _sql(self, sql: str, params: Any = None) -> pd.DataFrame:
+        with self._read() as con:
             return con.execute(sql, params).df()
 
     # --- runs -----------------------------------------------------------------------------------
 
+    def _tables_present(self) -> bool:
+        if not self.store.exists():
+            return False
+        return self._cached(("tables",), lambda: self._sql(
+            "SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'runs'")
+            ["n"].iloc[0] > 0)
+
     def is_empty(self) -> bool:
-        if not self.store.tables_present():
+        if not self._tables_present():
             return True
         return self._cached(("is_empty",), lambda: self._sql("SELECT count(*) AS n FROM runs")
                             ["n"].iloc[0] == 0)
@@ -89,7 +113,7 @@ class ResultCache:
                    "granularity", "n_layers", "alphas", "t_cuts", "n_selected", "n_candidates",
                    "t_bar", "created_at", "updated_at", "settings", "selection_report",
                    "code_version"]
-        if not self.store.tables_present():
+        if not self._tables_present():
             return pd.DataFrame(columns=columns)
         return self._cached(("runs",), lambda: self._runs(columns))
 
@@ -118,9 +142,9 @@ class ResultCache:
 
     def _run(self, run_key: str) -> dict[str, Any]:
         def load() -> dict[str, Any]:
-            with self.store.read() as con:
-                row = con.execute("SELECT name, n_layers, granularity, score_key FROM runs "
-                                  "WHERE run_key = ?", [run_key]).fetchone()
+            with self._read() as con:
+                row = fetch_one(con, "SELECT name, n_layers, granularity, score_key FROM runs "
+                                     "WHERE run_key = ?", [run_key])
                 if row is None:
                     raise RunNotFoundError(f"no run {run_key!r} in the cache {self.path}; "
                                            f"`python -m core ls` lists the cached runs")
@@ -167,21 +191,18 @@ class ResultCache:
         run = self._run(run_key)
         params = {"run_key": run_key, "t_cut": self._t_cut(run_key, alpha),
                   "score_key": run["score_key"], "label": label}
-        with self.store.read() as con:
-            table = con.sql(f"""
+        with self._read() as con:
+            found = con.execute(f"""
                 WITH {_COMPLETE_SQL}
-                SELECT rs.question_id, s.edge_scores FROM run_samples rs
+                SELECT rs.question_id, s.vector_id FROM run_samples rs
                 JOIN complete c ON c.question_id = rs.question_id
                 JOIN scores s ON s.generation_key = rs.generation_key AND s.t_cut = $t_cut
                              AND s.score_key = $score_key
                 WHERE rs.run_key = $run_key AND rs.label = $label
-                ORDER BY rs.position""", params=params).to_arrow_table()
-        n_edges = run["graph"].n_edges
-        column = table.column("edge_scores").combine_chunks()
-        values = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-        edges = values.reshape(len(table), n_edges)
+                ORDER BY rs.position""", params).fetchall()
+            edges = fetch_vectors(con, run["graph"].n_edges, [row[1] for row in found])
         edges.flags.writeable = False
-        return edges, table.column("question_id").to_pylist()
+        return edges, [row[0] for row in found]
 
     def sample_matrices(self, run_key: str, alpha: float, model: str) -> tuple[np.ndarray, list[str]]:
         """Dense per-sample matrices [n, n_src, n_dst] (float32) and their question ids."""
@@ -220,23 +241,30 @@ class ResultCache:
 
         def compute() -> pd.DataFrame:
             rows = []
-            with self.store.read() as con:
+            with self._read() as con:
                 for alpha, t_cut in sorted(run["t_cuts"].items()):
                     params = {"run_key": run_key, "t_cut": int(t_cut), "score_key": run["score_key"],
-                              "position": position + 1, "labels": [base, post]}
+                              "labels": [base, post]}
                     found = con.execute(f"""
                         WITH {_COMPLETE_SQL}
-                        SELECT rs.label, avg(abs(s.edge_scores[$position])) AS mean_abs,
-                               avg(s.edge_scores[$position]) AS mean_signed, count(*) AS n
-                        FROM run_samples rs
+                        SELECT rs.label, s.vector_id FROM run_samples rs
                         JOIN complete c ON c.question_id = rs.question_id
                         JOIN scores s ON s.generation_key = rs.generation_key AND s.t_cut = $t_cut
                                      AND s.score_key = $score_key
-                        WHERE rs.run_key = $run_key AND list_contains($labels, rs.label)
-                        GROUP BY rs.label""", params).fetchall()
-                    for label, mean_abs, mean_signed, n in found:
-                        rows.append({"alpha": alpha, "model": "base" if label == base else label,
-                                     "mean_abs": mean_abs, "mean_signed": mean_signed, "n": n})
+                        WHERE rs.run_key = $run_key AND list_contains($labels, rs.label)""",
+                                        params).fetchall()
+                    values = con.execute(
+                        f"SELECT vector_id, edge_scores[$position] FROM {vector_table(graph.n_edges)} "
+                        f"WHERE vector_id IN (SELECT unnest($ids))",
+                        {"position": position + 1, "ids": [r[1] for r in found]}).fetchall()
+                    by_row = dict(values)
+                    for label in (base, post):
+                        picked = np.array([by_row[r] for lab, r in found if lab == label],
+                                          dtype=np.float64)
+                        if len(picked):
+                            rows.append({"alpha": alpha, "model": "base" if label == base else label,
+                                         "mean_abs": float(np.abs(picked).mean()),
+                                         "mean_signed": float(picked.mean()), "n": len(picked)})
             return pd.DataFrame(rows, columns=["alpha", "model", "mean_abs", "mean_signed", "n"])
         return self._cached(("edge", run_key, src, dst, post), compute)
 
@@ -324,7 +352,7 @@ class ResultCache:
         def compute() -> pd.DataFrame:
             params = {"run_key": run_key, "t_cut": self._t_cut(run_key, alpha),
                       "score_key": run["score_key"]}
-            with self.store.read() as con:
+            with self._read() as con:
                 table = con.execute(f"""
                     WITH {_COMPLETE_SQL}
                     SELECT rs.label, rs.position, rs.question_id, q.question, q.reference,
@@ -373,8 +401,8 @@ class ResultCache:
     def content_key(self, run_key: str) -> str:
         """Changes whenever the run's stored data change."""
         def compute() -> str:
-            with self.store.read() as con:
-                row = con.execute("""
+            with self._read() as con:
+                row = fetch_one(con, """
                     SELECT r.updated_at,
                            (SELECT list(alpha || ':' || t_cut ORDER BY alpha) FROM run_alphas
                             WHERE run_key = $run_key),
@@ -384,7 +412,7 @@ class ResultCache:
                             WHERE rs.run_key = $run_key),
                            (SELECT count(*) || ':' || max(created_at) FROM metrics
                             WHERE run_key = $run_key)
-                    FROM runs r WHERE r.run_key = $run_key""", {"run_key": run_key}).fetchone()
+                    FROM runs r WHERE r.run_key = $run_key""", {"run_key": run_key})
             if row is None:
                 raise RunNotFoundError(f"no run {run_key!r} in the cache {self.path}")
             return stable_hash([run_key, *map(str, row)])

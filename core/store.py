@@ -3,8 +3,8 @@
 Layout (every key is a content hash, see `core.settings.stable_hash`):
 - models, datasets + questions: identity of inputs (a model is its spec plus a content fingerprint);
 - generations (prompt and answer token ids exactly as generated) and grades;
-- scores: one row per (generation, T_cut, score settings) with the real-edge vector of the sample,
-  its loss and its time, so identical work is shared by every run that needs it;
+- scores: one row per (generation, T_cut, score settings) with the sample's loss and time, and its
+  real-edge vector in edge_vectors_<n_edges>, so identical work is shared by every run needing it;
 - runs, run_models, run_samples, run_alphas: what a run is (pair or series, dataset, settings), the
   questions it selected, T_bar and T_cut per alpha;
 - metrics: the default-convention comparison of each run, post model and alpha;
@@ -65,10 +65,12 @@ TABLES = {
     "run_samples": """run_key VARCHAR, label VARCHAR, question_id VARCHAR, position INTEGER,
         generation_key VARCHAR, PRIMARY KEY (run_key, label, question_id)""",
     "run_alphas": """run_key VARCHAR, alpha DOUBLE, t_cut INTEGER, PRIMARY KEY (run_key, alpha)""",
+    # The vector of a score row is row `vector_id` of table edge_vectors_<n_edges> (see
+    # insert_scores): a fixed-size FLOAT[n] column is read by id several times faster than a list.
     "scores": """generation_key VARCHAR, t_cut INTEGER, score_key VARCHAR, model_key VARCHAR,
-        dataset_key VARCHAR, question_id VARCHAR, edge_scores FLOAT[], loss DOUBLE, seconds DOUBLE,
-        scored_text VARCHAR, code_version VARCHAR, created_at TIMESTAMP,
-        PRIMARY KEY (generation_key, t_cut, score_key)""",
+        dataset_key VARCHAR, question_id VARCHAR, n_edges INTEGER, vector_id BIGINT, loss DOUBLE,
+        seconds DOUBLE, n_scored_tokens INTEGER, scored_text VARCHAR, code_version VARCHAR,
+        created_at TIMESTAMP, PRIMARY KEY (generation_key, t_cut, score_key)""",
     "metrics": """run_key VARCHAR, post_label VARCHAR, alpha DOUBLE, settings_key VARCHAR,
         settings VARCHAR, comparison VARCHAR, created_at TIMESTAMP,
         PRIMARY KEY (run_key, post_label, alpha, settings_key)""",
@@ -92,6 +94,13 @@ class CacheBusyError(CacheError):
 
 class WriterBusyError(CacheError):
     """Another process holds the cache's writer lock (a run, an import or a synthetic build)."""
+
+
+def fetch_one(con: duckdb.DuckDBPyConnection, sql: str, params=None) -> tuple | None:
+    """The first row of a query, or None; the result is read to the end (DuckDB refuses further
+    work on a connection with an unfinished result)."""
+    rows = con.execute(sql, params).fetchall()
+    return rows[0] if rows else None
 
 
 def default_cache_path() -> Path:
@@ -264,10 +273,10 @@ class Store:
         if self._schema_checked:
             return
         try:
-            row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            row = fetch_one(con, "SELECT value FROM meta WHERE key = 'schema_version'")
         except duckdb.CatalogException:
             # An empty database: the first write creates the tables.
-            if con.execute("SELECT count(*) FROM information_schema.tables").fetchone()[0] == 0:
+            if fetch_one(con, "SELECT count(*) FROM information_schema.tables")[0] == 0:
                 return
             raise CacheCorruptError(f"the file {self.path} is a DuckDB database but not a "
                                     f"circuitdiff cache (no meta table); point CIRCUITDIFF_CACHE "
@@ -283,8 +292,8 @@ class Store:
         if not self.exists():
             return False
         with self.read() as con:
-            return con.execute("SELECT count(*) FROM information_schema.tables WHERE "
-                               "table_name = 'runs'").fetchone()[0] > 0
+            return fetch_one(con, "SELECT count(*) FROM information_schema.tables WHERE "
+                                  "table_name = 'runs'")[0] > 0
 
     # --- inserts (inside a `write()` block) ---------------------------------------------------
 
@@ -319,6 +328,58 @@ class Store:
 
 def table_names() -> tuple[str, ...]:
     return tuple(TABLES)
+
+
+def vector_table(n_edges: int) -> str:
+    """Name of the table of edge vectors of length n_edges (an identifier built from an int)."""
+    return f"edge_vectors_{int(n_edges)}"
+
+
+def insert_scores(con: duckdb.DuckDBPyConnection, rows: list[dict], vectors) -> None:
+    """Score rows (the `scores` columns but vector_id and n_edges) with their real-edge vectors
+    [len(rows), n_edges], inside a write transaction. Rows whose key exists are skipped."""
+    import numpy as np
+    import pyarrow as pa
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if not rows:
+        return
+    keys = [(r["generation_key"], int(r["t_cut"]), r["score_key"]) for r in rows]
+    existing = set(con.execute(
+        "SELECT generation_key, t_cut, score_key FROM scores WHERE list_contains(?, generation_key)",
+        [sorted({k[0] for k in keys})]).fetchall())
+    keep = [i for i, k in enumerate(keys) if k not in existing]
+    if not keep:
+        return
+    n_edges = vectors.shape[1]
+    table = vector_table(n_edges)
+    con.execute(f"CREATE TABLE IF NOT EXISTS {table} (vector_id BIGINT, edge_scores FLOAT[{n_edges}])")
+    first = fetch_one(con, "SELECT coalesce(max(vector_id), -1) + 1 FROM scores")[0]
+    ids = np.arange(first, first + len(keep), dtype=np.int64)
+    incoming = pa.table({"vector_id": ids, "edge_scores": pa.FixedSizeListArray.from_arrays(
+        pa.array(vectors[keep].ravel(), type=pa.float32()), n_edges)})
+    con.register("_incoming_vectors", incoming)
+    try:
+        con.execute(f"INSERT INTO {table} SELECT vector_id, edge_scores FROM _incoming_vectors")
+    finally:
+        con.unregister("_incoming_vectors")
+    Store.insert_rows(con, "scores", [{**rows[i], "n_edges": n_edges, "vector_id": int(vector_id)}
+                                      for i, vector_id in zip(keep, ids)])
+
+
+def fetch_vectors(con: duckdb.DuckDBPyConnection, n_edges: int, vector_ids: list[int]):
+    """Edge vectors [len(vector_ids), n_edges] (float32), in the order of vector_ids."""
+    import numpy as np
+
+    if not vector_ids:
+        return np.zeros((0, n_edges), dtype=np.float32)
+    table = con.sql(f"SELECT vector_id, edge_scores FROM {vector_table(n_edges)} "
+                    f"WHERE vector_id IN (SELECT unnest($ids))",
+                    params={"ids": [int(i) for i in vector_ids]}).to_arrow_table()
+    column = table.column("edge_scores").combine_chunks()
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    row_of = {v: i for i, v in enumerate(table.column("vector_id").to_pylist())}
+    return values.reshape(len(table), n_edges)[[row_of[int(i)] for i in vector_ids]]
 
 
 def generation_key(model_key: str, dataset_key: str, question_id: str, gen_key: str) -> str:

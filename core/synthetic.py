@@ -18,7 +18,7 @@ from core import metrics
 from core.generation import GenerationSettings
 from core.graph import ResidualGraph
 from core.settings import MetricSettings, ScoreSettings, SelectionSettings, stable_hash
-from core.store import Store, code_version, generation_key, git_commit, now
+from core.store import Store, code_version, generation_key, git_commit, insert_scores, now
 
 PAIR_NAMES = ("deepseek", "mistral", "distill-qwen", "qwen25-dpo")
 ALGORITHMS = ("GRPO", "PPO", "GRPO", "DPO")
@@ -78,8 +78,6 @@ def _write_dataset(store: Store, name: str, n_questions: int, rng: np.random.Gen
 def _write_run(store: Store, name: str, algorithm: str, post_labels: list[str], dataset: dict,
                alphas, n_samples: int, n_layers: int, rng: np.random.Generator,
                metric_settings: MetricSettings) -> str:
-    import pyarrow as pa
-
     graph = ResidualGraph(n_layers, "qkv")
     selection, score, generation = SelectionSettings(n=n_samples), ScoreSettings(), GenerationSettings()
     gen_key = stable_hash(["synthetic", generation.key()])
@@ -142,21 +140,14 @@ def _write_run(store: Store, name: str, algorithm: str, post_labels: list[str], 
             for label in labels:
                 keys = [generation_key(model_keys[label], dataset["key"], q["question_id"], gen_key)
                         for q in chosen]
-                flat = pa.array(edges[label].ravel(), type=pa.float32())
-                lists = pa.ListArray.from_arrays(
-                    pa.array(np.arange(len(chosen) + 1) * graph.n_edges, type=pa.int32()), flat)
-                table = pa.table({
-                    "generation_key": keys, "t_cut": [t_cut] * len(keys),
-                    "score_key": [score.key()] * len(keys),
-                    "model_key": [model_keys[label]] * len(keys),
-                    "dataset_key": [dataset["key"]] * len(keys),
-                    "question_id": [q["question_id"] for q in chosen],
-                    "edge_scores": lists, "loss": rng.uniform(0.5, 2.0, len(keys)),
-                    "seconds": rng.uniform(0.5, 2.0, len(keys)),
-                    "scored_text": [f"Adding the numbers gives {q['reference']}"[:t_cut]
-                                    for q in chosen],
-                    "code_version": [code_version()] * len(keys), "created_at": [now()] * len(keys)})
-                store.insert_arrow(con, "scores", table)
+                insert_scores(con, [{
+                    "generation_key": key, "t_cut": t_cut, "score_key": score.key(),
+                    "model_key": model_keys[label], "dataset_key": dataset["key"],
+                    "question_id": q["question_id"], "loss": float(rng.uniform(0.5, 2.0)),
+                    "seconds": float(rng.uniform(0.5, 2.0)), "n_scored_tokens": t_cut,
+                    "scored_text": f"Adding the numbers gives {q['reference']}"[:t_cut],
+                    "code_version": code_version(), "created_at": now()}
+                    for key, q in zip(keys, chosen)], edges[label])
             for label in labels[1:]:
                 comparison = metrics.compare_models(graph.dense(edges[labels[0]]),
                                                     graph.dense(edges[label]), graph, metric_settings)
