@@ -1,0 +1,302 @@
+"""Plotly figures of a paired run: pure functions of numpy arrays, DataFrames and a ResidualGraph.
+
+No Streamlit here, so notebooks can call the same builders as the dashboard. Every figure uses one
+colour for the base model and one for the post-trained model, and a diverging scale centred at 0 for
+changes; both read on light and dark backgrounds (the dashboard applies its theme on top).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from core.graph import ResidualGraph
+
+BASE_COLOR = "#4C78A8"
+POST_COLOR = "#F58518"
+# Diverging, centred at 0 (white), readable on both themes: blue = weaker after post-training.
+DIVERGING = "RdBu_r"
+SEQUENTIAL = "Viridis"
+
+def symmetric_range(values: np.ndarray, quantile: float = 0.99) -> float:
+    """Half-width of a colour range centred at 0 that covers `quantile` of the finite |values|, so a
+    few extreme ratios (a tiny base mean) do not wash out the rest."""
+    finite = np.abs(values[np.isfinite(values)])
+    if finite.size == 0:
+        return 1.0
+    bound = float(np.quantile(finite, quantile))
+    return bound if bound > 0 else float(finite.max()) or 1.0
+
+
+def _edge_hover(graph: ResidualGraph, means: dict[str, np.ndarray], base_label: str,
+                post_label: str) -> tuple[np.ndarray, str]:
+    custom = np.stack([means["base_abs"], means["post_abs"], means["base_signed"],
+                       means["post_signed"]], axis=-1).astype(np.float64)
+    template = ("%{y} → %{x}<br>change %{z:.4g}<br>"
+                f"{base_label}: mean |W| %{{customdata[0]:.6g}}, mean W %{{customdata[2]:.6g}}<br>"
+                f"{post_label}: mean |W| %{{customdata[1]:.6g}}, mean W %{{customdata[3]:.6g}}"
+                "<extra></extra>")
+    return custom, template
+
+
+def change_heatmap(graph: ResidualGraph, change: np.ndarray, means: dict[str, np.ndarray],
+                   base_label: str, post_label: str, measure: str, *,
+                   title: str | None = None) -> go.Figure:
+    """Figure 2 style: sources (rows, computation order top to bottom) by destination slots
+    (columns, layer order), diverging scale centred at 0, NaN cells (non-edges, hidden edges) blank.
+    Hover shows both models' exact mean |W| and mean W."""
+    bound = symmetric_range(change)
+    custom, hover = _edge_hover(graph, means, base_label, post_label)
+    fig = go.Figure(go.Heatmap(
+        z=change, x=list(graph.dst_names), y=list(graph.src_names), customdata=custom,
+        hovertemplate=hover, colorscale=DIVERGING, zmid=0.0, zmin=-bound, zmax=bound,
+        colorbar={"title": {"text": measure, "side": "right"}}, hoverongaps=False))
+    fig.update_layout(
+        title=title or f"edge-strength change ({measure}): {base_label} → {post_label}",
+        xaxis={"title": "destination slot", "tickangle": -90, "type": "category"},
+        yaxis={"title": "source", "autorange": "reversed", "type": "category"},
+        margin={"l": 60, "r": 20, "t": 60, "b": 80}, height=max(420, 9 * graph.n_src + 160))
+    return fig
+
+
+def mean_heatmaps(graph: ResidualGraph, base_abs: np.ndarray, post_abs: np.ndarray,
+                  base_label: str, post_label: str) -> go.Figure:
+    """The two mean |W| matrices on one shared log10 colour range, side by side."""
+    mask = graph.real_edge_mask
+    logs = []
+    for matrix in (base_abs, post_abs):
+        with np.errstate(divide="ignore"):
+            logs.append(np.where(mask & (matrix > 0), np.log10(np.maximum(matrix, 1e-300)), np.nan))
+    finite = np.concatenate([m[np.isfinite(m)] for m in logs])
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=(f"{base_label}: mean |W|", f"{post_label}: mean |W|"))
+    for col, (matrix, log) in enumerate(zip((base_abs, post_abs), logs), start=1):
+        fig.add_trace(go.Heatmap(
+            z=log, x=list(graph.dst_names), y=list(graph.src_names), customdata=matrix,
+            zmin=low, zmax=high, colorscale=SEQUENTIAL, showscale=col == 2, hoverongaps=False,
+            colorbar={"title": {"text": "log10 mean |W|", "side": "right"}},
+            hovertemplate="%{y} → %{x}<br>mean |W| %{customdata:.6g}<extra></extra>"),
+            row=1, col=col)
+    fig.update_xaxes(type="category", tickangle=-90)
+    fig.update_yaxes(type="category", autorange="reversed")
+    fig.update_layout(height=max(380, 7 * graph.n_src + 160), margin={"t": 60, "b": 80})
+    return fig
+
+
+def _log_bins(values: list[np.ndarray], n_bins: int) -> np.ndarray:
+    positive = np.concatenate([v[v > 0] for v in values])
+    if positive.size == 0:
+        return np.array([1e-12, 1.0])
+    low, high = float(positive.min()), float(positive.max())
+    if high <= low:
+        high = low * 10
+    return np.logspace(np.log10(low), np.log10(high), n_bins + 1)
+
+
+def abs_histogram(abs_values: dict[str, np.ndarray], *, n_bins: int = 80,
+                  colors: dict[str, str] | None = None) -> go.Figure:
+    """Histograms of pooled |W| (one array per model) on log-spaced bins, as fractions of each
+    model's values; zeros cannot sit on a log axis and are counted in the legend instead."""
+    colors = colors or {}
+    edges = _log_bins(list(abs_values.values()), n_bins)
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    fig = go.Figure()
+    for i, (label, values) in enumerate(abs_values.items()):
+        counts, _ = np.histogram(values[values > 0], bins=edges)
+        zeros = int((values == 0).sum())
+        name = label if zeros == 0 else f"{label} ({zeros} zeros not shown)"
+        fig.add_trace(go.Scatter(
+            x=centres, y=counts / max(values.size, 1), mode="lines", line_shape="hvh", name=name,
+            line={"color": colors.get(label, _default_color(i)), "width": 2},
+            hovertemplate="|W| ≈ %{x:.3g}<br>fraction %{y:.4f}<extra>" + label + "</extra>"))
+    fig.update_layout(xaxis={"type": "log", "title": "|W| (log scale)"},
+                      yaxis={"title": "fraction of values"}, legend={"orientation": "h"},
+                      margin={"t": 40})
+    return fig
+
+
+def ecdf(abs_values: dict[str, np.ndarray], *, n_points: int = 400,
+         colors: dict[str, str] | None = None) -> go.Figure:
+    """Empirical CDFs of |W| per model, drawn through `n_points` quantiles (enough to be exact to the
+    eye, light enough for the browser)."""
+    colors = colors or {}
+    levels = np.linspace(0.0, 1.0, n_points)
+    fig = go.Figure()
+    for i, (label, values) in enumerate(abs_values.items()):
+        if values.size == 0:
+            continue
+        fig.add_trace(go.Scatter(
+            x=np.quantile(values, levels), y=levels, mode="lines", name=label,
+            line={"color": colors.get(label, _default_color(i)), "width": 2},
+            hovertemplate="|W| ≤ %{x:.3g}: %{y:.3f}<extra>" + label + "</extra>"))
+    fig.update_layout(xaxis={"type": "log", "title": "|W| (log scale)"},
+                      yaxis={"title": "fraction ≤ |W|", "range": [0, 1]},
+                      legend={"orientation": "h"}, margin={"t": 40})
+    return fig
+
+
+def per_sample_violins(frame: pd.DataFrame, metric: str, *, intervals: pd.DataFrame | None = None,
+                       colors: dict[str, str] | None = None) -> go.Figure:
+    """Per-sample values of one metric (`frame`: columns alpha, model, value), a violin with its box
+    per (alpha, model). `intervals` (alpha, model, mean, ci_low, ci_high) adds the mean with its
+    confidence interval as a marker with error bars."""
+    colors = colors or {}
+    fig = go.Figure()
+    models = list(dict.fromkeys(frame["model"]))
+    for i, model in enumerate(models):
+        part = frame[frame["model"] == model]
+        color = colors.get(model, _default_color(i))
+        fig.add_trace(go.Violin(
+            x=part["alpha"].astype(str), y=part["value"], name=model, legendgroup=model,
+            box_visible=True, meanline_visible=True, points=False, line_color=color,
+            offsetgroup=model, scalegroup=model))
+        if intervals is not None:
+            ci = intervals[intervals["model"] == model]
+            fig.add_trace(go.Scatter(
+                x=ci["alpha"].astype(str), y=ci["mean"], mode="markers", legendgroup=model,
+                name=f"{model}: mean and CI", offsetgroup=model, marker={"color": color, "size": 9,
+                                                                          "symbol": "diamond"},
+                error_y={"type": "data", "symmetric": False,
+                         "array": ci["ci_high"] - ci["mean"], "arrayminus": ci["mean"] - ci["ci_low"]}))
+    fig.update_layout(violinmode="group", scattermode="group", xaxis={"title": "alpha", "type": "category"},
+                      yaxis={"title": metric}, legend={"orientation": "h"}, margin={"t": 40})
+    return fig
+
+
+def change_summary(frame: pd.DataFrame, metric: str, *, expected_sign: int | None = None) -> go.Figure:
+    """One metric's % change per cell (`frame`: cell, change_pct, ci_low, ci_high), sorted, with CIs;
+    bars agreeing with `expected_sign` (the paper's direction) are coloured as such (Figure 3a)."""
+    ordered = frame.sort_values("change_pct").reset_index(drop=True)
+    if expected_sign is None:
+        colors = [POST_COLOR] * len(ordered)
+    else:
+        colors = [POST_COLOR if np.sign(v) == expected_sign else BASE_COLOR
+                  for v in ordered["change_pct"]]
+    fig = go.Figure(go.Bar(
+        x=ordered["cell"], y=ordered["change_pct"], marker_color=colors,
+        error_y={"type": "data", "symmetric": False,
+                 "array": ordered["ci_high"] - ordered["change_pct"],
+                 "arrayminus": ordered["change_pct"] - ordered["ci_low"]},
+        hovertemplate="%{x}<br>change %{y:.2f}%<extra></extra>"))
+    fig.add_hline(y=0, line_width=1, line_color="gray")
+    fig.update_layout(yaxis={"title": f"{metric}: change after post-training (%)"},
+                      xaxis={"title": "", "tickangle": -45, "type": "category"},
+                      margin={"t": 40, "b": 120}, showlegend=False)
+    return fig
+
+
+# --- Circuit graph --------------------------------------------------------------------------------
+
+def top_edges(graph: ResidualGraph, means: dict[str, np.ndarray], k: int, by: str) -> pd.DataFrame:
+    """The k real edges with the largest strength (`by="strength"`: max of the two models' mean |W|)
+    or the largest change (`by="change"`: |post - base| of mean |W|), with both models' values."""
+    if by not in ("strength", "change"):
+        raise ValueError(f"top_edges: by={by!r} is not 'strength' or 'change'")
+    src, dst = np.nonzero(graph.real_edge_mask)
+    base_abs = means["base_abs"][src, dst].astype(np.float64)
+    post_abs = means["post_abs"][src, dst].astype(np.float64)
+    score = np.maximum(base_abs, post_abs) if by == "strength" else np.abs(post_abs - base_abs)
+    order = np.argsort(-score, kind="stable")[: max(int(k), 0)]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.where(base_abs > 0, (post_abs - base_abs) / base_abs, np.nan)
+    return pd.DataFrame({
+        "edge": [f"{graph.src_names[s]}->{graph.dst_names[d]}" for s, d in zip(src[order], dst[order])],
+        "src": [graph.src_names[s] for s in src[order]],
+        "dst": [graph.dst_names[d] for d in dst[order]],
+        "base_mean_abs": base_abs[order], "post_mean_abs": post_abs[order],
+        "base_mean_signed": means["base_signed"][src[order], dst[order]].astype(np.float64),
+        "post_mean_signed": means["post_signed"][src[order], dst[order]].astype(np.float64),
+        "abs_change": post_abs[order] - base_abs[order], "rel_change": relative[order],
+    })
+
+
+def _module_of_slot(slot: str) -> str:
+    """Destination slot -> the module node it feeds: `a3<q>` -> `a3`."""
+    return slot.split("<", 1)[0]
+
+
+def layered_layout(graph: ResidualGraph) -> dict[str, tuple[float, float]]:
+    """One position per module node, fixed by the graph alone (so both models share it): layers go
+    bottom to top, attention in the left lane, MLP in the right, input and logits centred."""
+    positions = {"input": (0.5, -1.0), "logits": (0.5, float(graph.n_layers))}
+    for layer in range(graph.n_layers):
+        positions[f"a{layer}"] = (0.0, layer)
+        positions[f"m{layer}"] = (1.0, layer + 0.5)
+    return positions
+
+
+def _curve(p0: tuple[float, float], p1: tuple[float, float], n: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Quadratic Bezier from p0 to p1 bowed sideways, more for edges that skip more layers (up to a
+    cap that keeps them inside the panel), so edges in the same lane stay apart."""
+    (x0, y0), (x1, y1) = p0, p1
+    bow = 0.7 * (1.0 - np.exp(-abs(y1 - y0) / 6.0)) * (1.0 if x0 == x1 else 0.3)
+    side = -1.0 if (x0 + x1) / 2 < 0.5 else 1.0
+    cx, cy = (x0 + x1) / 2 + side * bow, (y0 + y1) / 2
+    t = np.linspace(0.0, 1.0, n)
+    return ((1 - t) ** 2 * x0 + 2 * (1 - t) * t * cx + t ** 2 * x1,
+            (1 - t) ** 2 * y0 + 2 * (1 - t) * t * cy + t ** 2 * y1)
+
+
+def circuit_figure(graph: ResidualGraph, edges: pd.DataFrame, base_label: str, post_label: str, *,
+                   highlight: str | None = None, width_classes: int = 5) -> go.Figure:
+    """The edges of `top_edges` drawn as a layered DAG for both models side by side on one layout:
+    width proportional to each model's mean |W| (one scale for both panels), colour by the sign of
+    its mean W; `highlight` (an edge name) is drawn on top in both panels."""
+    positions = layered_layout(graph)
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06,
+                        subplot_titles=(base_label, post_label))
+    strongest = float(np.nanmax(edges[["base_mean_abs", "post_mean_abs"]].to_numpy())) if len(edges) else 1.0
+    strongest = strongest if strongest > 0 else 1.0
+    nodes = sorted({e for e in edges["src"]} | {_module_of_slot(d) for d in edges["dst"]},
+                   key=lambda name: positions[name][1])
+    for col, side in ((1, "base"), (2, "post")):
+        values = edges[f"{side}_mean_abs"].to_numpy()
+        signs = np.sign(edges[f"{side}_mean_signed"].to_numpy())
+        classes = np.minimum((values / strongest * width_classes).astype(int), width_classes - 1)
+        # Edges grouped by (width class, sign): a handful of traces instead of one per edge.
+        for width in range(width_classes):
+            for sign, color in ((1.0, POST_COLOR if side == "post" else BASE_COLOR), (-1.0, "#9D9D9D")):
+                chosen = edges[(classes == width) & ((signs >= 0) == (sign > 0))]
+                if chosen.empty:
+                    continue
+                xs: list[float] = []
+                ys: list[float] = []
+                for src, dst in zip(chosen["src"], chosen["dst"]):
+                    cx, cy = _curve(positions[src], positions[_module_of_slot(dst)])
+                    xs += [*cx, None]
+                    ys += [*cy, None]
+                fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
+                                         line={"color": color, "width": 0.6 + 1.6 * width},
+                                         opacity=0.75), row=1, col=col)
+        # Hover points at the middle of each edge, with both models' values.
+        mids = [_curve(positions[s], positions[_module_of_slot(d)], n=3) for s, d in
+                zip(edges["src"], edges["dst"])]
+        fig.add_trace(go.Scatter(
+            x=[m[0][1] for m in mids], y=[m[1][1] for m in mids], mode="markers", showlegend=False,
+            marker={"size": 6, "color": "rgba(0,0,0,0)"}, text=edges["edge"],
+            customdata=edges[["base_mean_abs", "post_mean_abs", "rel_change"]].to_numpy(),
+            hovertemplate=("%{text}<br>" + f"{base_label}: %{{customdata[0]:.6g}}<br>"
+                           f"{post_label}: %{{customdata[1]:.6g}}<br>"
+                           "relative change %{customdata[2]:.3g}<extra></extra>")), row=1, col=col)
+        if highlight is not None and highlight in set(edges["edge"]):
+            row = edges[edges["edge"] == highlight].iloc[0]
+            cx, cy = _curve(positions[row["src"]], positions[_module_of_slot(row["dst"])])
+            fig.add_trace(go.Scatter(x=cx, y=cy, mode="lines", showlegend=False, hoverinfo="skip",
+                                     line={"color": "#D62728", "width": 5}), row=1, col=col)
+        fig.add_trace(go.Scatter(
+            x=[positions[n][0] for n in nodes], y=[positions[n][1] for n in nodes],
+            mode="markers+text", text=nodes, textposition="middle center", showlegend=False,
+            marker={"size": 22, "color": "#DDDDDD", "line": {"color": "#555555", "width": 1}},
+            textfont={"size": 9, "color": "#111111"}, hoverinfo="text"), row=1, col=col)
+    fig.update_xaxes(visible=False, range=[-0.9, 1.9])
+    fig.update_yaxes(visible=False)
+    fig.update_layout(height=max(500, 26 * graph.n_layers + 120), margin={"t": 50, "b": 10},
+                      showlegend=False)
+    return fig
+
+
+def _default_color(index: int) -> str:
+    return (BASE_COLOR, POST_COLOR, "#54A24B", "#B279A2", "#9D755D")[index % 5]

@@ -1,0 +1,408 @@
+"""Streamlit code shared by app.py and the pages: the sidebar selection and its query-string sync,
+cached query wrappers keyed by run content, settings widgets, and figure/table output with downloads.
+
+Not a page: app.py lists its pages with `st.navigation`, which turns off Streamlit's automatic
+discovery of pages/ (Streamlit 1.67 would otherwise list every pages/*.py except dot-files and
+__init__.py, "_"-prefixed files included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from core.graph import ResidualGraph
+from core.query import ResultCache
+from core.settings import MetricSettings, Settings, SettingsError
+
+READ_ONLY_ENV = "CIRCUITDIFF_READ_ONLY"
+READ_ONLY_FLAG = "--read-only"
+
+
+def read_only() -> bool:
+    """Presenting mode: `streamlit run app.py -- --read-only` or CIRCUITDIFF_READ_ONLY=1."""
+    return READ_ONLY_FLAG in sys.argv[1:] or os.environ.get(READ_ONLY_ENV, "") not in ("", "0")
+
+
+# --- The cache ------------------------------------------------------------------------------------
+
+@st.cache_resource(show_spinner=False)
+def _result_cache(path: str) -> ResultCache:
+    # One per cache file and process: its in-process memo is shared by every session.
+    return ResultCache.open(path)
+
+
+def cache() -> ResultCache:
+    """The result cache at CIRCUITDIFF_CACHE (read at every rerun), else cache/circuitdiff.duckdb."""
+    return _result_cache(str(ResultCache.open().path))
+
+
+def empty_cache_message() -> None:
+    st.info(f"The result cache **{cache().path}** holds no runs yet. To fill it: `make demo-run` "
+            f"(the embedded demo pairs), or pick a pair and dataset on the **Compute** page, or "
+            f"`python -m core run ...`. To browse another cache, start the dashboard with "
+            f"`CIRCUITDIFF_CACHE=/path/to/file.duckdb`.", icon="ℹ️")
+
+
+def runs() -> pd.DataFrame:
+    """One row per (run, post model); re-read whenever the cache changes (a finished job shows
+    up without a restart)."""
+    return cache().runs()
+
+
+def content_key(run_key: str) -> str:
+    return cache().content_key(run_key)
+
+
+# Cached queries: st.cache_data keyed by the run's content key, so a rerun of the same view costs a
+# dictionary look-up and new data for the run (a job adding samples) produce a new entry.
+
+@st.cache_data(max_entries=48, show_spinner="Reading score matrices ...")
+def _view_matrices(path: str, key: str, run_key: str, alpha: float, post_label: str,
+                   granularity: str) -> tuple[ResidualGraph, np.ndarray, np.ndarray, list[str]]:
+    result = _result_cache(path)
+    graph = result.graph(run_key)
+    base, ids = result.sample_matrices(run_key, alpha, "base")
+    post, _ = result.sample_matrices(run_key, alpha, post_label)
+    if granularity != graph.granularity:
+        # module slots are the exact sum of the q/k/v slots (METHOD.md section 2).
+        base, post = graph.to_module(base), graph.to_module(post)
+        graph = ResidualGraph(graph.n_layers, granularity)
+    return graph, base, post, ids
+
+
+def view_matrices(sel: "Selection", alpha: float | None = None):
+    """(graph, base [n, n_src, n_dst], post, question ids) of the selection at the view's
+    granularity."""
+    alpha = sel.alpha if alpha is None else alpha
+    return _view_matrices(str(cache().path), content_key(sel.run_key), sel.run_key, alpha,
+                          sel.post_label, sel.granularity)
+
+
+@st.cache_data(max_entries=32, show_spinner="Computing the comparison ...")
+def _comparison(path: str, key: str, run_key: str, alpha: float, post_label: str, granularity: str,
+                settings: MetricSettings):
+    result = _result_cache(path)
+    if granularity == result.graph(run_key).granularity:
+        return result.comparison(run_key, alpha, settings, post_label)
+    from core import metrics
+
+    graph, base, post, _ = _view_matrices(path, key, run_key, alpha, post_label, granularity)
+    return metrics.compare_models(base, post, graph, settings)
+
+
+def comparison(sel: "Selection", alpha: float | None = None):
+    alpha = sel.alpha if alpha is None else alpha
+    return _comparison(str(cache().path), content_key(sel.run_key), sel.run_key, alpha,
+                       sel.post_label, sel.granularity, sel.metrics)
+
+
+@st.cache_data(max_entries=32, show_spinner="Testing every edge ...")
+def _edge_tests(path: str, key: str, run_key: str, alpha: float, post_label: str, granularity: str,
+                settings: MetricSettings) -> pd.DataFrame:
+    result = _result_cache(path)
+    if granularity == result.graph(run_key).granularity:
+        return result.significant_edges(run_key, alpha, settings, post_label)
+    from core import metrics
+
+    graph, base, post, _ = _view_matrices(path, key, run_key, alpha, post_label, granularity)
+    return metrics.significant_edges(base, post, graph, settings)
+
+
+def significant_edges(sel: "Selection") -> pd.DataFrame:
+    """Edges whose strength changed (paired t-test per edge, Benjamini-Hochberg at the sidebar's
+    false discovery rate), ranked by |relative change|."""
+    return _edge_tests(str(cache().path), content_key(sel.run_key), sel.run_key, sel.alpha,
+                       sel.post_label, sel.granularity, sel.metrics)
+
+
+@st.cache_data(max_entries=8, show_spinner="Computing the metrics of every cached run ...")
+def _metric_table(path: str, keys: tuple[str, ...], settings: MetricSettings) -> pd.DataFrame:
+    return _result_cache(path).metric_table(settings)
+
+
+def metric_table(settings: MetricSettings) -> pd.DataFrame:
+    keys = tuple(content_key(k) for k in dict.fromkeys(runs()["run_key"]))
+    return _metric_table(str(cache().path), keys, settings)
+
+
+@st.cache_data(max_entries=32, show_spinner="Reading the samples ...")
+def _samples(path: str, key: str, run_key: str, alpha: float, post_label: str,
+             settings: MetricSettings) -> pd.DataFrame:
+    return _result_cache(path).samples(run_key, alpha, post_label, settings)
+
+
+def samples(sel: "Selection", alpha: float | None = None) -> pd.DataFrame:
+    alpha = sel.alpha if alpha is None else alpha
+    return _samples(str(cache().path), content_key(sel.run_key), sel.run_key, alpha, sel.post_label,
+                    sel.metrics)
+
+
+def means(base: np.ndarray, post: np.ndarray) -> dict[str, np.ndarray]:
+    """Mean |W| and mean W over samples of both models, [n_src, n_dst] each."""
+    return {"base_abs": np.abs(base).mean(axis=0), "post_abs": np.abs(post).mean(axis=0),
+            "base_signed": base.mean(axis=0), "post_signed": post.mean(axis=0)}
+
+
+# --- Settings widgets, generated from the settings dataclasses ------------------------------------
+
+def _parse(text: str, kind: str) -> Any:
+    if kind == "bool":
+        return text.lower() in ("1", "true", "yes", "on")
+    return {"int": int, "float": float}.get(kind, str)(text)
+
+
+def settings_widgets(cls: type[Settings], prefix: str, container=st,
+                     skip: tuple[str, ...] = ()) -> Settings:
+    """One widget per field of a settings class (from `field_specs()`), keyed `prefix.field`; returns
+    the settings, or the defaults with an error shown when the combination is invalid."""
+    values = {}
+    for spec in cls.field_specs():
+        name = spec["name"]
+        if name in skip:
+            continue
+        key = f"{prefix}.{name}"
+        st.session_state.setdefault(key, spec["default"])
+        label = name.replace("_", " ")
+        if spec["choices"] is not None:
+            if st.session_state[key] not in spec["choices"]:
+                st.session_state[key] = spec["default"]
+            values[name] = container.selectbox(label, spec["choices"], key=key, help=spec["help"])
+        elif spec["type"] == "bool":
+            values[name] = container.checkbox(label, key=key, help=spec["help"])
+        elif spec["type"] in ("int", "float"):
+            cast = int if spec["type"] == "int" else float
+            low = None if spec["low"] is None or spec["low_open"] else cast(spec["low"])
+            high = None if spec["high"] is None else cast(spec["high"])
+            values[name] = container.number_input(
+                label, min_value=low, max_value=high, key=key, help=spec["help"],
+                step=1 if cast is int else 0.01, format=None if cast is int else "%g")
+        else:
+            values[name] = container.text_input(label, key=key, help=spec["help"])
+    try:
+        return cls(**values)
+    except SettingsError as error:
+        container.error(f"{error} Using the defaults until it is fixed.")
+        return cls()
+
+
+# --- Sidebar selection, kept in the URL's query string --------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    run_key: str
+    pair: str
+    dataset: str
+    base_label: str
+    post_label: str
+    alphas: tuple[float, ...]
+    alpha: float
+    run_granularity: str
+    granularity: str
+    metrics: MetricSettings
+    image_format: str
+
+    @property
+    def title(self) -> str:
+        return (f"{self.pair} · {self.dataset} · {self.base_label} → {self.post_label} · "
+                f"alpha {self.alpha:g} · {self.granularity}")
+
+
+SELECTION_KEY = "selection"
+# Query-string names of the sidebar widgets; metric conventions use their field names.
+QUERY_KEYS = ("pair", "dataset", "run", "post", "alpha", "granularity", "image_format")
+IMAGE_FORMATS = ("png", "svg")
+
+
+def _load_query_string() -> None:
+    """Once per browser session: put the link's values into the widgets' state. Values that do not
+    fit the cache are dropped later, where the options are known."""
+    if st.session_state.get("_query_loaded"):
+        return
+    st.session_state["_query_loaded"] = True
+    params = st.query_params
+    for name in QUERY_KEYS:
+        if name in params:
+            st.session_state[f"sel.{name}"] = params[name]
+    for spec in MetricSettings.field_specs():
+        if spec["name"] in params:
+            try:
+                st.session_state[f"metric.{spec['name']}"] = _parse(params[spec["name"]], spec["type"])
+            except ValueError:
+                st.warning(f"The link's {spec['name']}={params[spec['name']]!r} is not a "
+                           f"{spec['type']}; using the default.")
+
+
+def _choose(label: str, name: str, options: list, *, format_func: Callable = str,
+            help: str | None = None, match: Callable[[Any, Any], bool] | None = None):
+    """A sidebar selectbox whose state survives reruns; a stale or linked value that is no longer an
+    option falls back to the first option."""
+    key = f"sel.{name}"
+    current = st.session_state.get(key)
+    match = match or (lambda a, b: str(a) == str(b))
+    found = next((o for o in options if current is not None and match(o, current)), None)
+    st.session_state[key] = found if found is not None else options[0]
+    return st.sidebar.selectbox(label, options, key=key, format_func=format_func, help=help)
+
+
+def _same_alpha(a: float, b: Any) -> bool:
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-9)
+    except (TypeError, ValueError):
+        return False
+
+
+def sidebar() -> Selection | None:
+    """The sidebar's selection (None on an empty cache), stored for the pages and mirrored into the
+    URL's query string so a link reopens the same view."""
+    _load_query_string()
+    table = runs()
+    st.session_state[SELECTION_KEY] = None
+    if table.empty:
+        st.sidebar.caption(f"Cache: {cache().path} (empty)")
+        return None
+    st.sidebar.header("Selection")
+    pair = _choose("Model pair or series", "pair", sorted(table["pair"].unique()))
+    rows = table[table["pair"] == pair]
+    dataset = _choose("Dataset", "dataset", sorted(rows["dataset"].unique()))
+    rows = rows[rows["dataset"] == dataset]
+    run_keys = list(dict.fromkeys(rows["run_key"]))
+    described = {k: _describe_run(rows[rows["run_key"] == k].iloc[0]) for k in run_keys}
+    run_key = _choose("Run", "run", run_keys, format_func=described.get,
+                      help="runs of this pair and dataset under different selection or score "
+                           "settings") if len(run_keys) > 1 else run_keys[0]
+    st.session_state["sel.run"] = run_key
+    rows = rows[rows["run_key"] == run_key]
+    first = rows.iloc[0]
+    post_label = _choose("Post-trained model", "post", list(rows["post_label"]),
+                         format_func=lambda label: f"{label} ({_algorithm(rows, label)})",
+                         help=f"compared with the base model {first['base_label']}")
+    alphas = tuple(float(a) for a in first["alphas"])
+    if not alphas:
+        st.sidebar.warning("This run has no alpha scored yet.")
+        return None
+    alpha = _choose("alpha (fraction of the mean answer length scored)", "alpha", list(alphas),
+                    format_func=lambda a: f"{a:g}", match=_same_alpha)
+    granularities = [first["granularity"]] + (["module"] if first["granularity"] == "qkv" else [])
+    granularity = _choose("Graph granularity", "granularity", granularities,
+                          help="qkv: one slot per q/k/v input of each attention; module: one slot "
+                               "per attention block (the exact sum of its q/k/v slots)")
+    with st.sidebar.expander("Metric conventions"):
+        settings = settings_widgets(MetricSettings, "metric", st)
+    with st.sidebar.expander("Presenting"):
+        image_format = _choose_in(st, "Figure download format (camera button)", "image_format",
+                                  list(IMAGE_FORMATS))
+    selection = Selection(
+        run_key=run_key, pair=pair, dataset=dataset, base_label=first["base_label"],
+        post_label=post_label, alphas=alphas, alpha=alpha, run_granularity=first["granularity"],
+        granularity=granularity, metrics=settings, image_format=image_format)
+    st.session_state[SELECTION_KEY] = selection
+    _write_query_string(selection, single_run=len(run_keys) == 1)
+    return selection
+
+
+def _choose_in(container, label: str, name: str, options: list):
+    key = f"sel.{name}"
+    if st.session_state.get(key) not in options:
+        st.session_state[key] = options[0]
+    return container.radio(label, options, key=key, horizontal=True)
+
+
+def _algorithm(rows: pd.DataFrame, label: str) -> str:
+    return str(rows[rows["post_label"] == label]["algorithm"].iloc[0])
+
+
+def _describe_run(row: pd.Series) -> str:
+    selection = row["settings"]["selection"]
+    return (f"{row['run_key'][:8]} · n={row['n_selected']} · {row['granularity']} · "
+            f"seed {selection.get('seed')} · {pd.Timestamp(row['created_at']):%Y-%m-%d %H:%M}")
+
+
+def _write_query_string(sel: Selection, single_run: bool) -> None:
+    params = {"pair": sel.pair, "dataset": sel.dataset, "post": sel.post_label,
+              "alpha": f"{sel.alpha:g}", "granularity": sel.granularity,
+              "image_format": sel.image_format}
+    if not single_run:
+        params["run"] = sel.run_key
+    params.update({name: str(value) for name, value in sel.metrics.as_dict().items()})
+    if dict(st.query_params) != params:
+        st.query_params.from_dict(params)
+
+
+def selection() -> Selection | None:
+    """The sidebar's selection for this rerun (set by app.py before the page runs)."""
+    return st.session_state.get(SELECTION_KEY)
+
+
+def page_header(title: str) -> Selection | None:
+    """The page title, then the selection; on an empty cache, says what to do and returns None."""
+    st.title(title)
+    sel = selection()
+    if sel is None:
+        empty_cache_message()
+        return None
+    st.caption(sel.title)
+    return sel
+
+
+# --- Output ---------------------------------------------------------------------------------------
+
+def plot(fig, name: str, sel: Selection | None = None, **kwargs) -> Any:
+    """A plotly figure whose camera button saves `name` as PNG or SVG (sidebar choice)."""
+    fmt = sel.image_format if sel is not None else "png"
+    config = {"displaylogo": False,
+              "toImageButtonOptions": {"format": fmt, "filename": name, "scale": 2}}
+    return st.plotly_chart(fig, config=config, **kwargs)
+
+
+def table(frame: pd.DataFrame, name: str, *, data: pd.DataFrame | None = None, **kwargs) -> Any:
+    """A dataframe (or a Styler of it) with a CSV download of `data` (default: the frame)."""
+    shown = st.dataframe(frame, **kwargs)
+    source = data if data is not None else (frame.data if hasattr(frame, "data") else frame)
+    st.download_button("Download CSV", data=lambda: source.to_csv(index=False), file_name=f"{name}.csv",
+                       mime="text/csv", key=f"csv.{name}", on_click="ignore", icon=":material/download:")
+    return shown
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _diversity_summary(path: str, keys: tuple[str, ...], settings: MetricSettings) -> pd.DataFrame:
+    from core import metrics
+
+    result = _result_cache(path)
+    entries = []
+    for run in result.runs().itertuples():
+        for alpha in run.alphas:
+            try:
+                comparison = result.comparison(run.run_key, alpha, settings, run.post_label)
+            except ValueError:
+                continue  # nothing complete yet at this alpha
+            entries.append((f"{run.pair}: {run.post_label}", run.dataset, alpha, comparison))
+    return metrics.diversity_summary(entries)
+
+
+def diversity_summary(settings: MetricSettings) -> pd.DataFrame:
+    """Figure-3a counts per (pair: post model) and over all cells."""
+    keys = tuple(content_key(k) for k in dict.fromkeys(runs()["run_key"]))
+    return _diversity_summary(str(cache().path), keys, settings)
+
+
+def per_sample(sel: Selection, alpha: float | None = None) -> pd.DataFrame:
+    """Per-sample metrics of both models at the view's granularity and the sidebar's conventions:
+    question_id, then base_<metric> and post_<metric> for intensity, kurtosis, edge_entropy and
+    output_entropy (the metrics that have one value per sample)."""
+    from core.metrics import per_sample_metrics
+
+    graph, base, post, ids = view_matrices(sel, alpha)
+    frame = pd.DataFrame({"question_id": ids})
+    if len(ids) >= 2:
+        for side, scores in (("base", base), ("post", post)):
+            for name, values in per_sample_metrics(scores, graph, sel.metrics).items():
+                frame[f"{side}_{name}"] = values
+    return frame

@@ -1,0 +1,187 @@
+"""A real browser against the running dashboard: headless Chromium (Debian's chromium and
+chromium-driver, `make browser-deps`) driven by selenium opens every page on a fixture cache, waits
+until the script has finished and every plotly figure is drawn, finds no error element, and saves a
+screenshot.
+
+Skipped, with the reason, only where Chromium or its driver is not installed. Environment knobs:
+- CIRCUITDIFF_SCREENSHOTS=<dir>: also save the screenshots there (how docs/*.png are made);
+- CIRCUITDIFF_BROWSER_CACHE=<file>: browse that cache instead of building the small fixture.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from core.synthetic import build_fixture_cache
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+# url path -> page title; "" is the default page.
+PAGES = {"": "Overview", "heatmap": "Edge heatmap", "distributions": "Distributions",
+         "circuit": "Circuit graph", "samples": "Samples", "compute": "Compute"}
+ERROR_SELECTOR = '[data-testid="stException"], [data-testid="stAlertContentError"]'
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1500,1800")
+PAGE_TIMEOUT_S = 90
+
+
+def _missing_browser() -> str | None:
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not os.access(path, os.X_OK):
+            return f"{path} not found: install Debian's {package} (`make browser-deps`)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Dashboard:
+    """`streamlit run app.py` on a free localhost port, stopped by `stop()`."""
+
+    def __init__(self, cache: Path, log: Path, *extra_args: str):
+        self.port = _free_port()
+        env = {**os.environ, "CIRCUITDIFF_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+        env.pop("CIRCUITDIFF_READ_ONLY", None)
+        self._log = open(log, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(self.port),
+             "--server.headless", "true", "--server.address", "127.0.0.1", *extra_args],
+            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._wait_healthy(log)
+
+    def _wait_healthy(self, log: Path, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the dashboard exited with {self.process.returncode}:\n"
+                                   f"{log.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"the dashboard did not answer within {timeout:.0f} s:\n{log.read_text()}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    reason = _missing_browser()
+    if reason:
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def cache_file(tmp_path_factory) -> Path:
+    given = os.environ.get("CIRCUITDIFF_BROWSER_CACHE")
+    if given:
+        return Path(given)
+    path = tmp_path_factory.mktemp("browser-cache") / "fixture.duckdb"
+    build_fixture_cache(path)
+    return path
+
+
+def _settled(driver, title: str) -> bool:
+    """An error is shown, or: the page's title is drawn, the script is no longer running, and every
+    plotly chart has drawn its SVG."""
+    from selenium.webdriver.common.by import By
+
+    if driver.find_elements(By.CSS_SELECTOR, ERROR_SELECTOR):
+        return True  # reported by the caller
+    if title not in [h.text for h in driver.find_elements(By.CSS_SELECTOR, "h1")]:
+        return False
+    if driver.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'):
+        return False
+    charts = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stPlotlyChart"]')
+    drawn = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stPlotlyChart"] .main-svg')
+    return len({c.id for c in charts}) <= len(drawn)
+
+
+def open_page(driver, url: str, title: str) -> list[str]:
+    """Open a page, wait until it settles, return the texts of its error elements."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    WebDriverWait(driver, PAGE_TIMEOUT_S, poll_frequency=0.5).until(lambda d: _settled(d, title))
+    time.sleep(0.5)  # let the last frame paint before the screenshot
+    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, ERROR_SELECTOR)]
+
+
+def _save(driver, name: str, tmp_path: Path) -> Path:
+    shot = tmp_path / f"{name}.png"
+    driver.save_screenshot(str(shot))
+    extra = os.environ.get("CIRCUITDIFF_SCREENSHOTS")
+    if extra:
+        Path(extra).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(extra) / f"{name}.png")
+    return shot
+
+
+def test_every_page_renders_without_errors(browser, cache_file, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    app = Dashboard(cache_file, tmp_path / "dashboard.log")
+    try:
+        for path, title in PAGES.items():
+            errors = open_page(browser, f"{app.url}/{path}", title)
+            assert errors == [], f"page {title!r} shows errors: {errors}"
+            shot = _save(browser, f"page_{path or 'overview'}", tmp_path)
+            assert shot.stat().st_size > 10_000, f"the screenshot of {title!r} looks empty"
+            print(f"{title}: screenshot {shot}")
+        # The sidebar lists every page, Compute included, outside read-only mode.
+        links = [a.text for a in browser.find_elements(
+            By.CSS_SELECTOR, '[data-testid="stSidebarNav"] a')]
+        assert links == list(PAGES.values())
+    finally:
+        app.stop()
+
+
+def test_read_only_mode_hides_compute(browser, cache_file, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    app = Dashboard(cache_file, tmp_path / "dashboard.log", "--", "--read-only")
+    try:
+        assert open_page(browser, app.url, "Overview") == []
+        links = [a.text for a in browser.find_elements(
+            By.CSS_SELECTOR, '[data-testid="stSidebarNav"] a')]
+        assert "Compute" not in links and "Overview" in links
+    finally:
+        app.stop()
