@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = (
     "core.commands.score",
     "core.commands.metrics",
+    "core.commands.run",
 )
 
 

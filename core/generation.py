@@ -82,10 +82,8 @@ def generate_greedy_detailed(model, tokenizer, prompt_ids: Sequence[Sequence[int
         raise ValueError("neither the model's generation config nor the tokenizer names an EOS "
                          "token; set tokenizer.eos_token before generating")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-        eos_token_id=sorted(eos), pad_token_id=pad_id,
-        stop_strings=list(stop_strings) or None)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=sorted(eos), pad_token_id=pad_id)
     device = next(model.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     results: list[Generation | None] = [None] * len(prompt_ids)
@@ -98,15 +96,36 @@ def generate_greedy_detailed(model, tokenizer, prompt_ids: Sequence[Sequence[int
             ids = list(prompt_ids[i])
             input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
             attention[row, width - len(ids):] = 1
+        criteria = [_StopStrings(tokenizer, stop_strings, width)] if stop_strings else None
         with torch.no_grad():
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                    generation_config=config, tokenizer=tokenizer)
+                                    generation_config=config, stopping_criteria=criteria)
         for row, i in enumerate(batch):
             new_ids = output[row, width:].tolist()
             results[i] = finish_answer(new_ids, tokenizer, eos, stop_strings)
         if progress is not None:
             progress(min(start + batch_size, len(order)), len(order))
     return results  # type: ignore[return-value]
+
+
+class _StopStrings:
+    """Stops a row once its recent generated text holds a stop string. transformers' own
+    StopStringCriteria needs a tokenizer whose vocabulary it can parse, which not all can; the answer
+    is cut exactly by `finish_answer` afterwards, so this only saves the wasted tokens."""
+
+    # Generated tokens decoded per check: enough for any stop string of a few tokens.
+    WINDOW = 24
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_width: int):
+        self.tokenizer, self.stop_strings, self.prompt_width = tokenizer, tuple(stop_strings), prompt_width
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        start = max(self.prompt_width, input_ids.shape[1] - self.WINDOW)
+        texts = self.tokenizer.batch_decode(input_ids[:, start:])
+        return torch.tensor([any(s in text for s in self.stop_strings) for text in texts],
+                            dtype=torch.bool, device=input_ids.device)
 
 
 def finish_answer(new_ids: Sequence[int], tokenizer, eos: set[int],

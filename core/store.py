@@ -75,7 +75,8 @@ TABLES = {
         settings VARCHAR, comparison VARCHAR, created_at TIMESTAMP,
         PRIMARY KEY (run_key, post_label, alpha, settings_key)""",
     "stage_timings": """run_key VARCHAR, stage VARCHAR, items INTEGER, seconds DOUBLE,
-        code_version VARCHAR, git_commit VARCHAR, created_at TIMESTAMP""",
+        code_version VARCHAR, git_commit VARCHAR, created_at TIMESTAMP,
+        PRIMARY KEY (run_key, stage, created_at)""",
     "file_hashes": """path VARCHAR PRIMARY KEY, size BIGINT, mtime_ns BIGINT, sha256 VARCHAR""",
 }
 
@@ -384,3 +385,91 @@ def fetch_vectors(con: duckdb.DuckDBPyConnection, n_edges: int, vector_ids: list
 
 def generation_key(model_key: str, dataset_key: str, question_id: str, gen_key: str) -> str:
     return stable_hash(["generation", model_key, dataset_key, question_id, gen_key])
+
+
+# --- export / import: a run as Parquet files, so a run computed on a GPU server is browsed elsewhere
+
+# Rows of each table that belong to a run ($run_key), its models and dataset.
+_EXPORT_SQL = {
+    "runs": "SELECT * FROM runs WHERE run_key = $run_key",
+    "run_models": "SELECT * FROM run_models WHERE run_key = $run_key",
+    "run_samples": "SELECT * FROM run_samples WHERE run_key = $run_key",
+    "run_alphas": "SELECT * FROM run_alphas WHERE run_key = $run_key",
+    "metrics": "SELECT * FROM metrics WHERE run_key = $run_key",
+    "stage_timings": "SELECT * FROM stage_timings WHERE run_key = $run_key",
+    "models": "SELECT * FROM models WHERE model_key IN "
+              "(SELECT model_key FROM run_models WHERE run_key = $run_key)",
+    "datasets": "SELECT * FROM datasets WHERE dataset_key = "
+                "(SELECT dataset_key FROM runs WHERE run_key = $run_key)",
+    "questions": "SELECT * FROM questions WHERE dataset_key = "
+                 "(SELECT dataset_key FROM runs WHERE run_key = $run_key)",
+    "generations": "SELECT g.* FROM generations g JOIN runs r ON r.run_key = $run_key "
+                   "AND g.dataset_key = r.dataset_key AND g.gen_key = r.gen_key WHERE g.model_key IN "
+                   "(SELECT model_key FROM run_models WHERE run_key = $run_key)",
+    "grades": "SELECT gr.* FROM grades gr JOIN generations g USING (generation_key) "
+              "JOIN runs r ON r.run_key = $run_key AND g.dataset_key = r.dataset_key "
+              "AND g.gen_key = r.gen_key WHERE g.model_key IN "
+              "(SELECT model_key FROM run_models WHERE run_key = $run_key)",
+    "scores": "SELECT s.* FROM scores s JOIN run_samples rs ON rs.generation_key = s.generation_key "
+              "AND rs.run_key = $run_key JOIN runs r ON r.run_key = rs.run_key "
+              "AND s.score_key = r.score_key "
+              "WHERE s.t_cut IN (SELECT t_cut FROM run_alphas WHERE run_key = $run_key)",
+}
+
+
+def export_run(store: Store, run_key: str, folder: str | os.PathLike) -> dict[str, int]:
+    """Write the run's rows to `folder`/<table>.parquet (vectors to vectors_<n>.parquet); returns
+    rows written per file."""
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    with store.read() as con:
+        if fetch_one(con, "SELECT count(*) FROM runs WHERE run_key = ?", [run_key])[0] == 0:
+            raise CacheError(f"no run {run_key!r} in the cache {store.path}; `python -m core ls` "
+                             f"lists the cached runs")
+        for table, sql in _EXPORT_SQL.items():
+            rows = con.sql(sql, params={"run_key": run_key}).to_arrow_table()
+            pq.write_table(rows, folder / f"{table}.parquet")
+            counts[table] = rows.num_rows
+            if table == "scores":
+                for n_edges in sorted(set(rows.column("n_edges").to_pylist())):
+                    ids = [v for v, n in zip(rows.column("vector_id").to_pylist(),
+                                             rows.column("n_edges").to_pylist()) if n == n_edges]
+                    vectors = con.sql(f"SELECT vector_id, edge_scores FROM {vector_table(n_edges)} "
+                                      f"WHERE vector_id IN (SELECT unnest($ids))",
+                                      params={"ids": ids}).to_arrow_table()
+                    pq.write_table(vectors, folder / f"vectors_{n_edges}.parquet")
+                    counts[f"vectors_{n_edges}"] = vectors.num_rows
+    return counts
+
+
+def import_run(store: Store, folder: str | os.PathLike) -> dict[str, int]:
+    """Add an exported run to the cache (rows already present are kept); one transaction."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    missing = [t for t in _EXPORT_SQL if not (folder / f"{t}.parquet").exists()]
+    if missing:
+        raise CacheError(f"{folder} is not an exported run: {', '.join(missing)}.parquet missing; "
+                         f"export one with `python -m core export`")
+    counts = {}
+    with store.write() as con:
+        for table in _EXPORT_SQL:
+            rows = pq.read_table(folder / f"{table}.parquet")
+            counts[table] = rows.num_rows
+            if table != "scores":
+                Store.insert_arrow(con, table, rows)
+                continue
+            records = rows.to_pylist()
+            for n_edges in sorted({r["n_edges"] for r in records}):
+                vectors = pq.read_table(folder / f"vectors_{n_edges}.parquet")
+                by_id = dict(zip(vectors.column("vector_id").to_pylist(),
+                                 vectors.column("edge_scores").to_pylist()))
+                group = [r for r in records if r["n_edges"] == n_edges]
+                matrix = np.array([by_id[r["vector_id"]] for r in group], dtype=np.float32)
+                insert_scores(con, [{k: v for k, v in r.items() if k not in ("vector_id", "n_edges")}
+                                    for r in group], matrix.reshape(len(group), n_edges))
+    return counts

@@ -167,3 +167,49 @@ def _synthetic_edges(edge_scale: np.ndarray, n: int, rng: np.random.Generator,
     signs = np.where(rng.random((n, len(edge_scale))) < 0.5, -1.0, 1.0)
     return (strength * edge_scale * noise * signs).astype(np.float32)
 
+
+
+# --- Tiny random models, for tests of the pipeline without downloads ---------------------------
+
+TINY_WORDS = ("User:", "Assistant:", "Please", "reason", "step", "by", "step,", "and", "put", "your",
+              "final", "answer", "within", "\\boxed{}.", "What", "is", "plus", "the", "=", "so")
+
+
+def tiny_tokenizer(extra_words: tuple[str, ...] = ()):
+    """A word-level tokenizer (digits, a few words, specials) built locally: no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [str(d) for d in range(10)] + list(TINY_WORDS) \
+        + list(extra_words)
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def build_tiny_model(folder, tokenizer, seed: int = 0, n_layers: int = 2, perturb_from=None,
+                     perturbation: float = 0.0):
+    """Save a random Llama (hidden 16) with `tokenizer` to `folder` (safetensors). With
+    `perturb_from` (another model folder) its weights are those plus Gaussian noise of scale
+    `perturbation`: a 'post-trained' model that mostly answers like its base."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=n_layers, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    if perturb_from is not None:
+        model = LlamaForCausalLM.from_pretrained(perturb_from, use_safetensors=True)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(perturbation * torch.randn_like(parameter))
+    else:
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder

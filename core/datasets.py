@@ -1,0 +1,148 @@
+"""Math question sets: JSONL in the math-evaluation-harness layout, Hugging Face datasets, and the
+bundled offline set. Each loaded set carries a content hash, so the cache keys a dataset by what it
+holds, not by its name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from core.settings import stable_hash
+
+# Field names the math-evaluation-harness files use, in order of preference.
+QUESTION_FIELDS = ("question", "problem", "Question", "input")
+ANSWER_FIELDS = ("answer", "final_answer", "gt", "target")
+ID_FIELDS = ("id", "idx", "unique_id", "question_id")
+
+
+class DatasetError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    id: str
+    question: str
+    reference: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    source: str
+    questions: tuple[Question, ...]
+
+    @property
+    def content_hash(self) -> str:
+        return stable_hash([[q.id, q.question, q.reference] for q in self.questions], length=32)
+
+    @property
+    def key(self) -> str:
+        return stable_hash(["dataset", self.name, self.content_hash])
+
+    def head(self, limit: int) -> "Dataset":
+        """The first `limit` questions (all for 0), as a dataset of its own content."""
+        if not limit or limit >= len(self.questions):
+            return self
+        return Dataset(self.name, f"{self.source} (first {limit})", self.questions[:limit])
+
+
+def reference_from_record(record: dict) -> str | None:
+    """The reference answer: an answer field (GSM8K's text after '####'), else the last \\boxed{} of
+    a MATH-style solution."""
+    from core.grading import extract_answer
+
+    for field in ANSWER_FIELDS:
+        if record.get(field) not in (None, ""):
+            answer = str(record[field])
+            return answer.split("####")[-1].strip() if "####" in answer else answer.strip()
+    if record.get("solution"):
+        return extract_answer(str(record["solution"]))
+    return None
+
+
+def question_from_record(record: dict, line: int, source: str, question_field: str | None = None,
+                         answer_field: str | None = None, id_field: str | None = None) -> Question:
+    q_fields = (question_field,) if question_field else QUESTION_FIELDS
+    question = next((record[f] for f in q_fields if record.get(f) not in (None, "")), None)
+    if question is None:
+        raise DatasetError(f"{source}, record {line}: no question field (looked for {list(q_fields)})")
+    if answer_field:
+        answer = record.get(answer_field)
+        reference = reference_from_record({"answer": answer}) if answer is not None else None
+    else:
+        reference = reference_from_record(record)
+    if reference is None:
+        raise DatasetError(f"{source}, record {line}: no reference answer (looked for "
+                           f"{[answer_field] if answer_field else list(ANSWER_FIELDS) + ['solution']})")
+    i_fields = (id_field,) if id_field else ID_FIELDS
+    qid = next((record[f] for f in i_fields if record.get(f) not in (None, "")), line)
+    return Question(str(qid), str(question), str(reference))
+
+
+def read_jsonl(path: str | os.PathLike, name: str | None = None, **fields) -> Dataset:
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset file {path} does not exist")
+    questions = []
+    with open(path, encoding="utf-8") as handle:
+        for line, text in enumerate(handle):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise DatasetError(f"{path}, line {line + 1}: not JSON ({error})") from error
+            questions.append(question_from_record(record, line, str(path), **fields))
+    return _checked(Dataset(name or path.stem, f"jsonl:{path}", tuple(questions)))
+
+
+def read_hub(repo_id: str, name: str, config: str | None = None, split: str = "test",
+             **fields) -> Dataset:
+    """A Hugging Face dataset (from the hub, or the local datasets cache when offline)."""
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(repo_id, config, split=split)
+    except Exception as error:  # noqa: BLE001 - network, missing cache, bad config all end here
+        raise DatasetError(f"cannot load hub dataset {repo_id!r} (config {config}, split {split}): "
+                           f"{error}. Offline, put a JSONL copy where the config's `jsonl` points.") from error
+    questions = tuple(question_from_record(dict(row), i, repo_id, **fields) for i, row in enumerate(rows))
+    return _checked(Dataset(name, f"hub:{repo_id}:{config or ''}:{split}", questions))
+
+
+def _checked(dataset: Dataset) -> Dataset:
+    if not dataset.questions:
+        raise DatasetError(f"dataset {dataset.name!r} ({dataset.source}) holds no question")
+    seen: set[str] = set()
+    for q in dataset.questions:
+        if q.id in seen:
+            raise DatasetError(f"dataset {dataset.name!r} has the question id {q.id!r} twice; ids "
+                               f"must be unique")
+        seen.add(q.id)
+    return dataset
+
+
+def load_dataset(name: str, config: dict[str, dict], root: Path, limit: int = 0) -> Dataset:
+    """A dataset named in the config (its `jsonl` file if present, else its `hub` entry), or a
+    path to a JSONL file."""
+    if name not in config:
+        if name.endswith(".jsonl") and Path(name).is_file():
+            return read_jsonl(name).head(limit)
+        raise DatasetError(f"unknown dataset {name!r}; known: {sorted(config)}, or give a path to a "
+                           f".jsonl file")
+    entry = config[name]
+    fields = {k: entry[k] for k in ("question_field", "answer_field", "id_field") if k in entry}
+    jsonl = Path(entry["jsonl"]) if "jsonl" in entry else None
+    if jsonl is not None and not jsonl.is_absolute():
+        jsonl = root / jsonl
+    if jsonl is not None and jsonl.is_file():
+        return read_jsonl(jsonl, name, **fields).head(limit)
+    if "hub" in entry:
+        return read_hub(entry["hub"], name, entry.get("config"), entry.get("split", "test"),
+                        **fields).head(limit)
+    raise DatasetError(f"dataset {name!r}: its file {jsonl} does not exist; put the JSONL there "
+                       f"(math-evaluation-harness layout)")
