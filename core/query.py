@@ -13,6 +13,7 @@ model is the same question.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -45,6 +46,15 @@ class RunNotFoundError(KeyError):
     pass
 
 
+def _public(method):
+    """Run a public query inside one session (one connection at most)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._session():
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class ResultCache:
     """Read access to one cache file. Missing file = empty cache."""
 
@@ -53,6 +63,7 @@ class ResultCache:
         self._memo: dict[tuple, Any] = {}
         self._memo_token: tuple | None = None
         self._con = None
+        self._stack: contextlib.ExitStack | None = None
 
     @classmethod
     def open(cls, path: str | Path | None = None) -> "ResultCache":
@@ -70,23 +81,31 @@ class ResultCache:
             self._memo.clear()
             self._memo_token = token
         if key not in self._memo:
-            with self._read():
+            with self._session():
                 self._memo[key] = compute()
         return self._memo[key]
 
     @contextlib.contextmanager
+    def _session(self):
+        """Scope of one public call: the first read opens a read-only connection, which every
+        nested read shares until the call returns (opening the file is the largest fixed cost of a
+        query, and a call served from memory opens nothing)."""
+        outer = self._stack is None
+        if outer:
+            self._stack = contextlib.ExitStack()
+        try:
+            yield
+        finally:
+            if outer:
+                stack, self._stack, self._con = self._stack, None, None
+                stack.close()
+
+    @contextlib.contextmanager
     def _read(self):
-        """One read-only connection for a whole public query (nested calls share it): opening the
-        file is the largest fixed cost of a query."""
-        if self._con is not None:
+        with self._session():
+            if self._con is None:
+                self._con = self._stack.enter_context(self.store.read())
             yield self._con
-            return
-        with self.store.read() as con:
-            self._con = con
-            try:
-                yield con
-            finally:
-                self._con = None
 
     def _sql(self, sql: str, params: Any = None) -> pd.DataFrame:
         with self._read() as con:
@@ -101,12 +120,14 @@ class ResultCache:
             "SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'runs'")
             ["n"].iloc[0] > 0)
 
+    @_public
     def is_empty(self) -> bool:
         if not self._tables_present():
             return True
         return self._cached(("is_empty",), lambda: self._sql("SELECT count(*) AS n FROM runs")
                             ["n"].iloc[0] == 0)
 
+    @_public
     def runs(self) -> pd.DataFrame:
         """One row per (run, post model)."""
         columns = ["run_key", "pair", "kind", "dataset", "base_label", "post_label", "algorithm",
@@ -158,6 +179,7 @@ class ResultCache:
                     "t_cuts": alphas}
         return self._cached(("run", run_key), load)
 
+    @_public
     def graph(self, run_key: str) -> ResidualGraph:
         return self._run(run_key)["graph"]
 
@@ -181,6 +203,7 @@ class ResultCache:
 
     # --- matrices -------------------------------------------------------------------------------
 
+    @_public
     def sample_edges(self, run_key: str, alpha: float, model: str) -> tuple[np.ndarray, list[str]]:
         """Real-edge vectors [n, n_edges] of a model's samples, and their question ids."""
         label = self._label(run_key, model)
@@ -204,11 +227,13 @@ class ResultCache:
         edges.flags.writeable = False
         return edges, [row[0] for row in found]
 
+    @_public
     def sample_matrices(self, run_key: str, alpha: float, model: str) -> tuple[np.ndarray, list[str]]:
         """Dense per-sample matrices [n, n_src, n_dst] (float32) and their question ids."""
         edges, ids = self.sample_edges(run_key, alpha, model)
         return self.graph(run_key).dense(edges), ids
 
+    @_public
     def mean_matrices(self, run_key: str, alpha: float,
                       post_label: str | None = None) -> dict[str, np.ndarray]:
         post = self._label(run_key, post_label)
@@ -226,6 +251,7 @@ class ResultCache:
             return out
         return self._cached(("mean", run_key, float(alpha), post), compute)
 
+    @_public
     def edge_across_alphas(self, run_key: str, src: str, dst: str,
                            post_label: str | None = None) -> pd.DataFrame:
         """Mean |W| and mean W of one edge at every alpha of the run, for base and post."""
@@ -270,6 +296,7 @@ class ResultCache:
 
     # --- metrics --------------------------------------------------------------------------------
 
+    @_public
     def comparison(self, run_key: str, alpha: float, settings: MetricSettings = MetricSettings(),
                    post_label: str | None = None):
         """core.metrics.Comparison of base and post at alpha: stored by the pipeline for its
@@ -300,6 +327,7 @@ class ResultCache:
                     for r in table.itertuples()}
         return self._cached(("stored_comparisons", settings_key), load)
 
+    @_public
     def metric_table(self, settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
         """All runs x post models x alphas x metrics, with the change's % and its interval."""
         from core import metrics
@@ -322,6 +350,7 @@ class ResultCache:
             return table[list(METRIC_TABLE_COLUMNS) + ["ci_excludes_zero"]]
         return self._cached(("metric_table", settings.key()), compute)
 
+    @_public
     def significant_edges(self, run_key: str, alpha: float,
                           settings: MetricSettings = MetricSettings(),
                           post_label: str | None = None) -> pd.DataFrame:
@@ -339,6 +368,7 @@ class ResultCache:
 
     # --- samples --------------------------------------------------------------------------------
 
+    @_public
     def samples(self, run_key: str, alpha: float, post_label: str | None = None,
                 settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
         """One row per question complete at alpha: texts, correctness, lengths, the scored
@@ -398,6 +428,7 @@ class ResultCache:
             return out
         return self._cached(("samples", run_key, float(alpha), post, settings.key()), compute)
 
+    @_public
     def content_key(self, run_key: str) -> str:
         """Changes whenever the run's stored data change."""
         def compute() -> str:
