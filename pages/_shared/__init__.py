@@ -1,9 +1,12 @@
-"""Streamlit code shared by app.py and the pages: the sidebar selection and its query-string sync,
-cached query wrappers keyed by run content, settings widgets, and figure/table output with downloads.
+"""Streamlit code shared by the dashboard's pages: page setup and navigation, the sidebar selection
+and its query-string sync, cached query wrappers keyed by run content, settings widgets, and figure and
+table output with downloads.
 
-Not a page: app.py lists its pages with `st.navigation`, which turns off Streamlit's automatic
-discovery of pages/ (Streamlit 1.67 would otherwise list every pages/*.py except dot-files and
-__init__.py, "_"-prefixed files included).
+A package, not a module: Streamlit 1.67 turns every pages/*.py except dot-files and __init__.py into
+a page ("_"-prefixed files included, see `_mpa_v1` in streamlit/runtime/scriptrunner/
+script_runner.py), while it ignores folders. Pages use the pages/ folder (not st.navigation): with
+both, AppTest replays the folder's legacy navigation around st.navigation at every run and loses
+widget state between runs.
 """
 
 from __future__ import annotations
@@ -169,7 +172,9 @@ def settings_widgets(cls: type[Settings], prefix: str, container=st,
         if name in skip:
             continue
         key = f"{prefix}.{name}"
-        st.session_state.setdefault(key, spec["default"])
+        # Re-assigned at every run: the same key on another page is another widget, which takes
+        # its value from here (so a choice survives page switches).
+        st.session_state[key] = st.session_state.get(key, spec["default"])
         label = name.replace("_", " ")
         if spec["choices"] is not None:
             if st.session_state[key] not in spec["choices"]:
@@ -215,7 +220,6 @@ class Selection:
                 f"alpha {self.alpha:g} · {self.granularity}")
 
 
-SELECTION_KEY = "selection"
 # Query-string names of the sidebar widgets; metric conventions use their field names.
 QUERY_KEYS = ("pair", "dataset", "run", "post", "alpha", "granularity", "image_format")
 IMAGE_FORMATS = ("png", "svg")
@@ -260,11 +264,10 @@ def _same_alpha(a: float, b: Any) -> bool:
 
 
 def sidebar() -> Selection | None:
-    """The sidebar's selection (None on an empty cache), stored for the pages and mirrored into the
-    URL's query string so a link reopens the same view."""
+    """The sidebar's selection (None on an empty cache), mirrored into the URL's query string so a
+    link reopens the same view."""
     _load_query_string()
     table = runs()
-    st.session_state[SELECTION_KEY] = None
     if table.empty:
         st.sidebar.caption(f"Cache: {cache().path} (empty)")
         return None
@@ -303,15 +306,14 @@ def sidebar() -> Selection | None:
         run_key=run_key, pair=pair, dataset=dataset, base_label=first["base_label"],
         post_label=post_label, alphas=alphas, alpha=alpha, run_granularity=first["granularity"],
         granularity=granularity, metrics=settings, image_format=image_format)
-    st.session_state[SELECTION_KEY] = selection
     _write_query_string(selection, single_run=len(run_keys) == 1)
     return selection
 
 
 def _choose_in(container, label: str, name: str, options: list):
     key = f"sel.{name}"
-    if st.session_state.get(key) not in options:
-        st.session_state[key] = options[0]
+    current = st.session_state.get(key)
+    st.session_state[key] = current if current in options else options[0]
     return container.radio(label, options, key=key, horizontal=True)
 
 
@@ -336,15 +338,38 @@ def _write_query_string(sel: Selection, single_run: bool) -> None:
         st.query_params.from_dict(params)
 
 
-def selection() -> Selection | None:
-    """The sidebar's selection for this rerun (set by app.py before the page runs)."""
-    return st.session_state.get(SELECTION_KEY)
+# Every page, in order: (script, label, icon). Streamlit's own list is switched off
+# (client.showSidebarNavigation in .streamlit/config.toml) so that read-only mode can leave out Compute.
+NAVIGATION = (
+    ("app.py", "Overview", ":material/table_chart:"),
+    ("pages/1_Edge_heatmap.py", "Edge heatmap", ":material/grid_on:"),
+    ("pages/2_Distributions.py", "Distributions", ":material/bar_chart:"),
+    ("pages/3_Circuit_graph.py", "Circuit graph", ":material/account_tree:"),
+    ("pages/4_Samples.py", "Samples", ":material/article:"),
+    ("pages/5_Compute.py", "Compute", ":material/play_circle:"),
+)
+COMPUTE_PAGE = "pages/5_Compute.py"
+
+
+def page_setup(title: str) -> None:
+    """Wide layout, the browser tab's title and the page list in the sidebar."""
+    st.set_page_config(page_title=f"{title} · circuitdiff", page_icon=":material/difference:",
+                       layout="wide")
+    for script, label, icon in NAVIGATION:
+        if script == COMPUTE_PAGE and read_only():
+            continue
+        st.sidebar.page_link(script, label=label, icon=icon)
+    if read_only():
+        st.sidebar.caption("Read-only mode: Compute is hidden.")
+    st.sidebar.divider()
 
 
 def page_header(title: str) -> Selection | None:
-    """The page title, then the selection; on an empty cache, says what to do and returns None."""
+    """Page setup, the sidebar selection and the page title; on an empty cache, says what to do and
+    returns None."""
+    page_setup(title)
+    sel = sidebar()
     st.title(title)
-    sel = selection()
     if sel is None:
         empty_cache_message()
         return None

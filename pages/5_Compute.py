@@ -1,0 +1,131 @@
+"""Compute: pick a pair or series, a dataset, alphas and settings, see the estimated cost, start a job
+that runs in its own process (it survives page reloads and dashboard restarts), watch its stages,
+cancel it. Finished results show up on the other pages without a restart."""
+
+import datetime as dt
+import json
+
+import pandas as pd
+import streamlit as st
+
+from core import jobs
+from core.generation import GenerationSettings
+from core.pipeline import ConfigError, RunRequest, load_config
+from core.settings import PAPER_ALPHAS, ScoreSettings, SelectionSettings, SettingsError
+from pages import _shared
+
+_shared.page_setup("Compute")
+st.title("Compute")
+if _shared.read_only():  # the page list leaves it out; an old link lands here
+    st.warning("Read-only mode: computing is switched off.")
+    st.stop()
+
+cache_path = str(_shared.cache().path)
+try:
+    config = load_config()
+except ConfigError as error:
+    st.error(str(error))
+    st.stop()
+pairs = {**{name: "pair" for name in config.get("pairs", {})},
+         **{name: "series" for name in config.get("series", {})}}
+datasets = list(config.get("datasets", {}))
+if not pairs or not datasets:
+    st.info("No pair or dataset is configured: add them to core/pairs.toml.")
+    st.stop()
+
+left, right = st.columns(2)
+pair = left.selectbox("Model pair or series", list(pairs), key="compute.pair",
+                      format_func=lambda name: f"{name} ({pairs[name]})")
+dataset = right.selectbox("Dataset", datasets, key="compute.dataset")
+alphas = left.multiselect("Alphas (fraction of the mean answer length scored)", list(PAPER_ALPHAS),
+                          default=list(PAPER_ALPHAS), key="compute.alphas",
+                          format_func=lambda a: f"{a:g}")
+limit = right.number_input("Questions taken from the dataset (0: all)", min_value=0, value=0, step=10,
+                           key="compute.limit",
+                           help="a first look on a prefix of the dataset; selection then draws from it")
+groups = st.columns(3)
+with groups[0].expander("Selection settings"):
+    selection = _shared.settings_widgets(SelectionSettings, "compute.selection")
+with groups[1].expander("Score settings"):
+    score = _shared.settings_widgets(ScoreSettings, "compute.score")
+with groups[2].expander("Generation settings"):
+    generation = _shared.settings_widgets(GenerationSettings, "compute.generation")
+
+try:
+    request = RunRequest(pair=pair, dataset=dataset, alphas=tuple(alphas), selection=selection,
+                         score=score, generation=generation, limit=int(limit), cache=cache_path)
+except (ValueError, SettingsError) as error:
+    st.error(f"{error}")
+    st.stop()
+st.caption("Command line equivalent: `python -m core run " + " ".join(request.cli_args()) + "`")
+
+# The estimate reads the models' tokenizers and the dataset, so it runs on demand, not at page load.
+request_key = json.dumps(request.as_dict(), sort_keys=True)
+estimate_col, start_col, _ = st.columns([1, 1, 4])
+if estimate_col.button("Estimate cost", icon=":material/calculate:", key="compute.estimate"):
+    with st.spinner("Reading tokenizers, the dataset and what the cache already holds ..."):
+        try:
+            st.session_state["compute.estimate_result"] = (request_key, jobs.estimate(request))
+        except (ValueError, KeyError, OSError, RuntimeError) as error:
+            st.session_state["compute.estimate_result"] = (request_key, {"error": str(error)})
+estimated_key, estimate = st.session_state.get("compute.estimate_result", (None, None))
+if estimate is not None and estimated_key == request_key:
+    if "error" in estimate:
+        st.error(f"Cannot estimate this run: {estimate['error']}")
+    else:
+        missing = estimate["missing"]
+        st.markdown(f"**Estimated cost:** about **{dt.timedelta(seconds=int(estimate['seconds']))}** "
+                    f"of model time for {estimate['questions']} questions and models "
+                    f"{', '.join(estimate['models'])} (run `{estimate['run_key']}`); work still "
+                    f"missing per stage:")
+        _shared.table(pd.DataFrame([missing]), "estimate", hide_index=True)
+elif estimate is not None:
+    st.caption("The settings changed since the last estimate: estimate again.")
+
+if start_col.button("Start", type="primary", icon=":material/play_arrow:", key="compute.start"):
+    try:
+        job_id = jobs.start(request)
+    except jobs.JobConflictError as error:
+        st.error(str(error))
+    else:
+        st.success(f"Started job {job_id}. It runs in its own process: reloading or closing this "
+                   f"page does not stop it.")
+
+
+def _duration(seconds) -> str:
+    if seconds is None or pd.isna(seconds):
+        return "unknown"
+    return str(dt.timedelta(seconds=int(seconds)))
+
+
+def job_panel() -> None:
+    """Every job of this cache with its stage, progress and ETA; Cancel for the active ones."""
+    found = jobs.list_jobs(cache_path)
+    if not found:
+        st.caption("No job has been started on this cache yet.")
+        return
+    for job in found:
+        with st.container(border=True):
+            head, button = st.columns([6, 1])
+            started = dt.datetime.fromtimestamp(job.started_at).strftime("%Y-%m-%d %H:%M:%S")
+            head.markdown(f"**{job.request.pair} · {job.request.dataset}** · alphas "
+                          f"{', '.join(f'{a:g}' for a in job.request.alphas)} · **{job.state}** · "
+                          f"started {started} · job `{job.job_id}`")
+            if job.state in jobs.ACTIVE:
+                if button.button("Cancel", key=f"cancel.{job.job_id}", icon=":material/stop:"):
+                    jobs.cancel(job.job_id, cache_path)
+                    st.rerun(scope="fragment")
+                fraction = job.done / job.total if job.total else 0.0
+                st.progress(min(max(fraction, 0.0), 1.0),
+                            text=f"stage {job.stage or 'starting'}: {job.done}/{job.total} · ETA "
+                                 f"{_duration(job.eta_seconds)}")
+            if job.message:
+                st.caption(job.message)
+            if job.log_path:
+                st.caption(f"log: {job.log_path}")
+
+
+st.subheader("Jobs")
+active = any(job.state in jobs.ACTIVE for job in jobs.list_jobs(cache_path))
+# While a job is active, the job panel alone refreshes every 2 s.
+st.fragment(job_panel, run_every=2.0 if active else None)()
