@@ -114,7 +114,7 @@ def job_panel() -> None:
             if job.state in jobs.ACTIVE:
                 if button.button("Cancel", key=f"cancel.{job.job_id}", icon=":material/stop:"):
                     jobs.cancel(job.job_id, cache_path)
-                    st.rerun(scope="fragment")
+                    st.rerun()
                 fraction = job.done / job.total if job.total else 0.0
                 st.progress(min(max(fraction, 0.0), 1.0),
                             text=f"stage {job.stage or 'starting'}: {job.done}/{job.total} · ETA "

@@ -29,8 +29,10 @@ REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 # url path -> page title; "" is the default page.
-PAGES = {"": "Overview", "heatmap": "Edge heatmap", "distributions": "Distributions",
-         "circuit": "Circuit graph", "samples": "Samples", "compute": "Compute"}
+PAGES = {"": "Overview", "Edge_heatmap": "Edge heatmap", "Distributions": "Distributions",
+         "Circuit_graph": "Circuit graph", "Samples": "Samples", "Compute": "Compute"}
+# The icon ligature is the first line of a link's text, the label the last.
+PAGE_LINKS = '[data-testid="stSidebar"] [data-testid="stPageLink"]'
 ERROR_SELECTOR = '[data-testid="stException"], [data-testid="stAlertContentError"]'
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -145,6 +147,12 @@ def open_page(driver, url: str, title: str) -> list[str]:
     return [e.text for e in driver.find_elements(By.CSS_SELECTOR, ERROR_SELECTOR)]
 
 
+def _page_links(driver) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [a.text.splitlines()[-1] for a in driver.find_elements(By.CSS_SELECTOR, PAGE_LINKS)]
+
+
 def _save(driver, name: str, tmp_path: Path) -> Path:
     shot = tmp_path / f"{name}.png"
     driver.save_screenshot(str(shot))
@@ -156,32 +164,24 @@ def _save(driver, name: str, tmp_path: Path) -> Path:
 
 
 def test_every_page_renders_without_errors(browser, cache_file, tmp_path):
-    from selenium.webdriver.common.by import By
-
     app = Dashboard(cache_file, tmp_path / "dashboard.log")
     try:
         for path, title in PAGES.items():
             errors = open_page(browser, f"{app.url}/{path}", title)
             assert errors == [], f"page {title!r} shows errors: {errors}"
-            shot = _save(browser, f"page_{path or 'overview'}", tmp_path)
+            shot = _save(browser, f"page_{(path or 'overview').lower()}", tmp_path)
             assert shot.stat().st_size > 10_000, f"the screenshot of {title!r} looks empty"
             print(f"{title}: screenshot {shot}")
         # The sidebar lists every page, Compute included, outside read-only mode.
-        links = [a.text for a in browser.find_elements(
-            By.CSS_SELECTOR, '[data-testid="stSidebarNav"] a')]
-        assert links == list(PAGES.values())
+        assert _page_links(browser) == list(PAGES.values())
     finally:
         app.stop()
 
 
 def test_read_only_mode_hides_compute(browser, cache_file, tmp_path):
-    from selenium.webdriver.common.by import By
-
     app = Dashboard(cache_file, tmp_path / "dashboard.log", "--", "--read-only")
     try:
         assert open_page(browser, app.url, "Overview") == []
-        links = [a.text for a in browser.find_elements(
-            By.CSS_SELECTOR, '[data-testid="stSidebarNav"] a')]
-        assert "Compute" not in links and "Overview" in links
+        assert _page_links(browser) == [title for title in PAGES.values() if title != "Compute"]
     finally:
         app.stop()

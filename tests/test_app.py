@@ -1,0 +1,387 @@
+"""The dashboard under Streamlit's AppTest (no browser): every page on a small fixture cache and on an
+empty one, the query-string round trip, read-only mode, the Compute page's job handling, that no
+page imports a model library, and the figure builders of core/figures.py."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core import figures, jobs
+from core.graph import ResidualGraph
+from core.pipeline import RunRequest
+from core.synthetic import build_fixture_cache
+
+REPO = Path(__file__).resolve().parent.parent
+APP = str(REPO / "app.py")
+PAGES = {"app.py": "Overview", "pages/1_Edge_heatmap.py": "Edge heatmap",
+         "pages/2_Distributions.py": "Distributions", "pages/3_Circuit_graph.py": "Circuit graph",
+         "pages/4_Samples.py": "Samples", "pages/5_Compute.py": "Compute"}
+RESULT_PAGES = [page for page in PAGES if page != "pages/5_Compute.py"]
+# The fixture: "fixture-pair" (2 layers, one post model) and "fixture-series" (3 layers, post models
+# synthetic-grpo and synthetic-dpo), one dataset, alphas 0.1 and 0.3, 8 questions.
+CELLS = 6  # (run, post model, alpha) cells
+
+
+@pytest.fixture(scope="module")
+def fixture_cache(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("app-cache") / "fixture.duckdb"
+    build_fixture_cache(path)
+    return path
+
+
+def open_app(monkeypatch, cache: Path, page: str = "app.py", query: dict | None = None,
+             read_only: bool = False) -> AppTest:
+    monkeypatch.setenv("CIRCUITDIFF_CACHE", str(cache))
+    if read_only:
+        monkeypatch.setenv("CIRCUITDIFF_READ_ONLY", "1")
+    else:
+        monkeypatch.delenv("CIRCUITDIFF_READ_ONLY", raising=False)
+    at = AppTest.from_file(APP, default_timeout=120)
+    for name, value in (query or {}).items():
+        at.query_params[name] = value
+    at.run()
+    if page != "app.py":
+        at.switch_page(page).run()
+    return at
+
+
+def assert_clean(at: AppTest, title: str) -> None:
+    assert [e.value for e in at.exception] == []
+    assert [e.value for e in at.error] == []
+    assert [t.value for t in at.title] == [title]
+
+
+def charts(at: AppTest) -> list[dict]:
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def array(value) -> np.ndarray:
+    """A plotly JSON array: a list, or plotly's typed-array form {dtype, bdata, shape}."""
+    if isinstance(value, dict):
+        flat = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+        shape = [int(n) for n in str(value.get("shape", len(flat))).split(",")]
+        return flat.reshape(shape).astype(float)
+    return np.array(value, dtype=float)
+
+
+def markdown(at: AppTest) -> str:
+    return "\n".join(m.value for m in at.markdown)
+
+
+# --- Every page -----------------------------------------------------------------------------------
+
+def test_overview_shows_table_1_and_diversity(monkeypatch, fixture_cache):
+    at = open_app(monkeypatch, fixture_cache)
+    assert_clean(at, "Overview")
+    table = at.dataframe[0].value
+    assert len(table) == CELLS
+    assert {"intensity", "complexity", "kurtosis", "diversity"} <= set(table.columns)
+    # base -> post, an arrow, the % change and its interval in every cell
+    assert table["intensity"].str.contains(r"→ .* [▲▼=] [+-]\d+\.\d%").all()
+    assert "Diversity rose after post-training in" in markdown(at)
+    assert len(charts(at)) == 1
+    assert [b.proto.label for b in at.get("download_button")] == ["Download CSV"] * 2
+
+
+def test_edge_heatmap_masks_non_edges_and_can_hide_insignificant_edges(monkeypatch, fixture_cache):
+    at = open_app(monkeypatch, fixture_cache, "pages/1_Edge_heatmap.py")
+    assert_clean(at, "Edge heatmap")
+    change, means = charts(at)
+    z = array(change["data"][0]["z"])
+    mask = ResidualGraph(2, "qkv").real_edge_mask
+    assert np.isnan(z[~mask]).all() and np.isfinite(z[mask]).any()
+    assert change["data"][0]["zmid"] == 0
+    assert len(means["data"]) == 2  # base and post mean |W|, side by side
+    for measure in ("difference", "normalised"):
+        at.radio(key="heatmap.measure").set_value(measure).run()
+        assert_clean(at, "Edge heatmap")
+    at.toggle(key="heatmap.significant").set_value(True).run()
+    assert_clean(at, "Edge heatmap")
+    assert any("changed significantly" in c.value for c in at.caption)
+    shown = array(charts(at)[0]["data"][0]["z"])
+    assert np.isfinite(shown).sum() <= np.isfinite(z).sum()
+
+
+def test_distributions_show_histograms_ecdfs_and_per_sample_metrics(monkeypatch, fixture_cache):
+    at = open_app(monkeypatch, fixture_cache, "pages/2_Distributions.py")
+    assert_clean(at, "Distributions")
+    histogram, ecdf, violins = charts(at)
+    assert histogram["layout"]["xaxis"]["type"] == "log" and ecdf["layout"]["xaxis"]["type"] == "log"
+    assert sum(trace["type"] == "violin" for trace in violins["data"]) == 2  # base and post
+    intervals = at.dataframe[0].value
+    assert list(intervals["alpha"]) == [0.1, 0.1, 0.3, 0.3]
+    assert (intervals["ci_low"] <= intervals["mean"]).all() and (intervals["mean"] <= intervals["ci_high"]).all()
+    at.selectbox(key="distributions.metric").set_value("kurtosis").run()
+    assert_clean(at, "Distributions")
+
+
+def test_circuit_graph_highlights_the_edge_selected_in_the_table(monkeypatch, fixture_cache):
+    at = open_app(monkeypatch, fixture_cache, "pages/3_Circuit_graph.py")
+    assert_clean(at, "Circuit graph")
+    edges = at.dataframe[0].value
+    assert len(edges) == ResidualGraph(2, "qkv").n_edges  # k is capped at the graph's edges
+    # The table is ranked by |change| and drawn in both panels.
+    assert list(edges["abs_change"].abs()) == sorted(edges["abs_change"].abs(), reverse=True)
+    assert len(charts(at)) == 1
+
+
+def test_samples_show_both_answers_with_the_scored_part_highlighted(monkeypatch, fixture_cache):
+    at = open_app(monkeypatch, fixture_cache, "pages/4_Samples.py")
+    assert_clean(at, "Samples")
+    text = markdown(at)
+    assert text.count("<mark") == 2 and "Reference answer" in text
+    assert "correct" in text or "wrong" in text
+    one, every = at.dataframe[0].value, at.dataframe[1].value
+    assert len(one) == 1 and len(every) == 8
+    assert {"base_kurtosis", "post_kurtosis", "base_correct", "post_correct"} <= set(every.columns)
+    at.selectbox(key="samples.question").set_value(every["question_id"].iloc[3]).run()
+    assert_clean(at, "Samples")
+
+
+def test_compute_page_offers_the_configured_pairs(monkeypatch, fixture_cache):
+    at = open_app(monkeypatch, fixture_cache, "pages/5_Compute.py")
+    assert_clean(at, "Compute")
+    assert {"demo-grpo (pair)", "demo (series)"} <= set(at.selectbox(key="compute.pair").options)
+    assert "python -m core run --pair" in "\n".join(c.value for c in at.caption)
+    assert {b.label for b in at.button} >= {"Estimate cost", "Start"}
+
+
+@pytest.mark.parametrize("page", RESULT_PAGES)
+def test_every_page_on_an_empty_cache_says_what_to_do(monkeypatch, tmp_path, page):
+    at = open_app(monkeypatch, tmp_path / "missing.duckdb", page)
+    assert_clean(at, PAGES[page])
+    assert len(at.info) == 1
+    assert "holds no runs" in at.info[0].value and "make demo-run" in at.info[0].value
+
+
+def test_compute_page_works_on_an_empty_cache(monkeypatch, tmp_path):
+    at = open_app(monkeypatch, tmp_path / "missing.duckdb", "pages/5_Compute.py")
+    assert_clean(at, "Compute")
+    assert any("No job has been started" in c.value for c in at.caption)
+
+
+# --- Query string ---------------------------------------------------------------------------------
+
+def test_query_string_round_trip(monkeypatch, fixture_cache):
+    link = {"pair": "fixture-series", "dataset": "fixture", "post": "synthetic-dpo", "alpha": "0.3",
+            "granularity": "module", "kurtosis_of": "abs", "histogram_bins": "50"}
+    at = open_app(monkeypatch, fixture_cache, query=link)
+    assert_clean(at, "Overview")
+    sidebar = at.sidebar
+    assert sidebar.selectbox(key="sel.pair").value == "fixture-series"
+    assert sidebar.selectbox(key="sel.post").value == "synthetic-dpo"
+    assert sidebar.selectbox(key="sel.alpha").value == 0.3
+    assert sidebar.selectbox(key="sel.granularity").value == "module"
+    assert sidebar.selectbox(key="metric.kurtosis_of").value == "abs"
+    assert sidebar.number_input(key="metric.histogram_bins").value == 50
+    written = dict(at.query_params)
+    assert {k: written[k] for k in link} == link  # and every other setting is spelled out
+    assert written["bootstrap"] == "1000" and written["intensity_normaliser"] == "dense"
+
+    # A change in the sidebar goes into the URL, and the URL reopens the same view elsewhere.
+    sidebar.selectbox(key="sel.alpha").set_value(0.1).run()
+    assert dict(at.query_params)["alpha"] == "0.1"
+    again = open_app(monkeypatch, fixture_cache, "pages/1_Edge_heatmap.py", query=dict(at.query_params))
+    assert_clean(again, "Edge heatmap")
+    assert dict(again.query_params) == dict(at.query_params)
+    assert again.caption[0].value == at.caption[0].value  # the selection line under the title
+    # The selection survives a page switch within the session.
+    at.switch_page("pages/3_Circuit_graph.py").run()
+    assert at.sidebar.selectbox(key="sel.alpha").value == 0.1
+    assert at.sidebar.selectbox(key="metric.kurtosis_of").value == "abs"
+
+
+def test_a_link_that_does_not_fit_the_cache_falls_back(monkeypatch, fixture_cache):
+    at = open_app(monkeypatch, fixture_cache, query={"pair": "no-such-pair", "alpha": "0.77",
+                                                     "histogram_bins": "many"})
+    assert [e.value for e in at.exception] == []
+    assert at.sidebar.selectbox(key="sel.pair").value == "fixture-pair"
+    assert at.sidebar.selectbox(key="sel.alpha").value == 0.1
+    assert any("histogram_bins" in w.value for w in at.warning)
+
+
+# --- Read-only mode -------------------------------------------------------------------------------
+
+def test_read_only_mode_hides_compute(monkeypatch, fixture_cache):
+    at = open_app(monkeypatch, fixture_cache, read_only=True)
+    assert_clean(at, "Overview")
+    labels = [link.proto.label for link in at.sidebar.get("page_link")]
+    assert labels == [title for page, title in PAGES.items() if page != "pages/5_Compute.py"]
+    at.switch_page("pages/5_Compute.py").run()  # an old link
+    assert "Read-only mode" in at.warning[0].value
+    assert not [b for b in at.button if b.label == "Start"]
+
+    normal = open_app(monkeypatch, fixture_cache)
+    assert "Compute" in [link.proto.label for link in normal.sidebar.get("page_link")]
+
+
+def test_read_only_flag_on_the_command_line(monkeypatch):
+    from pages import _shared
+
+    monkeypatch.delenv("CIRCUITDIFF_READ_ONLY", raising=False)
+    monkeypatch.setattr(sys, "argv", ["app.py"])
+    assert not _shared.read_only()
+    monkeypatch.setattr(sys, "argv", ["app.py", "--read-only"])
+    assert _shared.read_only()
+
+
+# --- Compute: jobs --------------------------------------------------------------------------------
+
+def test_a_duplicate_job_is_refused_with_a_message(monkeypatch, fixture_cache):
+    def refuse(request):
+        raise jobs.JobConflictError("job 1 (the same run) is still running; wait for it to finish "
+                                    "or cancel it before starting another")
+
+    monkeypatch.setattr(jobs, "start", refuse)
+    at = open_app(monkeypatch, fixture_cache, "pages/5_Compute.py")
+    next(b for b in at.button if b.label == "Start").click().run()
+    assert [e.value for e in at.error] == ["job 1 (the same run) is still running; wait for it to "
+                                           "finish or cancel it before starting another"]
+
+
+def test_estimate_is_shown_for_the_current_settings(monkeypatch, fixture_cache):
+    plan = {"run_key": "abc", "questions": 40, "models": ["base", "post"], "seconds": 125.0,
+            "missing": {"generate": 80, "grade": 80, "select": 1, "score": 16, "metrics": 2}}
+    monkeypatch.setattr(jobs, "estimate", lambda request: plan)
+    at = open_app(monkeypatch, fixture_cache, "pages/5_Compute.py")
+    next(b for b in at.button if b.label == "Estimate cost").click().run()
+    assert_clean(at, "Compute")
+    assert "0:02:05" in markdown(at)
+    assert at.dataframe[0].value.iloc[0].to_dict() == plan["missing"]
+    at.multiselect(key="compute.alphas").set_value([0.1]).run()
+    assert any("estimate again" in c.value for c in at.caption)
+
+
+def test_a_running_job_shows_progress_and_can_be_cancelled(monkeypatch, fixture_cache, tmp_path):
+    cache = tmp_path / "jobs.duckdb"
+    # A stand-in for a run process: its own session, as jobs.start makes it.
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                               start_new_session=True)
+    try:
+        request = RunRequest(pair="demo-grpo", dataset="demo", alphas=(0.1,), cache=str(cache))
+        path = jobs.jobs_dir(cache) / "job-1.json"
+        jobs.write_status(path, job_id="job-1", request=request.as_dict(), state="running",
+                          stage="score", done=3, total=10, eta_seconds=42.0, message="",
+                          started_at=time.time(), pid=process.pid, log_path=str(tmp_path / "job.log"))
+        at = open_app(monkeypatch, cache, "pages/5_Compute.py")
+        assert_clean(at, "Compute")
+        bar = at.get("progress")[0].proto
+        assert bar.value == 30 and "stage score: 3/10" in bar.text and "ETA 0:00:42" in bar.text
+        next(b for b in at.button if b.label == "Cancel").click().run()
+        assert process.wait(timeout=15) == -signal.SIGTERM
+        assert jobs.status("job-1", cache).state == "cancelled"
+        assert "cancelled" in markdown(at)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+# --- Page load imports no model library -----------------------------------------------------------
+
+def test_no_page_imports_a_model_library(fixture_cache):
+    script = textwrap.dedent(f"""
+        import sys
+        from streamlit.testing.v1 import AppTest
+        at = AppTest.from_file({APP!r}, default_timeout=120).run()
+        for page in {list(PAGES)[1:]!r}:
+            at.switch_page(page).run()
+            assert not at.exception, (page, [e.value for e in at.exception])
+        heavy = sorted(m for m in sys.modules
+                       if m.split(".")[0] in ("torch", "transformers", "peft", "trl", "accelerate"))
+        print("HEAVY", heavy)
+    """)
+    env = {**os.environ, "CIRCUITDIFF_CACHE": str(fixture_cache)}
+    env.pop("CIRCUITDIFF_READ_ONLY", None)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "HEAVY []" in done.stdout
+
+
+# --- Figure builders ------------------------------------------------------------------------------
+
+def _means(graph: ResidualGraph, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shape = (graph.n_src, graph.n_dst)
+    mask = graph.real_edge_mask
+    return {"base_abs": np.where(mask, rng.uniform(0.1, 1.0, shape), 0.0),
+            "post_abs": np.where(mask, rng.uniform(0.1, 1.0, shape), 0.0),
+            "base_signed": np.where(mask, rng.normal(size=shape), 0.0),
+            "post_signed": np.where(mask, rng.normal(size=shape), 0.0)}
+
+
+def test_top_edges_ranks_by_change_or_strength():
+    graph = ResidualGraph(3, "qkv")
+    means = _means(graph)
+    src, dst = np.nonzero(graph.real_edge_mask)
+    change = np.abs(means["post_abs"] - means["base_abs"])[src, dst]
+    strength = np.maximum(means["post_abs"], means["base_abs"])[src, dst]
+    for by, score in (("change", change), ("strength", strength)):
+        top = figures.top_edges(graph, means, 7, by)
+        expected = np.argsort(-score, kind="stable")[:7]
+        assert list(top["edge"]) == [graph.edge_names[i] for i in expected]
+    top = figures.top_edges(graph, means, 3, "change")
+    row = top.iloc[0]
+    s, d = graph.src_index(row["src"]), graph.dst_index(row["dst"])
+    assert row["rel_change"] == pytest.approx((means["post_abs"][s, d] - means["base_abs"][s, d])
+                                              / means["base_abs"][s, d])
+    with pytest.raises(ValueError, match="by="):
+        figures.top_edges(graph, means, 3, "size")
+
+
+def test_circuit_figure_uses_one_layout_for_both_models():
+    graph = ResidualGraph(4, "qkv")
+    edges = figures.top_edges(graph, _means(graph), 12, "change")
+    fig = figures.circuit_figure(graph, edges, "base", "post", highlight=edges["edge"].iloc[0])
+    nodes = [t for t in fig.data if t.mode == "markers+text"]
+    assert len(nodes) == 2
+    assert list(nodes[0].x) == list(nodes[1].x) and list(nodes[0].y) == list(nodes[1].y)
+    assert list(nodes[0].text) == list(nodes[1].text)
+    highlighted = [t for t in fig.data if t.line is not None and t.line.width == 5]
+    assert len(highlighted) == 2  # the selected edge, in both panels
+    layout = figures.layered_layout(graph)
+    assert layout["input"][1] < layout["a0"][1] < layout["m0"][1] < layout["a1"][1]
+    assert layout["logits"][1] > layout["m3"][1]
+
+
+def test_change_heatmap_hover_has_both_models_values():
+    graph = ResidualGraph(2, "module")
+    means = _means(graph)
+    change = np.where(graph.real_edge_mask, 0.5, np.nan)
+    change[0, 0] = 40.0  # one outlier does not set the colour range
+    fig = figures.change_heatmap(graph, change, means, "base-model", "post-model", "ratio")
+    trace = fig.data[0]
+    assert "base-model" in trace.hovertemplate and "post-model" in trace.hovertemplate
+    assert np.asarray(trace.customdata).shape == (graph.n_src, graph.n_dst, 4)
+    assert trace.zmid == 0 and trace.zmax == -trace.zmin and trace.zmax < 40.0
+    assert list(trace.y) == list(graph.src_names) and list(trace.x) == list(graph.dst_names)
+
+
+def test_abs_histogram_counts_fractions_and_reports_zeros():
+    values = {"base": np.array([0.0, 1e-4, 1e-3, 1e-2]), "post": np.array([1e-4, 2e-4])}
+    fig = figures.abs_histogram(values, n_bins=10)
+    base, post = fig.data
+    assert sum(base.y) == pytest.approx(0.75) and sum(post.y) == pytest.approx(1.0)
+    assert "1 zeros not shown" in base.name
+    assert fig.layout.xaxis.type == "log"
+
+
+def test_change_summary_colours_by_the_papers_direction():
+    frame = pd.DataFrame({"cell": ["a", "b"], "change_pct": [5.0, -2.0], "ci_low": [1.0, -4.0],
+                          "ci_high": [9.0, 0.5]})
+    bar = figures.change_summary(frame, "diversity", expected_sign=1).data[0]
+    assert list(bar.x) == ["b", "a"]  # sorted by change
+    assert list(bar.marker.color) == [figures.BASE_COLOR, figures.POST_COLOR]
