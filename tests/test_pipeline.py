@@ -1,0 +1,312 @@
+"""The run pipeline end to end on a tiny random Llama pair with a local tokenizer and a tiny JSONL set.
+
+Random models do not solve arithmetic, so the dataset's references are written after asking the base
+model (greedy, through the same generation code) what it answers: the test checks the plumbing
+(generation -> grading -> selection -> scoring -> cache), not the models. The post model is the base
+plus small weight noise, so it agrees with the base on some questions and not on others.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core import jobs, pipeline
+from core.__main__ import main
+from core.datasets import DatasetError, reference_from_record
+from core.generation import finish_answer, generate_greedy
+from core.grading import extract_answer
+from core.models import ModelSpec, TokenizerMismatchError, load_causal_lm
+from core.query import ResultCache
+from core.selection import NoJointlyCorrectError
+from core.settings import SelectionSettings
+from core.store import TABLES, Store, fetch_one
+from core.synthetic import build_tiny_model, tiny_tokenizer
+from core.templates import get_template
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_NEW = 12
+SELECTION = SelectionSettings(n=6, beta=0.0, gamma=10.0, delta=2.0)
+ALPHAS = (0.1, 0.5)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    tokenizer = tiny_tokenizer()
+    build_tiny_model(root / "base", tokenizer, seed=0)
+    build_tiny_model(root / "post", tokenizer, seed=1, perturb_from=root / "base", perturbation=0.003)
+    build_tiny_model(root / "other", tiny_tokenizer(extra_words=("extra",)), seed=2)
+    questions = [f"What is {a} plus {b}" for a in range(4) for b in range(3)]
+    template = get_template("deepseek-math")
+    prompts = [template.render(q, tokenizer)[1] for q in questions]
+    base = load_causal_lm(str(root / "base"))
+    answers = generate_greedy(base, tokenizer, prompts, MAX_NEW, template.stop_strings)
+    references = [extract_answer(tokenizer.decode(a, skip_special_tokens=True)) for a in answers]
+    assert all(references), "the tiny base model should end its answers with a digit"
+    with open(root / "data.jsonl", "w") as f:
+        for i, (q, r) in enumerate(zip(questions, references)):
+            f.write(json.dumps({"id": f"q{i}", "question": q, "answer": r}) + "\n")
+    with open(root / "unsolvable.jsonl", "w") as f:
+        for i, q in enumerate(questions[:4]):
+            f.write(json.dumps({"id": f"u{i}", "question": q, "answer": "no such answer"}) + "\n")
+    config = root / "pairs.toml"
+    config.write_text(f"""
+[pairs.tiny]
+base = {{ path = "{root / 'base'}", label = "tiny-base" }}
+post = {{ path = "{root / 'post'}", label = "tiny-post", algorithm = "GRPO" }}
+template = "deepseek-math"
+max_new_tokens = {MAX_NEW}
+
+[pairs.mismatch]
+base = {{ path = "{root / 'base'}", label = "tiny-base" }}
+post = {{ path = "{root / 'other'}", label = "other", algorithm = "PPO" }}
+template = "deepseek-math"
+max_new_tokens = {MAX_NEW}
+
+[datasets.tiny]
+jsonl = "{root / 'data.jsonl'}"
+
+[datasets.unsolvable]
+jsonl = "{root / 'unsolvable.jsonl'}"
+""")
+    return root
+
+
+def request(world, cache_name, **changes):
+    fields = dict(pair="tiny", dataset="tiny", alphas=ALPHAS, selection=SELECTION,
+                  cache=str(world / cache_name), config=str(world / "pairs.toml"))
+    fields.update(changes)
+    return pipeline.RunRequest(**fields)
+
+
+def quiet(text):
+    pass
+
+
+def cache_contents(path):
+    """Everything a run stored that does not depend on when or how fast it ran."""
+    with Store(path).read() as con:
+        generations = con.execute("SELECT generation_key, prompt_ids, answer_ids, answer_text, "
+                                  "finish_reason FROM generations ORDER BY 1").fetchall()
+        grades = con.execute("SELECT generation_key, extracted, correct FROM grades ORDER BY 1").fetchall()
+        runs = con.execute("SELECT run_key, n_selected, t_bar, selection_report FROM runs").fetchall()
+        samples = con.execute("SELECT * FROM run_samples ORDER BY ALL").fetchall()
+        alphas = con.execute("SELECT * FROM run_alphas ORDER BY ALL").fetchall()
+        scores = con.execute("SELECT generation_key, t_cut, loss, n_scored_tokens, scored_text, n_edges, "
+                             "vector_id FROM scores ORDER BY 1, 2").fetchall()
+        vectors = {(g, t): v for g, t, *_, n, v in scores}
+        matrix = {key: vec for key, vec in zip(
+            vectors, _fetch(con, scores[0][5], list(vectors.values())))}
+        metric_rows = con.execute("SELECT post_label, alpha, comparison FROM metrics ORDER BY 1, 2").fetchall()
+    return {"generations": generations, "grades": grades, "runs": runs, "samples": samples,
+            "alphas": alphas, "scores": [s[:5] for s in scores], "vectors": matrix,
+            "metrics": metric_rows}
+
+
+def _fetch(con, n_edges, ids):
+    from core.store import fetch_vectors
+
+    return fetch_vectors(con, n_edges, ids)
+
+
+def test_end_to_end_run_fills_every_table_and_the_query_layer_reads_it(world):
+    summary = pipeline.run(request(world, "full.duckdb"), log=quiet)
+    path = world / "full.duckdb"
+    with Store(path).read() as con:
+        counts = {t: fetch_one(con, f"SELECT count(*) FROM {t}")[0] for t in TABLES}
+    assert all(n > 0 for n in counts.values()), counts
+    assert counts["generations"] == 24 and counts["grades"] == 24
+    n = summary.selection["n_selected"]
+    assert 1 <= n <= 6
+    assert counts["scores"] == n * 2 * len(ALPHAS)
+    assert summary.done == {"generate": 24, "grade": 24, "select": 0, "score": n * 2 * len(ALPHAS),
+                            "metrics": len(ALPHAS)}
+    cache = ResultCache.open(path)
+    run = cache.runs().iloc[0]
+    assert (run.pair, run.dataset, run.post_label, run.alphas) == ("tiny", "tiny", "tiny-post", list(ALPHAS))
+    assert run.n_layers == 2
+    matrices, ids = cache.sample_matrices(run.run_key, 0.5, "tiny-post")
+    assert matrices.shape == (n, 5, 9) and np.isfinite(matrices).all() and np.abs(matrices).sum() > 0
+    samples = cache.samples(run.run_key, 0.5)
+    assert samples["base_correct"].all() and samples["post_correct"].all()
+    assert (samples["t_cut"] == summary.t_cuts[0.5]).all()
+    assert len(cache.metric_table()) == len(ALPHAS) * 6
+    # The stored ids are exactly what generation produced: they decode to the stored texts.
+    tokenizer = tiny_tokenizer()
+    with Store(path).read() as con:
+        for ids_, text in con.execute("SELECT answer_ids, answer_text FROM generations").fetchall():
+            assert tokenizer.decode(ids_, skip_special_tokens=True) == text
+
+
+def test_second_run_does_no_model_work(world, monkeypatch):
+    pipeline.run(request(world, "rerun.duckdb"), log=quiet)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a complete rerun must not load a model")
+    monkeypatch.setattr(ModelSpec, "load", no_loading)
+    began = time.perf_counter()
+    summary = pipeline.run(request(world, "rerun.duckdb"), log=quiet)
+    assert summary.models_loaded == 0
+    assert set(summary.done.values()) == {0}
+    assert time.perf_counter() - began < 30
+
+
+def test_extra_alpha_scores_only_the_new_cut(world):
+    pipeline.run(request(world, "extend.duckdb", alphas=(0.5,)), log=quiet)
+    summary = pipeline.run(request(world, "extend.duckdb", alphas=(0.1, 0.5)), log=quiet)
+    assert summary.done["generate"] == 0
+    assert summary.done["score"] == summary.selection["n_selected"] * 2
+    run = ResultCache.open(world / "extend.duckdb").runs().iloc[0]
+    assert run.alphas == [0.1, 0.5]
+
+
+KILL_DURING_SCORING = """
+import json, os, signal, sys
+from core import pipeline
+request = pipeline.RunRequest.from_dict(json.loads(sys.argv[1]))
+def progress(stage, done, total):
+    # Called after a scoring batch is computed and before it is committed: the third batch dies.
+    if stage.startswith("score") and done == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+pipeline.run(request, progress=progress, log=lambda text: None)
+"""
+
+
+def test_run_killed_mid_scoring_resumes_to_the_same_cache(world):
+    killed = request(world, "killed.duckdb")
+    process = subprocess.run([sys.executable, "-c", KILL_DURING_SCORING, json.dumps(killed.as_dict())],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    with Store(killed.cache).read() as con:
+        assert fetch_one(con, "SELECT count(*) FROM scores")[0] == 2  # batches 1 and 2 committed
+    resumed = pipeline.run(killed, log=quiet)
+    assert resumed.done["generate"] == 0 and resumed.done["grade"] == 0
+    total = resumed.selection["n_selected"] * 2 * len(ALPHAS)
+    assert resumed.done["score"] == total - 2
+
+    pipeline.run(request(world, "uninterrupted.duckdb"), log=quiet)
+    a, b = cache_contents(killed.cache), cache_contents(world / "uninterrupted.duckdb")
+    for part in ("generations", "grades", "runs", "samples", "alphas"):
+        assert a[part] == b[part], part
+    assert [s[:2] + s[3:] for s in a["scores"]] == [s[:2] + s[3:] for s in b["scores"]]
+    np.testing.assert_allclose([s[2] for s in a["scores"]], [s[2] for s in b["scores"]], rtol=1e-6)
+    assert a["vectors"].keys() == b["vectors"].keys()
+    for key in a["vectors"]:
+        np.testing.assert_allclose(a["vectors"][key], b["vectors"][key], rtol=1e-5, atol=1e-9)
+    assert [m[:2] for m in a["metrics"]] == [m[:2] for m in b["metrics"]]
+
+
+def test_unknown_pair_and_dataset_are_clear_errors(world):
+    with pytest.raises(pipeline.ConfigError, match="unknown pair or series 'nope'.*known pairs"):
+        pipeline.run(request(world, "errors.duckdb", pair="nope"), log=quiet)
+    with pytest.raises(DatasetError, match="unknown dataset 'nope'.*known"):
+        pipeline.run(request(world, "errors.duckdb", dataset="nope"), log=quiet)
+
+
+def test_mismatched_tokenizers_are_refused(world):
+    with pytest.raises(TokenizerMismatchError, match="'tiny-base' and 'other' have different tokenizers"):
+        pipeline.run(request(world, "errors.duckdb", pair="mismatch"), log=quiet)
+
+
+def test_no_jointly_correct_question_is_a_clear_error(world):
+    with pytest.raises(NoJointlyCorrectError, match="no question of 4 was answered correctly"):
+        pipeline.run(request(world, "errors.duckdb", dataset="unsolvable"), log=quiet)
+
+
+def test_cli_run_ls_export_import(world, tmp_path, capsys):
+    cache = str(world / "cli.duckdb")
+    common = ["--config", str(world / "pairs.toml"), "--cache", cache]
+    assert main(["run", "--pair", "tiny", "--dataset", "tiny", "--alpha", "0.1", "0.5", "--n", "6",
+                 "--beta", "0", "--gamma", "10", "--delta", "2", *common]) == 0
+    assert main(["ls", "--cache", cache]) == 0
+    listing = capsys.readouterr().out
+    run_key = ResultCache.open(cache).runs().iloc[0].run_key
+    assert run_key in listing and "tiny-base -> tiny-post" in listing
+    assert main(["export", "--cache", cache, "--run", run_key, "--out", str(tmp_path / "export")]) == 0
+    imported = str(tmp_path / "laptop.duckdb")
+    assert main(["import", str(tmp_path / "export"), "--cache", imported]) == 0
+    source, copy = ResultCache.open(cache), ResultCache.open(imported)
+    for alpha in ALPHAS:
+        for model in ("base", "tiny-post"):
+            a, ids_a = source.sample_matrices(run_key, alpha, model)
+            b, ids_b = copy.sample_matrices(run_key, alpha, model)
+            assert ids_a == ids_b
+            np.testing.assert_array_equal(a, b)
+    assert copy.metric_table().equals(source.metric_table())
+    assert main(["run", "--pair", "nope", "--dataset", "tiny", *common]) == 2
+    assert "unknown pair or series 'nope'" in capsys.readouterr().err
+
+
+def wait_for(job_id, cache, states, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = jobs.status(job_id, cache)
+        if status.state in states:
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} stayed {jobs.status(job_id, cache)}")
+
+
+def test_jobs_run_detached_report_progress_and_refuse_a_second_writer(world):
+    req = request(world, "jobs.duckdb")
+    estimate = jobs.estimate(req)
+    assert estimate["missing"]["generate"] == 24 and estimate["seconds"] > 0
+    job_id = jobs.start(req)
+    with pytest.raises(jobs.JobConflictError, match="still"):
+        jobs.start(req)
+    status = wait_for(job_id, req.cache, ("done", "failed"))
+    assert status.state == "done", (status.message, Path(status.log_path).read_text())
+    assert status.request == req and status.stage.startswith("score")
+    assert ResultCache.open(req.cache).runs().iloc[0].pair == "tiny"
+    assert jobs.estimate(req)["missing"] == {"generate": 0, "grade": 0, "select": 0, "score": 0,
+                                             "metrics": 0}
+    assert [j.job_id for j in jobs.list_jobs(req.cache)] == [job_id]
+    with Store(req.cache).writer_lock():
+        with pytest.raises(jobs.JobConflictError, match="writer lock"):
+            jobs.start(request(world, "jobs.duckdb", alphas=(0.3,)))
+
+
+def test_failed_and_cancelled_jobs(world):
+    bad = request(world, "jobs2.duckdb", pair="nope")
+    failed = wait_for(jobs.start(bad), bad.cache, ("done", "failed", "cancelled"))
+    assert failed.state == "failed" and "unknown pair or series 'nope'" in failed.message
+    req = request(world, "jobs2.duckdb")
+    job_id = jobs.start(req)
+    cancelled = jobs.cancel(job_id, req.cache)
+    assert cancelled.state == "cancelled"
+    with pytest.raises(ProcessLookupError):
+        os.kill(cancelled.pid, 0)
+
+
+def test_harness_reference_layouts():
+    assert reference_from_record({"question": "q", "answer": "Natalia sold 48/2 = 24 clips.\n#### 72"}) == "72"
+    assert reference_from_record({"problem": "p", "solution": "so $\\boxed{\\frac{1}{\\sqrt{2}}}$."}) \
+        == "\\frac{1}{\\sqrt{2}}"
+
+
+def test_answers_end_before_eos_and_stop_strings():
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer("5 plus 3 User: What is", add_special_tokens=False)["input_ids"]
+    cut = finish_answer(ids, tokenizer, {tokenizer.eos_token_id}, ("User:",))
+    assert tokenizer.decode(list(cut.answer_ids)) == "5 plus 3" and cut.finish_reason == "stop"
+    eos = finish_answer(ids[:2] + [tokenizer.eos_token_id] + ids[2:], tokenizer,
+                        {tokenizer.eos_token_id}, ("User:",))
+    assert eos.answer_ids == tuple(ids[:2]) and eos.finish_reason == "eos"
+    assert finish_answer(ids[:3], tokenizer, {tokenizer.eos_token_id}).finish_reason == "length"
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(world):
+    tokenizer = tiny_tokenizer()
+    model = load_causal_lm(str(world / "post"))
+    template = get_template("deepseek-math")
+    prompts = [template.render(q, tokenizer)[1] for q in ("What is 1 plus 2", "What is so", "3")]
+    batched = generate_greedy(model, tokenizer, prompts, MAX_NEW, template.stop_strings, batch_size=3)
+    single = [generate_greedy(model, tokenizer, [p], MAX_NEW, template.stop_strings)[0] for p in prompts]
+    assert batched == single
