@@ -358,6 +358,11 @@ class _Runner:
             str(alpha): sum(min(self.answer_lengths[q]) < cut for q in selection.question_ids)
             for alpha, cut in self.t_cuts.items()}
         with self.store.write() as con:
+            is_new = fetch_one(con, "SELECT count(*) FROM runs WHERE run_key = ?", [self.run_key])[0] == 0
+            new_alphas = [a for a in self.t_cuts if fetch_one(
+                con, "SELECT count(*) FROM run_alphas WHERE run_key = ? AND alpha = ?",
+                [self.run_key, a])[0] == 0]
+            self.done["select"] += int(is_new or bool(new_alphas))
             self.store.insert_rows(con, "runs", [{
                 "run_key": self.run_key, "name": self.pair.name, "kind": self.pair.kind,
                 "dataset_key": self.dataset.key, "dataset_name": self.dataset.name,

@@ -126,7 +126,8 @@ def test_end_to_end_run_fills_every_table_and_the_query_layer_reads_it(world):
     n = summary.selection["n_selected"]
     assert 1 <= n <= 6
     assert counts["scores"] == n * 2 * len(ALPHAS)
-    assert summary.done == {"generate": 24, "grade": 24, "select": 0, "score": n * 2 * len(ALPHAS),
+    assert summary.done == {"generate": 24, "grade": 24, "select": 1,
+                            "score": n * 2 * len(ALPHAS),
                             "metrics": len(ALPHAS)}
     cache = ResultCache.open(path)
     run = cache.runs().iloc[0]
@@ -310,3 +311,60 @@ def test_batched_left_padded_generation_equals_one_at_a_time(world):
     batched = generate_greedy(model, tokenizer, prompts, MAX_NEW, template.stop_strings, batch_size=3)
     single = [generate_greedy(model, tokenizer, [p], MAX_NEW, template.stop_strings)[0] for p in prompts]
     assert batched == single
+
+
+def test_lora_adapter_spec_merges_into_its_base_and_has_its_own_fingerprint(world, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base_spec = ModelSpec("local", str(world / "base"))
+    torch.manual_seed(0)
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(world / "base"),
+                                LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    spec = ModelSpec.from_config({"adapter": str(tmp_path / "adapter"),
+                                  "base": {"path": str(world / "base")}})
+    merged = spec.load()
+    ids = torch.tensor([[1, 5, 9, 14, 20]])
+    with torch.no_grad():
+        expected = peft_model.eval()(ids).logits
+        plain = load_causal_lm(str(world / "base"))(ids).logits
+    np.testing.assert_allclose(merged(ids).logits.detach().numpy(), expected.numpy(), atol=1e-5)
+    assert not torch.allclose(plain, expected, atol=1e-4)  # the adapter changes the model
+    assert spec.fingerprint() != base_spec.fingerprint()
+    assert spec.load_tokenizer().get_vocab() == tiny_tokenizer().get_vocab()
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "adapter_config.json").write_text("{}")
+    (tmp_path / "pickled" / "adapter_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="only safetensors adapters"):
+        ModelSpec("adapter", str(tmp_path / "pickled"), base=base_spec).load()
+
+
+def test_fingerprint_follows_the_weights_not_the_name(world, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(world / "base", copy)
+    assert ModelSpec("local", str(copy)).fingerprint() == ModelSpec("local", str(world / "base")).fingerprint()
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert ModelSpec("local", str(copy)).fingerprint() != ModelSpec("local", str(world / "base")).fingerprint()
+
+
+def test_hub_dataset_path_reads_a_local_dataset_folder(tmp_path):
+    from core.datasets import read_hub
+
+    folder = tmp_path / "hubish"
+    folder.mkdir()
+    (folder / "test.jsonl").write_text(
+        json.dumps({"problem": "1+1?", "answer": "2", "unique_id": "a"}) + "\n"
+        + json.dumps({"problem": "2+2?", "answer": "4", "unique_id": "b"}) + "\n")
+    dataset = read_hub(str(folder), "local", split="test", question_field="problem",
+                       answer_field="answer", id_field="unique_id")
+    assert [(q.id, q.question, q.reference) for q in dataset.questions] == [("a", "1+1?", "2"),
+                                                                            ("b", "2+2?", "4")]
+    assert dataset.head(1).key != dataset.key

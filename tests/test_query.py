@@ -151,3 +151,38 @@ def test_memoised_answers_are_refreshed_after_a_write(tmp_path):
         con.execute("DELETE FROM run_models WHERE run_key = ? AND role = 'post'", [pair_key])
     assert len(cache.runs()) == 2
     assert isinstance(cache.runs(), pd.DataFrame)
+
+
+SYNTHETIC_WRITER = """
+import sys
+from core.synthetic import build_synthetic_cache
+build_synthetic_cache(sys.argv[1], n_pairs=3, n_datasets=2, alphas=(0.1, 0.3), n_samples=12,
+                      layer_counts=(3, 4, 2))
+"""
+
+
+def test_queries_work_while_another_process_writes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "busy.duckdb"
+    writer = subprocess.Popen([sys.executable, "-c", SYNTHETIC_WRITER, str(path)],
+                              cwd=Path(__file__).resolve().parent.parent, stderr=subprocess.PIPE,
+                              text=True)
+    cache = ResultCache.open(path)
+    states = set()
+    try:
+        while writer.poll() is None:
+            runs = cache.runs()
+            states.add(len(runs))
+            for row in runs.itertuples():
+                for alpha in row.alphas:
+                    base, ids = cache.sample_matrices(row.run_key, alpha, "base")
+                    post, post_ids = cache.sample_matrices(row.run_key, alpha, row.post_label)
+                    assert ids == post_ids and base.shape == post.shape
+    finally:
+        writer.wait(timeout=120)
+    assert writer.returncode == 0, writer.stderr.read()
+    assert len(states) > 1, "the reader never ran while the writer was writing"
+    assert len(cache.runs()) == 6
