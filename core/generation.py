@@ -14,7 +14,6 @@ from typing import ClassVar
 
 from core.settings import DTYPES, Settings, setting
 
-FINISH_REASONS = ("eos", "stop", "length")
 BACKENDS = ("hf", "vllm")
 
 
@@ -37,7 +36,7 @@ class GenerationSettings(Settings):
 @dataclasses.dataclass(frozen=True)
 class Generation:
     answer_ids: tuple[int, ...]
-    # Why the answer ended: EOS token, a stop string, or the token limit.
+    # Why the answer ended: "eos", "stop" (a stop string) or "length" (the token limit).
     finish_reason: str
 
 

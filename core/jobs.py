@@ -22,7 +22,6 @@ from typing import Any
 from core.pipeline import RunRequest
 from core.store import REPO_ROOT, Store
 
-STATES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 # Popen objects of jobs started by this process, so finished children are reaped (a zombie would
 # still look alive to os.kill(pid, 0)).
@@ -35,6 +34,8 @@ class JobConflictError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class JobStatus:
+    """state: queued | running | done | failed | cancelled."""
+
     job_id: str
     request: RunRequest
     state: str

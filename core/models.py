@@ -97,14 +97,6 @@ class ModelSpec:
             return cls("local", local(entry["path"]))
         raise ValueError(f"model entry {entry} names no model: give `hub`, `path` or `adapter`")
 
-    @classmethod
-    def parse(cls, text: str) -> "ModelSpec":
-        """From the command line: an existing folder, else a hub id (`org/name[@revision]`)."""
-        if os.path.isdir(text):
-            return cls("local", str(Path(text).resolve()))
-        name, _, revision = text.partition("@")
-        return cls("hub", name, revision=revision or None)
-
     def describe(self) -> dict:
         """JSON-able identity of the spec (without its content fingerprint)."""
         out: dict = {"kind": self.kind, "path": self.path}

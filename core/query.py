@@ -329,25 +329,26 @@ class ResultCache:
 
     @_public
     def metric_table(self, settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
-        """All runs x post models x alphas x metrics, with the change's % and its interval."""
+        """All runs x post models x alphas x metrics, with the change's % and its interval, and n,
+        the questions it is computed on (fewer than selected while a run is being computed)."""
         from core import metrics
 
         def compute() -> pd.DataFrame:
-            parts = []
+            entries, keys = [], []
             for run in self.runs().itertuples():
                 for alpha in run.alphas:
                     try:
                         comparison = self.comparison(run.run_key, alpha, settings, run.post_label)
                     except ValueError:
                         continue  # nothing complete yet at this alpha
-                    part = metrics.grid_table([(run.pair, run.dataset, alpha, comparison)])
-                    part["run_key"], part["post_label"] = run.run_key, run.post_label
-                    parts.append(part)
-            if not parts:
-                return pd.DataFrame(columns=list(METRIC_TABLE_COLUMNS))
-            table = pd.concat(parts, ignore_index=True).rename(
+                    entries.append((run.pair, run.dataset, alpha, comparison))
+                    keys += [(run.run_key, run.post_label, comparison.n_samples)] * len(comparison.metrics)
+            if not entries:
+                return pd.DataFrame(columns=list(METRIC_TABLE_COLUMNS) + ["ci_excludes_zero", "n"])
+            table = metrics.grid_table(entries).rename(
                 columns={"change_pct_low": "ci_low", "change_pct_high": "ci_high"})
-            return table[list(METRIC_TABLE_COLUMNS) + ["ci_excludes_zero"]]
+            table["run_key"], table["post_label"], table["n"] = zip(*keys)
+            return table[list(METRIC_TABLE_COLUMNS) + ["ci_excludes_zero", "n"]]
         return self._cached(("metric_table", settings.key()), compute)
 
     @_public

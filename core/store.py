@@ -327,10 +327,6 @@ class Store:
             con.unregister("_incoming")
 
 
-def table_names() -> tuple[str, ...]:
-    return tuple(TABLES)
-
-
 def vector_table(n_edges: int) -> str:
     """Name of the table of edge vectors of length n_edges (an identifier built from an int)."""
     return f"edge_vectors_{int(n_edges)}"
