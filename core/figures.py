@@ -86,27 +86,22 @@ def mean_heatmaps(graph: ResidualGraph, base_abs: np.ndarray, post_abs: np.ndarr
     return fig
 
 
-def _log_bins(values: list[np.ndarray], n_bins: int) -> np.ndarray:
-    positive = np.concatenate([v[v > 0] for v in values])
-    if positive.size == 0:
-        return np.array([1e-12, 1.0])
-    low, high = float(positive.min()), float(positive.max())
-    if high <= low:
-        high = low * 10
-    return np.logspace(np.log10(low), np.log10(high), n_bins + 1)
-
-
 def abs_histogram(abs_values: dict[str, np.ndarray], *, n_bins: int = 80,
                   colors: dict[str, str] | None = None) -> go.Figure:
     """Histograms of pooled |W| (one array per model) on log-spaced bins, as fractions of each
     model's values; zeros cannot sit on a log axis and are counted in the legend instead."""
     colors = colors or {}
-    edges = _log_bins(list(abs_values.values()), n_bins)
-    centres = np.sqrt(edges[:-1] * edges[1:])
+    # Equal-width bins of log10 |W| (numpy's fast path for uniform bins) = log-spaced bins of |W|.
+    logs = {label: np.log10(values[values > 0]) for label, values in abs_values.items()}
+    pooled = np.concatenate(list(logs.values()))
+    low, high = (float(pooled.min()), float(pooled.max())) if pooled.size else (-12.0, 0.0)
+    high = high if high > low else low + 1.0
+    edges = np.linspace(low, high, n_bins + 1)
+    centres = 10 ** ((edges[:-1] + edges[1:]) / 2)
     fig = go.Figure()
     for i, (label, values) in enumerate(abs_values.items()):
-        counts, _ = np.histogram(values[values > 0], bins=edges)
-        zeros = int((values == 0).sum())
+        counts, _ = np.histogram(logs[label], bins=n_bins, range=(low, high))
+        zeros = int(values.size - logs[label].size)
         name = label if zeros == 0 else f"{label} ({zeros} zeros not shown)"
         fig.add_trace(go.Scatter(
             x=centres, y=counts / max(values.size, 1), mode="lines", line_shape="hvh", name=name,

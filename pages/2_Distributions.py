@@ -3,7 +3,6 @@ per-sample metrics across the run's alphas with their bootstrap intervals."""
 
 import math
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -22,13 +21,12 @@ if sel is not None:
         st.stop()
     colors = {sel.base_label: figures.BASE_COLOR, sel.post_label: figures.POST_COLOR}
     st.subheader(f"|W| over real edges and samples, alpha {sel.alpha:g}")
-    pooled = {sel.base_label: np.abs(graph.edges(base)).ravel(),
-              sel.post_label: np.abs(graph.edges(post)).ravel()}
+    histogram, ecdf = _shared.abs_distribution_figures(sel)
     left, right = st.columns(2)
     with left:
-        _shared.plot(figures.abs_histogram(pooled, colors=colors), "abs_w_histogram", sel)
+        _shared.plot(histogram, "abs_w_histogram", sel)
     with right:
-        _shared.plot(figures.ecdf(pooled, colors=colors), "abs_w_ecdf", sel)
+        _shared.plot(ecdf, "abs_w_ecdf", sel)
     st.caption(f"{len(ids)} questions × {graph.n_edges} real edges per model. Structural zeros "
                f"(non-edges) are left out here; the metrics' `flatten` convention decides whether "
                f"they count there.")

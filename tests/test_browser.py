@@ -185,3 +185,28 @@ def test_read_only_mode_hides_compute(browser, cache_file, tmp_path):
         assert _page_links(browser) == [title for title in PAGES.values() if title != "Compute"]
     finally:
         app.stop()
+
+
+def _luminance(css_color: str) -> float:
+    """Relative luminance (0 black .. 1 white) of an `rgb(...)`/`rgba(...)` CSS colour."""
+    r, g, b = (int(float(v)) / 255 for v in css_color[css_color.index("(") + 1:-1].split(",")[:3])
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def test_dark_theme_follows_the_system_setting(browser, cache_file, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    app = Dashboard(cache_file, tmp_path / "dashboard.log")
+    try:
+        for scheme, dark in (("dark", True), ("light", False)):
+            browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {
+                "features": [{"name": "prefers-color-scheme", "value": scheme}]})
+            assert open_page(browser, f"{app.url}/Edge_heatmap", "Edge heatmap") == []
+            root = browser.find_element(By.CSS_SELECTOR, '[data-testid="stApp"]')
+            background = _luminance(root.value_of_css_property("background-color"))
+            text = _luminance(browser.find_element(By.CSS_SELECTOR, "h1").value_of_css_property("color"))
+            assert (background < 0.2 < 0.7 < text) if dark else (text < 0.3 < 0.8 < background)
+            _save(browser, f"page_edge_heatmap_{scheme}", tmp_path)
+    finally:
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+        app.stop()

@@ -126,14 +126,19 @@ def significant_edges(sel: "Selection") -> pd.DataFrame:
                        sel.post_label, sel.granularity, sel.metrics)
 
 
+def cache_version() -> tuple:
+    """Changes with any commit to the cache file (a file stat, no query): the key of views over all
+    runs, where asking every run for its content key would cost a query per run."""
+    return cache().store.version_token()
+
+
 @st.cache_data(max_entries=8, show_spinner="Computing the metrics of every cached run ...")
-def _metric_table(path: str, keys: tuple[str, ...], settings: MetricSettings) -> pd.DataFrame:
+def _metric_table(path: str, version: tuple, settings: MetricSettings) -> pd.DataFrame:
     return _result_cache(path).metric_table(settings)
 
 
 def metric_table(settings: MetricSettings) -> pd.DataFrame:
-    keys = tuple(content_key(k) for k in dict.fromkeys(runs()["run_key"]))
-    return _metric_table(str(cache().path), keys, settings)
+    return _metric_table(str(cache().path), cache_version(), settings)
 
 
 @st.cache_data(max_entries=32, show_spinner="Reading the samples ...")
@@ -397,7 +402,7 @@ def table(frame: pd.DataFrame, name: str, *, data: pd.DataFrame | None = None, *
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
-def _diversity_summary(path: str, keys: tuple[str, ...], settings: MetricSettings) -> pd.DataFrame:
+def _diversity_summary(path: str, version: tuple, settings: MetricSettings) -> pd.DataFrame:
     from core import metrics
 
     result = _result_cache(path)
@@ -414,20 +419,46 @@ def _diversity_summary(path: str, keys: tuple[str, ...], settings: MetricSetting
 
 def diversity_summary(settings: MetricSettings) -> pd.DataFrame:
     """Figure-3a counts per (pair: post model) and over all cells."""
-    keys = tuple(content_key(k) for k in dict.fromkeys(runs()["run_key"]))
-    return _diversity_summary(str(cache().path), keys, settings)
+    return _diversity_summary(str(cache().path), cache_version(), settings)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _per_sample(path: str, key: str, run_key: str, alpha: float, post_label: str, granularity: str,
+                settings: MetricSettings) -> pd.DataFrame:
+    from core.metrics import per_sample_metrics
+
+    graph, base, post, ids = _view_matrices(path, key, run_key, alpha, post_label, granularity)
+    frame = pd.DataFrame({"question_id": ids})
+    if len(ids) >= 2:
+        for side, scores in (("base", base), ("post", post)):
+            for name, values in per_sample_metrics(scores, graph, settings).items():
+                frame[f"{side}_{name}"] = values
+    return frame
 
 
 def per_sample(sel: Selection, alpha: float | None = None) -> pd.DataFrame:
     """Per-sample metrics of both models at the view's granularity and the sidebar's conventions:
     question_id, then base_<metric> and post_<metric> for intensity, kurtosis, edge_entropy and
     output_entropy (the metrics that have one value per sample)."""
-    from core.metrics import per_sample_metrics
+    alpha = sel.alpha if alpha is None else alpha
+    return _per_sample(str(cache().path), content_key(sel.run_key), sel.run_key, alpha,
+                       sel.post_label, sel.granularity, sel.metrics)
 
-    graph, base, post, ids = view_matrices(sel, alpha)
-    frame = pd.DataFrame({"question_id": ids})
-    if len(ids) >= 2:
-        for side, scores in (("base", base), ("post", post)):
-            for name, values in per_sample_metrics(scores, graph, sel.metrics).items():
-                frame[f"{side}_{name}"] = values
-    return frame
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _abs_distribution_figures(path: str, key: str, run_key: str, alpha: float, post_label: str,
+                              granularity: str, base_label: str):
+    from core import figures
+
+    graph, base, post, _ = _view_matrices(path, key, run_key, alpha, post_label, granularity)
+    pooled = {base_label: np.abs(graph.edges(base)).ravel(),
+              post_label: np.abs(graph.edges(post)).ravel()}
+    colors = {base_label: figures.BASE_COLOR, post_label: figures.POST_COLOR}
+    return figures.abs_histogram(pooled, colors=colors), figures.ecdf(pooled, colors=colors)
+
+
+def abs_distribution_figures(sel: Selection):
+    """Histogram and ECDF of |W| over real edges and samples, both models; built once per view
+    (plotly figures of 2 x n x n_edges values take a while to build)."""
+    return _abs_distribution_figures(str(cache().path), content_key(sel.run_key), sel.run_key,
+                                     sel.alpha, sel.post_label, sel.granularity, sel.base_label)
