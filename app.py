@@ -11,6 +11,7 @@ none imports a model library.
 
 import math
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -63,25 +64,28 @@ if sel is not None:
     for metric in grid.columns:
         colors[metric] = [f"color: {DIRECTION_COLORS[d]}" if d in DIRECTION_COLORS else ""
                           for d in direction[metric].to_numpy()]
-    styled = frame.style.apply(lambda _: colors, axis=None)
+    styled = frame.style.apply(lambda _: colors, axis=None).format({"alpha": "{:g}"})
     _shared.table(styled, "metric_table", data=long, hide_index=True)
     st.caption(f"{long['run_key'].nunique()} run(s), {len(grid)} (run, post model, alpha) cells; "
                f"metric conventions key {sel.metrics.key()} (sidebar → Metric conventions).")
 
     st.subheader("Inter-sample diversity (Figure 3a)")
-    diversity = table[table["metric"] == "diversity"].assign(
-        cell=lambda d: d["pair"] + " · " + d["post_label"] + " · " + d["dataset"] + " · α="
-        + d["alpha"].map(lambda a: f"{a:g}"))
+    diversity = table[table["metric"] == "diversity"]
+    # A cell is named by pair, dataset and alpha; the post model too where a run has several.
+    series = diversity.groupby("run_key")["post_label"].transform("nunique") > 1
+    diversity = diversity.assign(cell=diversity["pair"]
+                                 + np.where(series, " · " + diversity["post_label"], "")
+                                 + " · " + diversity["dataset"] + " · α="
+                                 + diversity["alpha"].map(lambda a: f"{a:g}"))
     summary = _shared.diversity_summary(sel.metrics)
     overall = summary[summary["pair"] == "all"].iloc[0]
     st.markdown(f"Diversity rose after post-training in **{overall['rose']} of {overall['cells']}** "
                 f"cells ({overall['rose_ci_above_zero']} with the interval above 0), mean change "
                 f"**{overall['mean_change_pct']:+.1f}%**. The paper: higher after RL in 39 of 41 "
                 f"cells, +7.6% on average.")
-    left, right = st.columns([3, 2])
-    with left:
-        _shared.plot(figures.change_summary(diversity, "diversity",
-                                            expected_sign=PAPER_DIRECTION["diversity"]),
-                     "diversity_change", sel)
-    with right:
-        _shared.table(summary, "diversity_summary", hide_index=True)
+    _shared.plot(figures.change_summary(diversity, "diversity",
+                                        expected_sign=PAPER_DIRECTION["diversity"]),
+                 "diversity_change", sel)
+    st.caption("One bar per cell, sorted: orange where diversity rose (as the paper reports for RL), "
+               "blue where it fell; whiskers: the change's bootstrap interval.")
+    _shared.table(summary, "diversity_summary", hide_index=True)

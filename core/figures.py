@@ -19,6 +19,8 @@ POST_COLOR = "#F58518"
 # Diverging, centred at 0 (white), readable on both themes: blue = weaker after post-training.
 DIVERGING = "RdBu_r"
 SEQUENTIAL = "Viridis"
+# Above the plot, so it never covers the x-axis title.
+TOP_LEGEND = {"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "left", "x": 0.0}
 
 def symmetric_range(values: np.ndarray, quantile: float = 0.99) -> float:
     """Half-width of a colour range centred at 0 that covers `quantile` of the finite |values|, so a
@@ -108,8 +110,8 @@ def abs_histogram(abs_values: dict[str, np.ndarray], *, n_bins: int = 80,
             line={"color": colors.get(label, _default_color(i)), "width": 2},
             hovertemplate="|W| ≈ %{x:.3g}<br>fraction %{y:.4f}<extra>" + label + "</extra>"))
     fig.update_layout(xaxis={"type": "log", "title": "|W| (log scale)"},
-                      yaxis={"title": "fraction of values"}, legend={"orientation": "h"},
-                      margin={"t": 40})
+                      yaxis={"title": "fraction of values"}, legend=TOP_LEGEND,
+                      margin={"t": 70})
     return fig
 
 
@@ -129,7 +131,7 @@ def ecdf(abs_values: dict[str, np.ndarray], *, n_points: int = 400,
             hovertemplate="|W| ≤ %{x:.3g}: %{y:.3f}<extra>" + label + "</extra>"))
     fig.update_layout(xaxis={"type": "log", "title": "|W| (log scale)"},
                       yaxis={"title": "fraction ≤ |W|", "range": [0, 1]},
-                      legend={"orientation": "h"}, margin={"t": 40})
+                      legend=TOP_LEGEND, margin={"t": 70})
     return fig
 
 
@@ -157,7 +159,7 @@ def per_sample_violins(frame: pd.DataFrame, metric: str, *, intervals: pd.DataFr
                 error_y={"type": "data", "symmetric": False,
                          "array": ci["ci_high"] - ci["mean"], "arrayminus": ci["mean"] - ci["ci_low"]}))
     fig.update_layout(violinmode="group", scattermode="group", xaxis={"title": "alpha", "type": "category"},
-                      yaxis={"title": metric}, legend={"orientation": "h"}, margin={"t": 40})
+                      yaxis={"title": metric}, legend=TOP_LEGEND, margin={"t": 70})
     return fig
 
 

@@ -394,6 +394,11 @@ def plot(fig, name: str, sel: Selection | None = None, **kwargs) -> Any:
 
 def table(frame: pd.DataFrame, name: str, *, data: pd.DataFrame | None = None, **kwargs) -> Any:
     """A dataframe (or a Styler of it) with a CSV download of `data` (default: the frame)."""
+    if isinstance(frame, pd.DataFrame) and "column_config" not in kwargs:
+        # Four significant digits: edge scores are ~1e-3, which a fixed 4 decimals would flatten.
+        kwargs["column_config"] = {name: st.column_config.NumberColumn(format="%.4g")
+                                   for name in frame.columns
+                                   if pd.api.types.is_float_dtype(frame[name])}
     shown = st.dataframe(frame, **kwargs)
     source = data if data is not None else (frame.data if hasattr(frame, "data") else frame)
     st.download_button("Download CSV", data=lambda: source.to_csv(index=False), file_name=f"{name}.csv",
