@@ -106,6 +106,16 @@ class ModelSpec:
             out["base"] = self.base.describe()
         return out
 
+    def identity(self) -> dict:
+        """What names the model apart from its content: the hub id of a hub model; nothing for
+        a folder (its files' hash is its identity), so a moved checkout keeps its cache keys."""
+        out: dict = {"kind": self.kind}
+        if self.kind == "hub":
+            out["hub"] = self.path
+        if self.base is not None:
+            out["base"] = self.base.identity()
+        return out
+
     def __str__(self) -> str:
         if self.kind == "adapter":
             return f"{self.base} + adapter {self.path}"

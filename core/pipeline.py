@@ -177,7 +177,8 @@ def get_dataset(name: str, config: dict[str, Any], limit: int = 0) -> Dataset:
 # --- keys -----------------------------------------------------------------------------------
 
 def model_key(spec: ModelSpec, fingerprint: str) -> str:
-    return stable_hash(["model", spec.describe(), fingerprint])
+    """A model in the cache: its spec's identity plus its content fingerprint (never its label)."""
+    return stable_hash(["model", spec.identity(), fingerprint])
 
 
 def generation_settings_key(pair: PairConfig, max_new_tokens: int,
@@ -278,6 +279,7 @@ class _Runner:
                                         (time.perf_counter() - began) / len(missing), "vllm")
             else:
                 model = self._load(entry, settings.gen_dtype)
+                self.progress(f"generate {entry.label}", 0, len(missing))
                 step = settings.gen_batch_size
                 for start in range(0, len(missing), step):
                     chunk = missing[start:start + step]
@@ -288,7 +290,7 @@ class _Runner:
                     self._store_generations(entry.label, chunk, results,
                                             (time.perf_counter() - chunk_began) / len(chunk), "hf")
                     self.progress(f"generate {entry.label}", start + len(chunk), len(missing))
-                del model
+                _release(model)
             self._timing("generate", len(missing), time.perf_counter() - began)
 
     def _store_generations(self, label: str, question_ids: list[str], results, seconds: float,
@@ -321,6 +323,7 @@ class _Runner:
             return
         began = time.perf_counter()
         rows = []
+        self.progress("grade", 0, len(todo))
         for i, (key, text, reference) in enumerate(todo):
             result = grade(text, reference)
             rows.append({"generation_key": key, "extracted": result.extracted,
@@ -411,6 +414,7 @@ class _Runner:
                     "WHERE list_contains(?, generation_key)", [list(keys.values())]).fetchall()}
             self.log(f"score: {entry.label}: {len(todo)} samples")
             model = self._load(entry, settings.dtype)
+            self.progress(f"score {entry.label}", 0, len(todo))
             began = time.perf_counter()
             for start in range(0, len(todo), settings.batch_size):
                 chunk = todo[start:start + settings.batch_size]
@@ -428,7 +432,7 @@ class _Runner:
                     raise RuntimeError(f"{entry.label} has {result.graph.n_layers} layers, the base "
                                        f"{self.n_layers}: a pair must share one architecture")
                 self._store_scores(entry.label, chunk, samples, result)
-            del model
+            _release(model)
             self._timing("score", len(todo), time.perf_counter() - began)
 
     def _store_scores(self, label, chunk, samples, result) -> None:
@@ -455,6 +459,10 @@ class _Runner:
         with self.store.read() as con:
             have = set(con.execute("SELECT post_label, alpha FROM metrics WHERE run_key = ? AND "
                                    "settings_key = ?", [self.run_key, settings.key()]).fetchall())
+        if self.selection.n_selected < 2:
+            self.log(f"metrics: skipped, they need at least 2 questions and {self.selection.n_selected} "
+                     f"was selected; the scores are stored")
+            return
         graph = cache.graph(self.run_key)
         for entry in self.pair.posts:
             for alpha in self.t_cuts:
@@ -555,6 +563,18 @@ def plan(request: RunRequest) -> dict[str, Any]:
     out["seconds"] = round(missing["generate"] * seconds["generate"]
                            + missing["score"] * seconds["score"], 1)
     return out
+
+
+def _release(model) -> None:
+    """Free a model's memory before the next one is loaded (two 7B models rarely fit together)."""
+    import gc
+
+    import torch
+
+    model.to("meta")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _architecture(spec: ModelSpec) -> tuple[int, str]:

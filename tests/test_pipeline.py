@@ -368,3 +368,13 @@ def test_hub_dataset_path_reads_a_local_dataset_folder(tmp_path):
     assert [(q.id, q.question, q.reference) for q in dataset.questions] == [("a", "1+1?", "2"),
                                                                             ("b", "2+2?", "4")]
     assert dataset.head(1).key != dataset.key
+
+
+def test_a_single_selected_question_is_scored_without_metrics(world):
+    messages = []
+    summary = pipeline.run(request(world, "single.duckdb",
+                                   selection=SelectionSettings(n=1, beta=0.0, gamma=10.0, delta=2.0)),
+                           log=messages.append)
+    assert summary.selection["n_selected"] == 1
+    assert summary.done["score"] == 2 * len(ALPHAS) and summary.done["metrics"] == 0
+    assert any("metrics: skipped" in m for m in messages)
