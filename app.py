@@ -28,8 +28,9 @@ sel = _shared.page_header("Overview")
 if sel is not None:
     table = _shared.metric_table(sel.metrics)
     if table.empty:
-        st.info("The cached runs have no alpha with every model scored yet; come back when a job "
-                "has finished its first alpha (Compute page).")
+        st.info("No cached run has an alpha with 2 or more questions scored for every model yet "
+                "(the metrics compare samples); come back when a job has scored more (Compute "
+                "page).")
         st.stop()
     st.markdown(
         "Each cell: base → post-trained, the change in % and its paired-bootstrap interval "

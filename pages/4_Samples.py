@@ -32,7 +32,11 @@ def verdict(correct) -> str:
 
 sel = _shared.page_header("Samples")
 if sel is not None:
-    table = _shared.samples(sel)
+    try:
+        table = _shared.samples(sel)
+    except ValueError as error:  # e.g. too few questions for the per-sample metrics
+        st.warning(f"The samples of this run cannot be shown yet: {error}")
+        st.stop()
     if table.empty:
         st.info(f"No question is scored for both models at alpha {sel.alpha:g} yet.")
         st.stop()
