@@ -109,7 +109,8 @@ def read_hub(repo_id: str, name: str, config: str | None = None, split: str = "t
         rows = datasets.load_dataset(repo_id, config, split=split)
     except Exception as error:  # noqa: BLE001 - network, missing cache, bad config all end here
         raise DatasetError(f"cannot load hub dataset {repo_id!r} (config {config}, split {split}): "
-                           f"{error}. Offline, put a JSONL copy where the config's `jsonl` points.") from error
+                           f"{error}. Offline, put a JSONL copy where the config's `jsonl` "
+                           f"points.") from error
     questions = tuple(question_from_record(dict(row), i, repo_id, **fields) for i, row in enumerate(rows))
     return _checked(Dataset(name, f"hub:{repo_id}:{config or ''}:{split}", questions))
 

@@ -155,7 +155,8 @@ def start(request: RunRequest) -> str:
     store = Store(request.cache)
     for job in list_jobs(request.cache):
         if job.state in ACTIVE:
-            same = "the same run" if job.request == request else f"run {job.request.pair}/{job.request.dataset}"
+            same = ("the same run" if job.request == request
+                    else f"run {job.request.pair}/{job.request.dataset}")
             raise JobConflictError(f"job {job.job_id} ({same}) is still {job.state}; wait for it to "
                                    f"finish or cancel it before starting another")
     if store.writer_active():

@@ -400,23 +400,15 @@ class ResultCache:
                                  AND s.score_key = $score_key
                     WHERE rs.run_key = $run_key
                     ORDER BY rs.position""", params).df()
-            sides = {}
-            for side, label in (("base", base), ("post", post)):
-                part = table[table["label"] == label].set_index("question_id")
-                sides[side] = part
-            b, p = sides["base"], sides["post"]
-            out = pd.DataFrame({
-                "question_id": b.index, "question": b["question"].to_numpy(),
-                "reference": b["reference"].to_numpy(),
-                "base_text": b["answer_text"].to_numpy(), "post_text": p.loc[b.index, "answer_text"].to_numpy(),
-                "base_correct": b["correct"].to_numpy(), "post_correct": p.loc[b.index, "correct"].to_numpy(),
-                "base_answer": b["extracted"].to_numpy(), "post_answer": p.loc[b.index, "extracted"].to_numpy(),
-                "base_answer_len": b["answer_len"].to_numpy(),
-                "post_answer_len": p.loc[b.index, "answer_len"].to_numpy(),
-                "t_cut": b["t_cut"].to_numpy(),
-                "base_truncated_text": b["scored_text"].to_numpy(),
-                "post_truncated_text": p.loc[b.index, "scored_text"].to_numpy(),
-                "base_loss": b["loss"].to_numpy(), "post_loss": p.loc[b.index, "loss"].to_numpy()})
+            b = table[table["label"] == base].set_index("question_id")
+            p = table[table["label"] == post].set_index("question_id").loc[b.index]
+            out = pd.DataFrame({"question_id": b.index, "question": b["question"].to_numpy(),
+                                "reference": b["reference"].to_numpy(), "t_cut": b["t_cut"].to_numpy()})
+            for name, column in (("text", "answer_text"), ("correct", "correct"),
+                                 ("answer", "extracted"), ("answer_len", "answer_len"),
+                                 ("finish_reason", "finish_reason"), ("truncated_text", "scored_text"),
+                                 ("loss", "loss")):
+                out[f"base_{name}"], out[f"post_{name}"] = b[column].to_numpy(), p[column].to_numpy()
             graph = self.graph(run_key)
             for side, model in (("base", "base"), ("post", post)):
                 edges, ids = self.sample_edges(run_key, alpha, model)

@@ -41,9 +41,9 @@ def build_synthetic_cache(path, n_pairs: int = 4, n_datasets: int = 3,
         for d in range(n_datasets):
             dataset = _write_dataset(store, DATASET_NAMES[d], n_questions=n_samples * 2, rng=rng)
             for p in range(n_pairs):
-                keys.append(_write_run(store, PAIR_NAMES[p], ALGORITHMS[p], [f"synthetic-{PAIR_NAMES[p]}-post"],
-                                       dataset, alphas, n_samples, layer_counts[p], rng,
-                                       metric_settings))
+                keys.append(_write_run(store, PAIR_NAMES[p], ALGORITHMS[p],
+                                       [f"synthetic-{PAIR_NAMES[p]}-post"], dataset, alphas,
+                                       n_samples, layer_counts[p], rng, metric_settings))
     return keys
 
 
