@@ -22,7 +22,7 @@ from streamlit.testing.v1 import AppTest
 from core import figures, jobs
 from core.graph import ResidualGraph
 from core.pipeline import RunRequest
-from core.synthetic import build_fixture_cache
+from core.synthetic import build_fixture_cache, build_synthetic_cache
 
 REPO = Path(__file__).resolve().parent.parent
 APP = str(REPO / "app.py")
@@ -211,6 +211,26 @@ def test_a_link_that_does_not_fit_the_cache_falls_back(monkeypatch, fixture_cach
     assert at.sidebar.selectbox(key="sel.pair").value == "fixture-pair"
     assert at.sidebar.selectbox(key="sel.alpha").value == 0.1
     assert any("histogram_bins" in w.value for w in at.warning)
+
+
+def test_runs_of_one_pair_and_dataset_are_told_apart(monkeypatch, tmp_path):
+    from core.query import ResultCache
+
+    cache = tmp_path / "two-runs.duckdb"
+    for seed in (0, 1):  # other questions, so another run of the same pair and dataset
+        build_synthetic_cache(cache, n_pairs=1, n_datasets=1, alphas=(0.1,), n_samples=4,
+                              layer_counts=(2,), seed=seed)
+    first, second = ResultCache.open(cache).runs()["run_key"]
+    at = open_app(monkeypatch, cache)
+    assert_clean(at, "Overview")
+    assert len(at.sidebar.selectbox(key="sel.run").options) == 2
+    assert dict(at.query_params)["run"] == first
+    # A link to the second run opens it, and keeps naming it page after page.
+    link = {**dict(at.query_params), "run": second}
+    again = open_app(monkeypatch, cache, "pages/4_Samples.py", query=link)
+    assert_clean(again, "Samples")
+    assert again.sidebar.selectbox(key="sel.run").value == second
+    assert dict(again.query_params)["run"] == second
 
 
 # --- Read-only mode -------------------------------------------------------------------------------

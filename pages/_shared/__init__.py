@@ -286,7 +286,6 @@ def sidebar() -> Selection | None:
     run_key = _choose("Run", "run", run_keys, format_func=described.get,
                       help="runs of this pair and dataset under different selection or score "
                            "settings") if len(run_keys) > 1 else run_keys[0]
-    st.session_state["sel.run"] = run_key
     rows = rows[rows["run_key"] == run_key]
     first = rows.iloc[0]
     post_label = _choose("Post-trained model", "post", list(rows["post_label"]),
