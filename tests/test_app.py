@@ -173,6 +173,16 @@ def test_compute_page_works_on_an_empty_cache(monkeypatch, tmp_path):
     assert any("No job has been started" in c.value for c in at.caption)
 
 
+def test_results_written_while_the_app_runs_appear_without_a_restart(monkeypatch, tmp_path):
+    cache = tmp_path / "grows.duckdb"
+    at = open_app(monkeypatch, cache)
+    assert "holds no runs" in at.info[0].value
+    build_fixture_cache(cache)  # as a finished job would have written them
+    at.run()
+    assert_clean(at, "Overview")
+    assert len(at.dataframe[0].value) == CELLS
+
+
 # --- Query string ---------------------------------------------------------------------------------
 
 def test_query_string_round_trip(monkeypatch, fixture_cache):
