@@ -16,6 +16,7 @@ import contextlib
 import functools
 import json
 import math
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,14 +57,17 @@ def _public(method):
 
 
 class ResultCache:
-    """Read access to one cache file. Missing file = empty cache."""
+    """Read access to one cache file. Missing file = empty cache.
+
+    Safe to share between threads (a dashboard serves several sessions from one instance): each
+    thread has its own connection; the memo is shared."""
 
     def __init__(self, store: Store):
         self.store = store
         self._memo: dict[tuple, Any] = {}
         self._memo_token: tuple | None = None
-        self._con = None
-        self._stack: contextlib.ExitStack | None = None
+        self._memo_lock = threading.Lock()
+        self._local = threading.local()  # per thread: con, stack
 
     @classmethod
     def open(cls, path: str | Path | None = None) -> "ResultCache":
@@ -77,35 +81,41 @@ class ResultCache:
 
     def _cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
         token = self.store.version_token()
-        if token != self._memo_token:
-            self._memo.clear()
-            self._memo_token = token
-        if key not in self._memo:
-            with self._session():
-                self._memo[key] = compute()
-        return self._memo[key]
+        with self._memo_lock:
+            if token != self._memo_token:
+                self._memo = {}
+                self._memo_token = token
+            memo = self._memo
+        if key in memo:
+            return memo[key]
+        with self._session():
+            value = compute()
+        memo[key] = value
+        return value
 
     @contextlib.contextmanager
     def _session(self):
         """Scope of one public call: the first read opens a read-only connection, which every
         nested read shares until the call returns (opening the file is the largest fixed cost of a
         query, and a call served from memory opens nothing)."""
-        outer = self._stack is None
+        local = self._local
+        outer = getattr(local, "stack", None) is None
         if outer:
-            self._stack = contextlib.ExitStack()
+            local.stack, local.con = contextlib.ExitStack(), None
         try:
             yield
         finally:
             if outer:
-                stack, self._stack, self._con = self._stack, None, None
+                stack, local.stack, local.con = local.stack, None, None
                 stack.close()
 
     @contextlib.contextmanager
     def _read(self):
         with self._session():
-            if self._con is None:
-                self._con = self._stack.enter_context(self.store.read())
-            yield self._con
+            local = self._local
+            if local.con is None:
+                local.con = local.stack.enter_context(self.store.read())
+            yield local.con
 
     def _sql(self, sql: str, params: Any = None) -> pd.DataFrame:
         with self._read() as con:

@@ -26,6 +26,7 @@ import functools
 import os
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,15 +139,22 @@ class Store:
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path is not None else default_cache_path()
         self.lock_path = Path(str(self.path) + ".writer.lock")
+        self.version_path = Path(str(self.path) + ".version")
         self._schema_checked = False
 
     def exists(self) -> bool:
         return self.path.exists()
 
     def version_token(self) -> tuple:
-        """Changes whenever a transaction commits (the WAL or the main file changes), without
-        opening the database: what in-process memoisation keys on."""
-        token = []
+        """Changes whenever a transaction commits, without opening the database: what in-process
+        memoisation keys on. Every commit rewrites `<cache>.version` (file times alone can miss two
+        quick commits that leave the file sizes unchanged); the file stats also cover a writer killed
+        between its commit and that rewrite."""
+        token: list = []
+        try:
+            token.append(self.version_path.read_text())
+        except FileNotFoundError:
+            token.append(None)
         for file in (self.path, Path(str(self.path) + ".wal")):
             try:
                 stat = file.stat()
@@ -154,6 +162,11 @@ class Store:
             except FileNotFoundError:
                 token.append(None)
         return tuple(token)
+
+    def _bump_version(self) -> None:
+        temporary = self.version_path.with_name(f".{self.version_path.name}.{os.getpid()}")
+        temporary.write_text(uuid.uuid4().hex)
+        os.replace(temporary, self.version_path)
 
     # --- connections ------------------------------------------------------------------------
 
@@ -209,6 +222,7 @@ class Store:
                 con.execute("COMMIT")
             finally:
                 con.close()
+            self._bump_version()
 
     @contextlib.contextmanager
     def writer_lock(self, wait: bool = False, timeout: float = OPEN_TIMEOUT_S) -> Iterator[None]:

@@ -186,3 +186,20 @@ def test_queries_work_while_another_process_writes(tmp_path):
     assert writer.returncode == 0, writer.stderr.read()
     assert len(states) > 1, "the reader never ran while the writer was writing"
     assert len(cache.runs()) == 6
+
+
+def test_one_instance_serves_several_threads(fixture):
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, pair_key, series_key = fixture
+    cache = ResultCache.open(path)
+
+    def work(i):
+        key = (pair_key, series_key)[i % 2]
+        fresh = ResultCache.open(path)  # memo-free reference answer
+        matrices, ids = cache.sample_matrices(key, (0.1, 0.3)[i % 3 % 2], "base")
+        expected, expected_ids = fresh.sample_matrices(key, (0.1, 0.3)[i % 3 % 2], "base")
+        return ids == expected_ids and np.array_equal(matrices, expected) and len(cache.runs()) == 3
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert all(pool.map(work, range(24)))
