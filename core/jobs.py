@@ -84,15 +84,21 @@ class JobReporter:
     def __init__(self, job_id: str, cache=None):
         self.path = _status_path(job_id, cache)
         self.stage = ""
-        self.stage_began = time.time()
+        self.stage_began = self.last_write = time.time()
 
     def running(self) -> None:
         write_status(self.path, state="running", pid=os.getpid(), message="")
+
+    # Seconds between status-file writes within a stage (grading calls progress per question).
+    MIN_INTERVAL_S = 0.5
 
     def progress(self, stage: str, done: int, total: int) -> None:
         now = time.time()
         if stage != self.stage:
             self.stage, self.stage_began = stage, now
+        elif done < total and now - self.last_write < self.MIN_INTERVAL_S:
+            return
+        self.last_write = now
         rate = done / (now - self.stage_began) if done and now > self.stage_began else None
         eta = (total - done) / rate if rate else None
         write_status(self.path, stage=stage, done=done, total=total, eta_seconds=eta)
