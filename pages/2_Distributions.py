@@ -36,8 +36,7 @@ if sel is not None:
     alphas = st.multiselect("Alphas", list(sel.alphas), default=list(sel.alphas),
                             format_func=lambda a: f"{a:g}", key="distributions.alphas")
     values, intervals = [], []
-    for alpha in alphas:
-        per_sample = _shared.per_sample(sel, alpha)
+    for alpha, per_sample in _shared.per_sample_by_alpha(sel, tuple(alphas)).items():
         if len(per_sample) < 2:
             continue
         comparison = _shared.comparison(sel, alpha).metrics[metric]

@@ -67,9 +67,8 @@ def content_key(run_key: str) -> str:
 # Cached queries: st.cache_data keyed by the run's content key, so a rerun of the same view costs a
 # dictionary look-up and new data for the run (a job adding samples) produce a new entry.
 
-@st.cache_data(max_entries=48, show_spinner="Reading score matrices ...")
-def _view_matrices(path: str, key: str, run_key: str, alpha: float, post_label: str,
-                   granularity: str) -> tuple[ResidualGraph, np.ndarray, np.ndarray, list[str]]:
+def _load_view(path: str, run_key: str, alpha: float, post_label: str,
+               granularity: str) -> tuple[ResidualGraph, np.ndarray, np.ndarray, list[str]]:
     result = _result_cache(path)
     graph = result.graph(run_key)
     base, ids = result.sample_matrices(run_key, alpha, "base")
@@ -79,6 +78,12 @@ def _view_matrices(path: str, key: str, run_key: str, alpha: float, post_label: 
         base, post = graph.to_module(base), graph.to_module(post)
         graph = ResidualGraph(graph.n_layers, granularity)
     return graph, base, post, ids
+
+
+@st.cache_data(max_entries=48, show_spinner="Reading score matrices ...")
+def _view_matrices(path: str, key: str, run_key: str, alpha: float, post_label: str,
+                   granularity: str) -> tuple[ResidualGraph, np.ndarray, np.ndarray, list[str]]:
+    return _load_view(path, run_key, alpha, post_label, granularity)
 
 
 def view_matrices(sel: "Selection", alpha: float | None = None):
@@ -426,18 +431,44 @@ def diversity_summary(settings: MetricSettings) -> pd.DataFrame:
     return _diversity_summary(str(cache().path), cache_version(), settings)
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
-def _per_sample(path: str, key: str, run_key: str, alpha: float, post_label: str, granularity: str,
-                settings: MetricSettings) -> pd.DataFrame:
+def _per_sample_frame(graph: ResidualGraph, base: np.ndarray, post: np.ndarray, ids: list[str],
+                      settings: MetricSettings) -> pd.DataFrame:
     from core.metrics import per_sample_metrics
 
-    graph, base, post, ids = _view_matrices(path, key, run_key, alpha, post_label, granularity)
     frame = pd.DataFrame({"question_id": ids})
     if len(ids) >= 2:
         for side, scores in (("base", base), ("post", post)):
             for name, values in per_sample_metrics(scores, graph, settings).items():
                 frame[f"{side}_{name}"] = values
     return frame
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _per_sample(path: str, key: str, run_key: str, alpha: float, post_label: str, granularity: str,
+                settings: MetricSettings) -> pd.DataFrame:
+    return _per_sample_frame(*_view_matrices(path, key, run_key, alpha, post_label, granularity),
+                             settings)
+
+
+@st.cache_data(max_entries=16, show_spinner="Reading every alpha of the run ...")
+def _per_sample_by_alpha(path: str, key: str, run_key: str, alphas: tuple[float, ...],
+                         post_label: str, granularity: str,
+                         settings: MetricSettings) -> dict[float, pd.DataFrame]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(alpha: float) -> pd.DataFrame:
+        return _per_sample_frame(*_load_view(path, run_key, alpha, post_label, granularity), settings)
+
+    # One thread per alpha: the reads and most of numpy release the GIL, and the query layer keeps
+    # a connection per thread; about 2x faster than one alpha after the other here.
+    with ThreadPoolExecutor(max_workers=max(len(alphas), 1)) as pool:
+        return dict(zip(alphas, pool.map(one, alphas)))
+
+
+def per_sample_by_alpha(sel: Selection, alphas: tuple[float, ...]) -> dict[float, pd.DataFrame]:
+    """`per_sample` at each of `alphas`, read in parallel."""
+    return _per_sample_by_alpha(str(cache().path), content_key(sel.run_key), sel.run_key,
+                                tuple(alphas), sel.post_label, sel.granularity, sel.metrics)
 
 
 def per_sample(sel: Selection, alpha: float | None = None) -> pd.DataFrame:
