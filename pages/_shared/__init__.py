@@ -51,7 +51,7 @@ def empty_cache_message() -> None:
     st.info(f"The result cache **{cache().path}** holds no runs yet. To fill it: `make demo-run` "
             f"(the embedded demo pairs), or pick a pair and dataset on the **Compute** page, or "
             f"`python -m core run ...`. To browse another cache, start the dashboard with "
-            f"`CIRCUITDIFF_CACHE=/path/to/file.duckdb`.", icon="ℹ️")
+            f"`CIRCUITDIFF_CACHE=/path/to/file.duckdb`.", icon=":material/info:")
 
 
 def runs() -> pd.DataFrame:
@@ -164,252 +164,6 @@ def means(base: np.ndarray, post: np.ndarray) -> dict[str, np.ndarray]:
             "base_signed": base.mean(axis=0), "post_signed": post.mean(axis=0)}
 
 
-# --- Settings widgets, generated from the settings dataclasses ------------------------------------
-
-def _parse(text: str, kind: str) -> Any:
-    if kind == "bool":
-        return text.lower() in ("1", "true", "yes", "on")
-    return {"int": int, "float": float}.get(kind, str)(text)
-
-
-def settings_widgets(cls: type[Settings], prefix: str, container=st,
-                     skip: tuple[str, ...] = ()) -> Settings:
-    """One widget per field of a settings class (from `field_specs()`), keyed `prefix.field`; returns
-    the settings, or the defaults with an error shown when the combination is invalid."""
-    values = {}
-    for spec in cls.field_specs():
-        name = spec["name"]
-        if name in skip:
-            continue
-        key = f"{prefix}.{name}"
-        # Re-assigned at every run: the same key on another page is another widget, which takes
-        # its value from here (so a choice survives page switches).
-        st.session_state[key] = st.session_state.get(key, spec["default"])
-        label = name.replace("_", " ")
-        if spec["choices"] is not None:
-            if st.session_state[key] not in spec["choices"]:
-                st.session_state[key] = spec["default"]
-            values[name] = container.selectbox(label, spec["choices"], key=key, help=spec["help"])
-        elif spec["type"] == "bool":
-            values[name] = container.checkbox(label, key=key, help=spec["help"])
-        elif spec["type"] in ("int", "float"):
-            cast = int if spec["type"] == "int" else float
-            low = None if spec["low"] is None or spec["low_open"] else cast(spec["low"])
-            high = None if spec["high"] is None else cast(spec["high"])
-            values[name] = container.number_input(
-                label, min_value=low, max_value=high, key=key, help=spec["help"],
-                step=1 if cast is int else 0.01, format=None if cast is int else "%g")
-        else:
-            values[name] = container.text_input(label, key=key, help=spec["help"])
-    try:
-        return cls(**values)
-    except SettingsError as error:
-        container.error(f"{error} Using the defaults until it is fixed.")
-        return cls()
-
-
-# --- Sidebar selection, kept in the URL's query string --------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Selection:
-    run_key: str
-    pair: str
-    dataset: str
-    base_label: str
-    post_label: str
-    alphas: tuple[float, ...]
-    alpha: float
-    run_granularity: str
-    granularity: str
-    metrics: MetricSettings
-    image_format: str
-
-    @property
-    def title(self) -> str:
-        return (f"{self.pair} · {self.dataset} · {self.base_label} → {self.post_label} · "
-                f"alpha {self.alpha:g} · {self.granularity}")
-
-
-# Query-string names of the sidebar widgets; metric conventions use their field names.
-QUERY_KEYS = ("pair", "dataset", "run", "post", "alpha", "granularity", "image_format")
-IMAGE_FORMATS = ("png", "svg")
-
-
-def _load_query_string() -> None:
-    """Once per browser session: put the link's values into the widgets' state. Values that do not
-    fit the cache are dropped later, where the options are known."""
-    if st.session_state.get("_query_loaded"):
-        return
-    st.session_state["_query_loaded"] = True
-    params = st.query_params
-    for name in QUERY_KEYS:
-        if name in params:
-            st.session_state[f"sel.{name}"] = params[name]
-    for spec in MetricSettings.field_specs():
-        if spec["name"] in params:
-            try:
-                st.session_state[f"metric.{spec['name']}"] = _parse(params[spec["name"]], spec["type"])
-            except ValueError:
-                st.warning(f"The link's {spec['name']}={params[spec['name']]!r} is not a "
-                           f"{spec['type']}; using the default.")
-
-
-def _choose(label: str, name: str, options: list, *, format_func: Callable = str,
-            help: str | None = None, match: Callable[[Any, Any], bool] | None = None):
-    """A sidebar selectbox whose state survives reruns; a stale or linked value that is no longer an
-    option falls back to the first option."""
-    key = f"sel.{name}"
-    current = st.session_state.get(key)
-    match = match or (lambda a, b: str(a) == str(b))
-    found = next((o for o in options if current is not None and match(o, current)), None)
-    st.session_state[key] = found if found is not None else options[0]
-    return st.sidebar.selectbox(label, options, key=key, format_func=format_func, help=help)
-
-
-def _same_alpha(a: float, b: Any) -> bool:
-    try:
-        return math.isclose(float(a), float(b), rel_tol=1e-9)
-    except (TypeError, ValueError):
-        return False
-
-
-def sidebar() -> Selection | None:
-    """The sidebar's selection (None on an empty cache), mirrored into the URL's query string so a
-    link reopens the same view."""
-    _load_query_string()
-    table = runs()
-    if table.empty:
-        st.sidebar.caption(f"Cache: {cache().path} (empty)")
-        return None
-    st.sidebar.header("Selection")
-    pair = _choose("Model pair or series", "pair", sorted(table["pair"].unique()))
-    rows = table[table["pair"] == pair]
-    dataset = _choose("Dataset", "dataset", sorted(rows["dataset"].unique()))
-    rows = rows[rows["dataset"] == dataset]
-    run_keys = list(dict.fromkeys(rows["run_key"]))
-    described = {k: _describe_run(rows[rows["run_key"] == k].iloc[0]) for k in run_keys}
-    run_key = _choose("Run", "run", run_keys, format_func=described.get,
-                      help="runs of this pair and dataset under different selection or score "
-                           "settings") if len(run_keys) > 1 else run_keys[0]
-    rows = rows[rows["run_key"] == run_key]
-    first = rows.iloc[0]
-    post_label = _choose("Post-trained model", "post", list(rows["post_label"]),
-                         format_func=lambda label: f"{label} ({_algorithm(rows, label)})",
-                         help=f"compared with the base model {first['base_label']}")
-    alphas = tuple(float(a) for a in first["alphas"])
-    if not alphas:
-        st.sidebar.warning("This run has no alpha scored yet.")
-        return None
-    alpha = _choose("alpha (fraction of the mean answer length scored)", "alpha", list(alphas),
-                    format_func=lambda a: f"{a:g}", match=_same_alpha)
-    granularities = [first["granularity"]] + (["module"] if first["granularity"] == "qkv" else [])
-    granularity = _choose("Graph granularity", "granularity", granularities,
-                          help="qkv: one slot per q/k/v input of each attention; module: one slot "
-                               "per attention block (the exact sum of its q/k/v slots)")
-    with st.sidebar.expander("Metric conventions"):
-        settings = settings_widgets(MetricSettings, "metric", st)
-    with st.sidebar.expander("Presenting"):
-        image_format = _choose_in(st, "Figure download format (camera button)", "image_format",
-                                  list(IMAGE_FORMATS))
-    selection = Selection(
-        run_key=run_key, pair=pair, dataset=dataset, base_label=first["base_label"],
-        post_label=post_label, alphas=alphas, alpha=alpha, run_granularity=first["granularity"],
-        granularity=granularity, metrics=settings, image_format=image_format)
-    _write_query_string(selection, single_run=len(run_keys) == 1)
-    return selection
-
-
-def _choose_in(container, label: str, name: str, options: list):
-    key = f"sel.{name}"
-    current = st.session_state.get(key)
-    st.session_state[key] = current if current in options else options[0]
-    return container.radio(label, options, key=key, horizontal=True)
-
-
-def _algorithm(rows: pd.DataFrame, label: str) -> str:
-    return str(rows[rows["post_label"] == label]["algorithm"].iloc[0])
-
-
-def _describe_run(row: pd.Series) -> str:
-    selection = row["settings"]["selection"]
-    return (f"{row['run_key'][:8]} · n={row['n_selected']} · {row['granularity']} · "
-            f"seed {selection.get('seed')} · {pd.Timestamp(row['created_at']):%Y-%m-%d %H:%M}")
-
-
-def _write_query_string(sel: Selection, single_run: bool) -> None:
-    params = {"pair": sel.pair, "dataset": sel.dataset, "post": sel.post_label,
-              "alpha": f"{sel.alpha:g}", "granularity": sel.granularity,
-              "image_format": sel.image_format}
-    if not single_run:
-        params["run"] = sel.run_key
-    params.update({name: str(value) for name, value in sel.metrics.as_dict().items()})
-    if dict(st.query_params) != params:
-        st.query_params.from_dict(params)
-
-
-# Every page, in order: (script, label, icon). Streamlit's own list is switched off
-# (client.showSidebarNavigation in .streamlit/config.toml) so that read-only mode can leave out Compute.
-NAVIGATION = (
-    ("app.py", "Overview", ":material/table_chart:"),
-    ("pages/1_Edge_heatmap.py", "Edge heatmap", ":material/grid_on:"),
-    ("pages/2_Distributions.py", "Distributions", ":material/bar_chart:"),
-    ("pages/3_Circuit_graph.py", "Circuit graph", ":material/account_tree:"),
-    ("pages/4_Samples.py", "Samples", ":material/article:"),
-    ("pages/5_Compute.py", "Compute", ":material/play_circle:"),
-)
-COMPUTE_PAGE = "pages/5_Compute.py"
-
-
-def page_setup(title: str) -> None:
-    """Wide layout, the browser tab's title and the page list in the sidebar."""
-    st.set_page_config(page_title=f"{title} · circuitdiff", page_icon=":material/difference:",
-                       layout="wide")
-    for script, label, icon in NAVIGATION:
-        if script == COMPUTE_PAGE and read_only():
-            continue
-        st.sidebar.page_link(script, label=label, icon=icon)
-    if read_only():
-        st.sidebar.caption("Read-only mode: Compute is hidden.")
-    st.sidebar.divider()
-
-
-def page_header(title: str) -> Selection | None:
-    """Page setup, the sidebar selection and the page title; on an empty cache, says what to do and
-    returns None."""
-    page_setup(title)
-    sel = sidebar()
-    st.title(title)
-    if sel is None:
-        empty_cache_message()
-        return None
-    st.caption(sel.title)
-    return sel
-
-
-# --- Output ---------------------------------------------------------------------------------------
-
-def plot(fig, name: str, sel: Selection | None = None, **kwargs) -> Any:
-    """A plotly figure whose camera button saves `name` as PNG or SVG (sidebar choice)."""
-    fmt = sel.image_format if sel is not None else "png"
-    config = {"displaylogo": False,
-              "toImageButtonOptions": {"format": fmt, "filename": name, "scale": 2}}
-    return st.plotly_chart(fig, config=config, **kwargs)
-
-
-def table(frame: pd.DataFrame, name: str, *, data: pd.DataFrame | None = None, **kwargs) -> Any:
-    """A dataframe (or a Styler of it) with a CSV download of `data` (default: the frame)."""
-    if isinstance(frame, pd.DataFrame) and "column_config" not in kwargs:
-        # Four significant digits: edge scores are ~1e-3, which a fixed 4 decimals would flatten.
-        kwargs["column_config"] = {name: st.column_config.NumberColumn(format="%.4g")
-                                   for name in frame.columns
-                                   if pd.api.types.is_float_dtype(frame[name])}
-    shown = st.dataframe(frame, **kwargs)
-    source = data if data is not None else (frame.data if hasattr(frame, "data") else frame)
-    st.download_button("Download CSV", data=lambda: source.to_csv(index=False), file_name=f"{name}.csv",
-                       mime="text/csv", key=f"csv.{name}", on_click="ignore", icon=":material/download:")
-    return shown
-
-
 @st.cache_data(max_entries=8, show_spinner=False)
 def _diversity_summary(path: str, version: tuple, settings: MetricSettings) -> pd.DataFrame:
     from core import metrics
@@ -497,3 +251,247 @@ def abs_distribution_figures(sel: Selection):
     (plotly figures of 2 x n x n_edges values take a while to build)."""
     return _abs_distribution_figures(str(cache().path), content_key(sel.run_key), sel.run_key,
                                      sel.alpha, sel.post_label, sel.granularity, sel.base_label)
+
+
+# --- Settings widgets, generated from the settings dataclasses ------------------------------------
+
+def _parse(text: str, kind: str) -> Any:
+    if kind == "bool":
+        return text.lower() in ("1", "true", "yes", "on")
+    return {"int": int, "float": float}.get(kind, str)(text)
+
+
+def settings_widgets(cls: type[Settings], prefix: str) -> Settings:
+    """One widget per field of a settings class (from `field_specs()`), keyed `prefix.field`, in the
+    current container; returns the settings, or the defaults with an error shown when the
+    combination is invalid."""
+    values = {}
+    for spec in cls.field_specs():
+        name = spec["name"]
+        key = f"{prefix}.{name}"
+        # Re-assigned at every run: the same key on another page is another widget, which takes
+        # its value from here (so a choice survives page switches).
+        st.session_state[key] = st.session_state.get(key, spec["default"])
+        label = name.replace("_", " ")
+        if spec["choices"] is not None:
+            if st.session_state[key] not in spec["choices"]:
+                st.session_state[key] = spec["default"]
+            values[name] = st.selectbox(label, spec["choices"], key=key, help=spec["help"])
+        elif spec["type"] == "bool":
+            values[name] = st.checkbox(label, key=key, help=spec["help"])
+        elif spec["type"] in ("int", "float"):
+            cast = int if spec["type"] == "int" else float
+            low = None if spec["low"] is None or spec["low_open"] else cast(spec["low"])
+            high = None if spec["high"] is None else cast(spec["high"])
+            values[name] = st.number_input(
+                label, min_value=low, max_value=high, key=key, help=spec["help"],
+                step=1 if cast is int else 0.01, format=None if cast is int else "%g")
+        else:
+            values[name] = st.text_input(label, key=key, help=spec["help"])
+    try:
+        return cls(**values)
+    except SettingsError as error:
+        st.error(f"{error} Using the defaults until it is fixed.")
+        return cls()
+
+
+# --- Sidebar selection, kept in the URL's query string --------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    run_key: str
+    pair: str
+    dataset: str
+    base_label: str
+    post_label: str
+    alphas: tuple[float, ...]
+    alpha: float
+    granularity: str
+    metrics: MetricSettings
+    image_format: str
+
+    @property
+    def title(self) -> str:
+        return (f"{self.pair} · {self.dataset} · {self.base_label} → {self.post_label} · "
+                f"alpha {self.alpha:g} · {self.granularity}")
+
+
+# Query-string names of the sidebar widgets; metric conventions use their field names.
+QUERY_KEYS = ("pair", "dataset", "run", "post", "alpha", "granularity", "image_format")
+IMAGE_FORMATS = ("png", "svg")
+
+
+def _load_query_string() -> None:
+    """Once per browser session: put the link's values into the widgets' state. Values that do not
+    fit the cache are dropped later, where the options are known."""
+    if st.session_state.get("_query_loaded"):
+        return
+    st.session_state["_query_loaded"] = True
+    params = st.query_params
+    for name in QUERY_KEYS:
+        if name in params:
+            st.session_state[f"sel.{name}"] = params[name]
+    for spec in MetricSettings.field_specs():
+        if spec["name"] in params:
+            try:
+                st.session_state[f"metric.{spec['name']}"] = _parse(params[spec["name"]], spec["type"])
+            except ValueError:
+                st.warning(f"The link's {spec['name']}={params[spec['name']]!r} is not a "
+                           f"{spec['type']}; using the default.")
+
+
+def _choose(label: str, name: str, options: list, *, format_func: Callable = str,
+            help: str | None = None, match: Callable[[Any, Any], bool] | None = None):
+    """A sidebar selectbox whose state survives reruns; a stale or linked value that is no longer an
+    option falls back to the first option."""
+    key = f"sel.{name}"
+    current = st.session_state.get(key)
+    match = match or (lambda a, b: str(a) == str(b))
+    found = next((o for o in options if current is not None and match(o, current)), None)
+    st.session_state[key] = found if found is not None else options[0]
+    return st.sidebar.selectbox(label, options, key=key, format_func=format_func, help=help)
+
+
+def _same_alpha(a: float, b: Any) -> bool:
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-9)
+    except (TypeError, ValueError):
+        return False
+
+
+def sidebar() -> Selection | None:
+    """The sidebar's selection (None on an empty cache), mirrored into the URL's query string so a
+    link reopens the same view."""
+    _load_query_string()
+    table = runs()
+    if table.empty:
+        st.sidebar.caption(f"Cache: {cache().path} (empty)")
+        return None
+    st.sidebar.header("Selection")
+    pair = _choose("Model pair or series", "pair", sorted(table["pair"].unique()))
+    rows = table[table["pair"] == pair]
+    dataset = _choose("Dataset", "dataset", sorted(rows["dataset"].unique()))
+    rows = rows[rows["dataset"] == dataset]
+    run_keys = list(dict.fromkeys(rows["run_key"]))
+    described = {k: _describe_run(rows[rows["run_key"] == k].iloc[0]) for k in run_keys}
+    run_key = _choose("Run", "run", run_keys, format_func=described.get,
+                      help="runs of this pair and dataset under different selection or score "
+                           "settings") if len(run_keys) > 1 else run_keys[0]
+    rows = rows[rows["run_key"] == run_key]
+    first = rows.iloc[0]
+    post_label = _choose("Post-trained model", "post", list(rows["post_label"]),
+                         format_func=lambda label: f"{label} ({_algorithm(rows, label)})",
+                         help=f"compared with the base model {first['base_label']}")
+    alphas = tuple(float(a) for a in first["alphas"])
+    if not alphas:
+        st.sidebar.warning("This run has no alpha scored yet.")
+        return None
+    alpha = _choose("alpha (fraction of the mean answer length scored)", "alpha", list(alphas),
+                    format_func=lambda a: f"{a:g}", match=_same_alpha)
+    granularities = [first["granularity"]] + (["module"] if first["granularity"] == "qkv" else [])
+    granularity = _choose("Graph granularity", "granularity", granularities,
+                          help="qkv: one slot per q/k/v input of each attention; module: one slot "
+                               "per attention block (the exact sum of its q/k/v slots)")
+    with st.sidebar.expander("Metric conventions"):
+        settings = settings_widgets(MetricSettings, "metric")
+    with st.sidebar.expander("Presenting"):
+        image_format = _choose_radio("Figure download format (camera button)", "image_format",
+                                     list(IMAGE_FORMATS))
+    selection = Selection(
+        run_key=run_key, pair=pair, dataset=dataset, base_label=first["base_label"],
+        post_label=post_label, alphas=alphas, alpha=alpha, granularity=granularity,
+        metrics=settings, image_format=image_format)
+    _write_query_string(selection, single_run=len(run_keys) == 1)
+    return selection
+
+
+def _choose_radio(label: str, name: str, options: list):
+    """`_choose` as a horizontal radio, in the current container."""
+    key = f"sel.{name}"
+    current = st.session_state.get(key)
+    st.session_state[key] = current if current in options else options[0]
+    return st.radio(label, options, key=key, horizontal=True)
+
+
+def _algorithm(rows: pd.DataFrame, label: str) -> str:
+    return str(rows[rows["post_label"] == label]["algorithm"].iloc[0])
+
+
+def _describe_run(row: pd.Series) -> str:
+    selection = row["settings"]["selection"]
+    return (f"{row['run_key'][:8]} · n={row['n_selected']} · {row['granularity']} · "
+            f"seed {selection.get('seed')} · {pd.Timestamp(row['created_at']):%Y-%m-%d %H:%M}")
+
+
+def _write_query_string(sel: Selection, single_run: bool) -> None:
+    params = {"pair": sel.pair, "dataset": sel.dataset, "post": sel.post_label,
+              "alpha": f"{sel.alpha:g}", "granularity": sel.granularity,
+              "image_format": sel.image_format}
+    if not single_run:
+        params["run"] = sel.run_key
+    params.update({name: str(value) for name, value in sel.metrics.as_dict().items()})
+    if dict(st.query_params) != params:
+        st.query_params.from_dict(params)
+
+
+# Every page, in order: (script, label, icon). Streamlit's own list is switched off
+# (client.showSidebarNavigation in .streamlit/config.toml) so that read-only mode can leave out Compute.
+NAVIGATION = (
+    ("app.py", "Overview", ":material/table_chart:"),
+    ("pages/1_Edge_heatmap.py", "Edge heatmap", ":material/grid_on:"),
+    ("pages/2_Distributions.py", "Distributions", ":material/bar_chart:"),
+    ("pages/3_Circuit_graph.py", "Circuit graph", ":material/account_tree:"),
+    ("pages/4_Samples.py", "Samples", ":material/article:"),
+    ("pages/5_Compute.py", "Compute", ":material/play_circle:"),
+)
+COMPUTE_PAGE = "pages/5_Compute.py"
+
+
+def page_setup(title: str) -> None:
+    """Wide layout, the browser tab's title and the page list in the sidebar."""
+    st.set_page_config(page_title=f"{title} · circuitdiff", page_icon=":material/difference:",
+                       layout="wide")
+    for script, label, icon in NAVIGATION:
+        if script == COMPUTE_PAGE and read_only():
+            continue
+        st.sidebar.page_link(script, label=label, icon=icon)
+    if read_only():
+        st.sidebar.caption("Read-only mode: Compute is hidden.")
+    st.sidebar.divider()
+
+
+def page_header(title: str) -> Selection | None:
+    """Page setup, the sidebar selection and the page title; on an empty cache, says what to do and
+    returns None."""
+    page_setup(title)
+    sel = sidebar()
+    st.title(title)
+    if sel is None:
+        empty_cache_message()
+        return None
+    st.caption(sel.title)
+    return sel
+
+
+# --- Output ---------------------------------------------------------------------------------------
+
+def plot(fig, name: str, sel: Selection | None = None, **kwargs) -> Any:
+    """A plotly figure whose camera button saves `name` as PNG or SVG (sidebar choice)."""
+    fmt = sel.image_format if sel is not None else "png"
+    config = {"displaylogo": False,
+              "toImageButtonOptions": {"format": fmt, "filename": name, "scale": 2}}
+    return st.plotly_chart(fig, config=config, **kwargs)
+
+
+def table(frame: pd.DataFrame, name: str, *, data: pd.DataFrame | None = None, **kwargs) -> Any:
+    """A dataframe (or a Styler of it) with a CSV download of `data` (default: the frame)."""
+    if isinstance(frame, pd.DataFrame) and "column_config" not in kwargs:
+        # Four significant digits: edge scores are ~1e-3, which a fixed 4 decimals would flatten.
+        kwargs["column_config"] = {column: st.column_config.NumberColumn(format="%.4g")
+                                   for column in frame.columns
+                                   if pd.api.types.is_float_dtype(frame[column])}
+    shown = st.dataframe(frame, **kwargs)
+    source = data if data is not None else (frame.data if hasattr(frame, "data") else frame)
+    st.download_button("Download CSV", data=lambda: source.to_csv(index=False), file_name=f"{name}.csv",
+                       mime="text/csv", key=f"csv.{name}", on_click="ignore", icon=":material/download:")
+    return shown
