@@ -31,15 +31,20 @@ from core.store import Store, fetch_one, fetch_vectors, vector_table
 METRIC_TABLE_COLUMNS = ("run_key", "pair", "dataset", "post_label", "alpha", "metric", "base", "post",
                         "change_pct", "ci_low", "ci_high", "direction", "settings_key")
 
-# Questions of a run scored for every one of its models at (t_cut, score_key).
+# (t_cut, question) pairs of a run scored for EVERY one of its models, at any of its T_cuts.
 _COMPLETE_SQL = """
     complete AS (
-        SELECT rs.question_id FROM run_samples rs
-        JOIN scores s ON s.generation_key = rs.generation_key AND s.t_cut = $t_cut
-                     AND s.score_key = $score_key
+        SELECT s.t_cut, rs.question_id FROM run_samples rs
+        JOIN scores s ON s.generation_key = rs.generation_key AND s.score_key = $score_key
         WHERE rs.run_key = $run_key
-        GROUP BY rs.question_id
+          AND s.t_cut IN (SELECT t_cut FROM run_alphas WHERE run_key = $run_key)
+        GROUP BY s.t_cut, rs.question_id
         HAVING count(*) = (SELECT count(*) FROM run_models WHERE run_key = $run_key))
+"""
+# Joins that keep the score rows of complete questions only (`rs` run_samples, `s` scores).
+_JOIN_COMPLETE = """
+    JOIN scores s ON s.generation_key = rs.generation_key AND s.score_key = $score_key
+    JOIN complete c ON c.question_id = rs.question_id AND c.t_cut = s.t_cut
 """
 
 
@@ -227,11 +232,8 @@ class ResultCache:
         with self._read() as con:
             found = con.execute(f"""
                 WITH {_COMPLETE_SQL}
-                SELECT rs.question_id, s.vector_id FROM run_samples rs
-                JOIN complete c ON c.question_id = rs.question_id
-                JOIN scores s ON s.generation_key = rs.generation_key AND s.t_cut = $t_cut
-                             AND s.score_key = $score_key
-                WHERE rs.run_key = $run_key AND rs.label = $label
+                SELECT rs.question_id, s.vector_id FROM run_samples rs {_JOIN_COMPLETE}
+                WHERE rs.run_key = $run_key AND rs.label = $label AND s.t_cut = $t_cut
                 ORDER BY rs.position""", params).fetchall()
             edges = fetch_vectors(con, run["graph"].n_edges, [row[1] for row in found])
         edges.flags.writeable = False
@@ -276,31 +278,26 @@ class ResultCache:
         run = self._run(run_key)
 
         def compute() -> pd.DataFrame:
-            rows = []
             with self._read() as con:
-                for alpha, t_cut in sorted(run["t_cuts"].items()):
-                    params = {"run_key": run_key, "t_cut": int(t_cut), "score_key": run["score_key"],
-                              "labels": [base, post]}
-                    found = con.execute(f"""
-                        WITH {_COMPLETE_SQL}
-                        SELECT rs.label, s.vector_id FROM run_samples rs
-                        JOIN complete c ON c.question_id = rs.question_id
-                        JOIN scores s ON s.generation_key = rs.generation_key AND s.t_cut = $t_cut
-                                     AND s.score_key = $score_key
-                        WHERE rs.run_key = $run_key AND list_contains($labels, rs.label)""",
-                                        params).fetchall()
-                    values = con.execute(
-                        f"SELECT vector_id, edge_scores[$position] FROM {vector_table(graph.n_edges)} "
-                        f"WHERE vector_id IN (SELECT unnest($ids))",
-                        {"position": position + 1, "ids": [r[1] for r in found]}).fetchall()
-                    by_row = dict(values)
-                    for label in (base, post):
-                        picked = np.array([by_row[r] for lab, r in found if lab == label],
-                                          dtype=np.float64)
-                        if len(picked):
-                            rows.append({"alpha": alpha, "model": "base" if label == base else label,
-                                         "mean_abs": float(np.abs(picked).mean()),
-                                         "mean_signed": float(picked.mean()), "n": len(picked)})
+                found = con.execute(f"""
+                    WITH {_COMPLETE_SQL}
+                    SELECT s.t_cut, rs.label, s.vector_id FROM run_samples rs {_JOIN_COMPLETE}
+                    WHERE rs.run_key = $run_key AND list_contains($labels, rs.label)""",
+                                    {"run_key": run_key, "score_key": run["score_key"],
+                                     "labels": [base, post]}).fetchall()
+                value_of = dict(con.execute(
+                    f"SELECT vector_id, edge_scores[$position] FROM {vector_table(graph.n_edges)} "
+                    f"WHERE vector_id IN (SELECT unnest($ids))",
+                    {"position": position + 1, "ids": [r[2] for r in found]}).fetchall())
+            rows = []
+            for alpha, t_cut in sorted(run["t_cuts"].items()):
+                for label in (base, post):
+                    picked = np.array([value_of[v] for t, lab, v in found
+                                       if t == t_cut and lab == label], dtype=np.float64)
+                    if len(picked):
+                        rows.append({"alpha": alpha, "model": "base" if label == base else label,
+                                     "mean_abs": float(np.abs(picked).mean()),
+                                     "mean_signed": float(picked.mean()), "n": len(picked)})
             return pd.DataFrame(rows, columns=["alpha", "model", "mean_abs", "mean_signed", "n"])
         return self._cached(("edge", run_key, src, dst, post), compute)
 
@@ -345,10 +342,13 @@ class ResultCache:
 
         def compute() -> pd.DataFrame:
             entries, keys = [], []
+            stored = self._stored_comparisons(settings.key())
             for run in self.runs().itertuples():
                 for alpha in run.alphas:
+                    comparison = stored.get((run.run_key, run.post_label, float(alpha)))
                     try:
-                        comparison = self.comparison(run.run_key, alpha, settings, run.post_label)
+                        comparison = comparison or self.comparison(run.run_key, alpha, settings,
+                                                                   run.post_label)
                     except ValueError:
                         continue  # nothing complete yet at this alpha
                     entries.append((run.pair, run.dataset, alpha, comparison))
@@ -399,16 +399,13 @@ class ResultCache:
                     SELECT rs.label, rs.position, rs.question_id, q.question, q.reference,
                            g.answer_text, gr.correct, len(g.answer_ids) AS answer_len,
                            g.finish_reason, gr.extracted, s.t_cut, s.scored_text, s.loss
-                    FROM run_samples rs
-                    JOIN complete c ON c.question_id = rs.question_id
+                    FROM run_samples rs {_JOIN_COMPLETE}
                     JOIN runs r ON r.run_key = rs.run_key
                     JOIN generations g ON g.generation_key = rs.generation_key
                     LEFT JOIN grades gr ON gr.generation_key = rs.generation_key
                     JOIN questions q ON q.dataset_key = r.dataset_key
                                     AND q.question_id = rs.question_id
-                    JOIN scores s ON s.generation_key = rs.generation_key AND s.t_cut = $t_cut
-                                 AND s.score_key = $score_key
-                    WHERE rs.run_key = $run_key
+                    WHERE rs.run_key = $run_key AND s.t_cut = $t_cut
                     ORDER BY rs.position""", params).df()
             b = table[table["label"] == base].set_index("question_id")
             p = table[table["label"] == post].set_index("question_id").loc[b.index]
