@@ -4,6 +4,7 @@ cancel it. Finished results show up on the other pages without a restart."""
 
 import datetime as dt
 import json
+import subprocess
 
 import pandas as pd
 import streamlit as st
@@ -59,14 +60,14 @@ except (ValueError, SettingsError) as error:
     st.stop()
 st.caption("Command line equivalent: `python -m core run " + " ".join(request.cli_args()) + "`")
 
-# The estimate reads the models' tokenizers and the dataset, so it runs on demand, not at page load.
+# The estimate reads the models' tokenizers and the dataset: on demand, in a child process.
 request_key = json.dumps(request.as_dict(), sort_keys=True)
 estimate_col, start_col, _ = st.columns([1, 1, 4])
 if estimate_col.button("Estimate cost", icon=":material/calculate:", key="compute.estimate"):
     with st.spinner("Reading tokenizers, the dataset and what the cache already holds ..."):
         try:
-            st.session_state["compute.estimate_result"] = (request_key, jobs.estimate(request))
-        except (ValueError, KeyError, OSError, RuntimeError) as error:
+            st.session_state["compute.estimate_result"] = (request_key, _shared.estimate(request))
+        except (ValueError, OSError, subprocess.TimeoutExpired) as error:
             st.session_state["compute.estimate_result"] = (request_key, {"error": str(error)})
 estimated_key, estimate = st.session_state.get("compute.estimate_result", (None, None))
 if estimate is not None and estimated_key == request_key:

@@ -285,7 +285,9 @@ def test_a_duplicate_job_is_refused_with_a_message(monkeypatch, fixture_cache):
 def test_estimate_is_shown_for_the_current_settings(monkeypatch, fixture_cache):
     plan = {"run_key": "abc", "questions": 40, "models": ["base", "post"], "seconds": 125.0,
             "missing": {"generate": 80, "grade": 80, "select": 1, "score": 16, "metrics": 2}}
-    monkeypatch.setattr(jobs, "estimate", lambda request: plan)
+    from pages import _shared
+
+    monkeypatch.setattr(_shared, "estimate", lambda request: plan)
     at = open_app(monkeypatch, fixture_cache, "pages/5_Compute.py")
     next(b for b in at.button if b.label == "Estimate cost").click().run()
     assert_clean(at, "Compute")
@@ -293,6 +295,33 @@ def test_estimate_is_shown_for_the_current_settings(monkeypatch, fixture_cache):
     assert at.dataframe[0].value.iloc[0].to_dict() == plan["missing"]
     at.multiselect(key="compute.alphas").set_value([0.1]).run()
     assert any("estimate again" in c.value for c in at.caption)
+
+
+def test_the_estimate_runs_in_a_child_process_and_reports_its_error(tmp_path):
+    config = tmp_path / "pairs.toml"
+    config.write_text('[pairs.nowhere]\nbase = { path = "no/such/model", label = "b" }\n'
+                      'post = { path = "no/such/model-2", label = "p" }\n'
+                      'template = "chat-boxed"\nmax_new_tokens = 8\n'
+                      '[datasets.offline]\njsonl = "core/data/offline_math.jsonl"\n')
+    request = RunRequest(pair="nowhere", dataset="offline", alphas=(0.1,),
+                         cache=str(tmp_path / "c.duckdb"), config=str(config))
+    # In a fresh process (this one has torch from conftest): the estimate's error comes back, and
+    # the model libraries it loads stay in its child.
+    script = textwrap.dedent(f"""
+        import sys
+        from core.pipeline import RunRequest
+        from pages import _shared
+        try:
+            _shared.estimate(RunRequest.from_dict({request.as_dict()!r}))
+        except ValueError as error:
+            print("ERROR", error)
+        print("HEAVY", sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ERROR" in done.stdout and "no/such/model" in done.stdout
+    assert "HEAVY []" in done.stdout
 
 
 def test_a_running_job_shows_progress_and_can_be_cancelled(monkeypatch, fixture_cache, tmp_path):

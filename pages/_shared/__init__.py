@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -495,3 +496,29 @@ def table(frame: pd.DataFrame, name: str, *, data: pd.DataFrame | None = None, *
     st.download_button("Download CSV", data=lambda: source.to_csv(index=False), file_name=f"{name}.csv",
                        mime="text/csv", key=f"csv.{name}", on_click="ignore", icon=":material/download:")
     return shown
+
+
+# --- Compute --------------------------------------------------------------------------------------
+
+_ESTIMATE_SCRIPT = """
+import json, sys
+from core import jobs
+from core.pipeline import RunRequest
+print(json.dumps(jobs.estimate(RunRequest.from_dict(json.loads(sys.argv[1])))))
+"""
+
+
+def estimate(request) -> dict[str, Any]:
+    """core.jobs.estimate of a RunRequest, in a child process: it reads the models' tokenizers
+    (transformers), which the dashboard's own process never imports. Raises ValueError with the
+    child's error message."""
+    import json
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _ESTIMATE_SCRIPT, json.dumps(request.as_dict())],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                          timeout=600)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        raise ValueError(lines[-1] if lines else f"the estimate exited with {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
