@@ -55,6 +55,8 @@ class PairConfig:
     posts: tuple[ModelEntry, ...]
     template: str
     max_new_tokens: int
+    # Layer count the config declares (METHOD.md section 7), checked against the model's config.
+    layers: int | None = None
 
     @property
     def models(self) -> tuple[ModelEntry, ...]:
@@ -167,7 +169,8 @@ def get_pair(name: str, config: dict[str, Any]) -> PairConfig:
     labels = [base.label] + [p.label for p in post_entries]
     if len(set(labels)) != len(labels) or "base" in labels:
         raise ConfigError(f"{kind} {name!r}: model labels {labels} must be distinct and not 'base'")
-    return PairConfig(name, kind, base, post_entries, raw["template"], int(raw["max_new_tokens"]))
+    return PairConfig(name, kind, base, post_entries, raw["template"], int(raw["max_new_tokens"]),
+                      raw.get("layers"))
 
 
 def get_dataset(name: str, config: dict[str, Any], limit: int = 0) -> Dataset:
@@ -230,6 +233,10 @@ class _Runner:
         self.prompts = {q.id: self.template.render(q.question, self.tokenizer)[1]
                         for q in self.dataset.questions}
         self.n_layers, self.architecture = _architecture(self.pair.base.spec)
+        if self.pair.layers is not None and self.pair.layers != self.n_layers:
+            raise ConfigError(f"{self.pair.kind} {self.pair.name!r} declares layers = "
+                              f"{self.pair.layers} but {self.pair.base.spec} has {self.n_layers}; "
+                              f"fix the config or point it at the intended model")
 
     def record_inputs(self) -> None:
         created = now()

@@ -64,6 +64,13 @@ post = {{ path = "{root / 'post'}", label = "tiny-post", algorithm = "GRPO" }}
 template = "deepseek-math"
 max_new_tokens = {MAX_NEW}
 
+[pairs.wrong-layers]
+base = {{ path = "{root / 'base'}", label = "tiny-base" }}
+post = {{ path = "{root / 'post'}", label = "tiny-post", algorithm = "GRPO" }}
+template = "deepseek-math"
+max_new_tokens = {MAX_NEW}
+layers = 30
+
 [pairs.mismatch]
 base = {{ path = "{root / 'base'}", label = "tiny-base" }}
 post = {{ path = "{root / 'other'}", label = "other", algorithm = "PPO" }}
@@ -209,6 +216,8 @@ def test_unknown_pair_and_dataset_are_clear_errors(world):
         pipeline.run(request(world, "errors.duckdb", pair="nope"), log=quiet)
     with pytest.raises(DatasetError, match="unknown dataset 'nope'.*known"):
         pipeline.run(request(world, "errors.duckdb", dataset="nope"), log=quiet)
+    with pytest.raises(pipeline.ConfigError, match="declares layers = 30 but .* has 2"):
+        pipeline.run(request(world, "errors.duckdb", pair="wrong-layers"), log=quiet)
 
 
 def test_mismatched_tokenizers_are_refused(world):
