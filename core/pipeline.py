@@ -84,6 +84,10 @@ class RunRequest:
         object.__setattr__(self, "alphas", tuple(sorted({check_alpha(a) for a in self.alphas})))
         if self.limit < 0:
             raise ValueError(f"limit={self.limit} must be 0 (all questions) or positive")
+        # Absolute, so a job started from any working directory writes where it was asked to.
+        for name in ("cache", "config"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, str(Path(getattr(self, name)).resolve()))
 
     def as_dict(self) -> dict[str, Any]:
         return {"pair": self.pair, "dataset": self.dataset, "alphas": list(self.alphas),
