@@ -15,7 +15,7 @@ MEASURE_HELP = {
                   "edges do not blow up as in the ratio",
 }
 
-sel = _shared.page_header("Edge heatmap")
+sel = _shared.page_header("Edge heatmap", links=("heatmap.measure", "heatmap.significant"))
 if sel is not None:
     graph, base, post, ids = _shared.view_matrices(sel)
     if len(ids) < 2:
@@ -23,6 +23,8 @@ if sel is not None:
                 f"the comparison needs 2 or more. Wait for the job to go on, or pick another alpha.")
         st.stop()
     left, middle, right = st.columns([2, 2, 3])
+    _shared.linked("heatmap.measure", EDGE_MEASURES)
+    _shared.linked("heatmap.significant", (True, False), _shared.parse_bool)
     measure = left.radio("Change measure", EDGE_MEASURES, horizontal=True, key="heatmap.measure",
                          format_func=str, help="\n\n".join(f"**{k}**: {v}" for k, v in MEASURE_HELP.items()))
     only_significant = middle.toggle(
@@ -30,6 +32,8 @@ if sel is not None:
         help=f"paired t-test per edge on |W_post| - |W_base| across the {len(ids)} questions, "
              f"Benjamini-Hochberg at FDR {sel.metrics.fdr:g} (sidebar → Metric conventions)")
     right.caption(MEASURE_HELP[measure])
+    _shared.link("heatmap.measure", measure)
+    _shared.link("heatmap.significant", only_significant)
 
     mean = _shared.means(base, post)
     change = edge_change(base, post, graph, measure)

@@ -12,7 +12,7 @@ from pages import _shared
 # The metrics that have one value per sample (complexity and diversity are pooled over samples).
 PER_SAMPLE = ("intensity", "kurtosis", "edge_entropy", "output_entropy")
 
-sel = _shared.page_header("Distributions")
+sel = _shared.page_header("Distributions", links=("distributions.metric",))
 if sel is not None:
     graph, base, post, ids = _shared.view_matrices(sel)
     if len(ids) < 2:
@@ -32,7 +32,9 @@ if sel is not None:
                f"they count there.")
 
     st.subheader("Per-sample metrics across alphas")
+    _shared.linked("distributions.metric", PER_SAMPLE)
     metric = st.selectbox("Metric", PER_SAMPLE, key="distributions.metric")
+    _shared.link("distributions.metric", metric)
     alphas = st.multiselect("Alphas", list(sel.alphas), default=list(sel.alphas),
                             format_func=lambda a: f"{a:g}", key="distributions.alphas")
     values, intervals = [], []

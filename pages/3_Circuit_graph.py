@@ -6,7 +6,7 @@ import streamlit as st
 from core import figures
 from pages import _shared
 
-sel = _shared.page_header("Circuit graph")
+sel = _shared.page_header("Circuit graph", links=("circuit.k", "circuit.by"))
 if sel is not None:
     graph, base, post, ids = _shared.view_matrices(sel)
     if len(ids) < 2:
@@ -14,11 +14,16 @@ if sel is not None:
                 f"the comparison needs 2 or more.")
         st.stop()
     left, right = st.columns(2)
-    k = left.slider("Edges shown (top k)", 5, min(300, graph.n_edges), min(40, graph.n_edges),
-                    key="circuit.k")
+    most = min(300, graph.n_edges)
+    _shared.linked("circuit.k", range(5, most + 1), int)
+    _shared.linked("circuit.by", ("change", "strength"))
+    st.session_state.setdefault("circuit.k", min(40, most))
+    k = left.slider("Edges shown (top k)", 5, most, key="circuit.k")
     by = right.radio("Rank edges by", ("change", "strength"), horizontal=True, key="circuit.by",
                      help="change: |mean|W_post| - mean|W_base||; strength: the larger of the two "
                           "models' mean |W|")
+    _shared.link("circuit.k", k)
+    _shared.link("circuit.by", by)
     edges = figures.top_edges(graph, _shared.means(base, post), k, by)
     tests = _shared.significant_edges(sel)
     edges["significant"] = edges["edge"].isin(set(tests["edge"]))

@@ -30,7 +30,7 @@ def verdict(correct) -> str:
     return ":green[:material/check_circle: correct]" if bool(correct) else ":red[:material/cancel: wrong]"
 
 
-sel = _shared.page_header("Samples")
+sel = _shared.page_header("Samples", links=("samples.question",))
 if sel is not None:
     try:
         table = _shared.samples(sel)
@@ -47,9 +47,11 @@ if sel is not None:
     metric_names = [c for c in metrics.columns if c != "question_id"]
 
     labels = {q: f"{q}: {text[:90]}" for q, text in zip(table["question_id"], table["question"])}
+    _shared.linked("samples.question", list(table["question_id"]))
     question_id = st.selectbox(f"Question ({len(table)} selected for both models)",
                                list(table["question_id"]), format_func=labels.get,
                                key="samples.question")
+    _shared.link("samples.question", question_id)
     row = table[table["question_id"] == question_id].iloc[0]
     st.markdown(f"**Question.** {row['question']}")
     st.markdown(f"**Reference answer:** `{row['reference']}` · scored tokens T_cut = "

@@ -52,10 +52,9 @@ def open_app(monkeypatch, cache: Path, page: str = "app.py", query: dict | None 
     at = AppTest.from_file(APP, default_timeout=120)
     for name, value in (query or {}).items():
         at.query_params[name] = value
-    at.run()
     if page != "app.py":
-        at.switch_page(page).run()
-    return at
+        at.switch_page(page)  # the session opens on that page, as a link to it does
+    return at.run()
 
 
 def assert_clean(at: AppTest, title: str) -> None:
@@ -206,12 +205,35 @@ def test_query_string_round_trip(monkeypatch, fixture_cache):
     assert dict(at.query_params)["alpha"] == "0.1"
     again = open_app(monkeypatch, fixture_cache, "pages/1_Edge_heatmap.py", query=dict(at.query_params))
     assert_clean(again, "Edge heatmap")
-    assert dict(again.query_params) == dict(at.query_params)
+    reopened = {k: v for k, v in dict(again.query_params).items() if not k.startswith("heatmap.")}
+    assert reopened == dict(at.query_params)  # plus the heatmap page's own parameters
     assert again.caption[0].value == at.caption[0].value  # the selection line under the title
     # The selection survives a page switch within the session.
     at.switch_page("pages/3_Circuit_graph.py").run()
     assert at.sidebar.selectbox(key="sel.alpha").value == 0.1
     assert at.sidebar.selectbox(key="metric.kurtosis_of").value == "abs"
+
+
+def test_a_link_reopens_the_page_view_too(monkeypatch, fixture_cache):
+    views = {"pages/1_Edge_heatmap.py": {"heatmap.measure": "normalised",
+                                         "heatmap.significant": "True"},
+             "pages/2_Distributions.py": {"distributions.metric": "kurtosis"},
+             "pages/3_Circuit_graph.py": {"circuit.k": "9", "circuit.by": "strength"},
+             "pages/4_Samples.py": {"samples.question": "fixture-5"}}
+    for page, view in views.items():
+        at = open_app(monkeypatch, fixture_cache, page, query=view)
+        assert_clean(at, PAGES[page])
+        assert not at.warning
+        written = dict(at.query_params)
+        assert {k: written[k] for k in view} == view
+        for key, value in view.items():
+            widget = next(w for w in at.main if getattr(w, "key", None) == key)
+            assert str(widget.value) == value
+        # Another page keeps the selection but not this page's own parameters.
+        at.switch_page("app.py").run()
+        assert not set(view) & set(dict(at.query_params))
+    at = open_app(monkeypatch, fixture_cache, "pages/3_Circuit_graph.py", query={"circuit.k": "9"})
+    assert len(at.dataframe[0].value) == 9
 
 
 def test_a_link_that_does_not_fit_the_cache_falls_back(monkeypatch, fixture_cache):
@@ -221,6 +243,11 @@ def test_a_link_that_does_not_fit_the_cache_falls_back(monkeypatch, fixture_cach
     assert at.sidebar.selectbox(key="sel.pair").value == "fixture-pair"
     assert at.sidebar.selectbox(key="sel.alpha").value == 0.1
     assert any("histogram_bins" in w.value for w in at.warning)
+    at = open_app(monkeypatch, fixture_cache, "pages/3_Circuit_graph.py",
+                  query={"circuit.k": "100000", "circuit.by": "size"})
+    assert_clean(at, "Circuit graph")
+    assert at.slider(key="circuit.k").value == ResidualGraph(2, "qkv").n_edges
+    assert at.radio(key="circuit.by").value == "change"
 
 
 def test_runs_of_one_pair_and_dataset_are_told_apart(monkeypatch, tmp_path):

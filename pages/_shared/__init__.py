@@ -360,9 +360,9 @@ def _same_alpha(a: float, b: Any) -> bool:
         return False
 
 
-def sidebar() -> Selection | None:
+def sidebar(page_keys: tuple[str, ...] = ()) -> Selection | None:
     """The sidebar's selection (None on an empty cache), mirrored into the URL's query string so a
-    link reopens the same view."""
+    link reopens the same view; `page_keys` are the page's own URL parameters, kept there."""
     _load_query_string()
     table = runs()
     if table.empty:
@@ -402,7 +402,7 @@ def sidebar() -> Selection | None:
         run_key=run_key, pair=pair, dataset=dataset, base_label=first["base_label"],
         post_label=post_label, alphas=alphas, alpha=alpha, granularity=granularity,
         metrics=settings, image_format=image_format)
-    _write_query_string(selection, single_run=len(run_keys) == 1)
+    _write_query_string(selection, single_run=len(run_keys) == 1, page_keys=page_keys)
     return selection
 
 
@@ -424,15 +424,45 @@ def _describe_run(row: pd.Series) -> str:
             f"seed {selection.get('seed')} · {pd.Timestamp(row['created_at']):%Y-%m-%d %H:%M}")
 
 
-def _write_query_string(sel: Selection, single_run: bool) -> None:
+def _write_query_string(sel: Selection, single_run: bool, page_keys: tuple[str, ...]) -> None:
+    """The selection into the URL; of the other parameters, only this page's own stay."""
     params = {"pair": sel.pair, "dataset": sel.dataset, "post": sel.post_label,
               "alpha": f"{sel.alpha:g}", "granularity": sel.granularity,
               "image_format": sel.image_format}
     if not single_run:
         params["run"] = sel.run_key
     params.update({name: str(value) for name, value in sel.metrics.as_dict().items()})
+    params.update({key: st.query_params[key] for key in page_keys if key in st.query_params})
     if dict(st.query_params) != params:
         st.query_params.from_dict(params)
+
+
+def parse_bool(text: str) -> bool:
+    return _parse(text, "bool")
+
+
+def linked(key: str, options=None, parse: Callable[[str], Any] = str) -> None:
+    """Before a page widget keyed `key` (one of the page's `page_header(links=...)`): the first time
+    in a session, take its value from the link, if it parses and is one of `options`."""
+    flag = f"_linked.{key}"
+    if st.session_state.get(flag):
+        return
+    st.session_state[flag] = True
+    if key not in st.query_params:
+        return
+    try:
+        value = parse(st.query_params[key])
+    except ValueError:
+        return
+    if options is None or value in options:
+        st.session_state[key] = value
+
+
+def link(key: str, value: Any) -> None:
+    """After a page widget keyed `key`: its value goes into the URL, so a link reopens this view."""
+    text = str(value)
+    if st.query_params.get(key) != text:
+        st.query_params[key] = text
 
 
 # Every page, in order: (script, label, icon). Streamlit's own list is switched off
@@ -461,11 +491,11 @@ def page_setup(title: str) -> None:
     st.sidebar.divider()
 
 
-def page_header(title: str) -> Selection | None:
+def page_header(title: str, links: tuple[str, ...] = ()) -> Selection | None:
     """Page setup, the sidebar selection and the page title; on an empty cache, says what to do and
-    returns None."""
+    returns None. `links`: keys of the page's widgets that the URL keeps (see `linked`, `link`)."""
     page_setup(title)
-    sel = sidebar()
+    sel = sidebar(links)
     st.title(title)
     if sel is None:
         empty_cache_message()
