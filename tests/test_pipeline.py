@@ -42,6 +42,7 @@ def world(tmp_path_factory):
     tokenizer = tiny_tokenizer()
     build_tiny_model(root / "base", tokenizer, seed=0)
     build_tiny_model(root / "post", tokenizer, seed=1, perturb_from=root / "base", perturbation=0.003)
+    build_tiny_model(root / "post2", tokenizer, seed=3, perturb_from=root / "base", perturbation=0.001)
     build_tiny_model(root / "other", tiny_tokenizer(extra_words=("extra",)), seed=2)
     questions = [f"What is {a} plus {b}" for a in range(4) for b in range(3)]
     template = get_template("deepseek-math")
@@ -61,6 +62,15 @@ def world(tmp_path_factory):
 [pairs.tiny]
 base = {{ path = "{root / 'base'}", label = "tiny-base" }}
 post = {{ path = "{root / 'post'}", label = "tiny-post", algorithm = "GRPO" }}
+template = "deepseek-math"
+max_new_tokens = {MAX_NEW}
+
+[series.tiny-series]
+base = {{ path = "{root / 'base'}", label = "tiny-base" }}
+posts = [
+    {{ path = "{root / 'post'}", label = "tiny-post", algorithm = "GRPO" }},
+    {{ path = "{root / 'post2'}", label = "tiny-post2", algorithm = "DPO" }},
+]
 template = "deepseek-math"
 max_new_tokens = {MAX_NEW}
 
@@ -387,3 +397,25 @@ def test_a_single_selected_question_is_scored_without_metrics(world):
     assert summary.selection["n_selected"] == 1
     assert summary.done["score"] == 2 * len(ALPHAS) and summary.done["metrics"] == 0
     assert any("metrics: skipped" in m for m in messages)
+
+
+def test_series_selects_questions_correct_for_every_model_and_shares_work(world):
+    pipeline.run(request(world, "series.duckdb"), log=quiet)  # the pair first, same cache
+    summary = pipeline.run(request(world, "series.duckdb", pair="tiny-series"), log=quiet)
+    # The base and tiny-post generations exist already: only tiny-post2 generates.
+    assert summary.done["generate"] == 12
+    cache = ResultCache.open(world / "series.duckdb")
+    runs = cache.runs()
+    series = runs[runs["pair"] == "tiny-series"]
+    assert sorted(series["post_label"]) == ["tiny-post", "tiny-post2"]
+    key = series.iloc[0].run_key
+    _, base_ids = cache.sample_matrices(key, 0.5, "base")
+    for post in ("tiny-post", "tiny-post2"):
+        assert cache.sample_matrices(key, 0.5, post)[1] == base_ids
+    with Store(world / "series.duckdb").read() as con:
+        correct = dict(con.execute("""
+            SELECT g.question_id, bool_and(gr.correct) FROM generations g JOIN grades gr USING (generation_key)
+            JOIN run_models m ON m.model_key = g.model_key AND m.run_key = ?
+            GROUP BY g.question_id""", [key]).fetchall())
+    assert set(base_ids) <= {q for q, ok in correct.items() if ok}
+    assert len(cache.metric_table().query("run_key == @key")) == 2 * len(ALPHAS) * 6
