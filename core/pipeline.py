@@ -328,7 +328,7 @@ class _Runner:
                 SELECT g.generation_key, g.answer_text, q.reference FROM generations g
                 JOIN questions q ON q.dataset_key = g.dataset_key AND q.question_id = g.question_id
                 LEFT JOIN grades gr ON gr.generation_key = g.generation_key
-                WHERE gr.generation_key IS NULL AND list_contains(?, g.generation_key)""",
+                WHERE gr.generation_key IS NULL AND g.generation_key IN (SELECT unnest(?))""",
                                [keys]).fetchall()
         if not todo:
             return
@@ -350,7 +350,7 @@ class _Runner:
             rows = con.execute("""
                 SELECT g.generation_key, len(g.answer_ids), len(g.prompt_ids), gr.correct
                 FROM generations g JOIN grades gr ON gr.generation_key = g.generation_key
-                WHERE list_contains(?, g.generation_key)""",
+                WHERE g.generation_key IN (SELECT unnest(?))""",
                                [[self._generation_key(e.label, q.id) for e in self.pair.models
                                  for q in self.dataset.questions]]).fetchall()
         by_key = {key: (answer_len, prompt_len, bool(correct))
@@ -415,14 +415,14 @@ class _Runner:
             with self.store.read() as con:
                 have = set(con.execute(
                     "SELECT generation_key, t_cut FROM scores WHERE score_key = ? AND "
-                    "list_contains(?, generation_key)", [settings.key(), list(keys.values())]).fetchall())
+                    "generation_key IN (SELECT unnest(?))", [settings.key(), list(keys.values())]).fetchall())
                 todo = [(alpha, cut, qid) for alpha, cut in self.t_cuts.items()
                         for qid in self.selection.question_ids if (keys[qid], cut) not in have]
                 if not todo:
                     continue
                 generations = {row[0]: row[1:] for row in con.execute(
                     "SELECT generation_key, prompt_ids, answer_ids FROM generations "
-                    "WHERE list_contains(?, generation_key)", [list(keys.values())]).fetchall()}
+                    "WHERE generation_key IN (SELECT unnest(?))", [list(keys.values())]).fetchall()}
             self.log(f"score: {entry.label}: {len(todo)} samples")
             model = self._load(entry, settings.dtype)
             self.progress(f"score {entry.label}", 0, len(todo))
@@ -547,8 +547,8 @@ def plan(request: RunRequest) -> dict[str, Any]:
     else:
         with runner.store.read() as con:
             generated = fetch_one(con, "SELECT count(*), avg(seconds) FROM generations "
-                                       "WHERE list_contains(?, generation_key)", [keys])
-            graded = fetch_one(con, "SELECT count(*) FROM grades WHERE list_contains(?, generation_key)",
+                                       "WHERE generation_key IN (SELECT unnest(?))", [keys])
+            graded = fetch_one(con, "SELECT count(*) FROM grades WHERE generation_key IN (SELECT unnest(?))",
                                [keys])[0]
             run = fetch_one(con, "SELECT t_bar, n_selected FROM runs WHERE run_key = ?",
                             [runner.run_key])
@@ -559,7 +559,7 @@ def plan(request: RunRequest) -> dict[str, Any]:
                              AND s.score_key = ?
                 WHERE rs.run_key = ? AND list_contains(?, a.alpha)""",
                                [request.score.key(), runner.run_key, list(request.alphas)])
-            past = fetch_one(con, "SELECT avg(seconds) FROM scores WHERE list_contains(?, model_key)",
+            past = fetch_one(con, "SELECT avg(seconds) FROM scores WHERE model_key IN (SELECT unnest(?))",
                              [list(runner.model_keys.values())])[0]
             have_metrics = fetch_one(con, "SELECT count(*) FROM metrics WHERE run_key = ? AND "
                                           "settings_key = ? AND list_contains(?, alpha)",

@@ -357,7 +357,7 @@ def insert_scores(con: duckdb.DuckDBPyConnection, rows: list[dict], vectors) -> 
         return
     keys = [(r["generation_key"], int(r["t_cut"]), r["score_key"]) for r in rows]
     existing = set(con.execute(
-        "SELECT generation_key, t_cut, score_key FROM scores WHERE list_contains(?, generation_key)",
+        "SELECT generation_key, t_cut, score_key FROM scores WHERE generation_key IN (SELECT unnest(?))",
         [sorted({k[0] for k in keys})]).fetchall())
     keep = [i for i, k in enumerate(keys) if k not in existing]
     if not keep:
