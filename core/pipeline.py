@@ -30,6 +30,8 @@ from core.store import (REPO_ROOT, Store, code_version, fetch_one, generation_ke
 
 CONFIG_PATH = Path(__file__).resolve().parent / "pairs.toml"
 STAGES = ("generate", "grade", "select", "score", "metrics")
+# Grades committed per transaction (symbolic grading can take seconds per answer).
+GRADE_COMMIT_EVERY = 200
 
 Progress = Callable[[str, int, int], None]
 
@@ -333,17 +335,18 @@ class _Runner:
         if not todo:
             return
         began = time.perf_counter()
-        rows = []
         self.progress("grade", 0, len(todo))
-        for i, (key, text, reference) in enumerate(todo):
-            result = grade(text, reference)
-            rows.append({"generation_key": key, "extracted": result.extracted,
-                         "correct": result.correct, "rule": result.rule, "created_at": now()})
-            self.progress("grade", i + 1, len(todo))
-        with self.store.write() as con:
-            self.store.insert_rows(con, "grades", rows)
-        self.done["grade"] += len(rows)
-        self._timing("grade", len(rows), time.perf_counter() - began)
+        for start in range(0, len(todo), GRADE_COMMIT_EVERY):
+            rows = []
+            for key, text, reference in todo[start:start + GRADE_COMMIT_EVERY]:
+                result = grade(text, reference)
+                rows.append({"generation_key": key, "extracted": result.extracted,
+                             "correct": result.correct, "rule": result.rule, "created_at": now()})
+                self.progress("grade", start + len(rows), len(todo))
+            with self.store.write() as con:
+                self.store.insert_rows(con, "grades", rows)
+            self.done["grade"] += len(rows)
+        self._timing("grade", len(todo), time.perf_counter() - began)
 
     def select(self) -> Selection:
         with self.store.read() as con:
