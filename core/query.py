@@ -198,10 +198,11 @@ class ResultCache:
     def graph(self, run_key: str) -> ResidualGraph:
         return self._run(run_key)["graph"]
 
-    def _label(self, run_key: str, model: str | None, default_post: bool = True) -> str:
+    def _label(self, run_key: str, model: str | None) -> str:
+        """The stored label of `model`: 'base', a label, or None for the first post model."""
         run = self._run(run_key)
         if model is None:
-            return run["posts"][0] if default_post else run["base"]
+            return run["posts"][0]
         if model == "base":
             return run["base"]
         if model == run["base"] or model in run["posts"]:
