@@ -44,11 +44,20 @@ def samples(demo_model):
             for row, p, a in zip(rows, prompts, answers)]
 
 
-def test_adapter_changes_the_base_model(demo_model):
+@pytest.fixture(scope="module")
+def scored(demo_model, samples):
     model, _ = demo_model
-    base = common.model_spec().load(dtype="float64", device="cpu")
+    return score_samples(model, samples, ScoreSettings())  # runs the engine's additivity check
+
+
+def test_adapter_is_merged_into_the_base_weights(demo_model):
+    from safetensors import safe_open
+
+    model, _ = demo_model
     name = "model.layers.0.self_attn.q_proj.weight"
-    merged, original = dict(model.named_parameters())[name], dict(base.named_parameters())[name]
+    with safe_open(str(common.BASE_DIR / "model.safetensors"), "pt") as weights:
+        original = weights.get_tensor(name).to(torch.float64)
+    merged = dict(model.named_parameters())[name]
     assert merged.shape == original.shape
     assert not torch.equal(merged, original), "merging the LoRA adapter left the weights unchanged"
 
@@ -68,23 +77,23 @@ def test_residual_stream_is_the_sum_of_its_sources(demo_model, samples):
     assert torch.allclose(total, final["x"], rtol=1e-10, atol=1e-10 * final["x"].abs().max())
 
 
-def test_scores_are_finite_and_each_slot_sums_to_about_zero(demo_model, samples):
-    model, _ = demo_model
-    result = score_samples(model, samples, ScoreSettings())  # runs the engine's additivity check
+def test_scores_are_finite_and_each_slot_sums_to_about_zero(scored):
+    result = scored
     assert result.scores.shape == (2, 61, 121)
     assert np.isfinite(result.scores).all() and np.isfinite(result.loss).all()
     mask = result.graph.real_edge_mask
     assert int(mask.sum()) == 3691
     for scores in result.scores:
         assert not scores[~mask].any()
-        assert np.abs(scores.sum(axis=0)).max() <= 1e-6 * np.abs(scores).max()
+        # Not exactly 0: the norms' eps makes them not quite scale-invariant (as in test_eap).
+        assert np.abs(scores.sum(axis=0)).max() <= 1e-3 * np.abs(scores).max()
 
 
-def test_edges_equal_finite_differences_of_real_ablation(demo_model, samples):
+def test_edges_equal_finite_differences_of_real_ablation(demo_model, samples, scored):
     model, _ = demo_model
     sample = samples[0]
-    result = score_samples(model, [sample], ScoreSettings())
-    graph, scores = result.graph, result.scores[0]
+    assert scored.sample_ids[0] == sample.id
+    graph, scores = scored.graph, scored.scores[0]
     src, dst = graph.src_names.index, graph.dst_names.index
     chosen = [(src("input"), dst("a0<q>")), (src("a0"), dst("m0")), (src("m5"), dst("a12<k>")),
               (src("a20"), dst("a29<v>")), (src("m29"), dst("logits"))]

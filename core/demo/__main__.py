@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _prepare_base(args) -> int:
@@ -25,9 +26,17 @@ def _train(args) -> int:
     from core.demo import train
 
     if args.algorithm == "grpo":
-        output = train.train_grpo(args.minutes)
-        chosen, _ = train.select_checkpoint(output)
-        train.export_adapter(chosen, "grpo")
+        init = None if args.init_adapter is None else Path(args.init_adapter)
+        train.train_grpo(args.minutes, args.max_steps, init, args.stage)
+        # The best checkpoint by validation accuracy over this and the earlier stages.
+        best = None
+        for stage in range(1, args.stage + 1):
+            chosen, table = train.select_checkpoint(train.grpo_output(stage))
+            accuracy = max(t["validation_accuracy"] for t in table)
+            if best is None or accuracy > best[0]:
+                best = (accuracy, chosen)
+        print(f"chosen GRPO checkpoint: {best[1]} (validation accuracy {best[0]:.3f})")
+        train.export_adapter(best[1], "grpo")
     elif args.algorithm == "dpo":
         train.export_adapter(train.train_dpo(), "dpo")
     else:
@@ -66,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("algorithm", choices=("grpo", "dpo", "sft"))
     p.add_argument("--minutes", type=float, default=40.0,
                    help="GRPO wall-time budget; training stops with a checkpoint after it")
+    p.add_argument("--max-steps", type=int, default=120, help="GRPO step limit")
+    p.add_argument("--stage", type=int, default=1,
+                   help="GRPO stage: 2, 3 ... continue from --init-adapter with a fresh optimizer")
+    p.add_argument("--init-adapter", default=None,
+                   help="GRPO checkpoint of the previous stage to continue from")
     p.set_defaults(handler=_train)
     p = sub.add_parser("evaluate", help="greedy accuracy of the base and each adapter, with standard "
                                         "errors and exact McNemar tests against the base")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -45,10 +44,10 @@ def lora_config():
                       target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
 
 
-def _trainer_args(output_dir: Path) -> dict:
+def _trainer_args(output_dir: Path, learning_rate: float = LEARNING_RATE) -> dict:
     # TRL's defaults (bf16, gradient checkpointing, lr 1e-6) do not suit LoRA on CPU (DEMO_NOTES).
     return dict(output_dir=str(output_dir), use_cpu=True, bf16=False, gradient_checkpointing=False,
-                learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0,
+                learning_rate=learning_rate, lr_scheduler_type="constant", warmup_steps=0,
                 logging_steps=1, report_to="none", seed=SEED, data_seed=SEED, save_only_model=True,
                 dataloader_num_workers=0)
 
@@ -82,11 +81,21 @@ def grpo_reward(completions, completion_ids, answer, eos_id: int, settings=GRPO_
     return rewards
 
 
-def train_grpo(minutes: float, log=print) -> Path:
+def train_grpo(minutes: float, max_steps: int = GRPO_SETTINGS["max_steps"],
+               init_adapter: Path | None = None, stage: int = 1, log=print) -> Path:
+    """GRPO for at most `max_steps` steps or `minutes` of wall time, whichever ends first (the step
+    count reached is recorded in timing.json; `max_steps` reproduces a time-bounded run).
+
+    Stage 2, 3 ... continue from `init_adapter` (a checkpoint of the previous stage) with a fresh
+    optimizer and a different seed, so the prompts come in a new order."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    common.setup_torch(SEED)
+    if (stage > 1) != (init_adapter is not None):
+        raise ValueError("GRPO stage 1 starts from the base model; later stages need --init-adapter "
+                         "(a checkpoint of the previous stage)")
+    seed = SEED + stage - 1
+    common.setup_torch(seed)
     tokenizer = common.load_tokenizer()
     rows = problems.load("train")
     dataset = Dataset.from_list([{"prompt": p, "answer": r["answer"]}
@@ -97,22 +106,31 @@ def train_grpo(minutes: float, log=print) -> Path:
     def reward(completions, completion_ids, answer, **_):
         return grpo_reward(completions, completion_ids, answer, eos_id)
 
-    output = WORK_DIR / "grpo"
+    output = grpo_output(stage)
     config = GRPOConfig(
-        **_trainer_args(output),
+        **{**_trainer_args(output, settings["learning_rate"]), "seed": seed, "data_seed": seed},
         per_device_train_batch_size=settings["prompts_per_step"] * settings["generations"],
         num_generations=settings["generations"], max_completion_length=COMPLETION_TOKENS,
-        temperature=SAMPLE_TEMPERATURE, beta=0.0, max_steps=settings["max_steps"],
+        temperature=SAMPLE_TEMPERATURE, beta=0.0, max_steps=max_steps,
         save_steps=settings["save_steps"], save_strategy="steps", shuffle_dataset=True)
-    config.learning_rate = settings["learning_rate"]
     model = common.load_model()
+    if init_adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
-                          processing_class=tokenizer, peft_config=lora_config(),
+                          processing_class=tokenizer,
+                          peft_config=lora_config() if init_adapter is None else None,
                           callbacks=[time_budget_callback(minutes)])
     started = time.monotonic()
     trainer.train()
-    _write_timing(output, "grpo", time.monotonic() - started, trainer.state.global_step)
+    _write_timing(output, "grpo", time.monotonic() - started, trainer.state.global_step,
+                  stage=stage, init_adapter=None if init_adapter is None else str(init_adapter))
     return output
+
+
+def grpo_output(stage: int) -> Path:
+    return WORK_DIR / ("grpo" if stage == 1 else f"grpo-stage{stage}")
 
 
 def _write_timing(output: Path, algorithm: str, seconds: float, steps: int, **extra) -> None:
@@ -252,23 +270,24 @@ def checkpoints(output: Path) -> list[Path]:
 
 
 def select_checkpoint(output: Path, log=print) -> tuple[Path, list[dict]]:
-    """The checkpoint with the best greedy accuracy on the validation split (ties: the earlier)."""
+    """The checkpoint of `output` with the best greedy accuracy on the validation split (ties: the
+    earlier); accuracies already measured (selection.json) are reused."""
     rows = problems.load("validation")
     common.setup_torch(SEED)
     tokenizer = common.load_tokenizer()
+    record = output / "selection.json"
+    known = {t["checkpoint"]: t for t in json.loads(record.read_text())["table"]} if record.is_file() else {}
     table = []
     for checkpoint in checkpoints(output):
-        _, grades = common.greedy_grades(common.load_model(checkpoint), tokenizer, rows)
-        accuracy = sum(g.correct for g in grades) / len(rows)
-        table.append({"checkpoint": checkpoint.name, "validation_accuracy": accuracy})
-        log(f"{checkpoint.name}: validation accuracy {accuracy:.3f}")
+        if checkpoint.name not in known:
+            _, grades = common.greedy_grades(common.load_model(checkpoint), tokenizer, rows)
+            known[checkpoint.name] = {"checkpoint": checkpoint.name,
+                                      "validation_accuracy": sum(g.correct for g in grades) / len(rows)}
+        table.append(known[checkpoint.name])
+        log(f"{output.name}/{checkpoint.name}: validation accuracy {table[-1]['validation_accuracy']:.3f}")
     if not table:
         raise FileNotFoundError(f"no checkpoints under {output}; run training first")
     best = max(table, key=lambda t: (t["validation_accuracy"], -int(t["checkpoint"].split("-")[1])))
-    (output / "selection.json").write_text(json.dumps({"chosen": best["checkpoint"], "table": table},
-                                                      indent=1) + "\n")
+    record.write_text(json.dumps({"chosen": best["checkpoint"], "table": table}, indent=1) + "\n")
     return output / best["checkpoint"], table
 
-
-def clean(output: Path) -> None:
-    shutil.rmtree(output, ignore_errors=True)
