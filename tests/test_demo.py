@@ -1,0 +1,92 @@
+"""The demo's pieces that need no model: problem splits, statistics, reward, adapter export."""
+
+import json
+
+import pytest
+import torch
+
+from core.demo import base, common, evaluate, problems, train
+
+
+def test_committed_problem_files_are_what_the_seeded_generator_writes(tmp_path):
+    written = problems.write(tmp_path)
+    for split, path in written.items():
+        assert path.read_text() == (problems.PROBLEM_DIR / f"{split}.jsonl").read_text(), split
+
+
+def test_splits_are_disjoint_sized_and_answers_are_right():
+    expressions = {}
+    for split, size in problems.SPLIT_SIZES.items():
+        rows = problems.load(split)
+        assert len(rows) == size
+        assert len({r["id"] for r in rows}) == size
+        for row in rows:
+            a, operator, b = row["expression"].split()
+            assert int(row["answer"]) == (int(a) + int(b) if operator == "+" else int(a) - int(b))
+            assert row["solution"].endswith(f"\\boxed{{{row['answer']}}}")
+            if row["kind"] == "word":
+                assert int(row["answer"]) >= 0 and a in row["question"] and b in row["question"]
+        expressions[split] = {r["expression"] for r in rows}
+        assert len(expressions[split]) == size
+    assert not expressions["heldout"] & expressions["train"]
+    assert not expressions["validation"] & (expressions["train"] | expressions["heldout"])
+    kinds = {r["kind"] for r in problems.load("heldout")}
+    assert kinds == {"arithmetic", "word"}
+
+
+def test_unknown_split_is_refused():
+    with pytest.raises(ValueError, match="unknown split"):
+        problems.load("test")
+
+
+def test_mcnemar_exact():
+    # DEMO_NOTES: fixed 37, broke 8 -> p about 1.5e-5.
+    assert evaluate.mcnemar_exact(37, 8) == pytest.approx(1.5e-5, rel=0.1)
+    assert evaluate.mcnemar_exact(8, 37) == evaluate.mcnemar_exact(37, 8)
+    assert evaluate.mcnemar_exact(0, 0) == 1.0
+    assert evaluate.mcnemar_exact(5, 5) == 1.0
+
+
+def test_accuracy_summary_counts_fixed_and_broken():
+    base_correct = [True, True, False, False, False]
+    post_correct = [True, False, True, True, False]
+    s = evaluate.accuracy_summary(post_correct, base_correct)
+    assert (s["correct"], s["fixed"], s["broken"]) == (3, 2, 1)
+    assert s["accuracy"] == pytest.approx(0.6)
+    assert s["standard_error"] == pytest.approx((0.6 * 0.4 / 5) ** 0.5)
+
+
+def test_grpo_reward():
+    eos = 2
+    texts = ["3 + 4 = 7.\n\\boxed{7}", "3 + 4 = 7.\n\\boxed{7}", "It is 8", "so the sum is 7 and"]
+    ids = [[5, 6, eos], [5, 6, 7], [5, eos], [5, 6]]
+    rewards = train.grpo_reward(texts, ids, ["7"] * 4, eos)
+    assert rewards == pytest.approx([1.2, 1.1, 0.1, 1.0])
+
+
+def test_prepare_base_is_a_no_op_when_done(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / base.SOURCE_FILE).write_text("{}")
+    messages = []
+    assert base.prepare_base(folder, log=messages.append) == folder
+    assert messages == [f"base model ready: {folder}"]
+    with pytest.raises(ValueError, match="source"):
+        base.prepare_base(tmp_path / "other", source="ftp")
+
+
+def test_export_adapter_stores_bfloat16_and_the_repository_base_path(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "checkpoint-6"
+    source.mkdir()
+    save_file({"base_model.model.layer.lora_A.weight": torch.randn(8, 16)},
+              str(source / "adapter_model.safetensors"))
+    (source / "adapter_config.json").write_text(json.dumps(
+        {"r": 8, "base_model_name_or_path": "/somewhere/else"}))
+    monkeypatch.setattr(common, "ADAPTER_DIR", tmp_path / "adapters")
+    target = train.export_adapter(source, "grpo", log=lambda text: None)
+    weights = load_file(str(target / "adapter_model.safetensors"))
+    assert weights["base_model.model.layer.lora_A.weight"].dtype == torch.bfloat16
+    config = json.loads((target / "adapter_config.json").read_text())
+    assert config == {"r": 8, "base_model_name_or_path": str(common.BASE_DIR)}
