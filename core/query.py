@@ -144,9 +144,11 @@ class ResultCache:
 
     @_public
     def runs(self) -> pd.DataFrame:
-        """One row per (run, post model)."""
+        """One row per (run, post model). `n_complete[i]`: questions scored for every model of the
+        run at `alphas[i]` (equal to n_selected once the run is complete)."""
         columns = ["run_key", "pair", "kind", "dataset", "base_label", "post_label", "algorithm",
-                   "granularity", "n_layers", "alphas", "t_cuts", "n_selected", "n_candidates",
+                   "granularity", "n_layers", "alphas", "t_cuts", "n_complete", "n_selected",
+                   "n_candidates",
                    "t_bar", "created_at", "updated_at", "settings", "selection_report",
                    "code_version"]
         if not self._tables_present():
@@ -174,6 +176,19 @@ class ResultCache:
                              for s, c, g in zip(table["selection"], table["score"],
                                                 table["gen_settings"])]
         table["selection_report"] = [json.loads(s) if s else {} for s in table["selection_report"]]
+        complete = self._sql("""
+            WITH per_question AS (
+                SELECT rs.run_key, s.t_cut, rs.question_id, count(*) AS n FROM run_samples rs
+                JOIN runs r ON r.run_key = rs.run_key
+                JOIN scores s ON s.generation_key = rs.generation_key AND s.score_key = r.score_key
+                GROUP BY ALL),
+            models AS (SELECT run_key, count(*) AS n FROM run_models GROUP BY run_key)
+            SELECT q.run_key, q.t_cut, count(*) AS n FROM per_question q
+            JOIN models m ON m.run_key = q.run_key AND m.n = q.n
+            GROUP BY ALL""")
+        n_complete = {(r.run_key, r.t_cut): int(r.n) for r in complete.itertuples()}
+        table["n_complete"] = [[n_complete.get((key, t), 0) for t in t_cuts]
+                               for key, t_cuts in zip(table["run_key"], table["t_cuts"])]
         return table[columns].reset_index(drop=True)
 
     def _run(self, run_key: str) -> dict[str, Any]:

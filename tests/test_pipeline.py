@@ -204,6 +204,8 @@ def test_run_killed_mid_scoring_resumes_to_the_same_cache(world):
     assert process.returncode == -signal.SIGKILL, process.stderr
     with Store(killed.cache).read() as con:
         assert fetch_one(con, "SELECT count(*) FROM scores")[0] == 2  # batches 1 and 2 committed
+    partial = ResultCache.open(killed.cache).runs().iloc[0]
+    assert partial.n_complete == [0, 0]  # only the base model's first samples: nothing complete
     resumed = pipeline.run(killed, log=quiet)
     assert resumed.done["generate"] == 0 and resumed.done["grade"] == 0
     total = resumed.selection["n_selected"] * 2 * len(ALPHAS)

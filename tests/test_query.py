@@ -35,6 +35,7 @@ def test_runs_has_one_row_per_post_model(fixture):
     assert sorted(series["post_label"]) == ["synthetic-dpo", "synthetic-grpo"]
     row = runs.iloc[0]
     assert row["alphas"] == [0.1, 0.3]
+    assert (runs["n_complete"].map(tuple) == (8, 8)).all()
     assert set(row["settings"]) >= {"selection", "score"}
     assert not ResultCache.open(path).is_empty()
 
