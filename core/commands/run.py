@@ -58,11 +58,13 @@ class _Bars:
     def __call__(self, stage: str, done: int, total: int) -> None:
         from tqdm import tqdm
 
-        if stage != self.stage:
+        if stage != self.stage or self.bar is None:
             self.close()
             self.stage, self.bar = stage, tqdm(total=total, desc=stage, unit="item", leave=True)
         self.bar.total = total
         self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()
         if self.reporter is not None:
             self.reporter.progress(stage, done, total)
 
@@ -85,7 +87,9 @@ def run_command(args: argparse.Namespace) -> int:
             selection=SelectionSettings.from_namespace(args), score=ScoreSettings.from_namespace(args),
             generation=GenerationSettings.from_namespace(args), limit=args.limit, cache=args.cache,
             config=args.config)
-        summary = pipeline.run(request, progress=bars, log=lambda text: print(text, flush=True))
+        from tqdm import tqdm
+
+        summary = pipeline.run(request, progress=bars, log=tqdm.write)
     except BaseException as error:
         bars.close()
         if reporter:
