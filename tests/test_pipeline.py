@@ -262,6 +262,10 @@ def test_cli_run_ls_export_import(world, tmp_path, capsys):
             assert ids_a == ids_b
             np.testing.assert_array_equal(a, b)
     assert copy.metric_table().equals(source.metric_table())
+    assert main(["import", str(tmp_path / "export"), "--cache", imported]) == 0  # idempotent
+    with Store(imported).read() as con:
+        assert fetch_one(con, "SELECT count(*) FROM scores")[0] == len(ALPHAS) * 2 * len(
+            ResultCache.open(imported).sample_matrices(run_key, 0.5, "base")[1])
     assert main(["run", "--pair", "nope", "--dataset", "tiny", *common]) == 2
     assert "unknown pair or series 'nope'" in capsys.readouterr().err
 
