@@ -399,7 +399,8 @@ class ResultCache:
     def samples(self, run_key: str, alpha: float, post_label: str | None = None,
                 settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
         """One row per question complete at alpha: texts, correctness, lengths, the scored
-        (truncated) texts, and per-sample metrics of both models (base_<metric>, post_<metric>)."""
+        (truncated) texts and token counts (below t_cut for an answer shorter than T_cut, which is
+        scored whole), and per-sample metrics of both models (base_<metric>, post_<metric>)."""
         from core import metrics
 
         post = self._label(run_key, post_label)
@@ -414,7 +415,8 @@ class ResultCache:
                     WITH {_COMPLETE_SQL}
                     SELECT rs.label, rs.position, rs.question_id, q.question, q.reference,
                            g.answer_text, gr.correct, len(g.answer_ids) AS answer_len,
-                           g.finish_reason, gr.extracted, s.t_cut, s.scored_text, s.loss
+                           g.finish_reason, gr.extracted, s.t_cut, s.n_scored_tokens,
+                           s.scored_text, s.loss
                     FROM run_samples rs {_JOIN_COMPLETE}
                     JOIN runs r ON r.run_key = rs.run_key
                     JOIN generations g ON g.generation_key = rs.generation_key
@@ -430,7 +432,7 @@ class ResultCache:
             for name, column in (("text", "answer_text"), ("correct", "correct"),
                                  ("answer", "extracted"), ("answer_len", "answer_len"),
                                  ("finish_reason", "finish_reason"), ("truncated_text", "scored_text"),
-                                 ("loss", "loss")):
+                                 ("scored_tokens", "n_scored_tokens"), ("loss", "loss")):
                 out[f"base_{name}"], out[f"post_{name}"] = b[column].to_numpy(), p[column].to_numpy()
             graph = self.graph(run_key)
             for side, model in (("base", "base"), ("post", post)):
