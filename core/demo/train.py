@@ -28,7 +28,8 @@ SAMPLE_TEMPERATURE = 0.8
 COMPLETION_TOKENS = common.MAX_NEW_TOKENS
 # A base sample counts as a chosen (correct) DPO answer only if it states the result explicitly: the
 # last-number fallback also accepts rambling texts that merely end on the right number.
-_EXPLICIT_RESULT = r"(?:=\s*|\\boxed\{\s*){answer}(?![\d.])"
+def explicit_result_pattern(answer: str) -> re.Pattern:
+    return re.compile(r"(?:=\s*|\\boxed\{\s*)" + re.escape(answer) + r"(?!\d|\.\d)")
 
 # Sized for 2 shared CPU cores (a GRPO step of 16 completions takes 1-3 minutes there).
 GRPO_SETTINGS = dict(prompts_per_step=4, generations=4, max_steps=120, save_steps=6,
@@ -172,12 +173,20 @@ def build_dpo_pairs(log=print) -> Path:
     common.setup_torch(SEED)
     settings = DPO_SETTINGS
     rows = problems.load("train")[:settings["prompts"]]
+    samples_path = WORK_DIR / "dpo_samples.jsonl"
     started = time.monotonic()
-    samples = sample_base(rows, settings["samples_per_prompt"])
+    if samples_path.is_file():
+        with samples_path.open() as lines:
+            samples = [json.loads(line)["samples"] for line in lines]
+    else:
+        samples = sample_base(rows, settings["samples_per_prompt"])
+        WORK_DIR.mkdir(parents=True, exist_ok=True)
+        samples_path.write_text("".join(json.dumps({"id": r["id"], "samples": s}) + "\n"
+                                        for r, s in zip(rows, samples)))
     tokenizer = common.load_tokenizer()
     pairs = []
     for row, prompt, texts in zip(rows, common.prompt_texts(rows, tokenizer), samples):
-        explicit = re.compile(_EXPLICIT_RESULT.format(answer=re.escape(row["answer"])))
+        explicit = explicit_result_pattern(row["answer"])
         chosen = [t for t in texts if grade(t, row["answer"]).correct and explicit.search(t)]
         rejected = [t for t in texts if not grade(t, row["answer"]).correct]
         if chosen and rejected:
