@@ -52,12 +52,28 @@ class RunNotFoundError(KeyError):
     pass
 
 
+class _SnapshotMoved(Exception):
+    """A commit landed between a call's first memo hit and its first database read."""
+
+
+# Attempts of a public call whose snapshot moved (each needs a commit within milliseconds).
+_ATTEMPTS = 5
+
+
 def _public(method):
-    """Run a public query inside one session (one connection at most)."""
+    """Run a public query inside one session: one snapshot of the cache, one connection at most."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with self._session():
-            return method(self, *args, **kwargs)
+        if getattr(self._local, "stack", None) is not None:
+            return method(self, *args, **kwargs)  # nested in a session already
+        for attempt in range(_ATTEMPTS):
+            try:
+                with self._session():
+                    return method(self, *args, **kwargs)
+            except _SnapshotMoved:
+                if attempt == _ATTEMPTS - 1:
+                    raise RuntimeError(f"the cache {self.path} changed during each of "
+                                       f"{_ATTEMPTS} attempts to read it; retry") from None
     return wrapper
 
 
@@ -65,14 +81,14 @@ class ResultCache:
     """Read access to one cache file. Missing file = empty cache.
 
     Safe to share between threads (a dashboard serves several sessions from one instance): each
-    thread has its own connection; the memo is shared."""
+    thread has its own connection and session; the memo is shared, per cache version."""
 
     def __init__(self, store: Store):
         self.store = store
         self._memo: dict[tuple, Any] = {}
         self._memo_token: tuple | None = None
         self._memo_lock = threading.Lock()
-        self._local = threading.local()  # per thread: con, stack
+        self._local = threading.local()  # per thread: stack, con, token, memo, used_memo
 
     @classmethod
     def open(cls, path: str | Path | None = None) -> "ResultCache":
@@ -85,28 +101,35 @@ class ResultCache:
     # --- memoisation --------------------------------------------------------------------------
 
     def _cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
-        token = self.store.version_token()
+        """`compute()` once per key and cache version. Inside one public call every answer comes
+        from one version: memoised answers of that version, or reads through the call's single
+        connection, which is opened on that same version (else the call is retried)."""
+        with self._session():
+            local = self._local
+            if key in local.memo:
+                local.used_memo = True
+                return local.memo[key]
+            value = compute()
+            local.memo[key] = value
+            return value
+
+    def _memo_for(self, token: tuple) -> dict:
         with self._memo_lock:
             if token != self._memo_token:
-                self._memo = {}
-                self._memo_token = token
-            memo = self._memo
-        if key in memo:
-            return memo[key]
-        with self._session():
-            value = compute()
-        memo[key] = value
-        return value
+                self._memo, self._memo_token = {}, token
+            return self._memo
 
     @contextlib.contextmanager
     def _session(self):
-        """Scope of one public call: the first read opens a read-only connection, which every
-        nested read shares until the call returns (opening the file is the largest fixed cost of a
-        query, and a call served from memory opens nothing)."""
+        """Scope of one public call: the version it reads, its memo, and at most one read-only
+        connection, opened on first read (opening the file is the largest fixed cost of a query,
+        and a call served from memory opens nothing)."""
         local = self._local
         outer = getattr(local, "stack", None) is None
         if outer:
-            local.stack, local.con = contextlib.ExitStack(), None
+            local.stack, local.con, local.used_memo = contextlib.ExitStack(), None, False
+            local.token = self.store.version_token()
+            local.memo = self._memo_for(local.token)
         try:
             yield
         finally:
@@ -120,6 +143,12 @@ class ResultCache:
             local = self._local
             if local.con is None:
                 local.con = local.stack.enter_context(self.store.read())
+                # No commit can land while the connection is open: this is the version it reads.
+                token = self.store.version_token()
+                if token != local.token:
+                    if local.used_memo:
+                        raise _SnapshotMoved()
+                    local.token, local.memo = token, self._memo_for(token)
             yield local.con
 
     def _sql(self, sql: str, params: Any = None) -> pd.DataFrame:
@@ -260,6 +289,17 @@ class ResultCache:
         """Dense per-sample matrices [n, n_src, n_dst] (float32) and their question ids."""
         edges, ids = self.sample_edges(run_key, alpha, model)
         return self.graph(run_key).dense(edges), ids
+
+    @_public
+    def paired_sample_matrices(self, run_key: str, alpha: float, post_label: str | None = None
+                               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Base and post matrices [n, n_src, n_dst] and their common question ids, read from one
+        snapshot of the cache (two separate calls can straddle a commit of a running job)."""
+        base, ids = self.sample_matrices(run_key, alpha, "base")
+        post, post_ids = self.sample_matrices(run_key, alpha, self._label(run_key, post_label))
+        if ids != post_ids:
+            raise RuntimeError("internal: base and post question orders differ in one snapshot")
+        return base, post, ids
 
     @_public
     def mean_matrices(self, run_key: str, alpha: float,

@@ -220,9 +220,11 @@ class Store:
                     con.execute("ROLLBACK")
                     raise
                 con.execute("COMMIT")
+                # While this connection is open no reader can open the file, so a reader never
+                # sees the new data under the old version.
+                self._bump_version()
             finally:
                 con.close()
-            self._bump_version()
 
     @contextlib.contextmanager
     def writer_lock(self, wait: bool = False, timeout: float = OPEN_TIMEOUT_S) -> Iterator[None]:
