@@ -204,3 +204,29 @@ def test_one_instance_serves_several_threads(fixture):
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         assert all(pool.map(work, range(24)))
+
+
+def test_a_call_never_mixes_memoised_answers_with_a_newer_version(tmp_path):
+    path = tmp_path / "fixture.duckdb"
+    pair_key, _ = build_fixture_cache(path)
+    cache = ResultCache.open(path)
+    base, ids = cache.sample_matrices(pair_key, 0.1, "base")  # memoised now
+    assert len(ids) == 8
+    label = cache._label
+    commits = []
+
+    def label_then_commit(run_key, model):
+        # Between the call's memo hit (base) and its first read (post), a job commits: one question
+        # loses its post score, so it is no longer complete for the run.
+        if model == "synthetic-rl" and not commits:
+            with Store(path).write() as con:
+                con.execute("""DELETE FROM scores WHERE model_key =
+                    (SELECT model_key FROM run_models WHERE run_key = ? AND label = 'synthetic-rl')
+                    AND question_id = ?""", [pair_key, ids[0]])
+            commits.append(ids[0])
+        return label(run_key, model)
+
+    cache._label = label_then_commit
+    base, post, paired_ids = cache.paired_sample_matrices(pair_key, 0.1, "synthetic-rl")
+    assert commits and paired_ids == ids[1:]
+    assert base.shape[0] == post.shape[0] == 7
