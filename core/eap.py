@@ -305,12 +305,14 @@ class _Recorder:
         k = int(self.graph.n_sources_before[dst[0]])
         batch = self.sources.shape[0]
         g = torch.stack([grad * self.real for grad in grads], dim=1).reshape(batch, len(dst), -1)
-        g = g.transpose(1, 2)
         step = k if self.sources.dtype == self.acc_dtype else SOURCE_CHUNK
-        for lo in range(0, k, step):
-            hi = min(k, lo + step)
-            chunk = self.sources[:, lo:hi].reshape(batch, hi - lo, -1).to(self.acc_dtype)
-            self.scores[:, lo:hi, dst[0]:dst[-1] + 1] = -torch.bmm(chunk, g)
+        # One matrix product per sample on contiguous rows of the buffer: a batched product over
+        # the buffer's strided prefix would copy it.
+        for b in range(batch):
+            for lo in range(0, k, step):
+                hi = min(k, lo + step)
+                chunk = self.sources[b, lo:hi].reshape(hi - lo, -1).to(self.acc_dtype)
+                self.scores[b, lo:hi, dst[0]:dst[-1] + 1] = -(chunk @ g[b].T)
 
     # --- additivity -------------------------------------------------------------------------
 
