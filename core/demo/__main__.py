@@ -47,8 +47,10 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from core.demo import evaluate
 
-    results = evaluate.evaluate(args.split)
-    print(f"written: {evaluate.RESULT_PATH} ({results['split']} split, "
+    results = evaluate.evaluate(args.split, tuple(args.models))
+    for name, summary in results["models"].items():
+        print(evaluate.format_row(name, summary))
+    print(f"written: {evaluate.result_path(args.split)} ({results['split']} split, "
           f"{results['max_new_tokens']} new tokens, greedy)")
     return 0
 
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="greedy accuracy of the base and each adapter, with standard "
                                         "errors and exact McNemar tests against the base")
     p.add_argument("--split", choices=("heldout", "validation"), default="heldout")
+    p.add_argument("--models", nargs="+", default=["base", "grpo", "dpo", "sft"],
+                   choices=["base", "grpo", "dpo", "sft"],
+                   help="what to (re)evaluate; results merge into the split's stored results")
     p.set_defaults(handler=_evaluate)
     p = sub.add_parser("run", help="the pipeline on the demo pairs at the paper's alphas")
     p.add_argument("--cache", default=None, help="cache file (default: the project's cache)")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from core.demo import common, problems
 
-RESULT_PATH = Path("cache/demo/evaluation.json")
+RESULT_DIR = Path("cache/demo")
 
 
 def mcnemar_exact(fixed: int, broken: int) -> float:
@@ -33,29 +33,49 @@ def accuracy_summary(correct: list[bool], base_correct: list[bool] | None = None
     return summary
 
 
-def evaluate(split: str = "heldout", algorithms=common.ALGORITHMS, log=print) -> dict:
+def evaluate(split: str = "heldout", names=("base", *common.ALGORITHMS), log=print) -> dict:
+    """Evaluate `names` (base and/or adapters) and merge them into the stored results of this split;
+    the base is evaluated first when it is not stored yet (the tests compare against it)."""
+    unknown = set(names) - {"base", *common.ALGORITHMS}
+    if unknown:
+        raise ValueError(f"unknown model(s) {sorted(unknown)}; choose from base, "
+                         f"{', '.join(common.ALGORITHMS)}")
     common.setup_torch()
     rows = problems.load(split)
     tokenizer = common.load_tokenizer()
-    results: dict = {"split": split, "max_new_tokens": common.MAX_NEW_TOKENS, "models": {}}
-    base_correct = None
-    for name in ("base", *algorithms):
+    path = result_path(split)
+    results: dict = (json.loads(path.read_text()) if path.is_file() else
+                     {"split": split, "max_new_tokens": common.MAX_NEW_TOKENS, "models": {}})
+    if results["max_new_tokens"] != common.MAX_NEW_TOKENS:
+        results["models"] = {}  # measured under another token limit: start over
+        results["max_new_tokens"] = common.MAX_NEW_TOKENS
+    todo = [n for n in ("base", *common.ALGORITHMS)
+            if n in names or (n == "base" and "base" not in results["models"])]
+    for name in todo:
         adapter = None if name == "base" else common.ADAPTER_DIR / name
         started = time.monotonic()
         texts, grades = common.greedy_grades(common.load_model(adapter), tokenizer, rows)
         correct = [g.correct for g in grades]
+        base_correct = None if name == "base" else [a["correct"] for a in
+                                                     results["models"]["base"]["answers"]]
         summary = accuracy_summary(correct, base_correct)
         summary["seconds"] = round(time.monotonic() - started, 1)
         summary["boxed_share"] = sum(g.rule == "boxed" for g in grades) / len(rows)
         summary["answers"] = [{"id": r["id"], "text": t, "extracted": g.extracted, "correct": g.correct}
                               for r, t, g in zip(rows, texts, grades)]
         results["models"][name] = summary
-        if name == "base":
-            base_correct = correct
         log(format_row(name, summary))
-    RESULT_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULT_PATH.write_text(json.dumps(results, indent=1) + "\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1) + "\n")
+    if "base" in todo:  # a new base result invalidates the stored comparisons
+        for name in set(results["models"]) - set(todo):
+            del results["models"][name]
+        path.write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+def result_path(split: str) -> Path:
+    return RESULT_DIR / f"evaluation-{split}.json"
 
 
 def format_row(name: str, s: dict) -> str:
