@@ -4,8 +4,9 @@ Prints, per sequence length, EAP time / plain time (targets <= 1.10) and EAP pea
 memory (target <= 1.15), measured in this run, then `time_ratio=<at 512> mem_ratio=<at 512>`.
 Both sides use frozen weights and the same loss (core.eap.forward_loss). Time: median of interleaved
 repeats in one process. Memory: each measurement in a fresh subprocess; peak resident memory above
-the level after the model is built (Linux VmHWM, reset through /proc/self/clear_refs), or
-torch.cuda.max_memory_allocated on CUDA.
+the level after the model is built (Linux VmHWM, reset through /proc/self/clear_refs; glibc's
+dynamic mmap threshold is fixed so that freed tensors leave the resident set and repeated runs agree),
+or torch.cuda.max_memory_allocated on CUDA.
 
 Usage: python benchmarks/bench_eap.py [--lengths 256 512 1024] [--repeats 3] [--device cpu]
 """
@@ -108,7 +109,8 @@ def measure_peak_bytes(method_name: str, n_tokens: int, device: str) -> int:
 def peak_in_subprocess(method_name: str, n_tokens: int, device: str) -> int:
     completed = subprocess.run(
         [sys.executable, __file__, "--peak-of", method_name, str(n_tokens), "--device", device],
-        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "131072"})
     return json.loads(completed.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
