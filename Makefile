@@ -50,4 +50,5 @@ bench: venv
 	$(PY) benchmarks/bench_pages.py
 
 clean-cache:
-	rm -f cache/circuitdiff.duckdb cache/circuitdiff.duckdb.wal
+	rm -rf cache/circuitdiff.duckdb cache/circuitdiff.duckdb.wal cache/circuitdiff.duckdb.version \
+	  cache/circuitdiff.duckdb.writer.lock cache/jobs
