@@ -36,6 +36,9 @@ ADDITIVITY_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4,
                         torch.bfloat16: 5e-2, torch.float16: 1e-2}
 # Sources converted to the accumulation dtype at a time, when the model's dtype is narrower.
 SOURCE_CHUNK = 16
+# Slot gradients queued before one pass over the source buffer: fewer passes read less memory, a
+# longer queue holds more gradients (two layers' worth is about 1% of the peak).
+SLOTS_PER_PRODUCT = 8
 
 
 class NonFiniteScoreError(ValueError):
@@ -179,6 +182,7 @@ def _score_batch(model: nn.Module, adapter: ArchitectureAdapter, graph: Residual
         if check:
             recorder.check_additivity(type(model).__name__)
         losses.sum().backward()
+        recorder.score_pending()
     scores = recorder.scores.cpu().numpy()
     bad = [s.id for s, m in zip(samples, scores) if not np.isfinite(m).all()]
     if bad:
@@ -199,12 +203,17 @@ class _Recorder:
                                    device=real.device)
         self.scores = torch.zeros(batch, graph.n_src, graph.n_dst, dtype=acc_dtype, device=real.device)
         self.real = real.unsqueeze(-1).to(acc_dtype)
+        # Gradients at padded positions are zero already (nothing after them carries loss); the
+        # mask makes that explicit where there is padding.
+        self.padded = not bool(real.all())
         self.acc_dtype = acc_dtype
         # Residual input of each attention norm (for the q/k/v norm VJP) and, when checking
         # additivity, of every slot.
         self.attn_inputs: dict[int, torch.Tensor] = {}
         self.slot_inputs: dict[str, torch.Tensor] | None = {} if keep_slot_inputs else None
         self.pending_qkv: dict[int, dict[str, torch.Tensor]] = {}
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.edge_mask = torch.tensor(graph.real_edge_mask, dtype=acc_dtype, device=real.device)
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
@@ -295,16 +304,28 @@ class _Recorder:
             return
         del self.pending_qkv[layer]
         x = self.attn_inputs.pop(layer)
-        grads = [self.adapter.norm_vjp(norm, x, pending[p].to(self.acc_dtype)) for p in QKV]
-        self._score_slots([self.graph.attn_dst(layer, p) for p in QKV], grads)
+        # One norm VJP for the three paths: it is linear in the gradient and broadcasts over x.
+        grads = self.adapter.norm_vjp(norm, x, torch.stack([pending[p].to(self.acc_dtype) for p in QKV]))
+        self._score_slots([self.graph.attn_dst(layer, p) for p in QKV], list(grads))
 
     # --- backward: scores -------------------------------------------------------------------
 
     def _score_slots(self, dst: list[int], grads: list[torch.Tensor]) -> None:
-        """W[:, :k, dst] = -<sources[:, :k], G_dst>, for slots that read the same k sources."""
-        k = int(self.graph.n_sources_before[dst[0]])
+        """Queue slot gradients; every SLOTS_PER_PRODUCT slots, score them in one pass."""
+        self.pending += [(d, grad * self.real if self.padded else grad) for d, grad in zip(dst, grads)]
+        if len(self.pending) >= SLOTS_PER_PRODUCT:
+            self.score_pending()
+
+    def score_pending(self) -> None:
+        """W[:, :k, dst] = -<sources[:, :k], G_dst> for the queued slots, k the most sources any of
+        them reads; entries of sources a slot does not read are then zeroed by the edge mask."""
+        if not self.pending:
+            return
+        dst = torch.tensor([d for d, _ in self.pending], device=self.scores.device)
+        k = int(self.graph.n_sources_before[dst.cpu().numpy()].max())
         batch = self.sources.shape[0]
-        g = torch.stack([grad * self.real for grad in grads], dim=1).reshape(batch, len(dst), -1)
+        g = torch.stack([grad for _, grad in self.pending], dim=1).reshape(batch, len(dst), -1)
+        self.pending = []
         step = k if self.sources.dtype == self.acc_dtype else SOURCE_CHUNK
         # One matrix product per sample on contiguous rows of the buffer: a batched product over
         # the buffer's strided prefix would copy it.
@@ -312,7 +333,7 @@ class _Recorder:
             for lo in range(0, k, step):
                 hi = min(k, lo + step)
                 chunk = self.sources[b, lo:hi].reshape(hi - lo, -1).to(self.acc_dtype)
-                self.scores[b, lo:hi, dst[0]:dst[-1] + 1] = -(chunk @ g[b].T)
+                self.scores[b, lo:hi, dst] = -(chunk @ g[b].T) * self.edge_mask[lo:hi, dst]
 
     # --- additivity -------------------------------------------------------------------------
 
