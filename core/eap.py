@@ -36,9 +36,10 @@ ADDITIVITY_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4,
                         torch.bfloat16: 5e-2, torch.float16: 1e-2}
 # Sources converted to the accumulation dtype at a time, when the model's dtype is narrower.
 SOURCE_CHUNK = 16
-# Slot gradients queued before one pass over the source buffer: fewer passes read less memory, a
-# longer queue holds more gradients (two layers' worth is about 1% of the peak).
-SLOTS_PER_PRODUCT = 8
+# Slot gradients queued before one pass over the source buffer: fewer passes read less memory. Four
+# layers' worth of gradients is held while the backward pass has already freed far more activations,
+# so the peak does not grow.
+SLOTS_PER_PRODUCT = 16
 
 
 class NonFiniteScoreError(ValueError):
