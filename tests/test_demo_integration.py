@@ -95,8 +95,9 @@ def test_edges_equal_finite_differences_of_real_ablation(demo_model, samples, sc
     assert scored.sample_ids[0] == sample.id
     graph, scores = scored.graph, scored.scores[0]
     src, dst = graph.src_names.index, graph.dst_names.index
-    chosen = [(src("input"), dst("a0<q>")), (src("a0"), dst("m0")), (src("m5"), dst("a12<k>")),
-              (src("a20"), dst("a29<v>")), (src("m29"), dst("logits"))]
+    # A query, a key, a value and the logits slot (each finite difference is 2 float64 forwards) ...
+    chosen = [(src("input"), dst("a0<q>")), (src("m5"), dst("a12<k>")), (src("a20"), dst("a29<v>")),
+              (src("m29"), dst("logits"))]
     # ... and the strongest edge of this sample.
     strongest = np.unravel_index(np.argmax(np.abs(scores) * graph.real_edge_mask), scores.shape)
     chosen.append(tuple(int(i) for i in strongest))
