@@ -322,8 +322,9 @@ class _Recorder:
         them reads; entries of sources a slot does not read are then zeroed by the edge mask."""
         if not self.pending:
             return
-        dst = torch.tensor([d for d, _ in self.pending], device=self.scores.device)
-        k = int(self.graph.n_sources_before[dst.cpu().numpy()].max())
+        slots = [d for d, _ in self.pending]
+        k = int(self.graph.n_sources_before[slots].max())
+        dst = torch.tensor(slots, device=self.scores.device)
         batch = self.sources.shape[0]
         g = torch.stack([grad for _, grad in self.pending], dim=1).reshape(batch, len(dst), -1)
         self.pending = []
