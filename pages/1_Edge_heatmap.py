@@ -17,11 +17,7 @@ MEASURE_HELP = {
 
 sel = _shared.page_header("Edge heatmap", links=("heatmap.measure", "heatmap.significant"))
 if sel is not None:
-    graph, base, post, ids = _shared.view_matrices(sel)
-    if len(ids) < 2:
-        st.info(f"Only {len(ids)} question(s) are scored for both models at alpha {sel.alpha:g}; "
-                f"the comparison needs 2 or more. Wait for the job to go on, or pick another alpha.")
-        st.stop()
+    graph, base, post, ids = _shared.compared_matrices(sel)
     left, middle, right = st.columns([2, 2, 3])
     _shared.linked("heatmap.measure", EDGE_MEASURES)
     _shared.linked("heatmap.significant", (True, False), _shared.parse_bool)

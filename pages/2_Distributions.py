@@ -14,11 +14,7 @@ PER_SAMPLE = ("intensity", "kurtosis", "edge_entropy", "output_entropy")
 
 sel = _shared.page_header("Distributions", links=("distributions.metric",))
 if sel is not None:
-    graph, base, post, ids = _shared.view_matrices(sel)
-    if len(ids) < 2:
-        st.info(f"Only {len(ids)} question(s) are scored for both models at alpha {sel.alpha:g}; "
-                f"the distributions need 2 or more.")
-        st.stop()
+    graph, base, post, ids = _shared.compared_matrices(sel)
     colors = {sel.base_label: figures.BASE_COLOR, sel.post_label: figures.POST_COLOR}
     st.subheader(f"|W| over real edges and samples, alpha {sel.alpha:g}")
     histogram, ecdf = _shared.abs_distribution_figures(sel)

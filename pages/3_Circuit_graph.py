@@ -8,11 +8,7 @@ from pages import _shared
 
 sel = _shared.page_header("Circuit graph", links=("circuit.k", "circuit.by"))
 if sel is not None:
-    graph, base, post, ids = _shared.view_matrices(sel)
-    if len(ids) < 2:
-        st.info(f"Only {len(ids)} question(s) are scored for both models at alpha {sel.alpha:g}; "
-                f"the comparison needs 2 or more.")
-        st.stop()
+    graph, base, post, ids = _shared.compared_matrices(sel)
     left, right = st.columns(2)
     most = min(300, graph.n_edges)
     _shared.linked("circuit.k", range(5, most + 1), int)

@@ -95,6 +95,17 @@ def view_matrices(sel: "Selection", alpha: float | None = None):
                           sel.post_label, sel.granularity)
 
 
+def compared_matrices(sel: "Selection"):
+    """view_matrices at the selected alpha, or a message and a stopped page when fewer than two
+    questions are scored for both models (every comparison needs pairs of samples)."""
+    graph, base, post, ids = view_matrices(sel)
+    if len(ids) < 2:
+        st.info(f"Only {len(ids)} question(s) are scored for both models at alpha {sel.alpha:g}; "
+                f"the comparison needs 2 or more. Wait for the job to go on, or pick another alpha.")
+        st.stop()
+    return graph, base, post, ids
+
+
 @st.cache_data(max_entries=32, show_spinner="Computing the comparison ...")
 def _comparison(path: str, key: str, run_key: str, alpha: float, post_label: str, granularity: str,
                 settings: MetricSettings):
