@@ -123,10 +123,8 @@ def train_grpo(minutes: float, max_steps: int = GRPO_SETTINGS["max_steps"],
                           processing_class=tokenizer,
                           peft_config=lora_config() if init_adapter is None else None,
                           callbacks=[time_budget_callback(minutes)])
-    started = time.monotonic()
-    trainer.train()
-    _write_timing(output, "grpo", time.monotonic() - started, trainer.state.global_step,
-                  stage=stage, init_adapter=None if init_adapter is None else str(init_adapter))
+    _train_timed(trainer, output, "grpo", stage=stage,
+                 init_adapter=None if init_adapter is None else str(init_adapter))
     return output
 
 
@@ -134,10 +132,15 @@ def grpo_output(stage: int) -> Path:
     return WORK_DIR / ("grpo" if stage == 1 else f"grpo-stage{stage}")
 
 
-def _write_timing(output: Path, algorithm: str, seconds: float, steps: int, **extra) -> None:
+def _train_timed(trainer, output: Path, algorithm: str, **extra) -> None:
+    """Train, and record the wall time and step count in output/timing.json."""
+    started = time.monotonic()
+    trainer.train()
+    seconds = time.monotonic() - started
     output.mkdir(parents=True, exist_ok=True)
     (output / "timing.json").write_text(json.dumps(
-        {"algorithm": algorithm, "seconds": round(seconds, 1), "steps": steps, **extra}) + "\n")
+        {"algorithm": algorithm, "seconds": round(seconds, 1), "steps": trainer.state.global_step,
+         **extra}) + "\n")
 
 
 def sample_base(rows: list[dict], samples_per_prompt: int) -> list[list[str]]:
@@ -222,11 +225,8 @@ def train_dpo(log=print) -> Path:
     # With a peft_config and no ref_model, the reference is the model with its adapter disabled.
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora_config())
-    started = time.monotonic()
-    trainer.train()
+    _train_timed(trainer, output, "dpo", pairs=len(pairs))
     trainer.save_model(str(output / "final"))
-    _write_timing(output, "dpo", time.monotonic() - started, trainer.state.global_step,
-                  pairs=len(pairs))
     return output / "final"
 
 
@@ -247,10 +247,8 @@ def train_sft(log=print) -> Path:
     model = common.load_model()
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora_config())
-    started = time.monotonic()
-    trainer.train()
+    _train_timed(trainer, output, "sft")
     trainer.save_model(str(output / "final"))
-    _write_timing(output, "sft", time.monotonic() - started, trainer.state.global_step)
     return output / "final"
 
 
