@@ -10,27 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import ClassVar
-
-from core.settings import DTYPES, Settings, setting
-
-BACKENDS = ("hf", "vllm")
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationSettings(Settings):
-    """How answers are generated (METHOD.md section 4); the template and the token limit come from
-    the pair's config unless overridden here."""
-
-    group: ClassVar[str] = "generation"
-    gen_dtype: str = setting("float32", choices=DTYPES,
-                             help="weights and activations while generating (bfloat16 is the usual "
-                                  "choice on a GPU)")
-    gen_backend: str = setting("hf", choices=BACKENDS,
-                               help="hf (transformers generate) or vllm (when installed); greedy "
-                                    "either way, but the two can differ in rounding")
-    max_new_tokens: int = setting(0, low=0, help="answer token limit; 0 takes the pair's limit")
-    gen_batch_size: int = setting(8, low=1, help="prompts per generate call", in_key=False)
 
 
 @dataclasses.dataclass(frozen=True)

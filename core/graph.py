@@ -15,7 +15,8 @@ import functools
 
 import numpy as np
 
-from core.settings import GRANULARITIES, SettingsError
+from core.settings import SettingsError
+from core.vocab import GRANULARITIES
 
 QKV = ("q", "k", "v")
 

@@ -8,15 +8,14 @@ import os
 from pathlib import Path
 
 from core.settings import stable_hash
-
-DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
+from core.vocab import DTYPES
 
 
 def torch_dtype(name: str):
     import torch
 
-    if name not in DTYPE_NAMES:
-        raise ValueError(f"dtype {name!r} is not one of {list(DTYPE_NAMES)}")
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {list(DTYPES)}")
     return getattr(torch, name)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core.datasets import Dataset, load_dataset
-from core.generation import GenerationSettings
+from core.settings import GenerationSettings
 from core.models import ModelSpec, check_same_tokenizer
 from core.selection import Candidate, Selection, select_questions, t_cut
 from core.settings import (MetricSettings, PAPER_ALPHAS, ScoreSettings, SelectionSettings,

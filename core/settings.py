@@ -14,6 +14,8 @@ import json
 import math
 from typing import Any, ClassVar
 
+from core.vocab import BACKENDS, DTYPES, GRANULARITIES
+
 
 class SettingsError(ValueError):
     """A setting has a value outside its valid range or choices."""
@@ -115,8 +117,6 @@ def stable_hash(obj: Any, length: int = 16) -> str:
 
 # --- The method's settings groups -------------------------------------------------------------
 
-GRANULARITIES = ("qkv", "module")
-DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,3 +185,19 @@ class MetricSettings(Settings):
     fdr: float = setting(0.05, low=0.0, high=0.5, low_open=True,
                          help="Benjamini-Hochberg false discovery rate of the per-edge tests")
     seed: int = setting(0, low=0, help="seed of the bootstrap resampling")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings(Settings):
+    """How answers are generated (docs/method.md section 5); the template and the token limit come
+    from the pair's config unless overridden here."""
+
+    group: ClassVar[str] = "generation"
+    gen_dtype: str = setting("float32", choices=DTYPES,
+                             help="weights and activations while generating (bfloat16 is the usual "
+                                  "choice on a GPU)")
+    gen_backend: str = setting("hf", choices=BACKENDS,
+                               help="hf (transformers generate) or vllm (when installed); greedy "
+                                    "either way, but the two can differ in rounding")
+    max_new_tokens: int = setting(0, low=0, help="answer token limit; 0 takes the pair's limit")
+    gen_batch_size: int = setting(8, low=1, help="prompts per generate call", in_key=False)

@@ -15,7 +15,7 @@ import json
 import numpy as np
 
 from core import metrics
-from core.generation import GenerationSettings
+from core.settings import GenerationSettings
 from core.graph import ResidualGraph
 from core.settings import MetricSettings, ScoreSettings, SelectionSettings, stable_hash
 from core.store import Store, code_version, generation_key, git_commit, insert_scores, now

@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from core import jobs
-from core.generation import GenerationSettings
+from core.settings import GenerationSettings
 from core.pipeline import ConfigError, RunRequest, load_config
 from core.settings import PAPER_ALPHAS, ScoreSettings, SelectionSettings, SettingsError
 from pages import _shared

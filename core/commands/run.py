@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from core.generation import GenerationSettings
+from core.settings import GenerationSettings
 from core.settings import PAPER_ALPHAS, ScoreSettings, SelectionSettings
 
 

@@ -18,9 +18,8 @@ DEMO_SELECTION = dict(beta=0.0, gamma=10.0, delta=2.0)
 
 def run_demo(cache: str | None = None, log=print):
     from core import pipeline
-    from core.generation import GenerationSettings
     from core.query import ResultCache
-    from core.settings import PAPER_ALPHAS, SelectionSettings
+    from core.settings import PAPER_ALPHAS, GenerationSettings, SelectionSettings
 
     common.setup_torch()
     for algorithm in common.ALGORITHMS:
