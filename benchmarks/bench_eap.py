@@ -22,12 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from core.eap import Sample, forward_loss, score_samples  # noqa: E402
-from core.settings import ScoreSettings  # noqa: E402
+from core.eap import Sample, forward_loss, score_samples
+from core.settings import ScoreSettings
 
 PROMPT_FRACTION = 0.25
 
@@ -60,7 +58,7 @@ def eap(model, sample: Sample) -> None:
     score_samples(model, [sample], ScoreSettings())
 
 
-METHODS = {"plain": plain_forward_backward, "eap": eap}
+PASSES = {"plain": plain_forward_backward, "eap": eap}
 
 
 def synchronise(device: str) -> None:
@@ -69,14 +67,14 @@ def synchronise(device: str) -> None:
 
 
 def time_ratio(model, sample: Sample, repeats: int, device: str) -> tuple[float, float]:
-    for method in METHODS.values():  # warm-up
-        method(model, sample)
-    seconds = {name: [] for name in METHODS}
+    for run_pass in PASSES.values():  # warm-up
+        run_pass(model, sample)
+    seconds = {name: [] for name in PASSES}
     for _ in range(repeats):
-        for name, method in METHODS.items():
+        for name, run_pass in PASSES.items():
             synchronise(device)
             start = time.perf_counter()
-            method(model, sample)
+            run_pass(model, sample)
             synchronise(device)
             seconds[name].append(time.perf_counter() - start)
     return statistics.median(seconds["plain"]), statistics.median(seconds["eap"])
@@ -89,7 +87,7 @@ def _read_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure_peak_bytes(method_name: str, n_tokens: int, device: str) -> int:
+def measure_peak_bytes(pass_name: str, n_tokens: int, device: str) -> int:
     """Peak memory of one call above the level with the model built (run in a fresh process)."""
     model = smollm2_shaped_model(device)
     sample = sample_of_length(n_tokens)
@@ -97,18 +95,18 @@ def measure_peak_bytes(method_name: str, n_tokens: int, device: str) -> int:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        METHODS[method_name](model, sample)
+        PASSES[pass_name](model, sample)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     base = _read_kib("VmRSS")
-    METHODS[method_name](model, sample)
+    PASSES[pass_name](model, sample)
     return (_read_kib("VmHWM") - base) * 1024
 
 
-def peak_in_subprocess(method_name: str, n_tokens: int, device: str) -> int:
+def peak_in_subprocess(pass_name: str, n_tokens: int, device: str) -> int:
     completed = subprocess.run(
-        [sys.executable, __file__, "--peak-of", method_name, str(n_tokens), "--device", device],
+        [sys.executable, __file__, "--peak-of", pass_name, str(n_tokens), "--device", device],
         capture_output=True, text=True, check=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "131072"})
     return json.loads(completed.stdout.strip().splitlines()[-1])["peak_bytes"]
@@ -120,7 +118,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--peak-of", nargs=2, metavar=("METHOD", "TOKENS"), help=argparse.SUPPRESS)
+    parser.add_argument("--peak-of", nargs=2, metavar=("PASS", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.peak_of:

@@ -23,11 +23,8 @@ import argparse  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.graph import ResidualGraph  # noqa: E402
 from core.metrics import EDGE_MEASURES, compare_models, edge_change, significant_edges  # noqa: E402

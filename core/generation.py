@@ -1,4 +1,4 @@
-"""Batched greedy generation with Hugging Face `generate` (METHOD.md section 4).
+"""Batched greedy generation with Hugging Face `generate` (docs/method.md section 5).
 
 Prompts arrive as token ids (rendered once by core.templates) and answers leave as token ids, exactly
 as generated, so attribution later runs on the very sequences the model produced, never re-tokenised.

@@ -1,4 +1,4 @@
-"""Answer extraction and correctness grading (METHOD.md section 4).
+"""Answer extraction and correctness grading (docs/method.md section 5).
 
 The answer is the content of the last \\boxed{...} (braces may nest); without one, the text after
 "the answer is" / "final answer is", else the last number in the text. Two answers are equivalent if

@@ -1,4 +1,4 @@
-"""The residual graph of a pre-norm decoder (METHOD.md section 2), built from (n_layers, granularity).
+"""The residual graph of a pre-norm decoder (docs/method.md section 2), built from (n_layers, granularity).
 
 Sources, in computation order: `input`, `a0`, `m0`, `a1`, `m1`, ... (index 0, then 1+2l and 2+2l).
 Destination slots, in computation order:

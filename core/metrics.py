@@ -1,4 +1,4 @@
-"""Distribution metrics of per-sample edge-score matrices (METHOD.md section 5), their paired bootstrap
+"""Distribution metrics of per-sample edge-score matrices (docs/method.md sections 6-7), their paired bootstrap
 confidence intervals, per-edge paired tests, and summaries over a grid of runs.
 
 Pure functions of score arrays `scores[k, s, d]` (n samples, dense [n_src, n_dst] matrices whose

@@ -19,6 +19,16 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
+# The values huggingface_hub itself reads as true for HF_HUB_OFFLINE.
+_TRUE_VALUES = ("1", "true", "yes", "on")
+
+
+def hub_offline() -> bool:
+    """Whether the user switched the model hub off (HF_HUB_OFFLINE), read at call time so a
+    caller's environment change counts."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in _TRUE_VALUES
+
+
 def resolve_device(device: str = "auto") -> str:
     import torch
 
@@ -200,7 +210,7 @@ def resolve_hub_commit(repo_id: str, revision: str | None = None) -> str:
 
     if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
         return revision
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
+    if not hub_offline():
         try:
             return huggingface_hub.HfApi().model_info(repo_id, revision=revision).sha
         except Exception:  # noqa: BLE001 - unreachable hub: fall back to the local cache below

@@ -1,4 +1,4 @@
-"""Question selection and answer truncation, exactly as METHOD.md section 4 (the release's rules).
+"""Question selection and answer truncation (docs/method.md section 5): the paper's released rules.
 
 For a pair (base, post), in order:
 1. keep questions both models answered correctly;

@@ -1,6 +1,6 @@
 """Frozen settings objects: one definition drives the CLI flags, the dashboard widgets and the cache key.
 
-Every open choice of the method (METHOD.md) is a field here, never a silent constant. A field is
+Every open choice of the method (docs/method.md) is a field here, never a silent constant. A field is
 declared with `setting(...)`, which records its help text and its valid values; `__post_init__`
 validates them, so a bad value fails where it is given, with a message naming the field and what to do.
 """
@@ -121,7 +121,7 @@ def stable_hash(obj: Any, length: int = 16) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ScoreSettings(Settings):
-    """How edge scores are computed (METHOD.md sections 2-3)."""
+    """How edge scores are computed (docs/method.md sections 2-3)."""
 
     group: ClassVar[str] = "score"
     granularity: str = setting("qkv", choices=GRANULARITIES,
@@ -138,7 +138,7 @@ class ScoreSettings(Settings):
 
 @dataclasses.dataclass(frozen=True)
 class SelectionSettings(Settings):
-    """Which questions are scored, and where answers are cut (METHOD.md section 4)."""
+    """Which questions are scored, and where answers are cut (docs/method.md section 5)."""
 
     group: ClassVar[str] = "selection"
     beta: float = setting(0.5, low=0.0, high=10.0,
@@ -164,7 +164,7 @@ PAPER_ALPHAS = (0.03, 0.1, 0.3, 0.5)
 
 @dataclasses.dataclass(frozen=True)
 class MetricSettings(Settings):
-    """Conventions of the distribution metrics (METHOD.md section 5). The defaults reproduce the
+    """Conventions of the distribution metrics (docs/method.md section 6). The defaults reproduce the
     paper's formulas; every stored or shown metric carries the key of the settings that made it."""
 
     group: ClassVar[str] = "metrics"

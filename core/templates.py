@@ -1,4 +1,4 @@
-"""Prompt templates of the paper's model pairs (METHOD.md section 7) and of the demo.
+"""Prompt templates of the paper's model pairs (docs/method.md section 5) and of the demo.
 
 A template turns a question into prompt token ids. The ids are stored as produced and reused for
 generation and scoring, never re-tokenised.

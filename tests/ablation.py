@@ -1,4 +1,4 @@
-"""Reference edge scores by finite differences of real edge ablation (METHOD.md §3).
+"""Reference edge scores by finite differences of real edge ablation (docs/method.md section 3).
 
 W[s, d] = d/de L(H_d - e * O_s) at e = 0, where only slot d's branch sees the ablated input. This
 module is deliberately independent of the engine's hooks: it perturbs the real forward pass.

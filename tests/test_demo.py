@@ -1,11 +1,13 @@
 """The demo's pieces that need no model: problem splits, statistics, reward, adapter export."""
 
 import json
+import math
 
 import pytest
 import torch
 
 from core.demo import base, common, evaluate, problems, train
+from core.models import hub_offline
 
 
 def test_committed_problem_files_are_what_the_seeded_generator_writes(tmp_path):
@@ -40,9 +42,10 @@ def test_unknown_split_is_refused():
 
 
 def test_mcnemar_exact():
-    # DEMO_NOTES: fixed 37, broke 8 -> p about 1.5e-5.
-    assert evaluate.mcnemar_exact(37, 8) == pytest.approx(1.5e-5, rel=0.1)
-    assert evaluate.mcnemar_exact(8, 37) == evaluate.mcnemar_exact(37, 8)
+    # The README's GRPO row: fixed 46, broke 4 -> p = 2 P(Binomial(50, 1/2) <= 4), about 4.5e-10.
+    expected = 2 * sum(math.comb(50, k) for k in range(5)) / 2 ** 50
+    assert evaluate.mcnemar_exact(46, 4) == pytest.approx(expected, rel=1e-9)
+    assert evaluate.mcnemar_exact(4, 46) == evaluate.mcnemar_exact(46, 4)
     assert evaluate.mcnemar_exact(0, 0) == 1.0
     assert evaluate.mcnemar_exact(5, 5) == 1.0
 
@@ -90,3 +93,15 @@ def test_export_adapter_stores_bfloat16_and_the_repository_base_path(tmp_path, m
     assert weights["base_model.model.layer.lora_A.weight"].dtype == torch.bfloat16
     config = json.loads((target / "adapter_config.json").read_text())
     assert config == {"r": 8, "base_model_name_or_path": str(common.BASE_DIR)}
+
+
+@pytest.mark.parametrize("value, offline", [
+    ("1", True), ("true", True), ("TRUE", True), ("yes", True), ("On", True),
+    ("0", False), ("false", False), ("", False), (None, False)])
+def test_the_offline_switch_reads_hf_hub_offline_as_huggingface_hub_does(monkeypatch, value, offline):
+    if value is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert hub_offline() is offline
+    assert base.hub_offline is hub_offline  # the demo's base model asks the same function

@@ -1,4 +1,4 @@
-"""Selection and truncation rules (METHOD.md section 4) on hand-made answer lengths."""
+"""Selection and truncation rules (docs/method.md section 5) on hand-made answer lengths."""
 
 import math
 

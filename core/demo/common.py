@@ -11,7 +11,7 @@ ADAPTER_DIR = Path("cache/demo/adapters")
 ALGORITHMS = ("grpo", "dpo", "sft")
 TEMPLATE = "chat-boxed"
 # Answer token limit of training and evaluation: enough for "a + b = c. \boxed{c}" with a short
-# explanation; the base model's longer ramblings are cut here (DEMO_NOTES used 48 as well).
+# explanation; the base model's longer ramblings are cut here.
 MAX_NEW_TOKENS = 48
 # torch threads; `--threads` changes it. On 2 cores shared with other work, 1 thread ran generation
 # 7x faster than 2 (OpenMP threads waiting on each other for every small matmul).

@@ -2,7 +2,7 @@
 
 - GRPO (online RL): reward = correctness by core.grading, plus small bonuses for a \\boxed{} answer
   and for ending the answer (without the latter the policy collapses into repeating its answer up to
-  the token cap, DEMO_NOTES). Checkpoints every few steps; `select` picks one by validation accuracy.
+  the token cap). Checkpoints every few steps; `select` picks one by validation accuracy.
 - DPO (offline): pairs built once from base samples, a correct answer over an incorrect one.
 - SFT: the reference solutions ("a + b = c." then \\boxed{c}).
 All use the `chat-boxed` prompt, as evaluation and the pipeline do. The committed adapters are r=8,
@@ -46,7 +46,7 @@ def lora_config():
 
 
 def _trainer_args(output_dir: Path, learning_rate: float = LEARNING_RATE) -> dict:
-    # TRL's defaults (bf16, gradient checkpointing, lr 1e-6) do not suit LoRA on CPU (DEMO_NOTES).
+    # TRL's defaults (bf16, gradient checkpointing, lr 1e-6) do not suit LoRA on CPU.
     return dict(output_dir=str(output_dir), use_cpu=True, bf16=False, gradient_checkpointing=False,
                 learning_rate=learning_rate, lr_scheduler_type="constant", warmup_steps=0,
                 logging_steps=1, report_to="none", seed=SEED, data_seed=SEED, save_only_model=True,
