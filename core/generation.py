@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+from core.vocab import DType, FinishReason
+
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
     answer_ids: tuple[int, ...]
-    # Why the answer ended: "eos", "stop" (a stop string) or "length" (the token limit).
-    finish_reason: str
+    finish_reason: FinishReason
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -110,7 +111,7 @@ def finish_answer(new_ids: Sequence[int], tokenizer, eos: set[int],
                   stop_strings: Sequence[str] = ()) -> Generation:
     """Cut generated ids at the first EOS or stop string; the marker itself is dropped."""
     ids = list(new_ids)
-    reason = "length"
+    reason: FinishReason = "length"
     for index, token in enumerate(ids):
         if token in eos:
             ids, reason = ids[:index], "eos"
@@ -139,7 +140,7 @@ def _tokens_before(ids: list[int], tokenizer, char_pos: int) -> int:
 
 
 def generate_vllm(spec, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
-                  stop_strings: Sequence[str] = (), dtype: str = "bfloat16") -> list[Generation]:
+                  stop_strings: Sequence[str] = (), dtype: DType = "bfloat16") -> list[Generation]:
     """The same answers with vLLM (greedy), cut at EOS or a stop string like the HF backend.
     `spec` is a core.models.ModelSpec; an adapter is served as a LoRA on its base."""
     try:

@@ -25,7 +25,6 @@ _FRAC_RE = re.compile(r"^([-+]?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$")
 # "x = 5": the value is the right-hand side.
 _ASSIGNMENT_RE = re.compile(r"^[A-Za-z]\w*\s*=\s*(.+)$")
 _SLASH_FRAC_RE = re.compile(rf"^({_NUMBER})\s*/\s*({_NUMBER})$")
-_PLAIN_NUMBER_RE = re.compile(rf"^(?:{_NUMBER})$")
 # Wrappers and decorations that do not change a numeric value.
 _DECORATIONS = (r"\$", r"\\\$", r"\\!", r"\\,", r"\\;", r"\\ ", r"\\left", r"\\right",
                 r"\\text\{[^{}]*\}", r"\\mathrm\{[^{}]*\}", r"\\%", "%", r"\^\{?\\circ\}?",

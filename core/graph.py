@@ -16,7 +16,7 @@ import functools
 import numpy as np
 
 from core.settings import SettingsError
-from core.vocab import GRANULARITIES
+from core.vocab import GRANULARITIES, Granularity
 
 QKV = ("q", "k", "v")
 
@@ -24,7 +24,7 @@ QKV = ("q", "k", "v")
 @dataclasses.dataclass(frozen=True)
 class ResidualGraph:
     n_layers: int
-    granularity: str = "qkv"
+    granularity: Granularity = "qkv"
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:

@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 
 from core.settings import stable_hash
-from core.vocab import DTYPES
+from core.vocab import DTYPES, DType
 
 
-def torch_dtype(name: str):
+def torch_dtype(name: DType):
     import torch
 
     if name not in DTYPES:
@@ -39,7 +39,7 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def load_causal_lm(path_or_id: str, dtype: str = "float32", device: str = "auto",
+def load_causal_lm(path_or_id: str, dtype: DType = "float32", device: str = "auto",
                    trust_remote_code: bool = False, revision: str | None = None):
     """A causal LM in eval mode with frozen weights, from a local folder or a hub id.
 
@@ -161,7 +161,7 @@ class ModelSpec:
         except OSError as error:
             raise ValueError(f"cannot load the tokenizer of {self} from {source!r}: {error}") from error
 
-    def load(self, dtype: str = "float32", device: str = "auto"):
+    def load(self, dtype: DType = "float32", device: str = "auto"):
         """The model in eval mode with frozen weights; an adapter is merged into its base
         (merge_and_unload), so scoring sees a plain model of the base's architecture."""
         if self.kind != "adapter":

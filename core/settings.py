@@ -14,7 +14,7 @@ import json
 import math
 from typing import Any, ClassVar
 
-from core.vocab import BACKENDS, DTYPES, GRANULARITIES
+from core.vocab import BACKENDS, DTYPES, GRANULARITIES, Backend, DType, Granularity
 
 
 class SettingsError(ValueError):
@@ -124,10 +124,10 @@ class ScoreSettings(Settings):
     """How edge scores are computed (docs/method.md sections 2-3)."""
 
     group: ClassVar[str] = "score"
-    granularity: str = setting("qkv", choices=GRANULARITIES,
+    granularity: Granularity = setting("qkv", choices=GRANULARITIES,
                                help="destination slots: q/k/v inputs per attention (qkv) or one per "
                                     "attention block (module)")
-    dtype: str = setting("float32", choices=DTYPES,
+    dtype: DType = setting("float32", choices=DTYPES,
                          help="model weights and activations; scores always accumulate in float32 "
                               "(float64 for a float64 model)")
     batch_size: int = setting(1, low=1, help="samples per forward+backward pass (results do not "
@@ -193,10 +193,10 @@ class GenerationSettings(Settings):
     from the pair's config unless overridden here."""
 
     group: ClassVar[str] = "generation"
-    gen_dtype: str = setting("float32", choices=DTYPES,
+    gen_dtype: DType = setting("float32", choices=DTYPES,
                              help="weights and activations while generating (bfloat16 is the usual "
                                   "choice on a GPU)")
-    gen_backend: str = setting("hf", choices=BACKENDS,
+    gen_backend: Backend = setting("hf", choices=BACKENDS,
                                help="hf (transformers generate) or vllm (when installed); greedy "
                                     "either way, but the two can differ in rounding")
     max_new_tokens: int = setting(0, low=0, help="answer token limit; 0 takes the pair's limit")

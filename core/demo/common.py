@@ -34,11 +34,15 @@ def setup_torch(seed: int = 0) -> None:
     seed_everything(seed)
 
 
+def _require_base(base: Path) -> None:
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(f"{base} is missing; run `python -m core.demo prepare-base`")
+
+
 def load_tokenizer(base: Path = BASE_DIR):
     from transformers import AutoTokenizer
 
-    if not (base / "config.json").is_file():
-        raise FileNotFoundError(f"{base} is missing; run `python -m core.demo prepare-base`")
+    _require_base(base)
     return AutoTokenizer.from_pretrained(str(base))
 
 
@@ -46,8 +50,7 @@ def model_spec(adapter: Path | None = None, base: Path = BASE_DIR):
     """The base folder, or an adapter on it, as the pipeline's ModelSpec."""
     from core.models import ModelSpec
 
-    if not (base / "config.json").is_file():
-        raise FileNotFoundError(f"{base} is missing; run `python -m core.demo prepare-base`")
+    _require_base(base)
     base_spec = ModelSpec("local", str(base))
     return base_spec if adapter is None else ModelSpec("adapter", str(adapter), base=base_spec)
 
@@ -57,18 +60,20 @@ def load_model(adapter: Path | None = None, base: Path = BASE_DIR):
     return model_spec(adapter, base).load(dtype="float32", device="cpu")
 
 
-def prompt_ids(rows: list[dict], tokenizer) -> list[list[int]]:
+def _rendered(rows: list[dict], tokenizer) -> list[tuple[str, list[int]]]:
     from core.templates import get_template
 
     template = get_template(TEMPLATE)
-    return [template.render(row["question"], tokenizer)[1] for row in rows]
+    return [template.render(row["question"], tokenizer) for row in rows]
+
+
+def prompt_ids(rows: list[dict], tokenizer) -> list[list[int]]:
+    return [ids for _, ids in _rendered(rows, tokenizer)]
 
 
 def prompt_texts(rows: list[dict], tokenizer) -> list[str]:
-    from core.templates import get_template
-
-    template = get_template(TEMPLATE)
-    return [template.render(row["question"], tokenizer)[0] for row in rows]
+    """The prompts as text, for the TRL trainers (which tokenise themselves)."""
+    return [text for text, _ in _rendered(rows, tokenizer)]
 
 
 def greedy_grades(model, tokenizer, rows: list[dict], batch_size: int = 25,
