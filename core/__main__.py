@@ -11,6 +11,7 @@ COMMAND_MODULES = (
     "core.commands.score",
     "core.commands.metrics",
     "core.commands.run",
+    "core.commands.faithfulness",
 )
 
 

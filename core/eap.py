@@ -1,4 +1,4 @@
-"""Edge Attribution Patching over the residual graph (METHOD.md section 3).
+"""Edge Attribution Patching over the residual graph (docs/method.md section 3).
 
 For a sample with loss L, W[s, d] = -sum_t sum_k O_s[t, k] G_d[t, k], where O_s is the output of
 source s and G_d the gradient of L at slot d's residual input through that slot's branch only. This is
@@ -100,7 +100,7 @@ def score_samples(model: nn.Module, samples: Sequence[Sample], settings: ScoreSe
     seconds = np.zeros(len(samples))
     # Similar lengths share a batch, to pad little.
     order = sorted(range(len(samples)), key=lambda i: samples[i].n_tokens)
-    with _frozen_eval(model), adapter.exact_precision(model):
+    with frozen_eval(model), adapter.exact_precision(model):
         for start in range(0, len(order), settings.batch_size):
             index = order[start:start + settings.batch_size]
             began = time.perf_counter()
@@ -115,7 +115,7 @@ def score_samples(model: nn.Module, samples: Sequence[Sample], settings: ScoreSe
 
 
 @contextlib.contextmanager
-def _frozen_eval(model: nn.Module) -> Iterator[None]:
+def frozen_eval(model: nn.Module) -> Iterator[None]:
     """Eval mode, no parameter gradients; restores the caller's state."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     was_training = model.training
@@ -340,7 +340,7 @@ class _Recorder:
     # --- additivity -------------------------------------------------------------------------
 
     def check_additivity(self, architecture: str) -> None:
-        """Every slot's residual input must equal the sum of its real sources (METHOD.md §2)."""
+        """Every slot's residual input must equal the sum of its real sources (docs/method.md section 2)."""
         tolerance = ADDITIVITY_TOLERANCE[self.model.dtype]
         # Slot name by the index of its last real source.
         slots_after = {2 * self.graph.n_layers: "logits"}

@@ -1,0 +1,291 @@
+"""Faithfulness of edge scores: real edge ablation and circuit recovery (docs/method.md section 8).
+
+EAP's W[s, d] is the derivative at e = 0 of L(H_d - e O_s); removing a whole module output (e = 1) is
+far from that point. This module measures the real effect with forward passes in which slot d's branch
+input loses e times source s's output while the skip connection and every other slot keep it:
+- edge ablation: Delta[s, d] = L(H_d - e O_s) - L(H_d), e = 1 for the real effect; as e -> 0,
+  Delta / e -> W, so the intervention is the one EAP linearises;
+- circuit recovery: keep the top fraction k of real edges by mean |W|, remove every other edge at
+  once, loss L_k; f(k) = (L_empty - L_k) / (L_empty - L_full) and its area over log k.
+
+Every intervention is one coefficient matrix C[n_src, n_dst]: slot d's branch input becomes
+H_d - sum_s C[s, d] O_s, with O_s the output of source s in that same (intervened) forward pass. Several
+interventions on one sample run as a batch of copies. Like the EAP engine, this module knows a model
+only through its architecture adapter (core/adapters.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.adapters import ArchitectureAdapter, adapter_for
+from core.eap import NonFiniteScoreError, Sample, forward_loss, frozen_eval, score_samples
+from core.graph import QKV, ResidualGraph
+from core.settings import ScoreSettings
+
+# Kept fractions of real edges for the recovery curve: 0 (every edge removed), then four points per
+# decade from 0.1% to 100% (nothing removed).
+RECOVERY_FRACTIONS = np.concatenate([[0.0], np.logspace(-3, 0, 13)])
+# Interventions per forward pass (copies of one sample in a batch).
+DEFAULT_COPIES = 8
+
+
+def ablated_losses(model: nn.Module, sample: Sample, graph: ResidualGraph, coefficients: np.ndarray,
+                   copies: int = DEFAULT_COPIES) -> np.ndarray:
+    """Loss of the sample under each intervention: coefficients [n, n_src, n_dst], where slot d's branch
+    input becomes H_d - sum_s coefficients[i, s, d] O_s. Entries off the real-edge mask must be 0."""
+    coefficients = np.asarray(coefficients, dtype=np.float64)
+    if coefficients.ndim != 3 or coefficients.shape[1:] != (graph.n_src, graph.n_dst):
+        raise ValueError(f"coefficients have shape {coefficients.shape}; expected [n, {graph.n_src}, "
+                         f"{graph.n_dst}] for a {graph.n_layers}-layer {graph.granularity} graph")
+    if coefficients[:, ~graph.real_edge_mask].any():
+        raise ValueError("coefficients remove a source from a slot that does not read it; only real "
+                         "edges (graph.real_edge_mask) can be removed")
+    adapter = adapter_for(model)
+    if adapter.n_layers(model) != graph.n_layers:
+        raise ValueError(f"the graph has {graph.n_layers} layers but the model {adapter.n_layers(model)}")
+    device = next(model.parameters()).device
+    losses = np.zeros(len(coefficients))
+    with frozen_eval(model), adapter.exact_precision(model), torch.no_grad():
+        for start in range(0, len(coefficients), copies):
+            chunk = torch.tensor(coefficients[start:start + copies], dtype=model.dtype, device=device)
+            removal = _Removal(model, adapter, graph, chunk, sample.n_tokens)
+            with removal.attached():
+                batch_losses = forward_loss(model, [sample] * len(chunk))
+            if not torch.isfinite(batch_losses).all():
+                raise NonFiniteScoreError(f"sample {sample.id!r}: an intervention gave a non-finite loss; "
+                                          f"ablate in float32 or float64")
+            losses[start:start + len(chunk)] = batch_losses.cpu().numpy()
+    return losses
+
+
+def edge_ablation(model: nn.Module, sample: Sample, graph: ResidualGraph,
+                  edges: Sequence[tuple[int, int]], scale: float = 1.0,
+                  copies: int = DEFAULT_COPIES) -> np.ndarray:
+    """Delta[s, d] = L(H_d - scale O_s) - L(H_d) of each edge (src index, dst index), one forward pass
+    per edge. scale = 1 removes the edge; (Delta / scale) -> W[s, d] as scale -> 0."""
+    coefficients = np.zeros((len(edges) + 1, graph.n_src, graph.n_dst))
+    for row, (src, dst) in enumerate(edges, start=1):
+        if not graph.real_edge_mask[src, dst]:
+            raise ValueError(f"{graph.src_names[src]}->{graph.dst_names[dst]} is not a real edge: slot "
+                             f"{graph.dst_names[dst]} does not read {graph.src_names[src]}")
+        coefficients[row, src, dst] = scale
+    # Row 0 removes nothing: L(H_d), through the same code path as the ablations.
+    losses = ablated_losses(model, sample, graph, coefficients, copies)
+    return losses[1:] - losses[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryCurve:
+    """f(k) of one model on a set of samples. fractions[0] = 0 (every edge removed) and
+    fractions[-1] = 1 (nothing removed), so f[0] = 0 and f[-1] = 1 exactly."""
+
+    fractions: np.ndarray  # [K] kept fraction of real edges
+    n_kept: np.ndarray  # [K] real edges kept
+    losses: np.ndarray  # [K, n_samples] L_k of each sample, for a bootstrap over samples
+    f: np.ndarray  # [K] (L_empty - L_k) / (L_empty - L_full), on the losses' means over samples
+    area: float  # mean of f over log k on the fractions above 0 (trapezoids): 1 for f = 1 throughout
+
+    def to_dict(self) -> dict:
+        return {"fractions": self.fractions.tolist(), "n_kept": self.n_kept.tolist(),
+                "f": self.f.tolist(), "area": self.area, "loss_empty": float(self.losses[0].mean()),
+                "loss_full": float(self.losses[-1].mean()), "losses": self.losses.tolist()}
+
+
+def circuit_recovery(model: nn.Module, samples: Sequence[Sample], graph: ResidualGraph,
+                     mean_abs_scores: np.ndarray, fractions: np.ndarray = RECOVERY_FRACTIONS,
+                     copies: int = DEFAULT_COPIES) -> RecoveryCurve:
+    """Keep the top fraction k of real edges by mean |W| ([n_src, n_dst], over the samples), remove
+    every other edge at once, and compare the loss with that of removing all (k = 0) or none (k = 1)."""
+    fractions = np.asarray(fractions, dtype=np.float64)
+    if len(fractions) < 3 or fractions[0] != 0 or fractions[-1] != 1 or not (np.diff(fractions) > 0).all():
+        raise ValueError(f"fractions must rise from 0 (every edge removed) through at least one value "
+                         f"in (0, 1) to 1 (none removed); got {fractions.tolist()}")
+    # Stable order: ties keep the dense matrix's row-major order, so the curve is reproducible.
+    ranked = np.argsort(-graph.edges(mean_abs_scores), kind="stable")
+    n_kept = np.rint(fractions * graph.n_edges).astype(np.int64)
+    coefficients = np.zeros((len(fractions), graph.n_edges))
+    for row, keep in enumerate(n_kept):
+        coefficients[row, ranked[keep:]] = 1.0
+    removals = graph.dense(coefficients)
+    losses = np.stack([ablated_losses(model, sample, graph, removals, copies) for sample in samples], 1)
+    mean = losses.mean(1)
+    if mean[0] == mean[-1]:
+        raise ValueError("removing every edge leaves the mean loss unchanged, so the recovery f(k) is "
+                         "undefined; check the model and samples")
+    f = (mean[0] - mean) / (mean[0] - mean[-1])
+    log_k = np.log(fractions[1:])
+    area = float(np.trapezoid(f[1:], log_k) / (log_k[-1] - log_k[0]))
+    return RecoveryCurve(fractions, n_kept, losses, f, area)
+
+
+def stratified_edges(scores: np.ndarray, graph: ResidualGraph, n: int,
+                     rng: np.random.Generator) -> list[tuple[int, int, str]]:
+    """(src, dst, stratum) of n real edges of one score matrix: the ceil(n/2) largest by |W| ("top"),
+    then the rest drawn uniformly from the other real edges ("random"); all edges when n exceeds them."""
+    src, dst = np.nonzero(graph.real_edge_mask)
+    order = np.argsort(-np.abs(scores[src, dst]), kind="stable")
+    n = min(n, graph.n_edges)
+    n_top = (n + 1) // 2
+    drawn = rng.choice(order[n_top:], size=n - n_top, replace=False)
+    return ([(int(src[e]), int(dst[e]), "top") for e in order[:n_top]]
+            + [(int(src[e]), int(dst[e]), "random") for e in np.sort(drawn)])
+
+
+def agreement(w: np.ndarray, delta: np.ndarray) -> dict:
+    """Spearman and Pearson correlation of W with Delta, and the fraction of edges where their signs
+    agree. A correlation is None where it is undefined (fewer than two edges, or a constant side)."""
+    from scipy import stats
+
+    def defined(correlate) -> float | None:
+        if len(w) < 2 or np.ptp(w) == 0 or np.ptp(delta) == 0:
+            return None
+        return float(correlate(w, delta).statistic)
+
+    return {"n": len(w), "spearman": defined(stats.spearmanr), "pearson": defined(stats.pearsonr),
+            "sign_agreement": float(np.mean(np.sign(w) == np.sign(delta))) if len(w) else None}
+
+
+def faithfulness_report(model: nn.Module, samples: Sequence[Sample], settings: ScoreSettings,
+                        edges_per_sample: int, seed: int, copies: int = DEFAULT_COPIES) -> dict:
+    """Scores the samples with EAP, ablates edges_per_sample stratified real edges of each sample, and
+    runs the recovery curve on the samples' mean |W|: everything `python -m core faithfulness` writes."""
+    if edges_per_sample < 1:
+        raise ValueError(f"edges per sample must be at least 1, got {edges_per_sample}")
+    result = score_samples(model, samples, settings)
+    graph = result.graph
+    rng = np.random.default_rng(seed)
+    rows = []
+    for sample, scores in zip(samples, result.scores):
+        chosen = stratified_edges(scores, graph, edges_per_sample, rng)
+        deltas = edge_ablation(model, sample, graph, [(s, d) for s, d, _ in chosen], copies=copies)
+        rows += [{"sample_id": sample.id, "src": graph.src_names[s], "dst": graph.dst_names[d],
+                  "stratum": stratum, "w": float(scores[s, d]), "delta": float(delta)}
+                 for (s, d, stratum), delta in zip(chosen, deltas)]
+    w = np.array([row["w"] for row in rows])
+    delta = np.array([row["delta"] for row in rows])
+    stratum = np.array([row["stratum"] for row in rows])
+    recovery = circuit_recovery(model, samples, graph, np.abs(result.scores).mean(0), copies=copies)
+    return {"granularity": graph.granularity, "dtype": str(model.dtype).removeprefix("torch."),
+            "seed": seed, "n_samples": len(samples), "n_real_edges": graph.n_edges,
+            "edges_per_sample": min(edges_per_sample, graph.n_edges),
+            "loss": dict(zip(result.sample_ids, result.loss.tolist())),
+            "agreement": agreement(w, delta),
+            "agreement_by_stratum": {name: agreement(w[stratum == name], delta[stratum == name])
+                                     for name in ("top", "random") if (stratum == name).any()},
+            "edges": rows, "recovery": recovery.to_dict()}
+
+
+class _Removal:
+    """Hooks that make slot d's branch input H_d - sum_s C[b, s, d] O_s in copy b of the batch, with
+    O_s captured in this same forward pass. A slot no copy changes is left alone."""
+
+    def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, graph: ResidualGraph,
+                 coefficients: torch.Tensor, width: int) -> None:
+        self.model, self.adapter, self.graph = model, adapter, graph
+        self.coefficients = coefficients
+        self.changed = coefficients.ne(0).any(0).cpu().numpy()  # [n_src, n_dst]
+        # Only sources some slot loses are kept, in order, so a slot's sources are a prefix of them.
+        self.kept = torch.as_tensor(np.flatnonzero(self.changed.any(1)), device=coefficients.device)
+        self.row = {int(src): row for row, src in enumerate(self.kept.tolist())}
+        d_model = model.get_input_embeddings().embedding_dim
+        self.outputs = torch.empty(len(coefficients), len(self.kept), width, d_model, dtype=model.dtype,
+                                   device=coefficients.device)
+        self.attn_inputs: dict[int, torch.Tensor] = {}
+
+    def removal(self, dst: int) -> torch.Tensor:
+        """sum_s C[:, s, dst] O_s, [batch, T, d]; zero coefficients add exact zeros."""
+        rows = self.row[int(np.flatnonzero(self.changed[:, dst])[-1])] + 1
+        batch, _, width, d_model = self.outputs.shape
+        weights = self.coefficients[:, self.kept[:rows], dst].unsqueeze(1)  # [batch, 1, rows]
+        return (weights @ self.outputs[:, :rows].reshape(batch, rows, -1)).reshape(batch, width, d_model)
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        g = self.graph
+        handles = []
+        layers = self.adapter.layers(self.model)
+        if 0 in self.row:
+            handles.append(layers[0].register_forward_pre_hook(self._keep_input, with_kwargs=True))
+        for layer_index, layer in enumerate(layers):
+            parts = self.adapter.parts(layer)
+            for module, src in ((parts.attn, g.attn_src(layer_index)), (parts.mlp, g.mlp_src(layer_index))):
+                if src in self.row:
+                    handles.append(module.register_forward_hook(self._keep_output(src)))
+            if self.changed[:, g.mlp_dst(layer_index)].any():
+                handles.append(parts.mlp_norm.register_forward_pre_hook(self._remove(g.mlp_dst(layer_index))))
+            if g.granularity == "module":
+                if self.changed[:, g.attn_dst(layer_index)].any():
+                    handles.append(parts.attn_norm.register_forward_pre_hook(
+                        self._remove(g.attn_dst(layer_index))))
+                continue
+            paths = [p for p in QKV if self.changed[:, g.attn_dst(layer_index, p)].any()]
+            if not paths:
+                continue
+            handles.append(parts.attn_norm.register_forward_pre_hook(self._keep_attn_input(layer_index)))
+            if parts.qkv_projections is not None:
+                for path in paths:
+                    projection = parts.qkv_projections[QKV.index(path)]
+                    handles.append(projection.register_forward_pre_hook(
+                        self._qkv_input(layer_index, g.attn_dst(layer_index, path), parts.attn_norm)))
+            else:
+                handles.append(parts.fused_qkv.register_forward_hook(
+                    self._fused_qkv_output(layer_index, paths, parts.attn_norm)))
+        if self.changed[:, g.logits_dst].any():
+            handles.append(self.adapter.final_norm(self.model).register_forward_pre_hook(
+                self._remove(g.logits_dst)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # --- sources ----------------------------------------------------------------------------
+
+    def _keep_input(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.outputs[:, self.row[0]] = hidden
+
+    def _keep_output(self, src: int):
+        def hook(module, args, output):
+            self.outputs[:, self.row[src]] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    # --- slots: the norm in front of a branch reads the ablated residual, the skip keeps it ----
+
+    def _remove(self, dst: int):
+        def hook(module, args):
+            return (args[0] - self.removal(dst),) + args[1:]
+        return hook
+
+    def _keep_attn_input(self, layer: int):
+        def hook(module, args):
+            self.attn_inputs[layer] = args[0]
+        return hook
+
+    def _ablated_normed(self, layer: int, dst: int, norm: nn.Module) -> torch.Tensor:
+        # forward() skips this norm's hooks; on a float64 model it is the exact-precision norm.
+        return norm.forward(self.attn_inputs[layer] - self.removal(dst))
+
+    def _qkv_input(self, layer: int, dst: int, norm: nn.Module):
+        """A q, k or v projection reads the norm of its own ablated residual."""
+        def hook(module, args):
+            return (self._ablated_normed(layer, dst, norm),) + args[1:]
+        return hook
+
+    def _fused_qkv_output(self, layer: int, paths: list[str], norm: nn.Module):
+        """The fused projection's q, k or v part is recomputed from that path's ablated residual."""
+        def hook(module, args, output):
+            parts = list(output.chunk(3, dim=-1))
+            for path in paths:
+                index = QKV.index(path)
+                ablated = self._ablated_normed(layer, self.graph.attn_dst(layer, path), norm)
+                parts[index] = module.forward(ablated).chunk(3, dim=-1)[index]
+            return torch.cat(parts, dim=-1)
+        return hook

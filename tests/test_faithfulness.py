@@ -1,0 +1,202 @@
+"""Edge ablation and circuit recovery against forward passes edited by hand, and against EAP."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ablation import ablated_loss, source_outputs
+from core.adapters import adapter_for
+from core.eap import forward_loss, score_samples
+from core.faithfulness import ablated_losses, circuit_recovery, edge_ablation, stratified_edges
+from core.graph import ResidualGraph
+from core.settings import ScoreSettings
+from tiny_models import random_samples, tiny_model
+
+ARCHITECTURES = ("llama", "qwen2", "gpt2")
+
+
+def real_edges(graph):
+    return [(int(s), int(d)) for s, d in zip(*np.nonzero(graph.real_edge_mask))]
+
+
+@pytest.mark.parametrize("granularity", ["qkv", "module"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_delta_equals_a_forward_pass_with_the_edge_removed_by_hand(architecture, granularity):
+    model = tiny_model(architecture, seed=ARCHITECTURES.index(architecture))
+    sample = random_samples(1, seed=3, min_answer=6)[0]
+    graph = ResidualGraph(2, granularity)
+    edges = real_edges(graph)
+    # Copies of 4: edges in one batch must not see each other's removal.
+    delta = edge_ablation(model, sample, graph, edges, copies=4)
+    with torch.no_grad(), adapter_for(model).exact_precision(model):
+        sources = source_outputs(model, sample)
+        clean = float(forward_loss(model, [sample])[0])
+        by_hand = [ablated_loss(model, sample, graph, s, d, 1.0, sources) - clean for s, d in edges]
+    for (s, d), value, expected in zip(edges, delta, by_hand):
+        assert abs(value - expected) <= 1e-9, f"{graph.src_names[s]}->{graph.dst_names[d]}"
+    assert np.abs(delta).max() > 0.1, "removing whole module outputs must change the loss"
+
+
+@pytest.mark.parametrize("granularity", ["qkv", "module"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_scaled_ablation_is_the_intervention_eap_linearises(architecture, granularity):
+    """(L(H_d - e O_s) - L(H_d + e O_s)) / 2e through the ablation's own path is W to 1e-6."""
+    model = tiny_model(architecture, seed=ARCHITECTURES.index(architecture))
+    sample = random_samples(1, seed=3, min_answer=6)[0]
+    result = score_samples(model, [sample], ScoreSettings(granularity=granularity))
+    edges = real_edges(result.graph)
+    eps = 1e-5
+    slope = (edge_ablation(model, sample, result.graph, edges, scale=eps)
+             - edge_ablation(model, sample, result.graph, edges, scale=-eps)) / (2 * eps)
+    for (s, d), value in zip(edges, slope):
+        expected = result.scores[0, s, d]
+        error = abs(value - expected)
+        assert error <= 1e-6 * abs(expected) or error <= 1e-9, (
+            f"{result.graph.src_names[s]}->{result.graph.dst_names[d]}: ablation slope {value!r} vs "
+            f"eap {expected!r}")
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_each_slot_reads_exactly_its_kept_sources(architecture):
+    """Removing many edges at once: every branch input is the sum of the outputs of the sources it
+    keeps, as computed in that same intervened pass (checked by hooks of the test's own)."""
+    model = tiny_model(architecture, n_layers=3, seed=4)
+    sample = random_samples(1, seed=9)[0]
+    graph = ResidualGraph(3, "module")
+    removed = graph.real_edge_mask & (np.random.default_rng(0).random(graph.real_edge_mask.shape) < 0.5)
+    assert 0 < removed.sum() < graph.n_edges
+    adapter = adapter_for(model)
+    outputs, inputs, handles = {}, {}, []
+
+    def keep(store, key, output):
+        store[key] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+
+    layers = adapter.layers(model)
+    handles.append(layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: keep(outputs, 0, args[0] if args else kwargs["hidden_states"]),
+        with_kwargs=True))
+    for l, layer in enumerate(layers):
+        parts = adapter.parts(layer)
+        for module, src in ((parts.attn, graph.attn_src(l)), (parts.mlp, graph.mlp_src(l))):
+            handles.append(module.register_forward_hook(lambda m, a, out, src=src: keep(outputs, src, out)))
+        for norm, dst in ((parts.attn_norm, graph.attn_dst(l)), (parts.mlp_norm, graph.mlp_dst(l))):
+            # A forward hook sees the arguments the norm ran on, after every pre-hook.
+            handles.append(norm.register_forward_hook(lambda m, args, out, dst=dst: keep(inputs, dst, args[0])))
+    handles.append(adapter.final_norm(model).register_forward_hook(
+        lambda m, args, out: keep(inputs, graph.logits_dst, args[0])))
+    try:
+        ablated_losses(model, sample, graph, removed[None].astype(float))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for dst in range(graph.n_dst):
+        kept = [s for s in range(graph.n_src) if graph.real_edge_mask[s, dst] and not removed[s, dst]]
+        expected = sum((outputs[s] for s in kept), torch.zeros_like(inputs[dst]))
+        assert torch.allclose(inputs[dst], expected, rtol=1e-9, atol=1e-9), graph.dst_names[dst]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_recovery_ends_are_exact_and_mean_what_they_say(architecture):
+    model = tiny_model(architecture, seed=2)
+    samples = random_samples(3, seed=21)
+    result = score_samples(model, samples)
+    curve = circuit_recovery(model, samples, result.graph, np.abs(result.scores).mean(0), copies=5)
+    assert curve.f[0] == 0 and curve.f[-1] == 1
+    assert curve.n_kept[0] == 0 and curve.n_kept[-1] == result.graph.n_edges
+    assert np.all(np.diff(curve.n_kept) >= 0)
+    adapter = adapter_for(model)
+    with torch.no_grad(), adapter.exact_precision(model):
+        # Nothing removed: the plain loss. Every edge removed: the final norm reads zero.
+        np.testing.assert_allclose(curve.losses[-1], forward_loss(model, samples).numpy(), rtol=1e-12)
+        zero = torch.zeros(1, model.config.hidden_size, dtype=model.dtype)
+        log_probs = torch.log_softmax(model.get_output_embeddings()(adapter.final_norm(model)(zero))[0], -1)
+    for loss, sample in zip(curve.losses[0], samples):
+        expected = -log_probs[list(sample.answer_ids[:sample.t_cut])].mean()
+        assert loss == pytest.approx(float(expected), abs=1e-9)
+    log_k = np.log(curve.fractions[1:])
+    assert curve.area == pytest.approx(np.trapezoid(curve.f[1:], log_k) / (log_k[-1] - log_k[0]))
+
+
+def test_results_do_not_depend_on_the_copies_per_pass():
+    model = tiny_model("llama")
+    sample = random_samples(1, seed=5)[0]
+    graph = ResidualGraph(2, "qkv")
+    edges = real_edges(graph)[::3]
+    np.testing.assert_allclose(edge_ablation(model, sample, graph, edges, copies=1),
+                               edge_ablation(model, sample, graph, edges, copies=5), rtol=0, atol=1e-12)
+
+
+def test_stratified_edges_are_the_top_half_and_a_seeded_draw_of_the_rest():
+    graph = ResidualGraph(2, "qkv")
+    scores = graph.dense(np.random.default_rng(1).normal(size=graph.n_edges))
+    chosen = stratified_edges(scores, graph, 7, np.random.default_rng(3))
+    top = [(s, d) for s, d, stratum in chosen if stratum == "top"]
+    drawn = [(s, d) for s, d, stratum in chosen if stratum == "random"]
+    assert len(top) == 4 and len(drawn) == 3 and len(set(top + drawn)) == 7
+    magnitudes = sorted(np.abs(graph.edges(scores)), reverse=True)
+    assert sorted(abs(scores[e]) for e in top) == sorted(magnitudes[:4])
+    assert chosen == stratified_edges(scores, graph, 7, np.random.default_rng(3))
+    assert len(stratified_edges(scores, graph, 1000, np.random.default_rng(3))) == graph.n_edges
+
+
+def test_a_non_edge_is_refused_by_name():
+    graph = ResidualGraph(2, "qkv")
+    with pytest.raises(ValueError, match=r"m1->a0<q> is not a real edge"):
+        edge_ablation(tiny_model("llama"), random_samples(1)[0], graph,
+                      [(graph.src_index("m1"), graph.dst_index("a0<q>"))])
+
+
+def write_samples(path, samples):
+    path.write_text("".join(json.dumps({"id": s.id, "prompt_ids": list(s.prompt_ids),
+                                        "answer_ids": list(s.answer_ids), "t_cut": s.t_cut}) + "\n"
+                            for s in samples))
+
+
+def test_cli_writes_edges_correlations_and_recovery(tmp_path):
+    model = tiny_model("llama", dtype=torch.float32, seed=6)
+    model.save_pretrained(tmp_path / "model")
+    samples = random_samples(2, seed=17, min_answer=4)
+    write_samples(tmp_path / "samples.jsonl", samples)
+    out = tmp_path / "faith" / "report.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "core", "faithfulness", "--model", str(tmp_path / "model"),
+         "--samples", str(tmp_path / "samples.jsonl"), "--edges", "6", "--out", str(out), "--seed", "2",
+         "--granularity", "module"],
+        capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(out.read_text())
+    assert report["granularity"] == "module" and report["dtype"] == "float32"
+    rows = report["edges"]
+    assert len(rows) == 12 and {r["sample_id"] for r in rows} == {"s0", "s1"}
+    assert [r["stratum"] for r in rows[:6]] == ["top"] * 3 + ["random"] * 3
+    direct = score_samples(model, samples, ScoreSettings(granularity="module"))
+    graph = direct.graph
+    for row in rows:
+        i, s, d = int(row["sample_id"][1:]), graph.src_index(row["src"]), graph.dst_index(row["dst"])
+        assert row["w"] == pytest.approx(direct.scores[i, s, d], rel=1e-4, abs=1e-6)
+    first = [(graph.src_index(r["src"]), graph.dst_index(r["dst"])) for r in rows[:6]]
+    np.testing.assert_allclose([r["delta"] for r in rows[:6]],
+                               edge_ablation(model, samples[0], graph, first), rtol=1e-4, atol=1e-6)
+    from scipy import stats
+
+    w, delta = [r["w"] for r in rows], [r["delta"] for r in rows]
+    assert report["agreement"]["spearman"] == pytest.approx(stats.spearmanr(w, delta).statistic)
+    assert report["agreement"]["pearson"] == pytest.approx(stats.pearsonr(w, delta).statistic)
+    assert report["agreement"]["sign_agreement"] == np.mean(np.sign(w) == np.sign(delta))
+    recovery = report["recovery"]
+    assert recovery["f"][0] == 0 and recovery["f"][-1] == 1 and recovery["fractions"][1] == 0.001
+    assert np.array(recovery["losses"]).shape == (len(recovery["fractions"]), 2)
+
+
+def test_cli_refuses_a_directory_as_out_before_loading_anything(tmp_path):
+    write_samples(tmp_path / "s.jsonl", random_samples(1))
+    completed = subprocess.run(
+        [sys.executable, "-m", "core", "faithfulness", "--model", str(tmp_path / "nowhere"),
+         "--samples", str(tmp_path / "s.jsonl"), "--edges", "4", "--out", str(tmp_path)],
+        capture_output=True, text=True)
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines()[-1].startswith(f"error: --out {tmp_path} is a directory")
