@@ -5,8 +5,8 @@ Overview: Table 1 (activation intensity, information complexity, kurtosis; base 
 cached run, and the Figure-3a summary of inter-sample diversity. The other pages are pages/*.py; every
 page draws the same sidebar (pages/_shared), whose selection is kept in the URL's query string.
 Read-only mode (`-- --read-only` or CIRCUITDIFF_READ_ONLY=1) hides Compute, for presenting. The pages
-read the result cache (CIRCUITDIFF_CACHE, else cache/circuitdiff.duckdb) only through core.query;
-none imports a model library.
+read the result cache (CIRCUITDIFF_CACHE, else cache/circuitdiff.duckdb) only through core.query,
+which hands them every view already shaped; none imports a model library.
 """
 
 import math
@@ -16,17 +16,18 @@ import pandas as pd
 import streamlit as st
 
 from core import figures
-from core.metrics import METRICS, PAPER_DIRECTION
-from pages import _shared
+from core.query import METRICS, PAPER_DIRECTION
+from pages._shared import layout, selection
 
 # Green where the change goes the way the paper reports for online RL, red where it goes against it;
 # both mid-tones so they read on light and dark backgrounds.
 DIRECTION_COLORS = {"as paper": "#2E9E44", "against paper": "#D64545"}
 TABLE1_METRICS = ["intensity", "complexity", "kurtosis", "diversity"]
 
-sel = _shared.page_header("Overview")
+sel = layout.page_header("Overview")
 if sel is not None:
-    table = _shared.metric_table(sel.metrics)
+    cache = selection.cache()
+    table = cache.metric_table(sel.metrics)
     if table.empty:
         st.info("No cached run has an alpha with 2 or more questions scored for every model yet "
                 "(the metrics compare samples); come back when a job has scored more (Compute "
@@ -66,7 +67,7 @@ if sel is not None:
         colors[metric] = [f"color: {DIRECTION_COLORS[d]}" if d in DIRECTION_COLORS else ""
                           for d in direction[metric].to_numpy()]
     styled = frame.style.apply(lambda _: colors, axis=None).format({"alpha": "{:g}"})
-    _shared.table(styled, "metric_table", data=long, hide_index=True)
+    layout.table(styled, "metric_table", data=long, hide_index=True)
     st.caption(f"{long['run_key'].nunique()} run(s), {len(grid)} (run, post model, alpha) cells; "
                f"metric conventions key {sel.metrics.key()} (sidebar → Metric conventions).")
 
@@ -78,15 +79,15 @@ if sel is not None:
                                  + np.where(series, " · " + diversity["post_label"], "")
                                  + " · " + diversity["dataset"] + " · α="
                                  + diversity["alpha"].map(lambda a: f"{a:g}"))
-    summary = _shared.diversity_summary(sel.metrics)
+    summary = cache.diversity_summary(sel.metrics)
     overall = summary[summary["pair"] == "all"].iloc[0]
     st.markdown(f"Diversity rose after post-training in **{overall['rose']} of {overall['cells']}** "
                 f"cells ({overall['rose_ci_above_zero']} with the interval above 0), mean change "
                 f"**{overall['mean_change_pct']:+.1f}%**. The paper: higher after RL in 39 of 41 "
                 f"cells, +7.6% on average.")
-    _shared.plot(figures.change_summary(diversity, "diversity",
+    layout.plot(figures.change_summary(diversity, "diversity",
                                         expected_sign=PAPER_DIRECTION["diversity"]),
                  "diversity_change", sel)
     st.caption("One bar per cell, sorted: orange where diversity rose (as the paper reports for RL), "
                "blue where it fell; whiskers: the change's bootstrap interval.")
-    _shared.table(summary, "diversity_summary", hide_index=True)
+    layout.table(summary, "diversity_summary", hide_index=True)

@@ -22,12 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from streamlit.testing.v1 import AppTest
+
+from core.synthetic import build_fixture_cache, build_synthetic_cache
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from streamlit.testing.v1 import AppTest  # noqa: E402
-
-from core.synthetic import build_fixture_cache, build_synthetic_cache  # noqa: E402
 
 APP = str(REPO / "app.py")
 PAGES = ("app.py", "pages/1_Edge_heatmap.py", "pages/2_Distributions.py", "pages/3_Circuit_graph.py",

@@ -5,8 +5,8 @@ import numpy as np
 import streamlit as st
 
 from core import figures
-from core.metrics import EDGE_MEASURES, edge_change
-from pages import _shared
+from core.query import EDGE_MEASURES
+from pages._shared import layout, selection, widgets
 
 MEASURE_HELP = {
     "ratio": "(mean|W_post| - mean|W_base|) / mean|W_base|: the paper's relative edge-strength change",
@@ -15,37 +15,39 @@ MEASURE_HELP = {
                   "edges do not blow up as in the ratio",
 }
 
-sel = _shared.page_header("Edge heatmap", links=("heatmap.measure", "heatmap.significant"))
+sel = layout.page_header("Edge heatmap", links=("heatmap.measure", "heatmap.significant"))
 if sel is not None:
-    graph, base, post, ids = _shared.compared_matrices(sel)
+    layout.require_pairs(sel)
+    cache = selection.cache()
     left, middle, right = st.columns([2, 2, 3])
-    _shared.linked("heatmap.measure", EDGE_MEASURES)
-    _shared.linked("heatmap.significant", (True, False), _shared.parse_bool)
+    widgets.linked("heatmap.measure", EDGE_MEASURES)
+    widgets.linked("heatmap.significant", (True, False), widgets.parse_bool)
     measure = left.radio("Change measure", EDGE_MEASURES, horizontal=True, key="heatmap.measure",
                          format_func=str, help="\n\n".join(f"**{k}**: {v}" for k, v in MEASURE_HELP.items()))
     only_significant = middle.toggle(
         "Only significant edges", key="heatmap.significant",
-        help=f"paired t-test per edge on |W_post| - |W_base| across the {len(ids)} questions, "
+        help=f"paired t-test per edge on |W_post| - |W_base| across the {sel.n_questions} questions, "
              f"Benjamini-Hochberg at FDR {sel.metrics.fdr:g} (sidebar → Metric conventions)")
     right.caption(MEASURE_HELP[measure])
-    _shared.link("heatmap.measure", measure)
-    _shared.link("heatmap.significant", only_significant)
+    widgets.link("heatmap.measure", measure)
+    widgets.link("heatmap.significant", only_significant)
 
-    mean = _shared.means(base, post)
-    change = edge_change(base, post, graph, measure)
+    graph = cache.graph(sel.run_key, sel.granularity)
+    mean = cache.mean_matrices(sel.run_key, sel.alpha, **sel.scope)
+    change = cache.edge_change(sel.run_key, sel.alpha, measure, **sel.scope)
     if only_significant:
-        tests = _shared.significant_edges(sel)
+        tests = cache.significant_edges(sel.run_key, sel.alpha, **sel.scope, settings=sel.metrics)
         keep = np.zeros_like(graph.real_edge_mask)
         keep[[graph.src_index(s) for s in tests["src"]], [graph.dst_index(d) for d in tests["dst"]]] = True
         change = np.where(keep, change, np.nan)
         st.caption(f"{len(tests)} of {graph.n_edges} edges changed significantly "
                    f"(FDR {sel.metrics.fdr:g}); the others are blank.")
-    _shared.plot(figures.change_heatmap(graph, change, mean, sel.base_label, sel.post_label, measure),
-                 f"edge_change_{measure}", sel)
+    layout.plot(figures.change_heatmap(graph, change, mean, sel.base_label, sel.post_label, measure),
+                f"edge_change_{measure}", sel)
     st.caption("Rows: sources in computation order (input, then attention a{l} and MLP m{l} of each "
                "layer); columns: destination slots in layer order. Blank cells are non-edges (a "
                "source computed after the slot reads the residual stream). The colour range covers "
                "99% of the edges; hover for both models' exact means.")
     st.subheader("Mean |W| of each model")
-    _shared.plot(figures.mean_heatmaps(graph, mean["base_abs"], mean["post_abs"], sel.base_label,
-                                       sel.post_label), "mean_abs_matrices", sel)
+    layout.plot(figures.mean_heatmaps(graph, mean["base_abs"], mean["post_abs"], sel.base_label,
+                                      sel.post_label), "mean_abs_matrices", sel)

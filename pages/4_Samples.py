@@ -7,7 +7,9 @@ import pandas as pd
 import streamlit as st
 
 from core import figures
-from pages import _shared
+from core.query import PER_SAMPLE_METRICS
+from pages._shared import layout, selection, widgets
+
 
 def answer_html(text: str, scored: str, color: str) -> str:
     """The answer with its scored prefix (answer[:T_cut]) highlighted; `$` is escaped so Markdown
@@ -30,10 +32,10 @@ def verdict(correct) -> str:
     return ":green[:material/check_circle: correct]" if bool(correct) else ":red[:material/cancel: wrong]"
 
 
-sel = _shared.page_header("Samples", links=("samples.question",))
+sel = layout.page_header("Samples", links=("samples.question",))
 if sel is not None:
     try:
-        table = _shared.samples(sel)
+        table = selection.cache().samples(sel.run_key, sel.alpha, **sel.scope, settings=sel.metrics)
     except ValueError as error:  # e.g. too few questions for the per-sample metrics
         st.warning(f"The samples of this run cannot be shown yet: {error}")
         st.stop()
@@ -41,17 +43,15 @@ if sel is not None:
         st.info(f"No question is scored for both models at alpha {sel.alpha:g} yet.")
         st.stop()
     # Per-sample metrics at the view's granularity and the sidebar's conventions.
-    metrics = _shared.per_sample(sel)
-    table = table.drop(columns=[c for c in metrics.columns if c != "question_id"],
-                       errors="ignore").merge(metrics, on="question_id", how="left")
-    metric_names = [c for c in metrics.columns if c != "question_id"]
+    metric_names = [f"{side}_{name}" for side in ("base", "post") for name in PER_SAMPLE_METRICS
+                    if f"{side}_{name}" in table.columns]
 
     labels = {q: f"{q}: {text[:90]}" for q, text in zip(table["question_id"], table["question"])}
-    _shared.linked("samples.question", list(table["question_id"]))
+    widgets.linked("samples.question", list(table["question_id"]))
     question_id = st.selectbox(f"Question ({len(table)} selected for both models)",
                                list(table["question_id"]), format_func=labels.get,
                                key="samples.question")
-    _shared.link("samples.question", question_id)
+    widgets.link("samples.question", question_id)
     row = table[table["question_id"] == question_id].iloc[0]
     st.markdown(f"**Question.** {row['question']}")
     st.markdown(f"**Reference answer:** `{row['reference']}` · scored tokens T_cut = "
@@ -70,10 +70,10 @@ if sel is not None:
                "scores attribute.")
     if metric_names:
         st.markdown("**Per-sample metrics of this question**")
-        _shared.table(pd.DataFrame([row[["question_id", *metric_names]]]),
+        layout.table(pd.DataFrame([row[["question_id", *metric_names]]]),
                       f"sample_{question_id}_metrics", hide_index=True)
 
     st.subheader("All selected questions")
     overview = table[["question_id", "base_correct", "post_correct", "base_answer_len",
                       "post_answer_len", "t_cut", "base_loss", "post_loss", *metric_names]]
-    _shared.table(overview, f"samples_alpha_{sel.alpha:g}", data=table, hide_index=True)
+    layout.table(overview, f"samples_alpha_{sel.alpha:g}", data=table, hide_index=True)

@@ -4,32 +4,28 @@ cancel it. Finished results show up on the other pages without a restart."""
 
 import datetime as dt
 import json
-import subprocess
 
 import pandas as pd
 import streamlit as st
 
 from core import jobs
-from core.settings import GenerationSettings
-from core.pipeline import ConfigError, RunRequest, load_config
-from core.settings import PAPER_ALPHAS, ScoreSettings, SelectionSettings, SettingsError
-from pages import _shared
+from core.settings import (PAPER_ALPHAS, GenerationSettings, ScoreSettings, SelectionSettings,
+                           SettingsError)
+from pages._shared import layout, selection, widgets
 
-_shared.page_setup("Compute")
+layout.page_setup("Compute")
 st.title("Compute")
-if _shared.read_only():  # the page list leaves it out; an old link lands here
+if selection.read_only():  # the page list leaves it out; an old link lands here
     st.warning("Read-only mode: computing is switched off.")
     st.stop()
 
-cache_path = str(_shared.cache().path)
+cache_path = str(selection.cache().path)
 try:
-    config = load_config()
-except ConfigError as error:
+    config = jobs.configured()
+except jobs.ConfigError as error:
     st.error(str(error))
     st.stop()
-pairs = {**{name: "pair" for name in config.get("pairs", {})},
-         **{name: "series" for name in config.get("series", {})}}
-datasets = list(config.get("datasets", {}))
+pairs, datasets = config["pairs"], config["datasets"]
 if not pairs or not datasets:
     st.info("No pair or dataset is configured: add them to core/pairs.toml.")
     st.stop()
@@ -46,40 +42,44 @@ limit = right.number_input("Questions taken from the dataset (0: all)", min_valu
                            help="a first look on a prefix of the dataset; selection then draws from it")
 groups = st.columns(3)
 with groups[0].expander("Selection settings"):
-    selection = _shared.settings_widgets(SelectionSettings, "compute.selection")
+    selection_settings = widgets.settings_widgets(SelectionSettings, "compute.selection")
 with groups[1].expander("Score settings"):
-    score = _shared.settings_widgets(ScoreSettings, "compute.score")
+    score = widgets.settings_widgets(ScoreSettings, "compute.score")
 with groups[2].expander("Generation settings"):
-    generation = _shared.settings_widgets(GenerationSettings, "compute.generation")
+    generation = widgets.settings_widgets(GenerationSettings, "compute.generation")
 
 try:
-    request = RunRequest(pair=pair, dataset=dataset, alphas=tuple(alphas), selection=selection,
-                         score=score, generation=generation, limit=int(limit), cache=cache_path)
+    request = jobs.RunRequest(pair=pair, dataset=dataset, alphas=tuple(alphas),
+                              selection=selection_settings, score=score, generation=generation,
+                              limit=int(limit), cache=cache_path)
 except (ValueError, SettingsError) as error:
     st.error(f"{error}")
     st.stop()
-st.caption("Command line equivalent: `python -m core run " + " ".join(request.cli_args()) + "`")
+# The request as a file is the whole command line: every setting, nothing rebuilt as flags.
+request_json = json.dumps(request.as_dict(), sort_keys=True, indent=2)
+caption, request_download = st.columns([4, 1])
+caption.caption("Command line equivalent: `python -m core run --request request.json`, with the "
+                "request file on the right.")
+layout.download("request.json", request_json, "request.json", "application/json",
+                container=request_download)
 
-# The estimate reads the models' tokenizers and the dataset: on demand, in a child process.
-request_key = json.dumps(request.as_dict(), sort_keys=True)
 estimate_col, start_col, _ = st.columns([1, 1, 4])
 if estimate_col.button("Estimate cost", icon=":material/calculate:", key="compute.estimate"):
     with st.spinner("Reading tokenizers, the dataset and what the cache already holds ..."):
         try:
-            st.session_state["compute.estimate_result"] = (request_key, _shared.estimate(request))
-        except (ValueError, OSError, subprocess.TimeoutExpired) as error:
-            st.session_state["compute.estimate_result"] = (request_key, {"error": str(error)})
-estimated_key, estimate = st.session_state.get("compute.estimate_result", (None, None))
-if estimate is not None and estimated_key == request_key:
+            st.session_state["compute.estimate_result"] = (request_json, jobs.estimate(request))
+        except ValueError as error:
+            st.session_state["compute.estimate_result"] = (request_json, {"error": str(error)})
+estimated_for, estimate = st.session_state.get("compute.estimate_result", (None, None))
+if estimate is not None and estimated_for == request_json:
     if "error" in estimate:
         st.error(f"Cannot estimate this run: {estimate['error']}")
     else:
-        missing = estimate["missing"]
         st.markdown(f"**Estimated cost:** about **{dt.timedelta(seconds=int(estimate['seconds']))}** "
                     f"of model time for {estimate['questions']} questions and models "
                     f"{', '.join(estimate['models'])} (run `{estimate['run_key']}`); work still "
                     f"missing per stage:")
-        _shared.table(pd.DataFrame([missing]), "estimate", hide_index=True)
+        layout.table(pd.DataFrame([estimate["missing"]]), "estimate", hide_index=True)
 elif estimate is not None:
     st.caption("The settings changed since the last estimate: estimate again.")
 

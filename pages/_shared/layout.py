@@ -1,0 +1,91 @@
+"""Page layout: setup and the page list, the header every result page opens with, and figure and
+table output with their downloads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from pages._shared.selection import Selection, cache, read_only, sidebar
+
+# Every page, in order: (script, label, icon). Streamlit's own list is switched off
+# (client.showSidebarNavigation in .streamlit/config.toml) so that read-only mode can leave out Compute.
+NAVIGATION = (
+    ("app.py", "Overview", ":material/table_chart:"),
+    ("pages/1_Edge_heatmap.py", "Edge heatmap", ":material/grid_on:"),
+    ("pages/2_Distributions.py", "Distributions", ":material/bar_chart:"),
+    ("pages/3_Circuit_graph.py", "Circuit graph", ":material/account_tree:"),
+    ("pages/4_Samples.py", "Samples", ":material/article:"),
+    ("pages/5_Compute.py", "Compute", ":material/play_circle:"),
+)
+COMPUTE_PAGE = "pages/5_Compute.py"
+
+
+def page_setup(title: str) -> None:
+    """Wide layout, the browser tab's title and the page list in the sidebar."""
+    st.set_page_config(page_title=f"{title} · circuitdiff", page_icon=":material/difference:",
+                       layout="wide")
+    for script, label, icon in NAVIGATION:
+        if script == COMPUTE_PAGE and read_only():
+            continue
+        st.sidebar.page_link(script, label=label, icon=icon)
+    if read_only():
+        st.sidebar.caption("Read-only mode: Compute is hidden.")
+    st.sidebar.divider()
+
+
+def page_header(title: str, links: tuple[str, ...] = ()) -> Selection | None:
+    """Page setup, the sidebar selection and the page title; on an empty cache, says what to do and
+    returns None. `links`: keys of the page's widgets that the URL keeps (see widgets.linked,
+    widgets.link)."""
+    page_setup(title)
+    sel = sidebar(links)
+    st.title(title)
+    if sel is None:
+        st.info(f"The result cache **{cache().path}** holds no runs yet. To fill it: `make demo-run` "
+                f"(the embedded demo pairs), or pick a pair and dataset on the **Compute** page, or "
+                f"`python -m core run ...`. To browse another cache, start the dashboard with "
+                f"`CIRCUITDIFF_CACHE=/path/to/file.duckdb`.", icon=":material/info:")
+        return None
+    st.caption(sel.title)
+    return sel
+
+
+def require_pairs(sel: Selection) -> None:
+    """Stops the page with a message when fewer than two questions are scored for both models at
+    the selected alpha: every comparison needs pairs of samples."""
+    if sel.n_questions < 2:
+        st.info(f"Only {sel.n_questions} question(s) are scored for both models at alpha "
+                f"{sel.alpha:g}; the comparison needs 2 or more. Wait for the job to go on, or pick "
+                f"another alpha.")
+        st.stop()
+
+
+def plot(fig, name: str, sel: Selection | None = None, **kwargs) -> Any:
+    """A plotly figure whose camera button saves `name` as PNG or SVG (sidebar choice)."""
+    fmt = sel.image_format if sel is not None else "png"
+    config = {"displaylogo": False,
+              "toImageButtonOptions": {"format": fmt, "filename": name, "scale": 2}}
+    return st.plotly_chart(fig, config=config, **kwargs)
+
+
+def download(label: str, data, file_name: str, mime: str, container=st) -> None:
+    """A download button that does not rerun the page; `data` may be a callable, built on click."""
+    container.download_button(label, data=data, file_name=file_name, mime=mime,
+                              key=f"download.{file_name}", on_click="ignore",
+                              icon=":material/download:")
+
+
+def table(frame: pd.DataFrame, name: str, *, data: pd.DataFrame | None = None, **kwargs) -> Any:
+    """A dataframe (or a Styler of it) with a CSV download of `data` (default: the frame)."""
+    if isinstance(frame, pd.DataFrame) and "column_config" not in kwargs:
+        # Four significant digits: edge scores are ~1e-3, which a fixed 4 decimals would flatten.
+        kwargs["column_config"] = {column: st.column_config.NumberColumn(format="%.4g")
+                                   for column in frame.columns
+                                   if pd.api.types.is_float_dtype(frame[column])}
+    shown = st.dataframe(frame, **kwargs)
+    source = data if data is not None else (frame.data if hasattr(frame, "data") else frame)
+    download("Download CSV", lambda: source.to_csv(index=False), f"{name}.csv", "text/csv")
+    return shown
