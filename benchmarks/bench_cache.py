@@ -18,10 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from core.query import ResultCache  # noqa: E402
-from core.synthetic import build_synthetic_cache  # noqa: E402
+from core.query import ResultCache
+from core.synthetic import build_synthetic_cache
 
 
 def median_ms(function, repeats: int) -> float:
@@ -55,8 +53,7 @@ def main() -> int:
     # Each query on a fresh ResultCache: no memoised answer is reused.
     queries = {
         "mean_matrices": lambda c: c.mean_matrices(run.run_key, alpha),
-        "sample_matrices_base+post": lambda c: (c.sample_matrices(run.run_key, alpha, "base"),
-                                                c.sample_matrices(run.run_key, alpha, run.post_label)),
+        "view_base+post": lambda c: c.view(run.run_key, alpha, post_label=run.post_label),
         "edge_across_alphas": lambda c: c.edge_across_alphas(run.run_key, "a3", "m10"),
         "metric_table": lambda c: c.metric_table(),
         "runs": lambda c: c.runs(),

@@ -1,4 +1,5 @@
-"""Plotly figures of a paired run: pure functions of numpy arrays, DataFrames and a ResidualGraph.
+"""Plotly figures of a paired run: pure functions of the read model's views (numpy arrays,
+DataFrames, a ResidualGraph, a core.circuit.Circuit); they draw, they compute no data.
 
 No Streamlit here, so notebooks can call the same builders as the dashboard. Every figure uses one
 colour for the base model and one for the post-trained model, and a diverging scale centred at 0 for
@@ -12,6 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from core.circuit import Circuit, node_of_slot
 from core.graph import ResidualGraph
 
 BASE_COLOR = "#4C78A8"
@@ -187,44 +189,6 @@ def change_summary(frame: pd.DataFrame, metric: str, *, expected_sign: int | Non
 
 # --- Circuit graph --------------------------------------------------------------------------------
 
-def top_edges(graph: ResidualGraph, means: dict[str, np.ndarray], k: int, by: str) -> pd.DataFrame:
-    """The k real edges with the largest strength (`by="strength"`: max of the two models' mean |W|)
-    or the largest change (`by="change"`: |post - base| of mean |W|), with both models' values."""
-    if by not in ("strength", "change"):
-        raise ValueError(f"top_edges: by={by!r} is not 'strength' or 'change'")
-    src, dst = np.nonzero(graph.real_edge_mask)
-    base_abs = means["base_abs"][src, dst].astype(np.float64)
-    post_abs = means["post_abs"][src, dst].astype(np.float64)
-    score = np.maximum(base_abs, post_abs) if by == "strength" else np.abs(post_abs - base_abs)
-    order = np.argsort(-score, kind="stable")[: max(int(k), 0)]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        relative = np.where(base_abs > 0, (post_abs - base_abs) / base_abs, np.nan)
-    return pd.DataFrame({
-        "edge": [f"{graph.src_names[s]}->{graph.dst_names[d]}" for s, d in zip(src[order], dst[order])],
-        "src": [graph.src_names[s] for s in src[order]],
-        "dst": [graph.dst_names[d] for d in dst[order]],
-        "base_mean_abs": base_abs[order], "post_mean_abs": post_abs[order],
-        "base_mean_signed": means["base_signed"][src[order], dst[order]].astype(np.float64),
-        "post_mean_signed": means["post_signed"][src[order], dst[order]].astype(np.float64),
-        "abs_change": post_abs[order] - base_abs[order], "rel_change": relative[order],
-    })
-
-
-def _module_of_slot(slot: str) -> str:
-    """Destination slot -> the module node it feeds: `a3<q>` -> `a3`."""
-    return slot.split("<", 1)[0]
-
-
-def layered_layout(graph: ResidualGraph) -> dict[str, tuple[float, float]]:
-    """One position per module node, fixed by the graph alone (so both models share it): layers go
-    bottom to top, attention in the left lane, MLP in the right, input and logits centred."""
-    positions = {"input": (0.5, -1.0), "logits": (0.5, float(graph.n_layers))}
-    for layer in range(graph.n_layers):
-        positions[f"a{layer}"] = (0.0, layer)
-        positions[f"m{layer}"] = (1.0, layer + 0.5)
-    return positions
-
-
 def _curve(p0: tuple[float, float], p1: tuple[float, float], n: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Quadratic Bezier from p0 to p1 bowed sideways, more for edges that skip more layers (up to a
     cap that keeps them inside the panel), so edges in the same lane stay apart."""
@@ -237,18 +201,20 @@ def _curve(p0: tuple[float, float], p1: tuple[float, float], n: int = 16) -> tup
             (1 - t) ** 2 * y0 + 2 * (1 - t) * t * cy + t ** 2 * y1)
 
 
-def circuit_figure(graph: ResidualGraph, edges: pd.DataFrame, base_label: str, post_label: str, *,
-                   highlight: str | None = None, width_classes: int = 5) -> go.Figure:
-    """The edges of `top_edges` drawn as a layered DAG for both models side by side on one layout:
+def circuit_figure(circuit: Circuit, *, highlight: str | None = None,
+                   width_classes: int = 5) -> go.Figure:
+    """A core.circuit.Circuit drawn as a layered DAG for both models side by side on its one layout:
     width proportional to each model's mean |W| (one scale for both panels), colour by the sign of
     its mean W; `highlight` (an edge name) is drawn on top in both panels."""
-    positions = layered_layout(graph)
+    edges = circuit.edges
+    meta = circuit.metadata
+    positions = {node: (data["x"], data["y"]) for node, data in circuit.graph.nodes(data=True)}
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06,
-                        subplot_titles=(base_label, post_label))
+                        subplot_titles=(meta["base_label"], meta["post_label"]))
     strongest = float(np.nanmax(edges[["base_mean_abs", "post_mean_abs"]].to_numpy())) if len(edges) else 1.0
     strongest = strongest if strongest > 0 else 1.0
-    nodes = sorted({e for e in edges["src"]} | {_module_of_slot(d) for d in edges["dst"]},
-                   key=lambda name: positions[name][1])
+    nodes = list(circuit.graph.nodes)
+    ends = [(src, node_of_slot(dst)) for src, dst in zip(edges["src"], edges["dst"])]
     for col, side in ((1, "base"), (2, "post")):
         values = edges[f"{side}_mean_abs"].to_numpy()
         signs = np.sign(edges[f"{side}_mean_signed"].to_numpy())
@@ -262,25 +228,24 @@ def circuit_figure(graph: ResidualGraph, edges: pd.DataFrame, base_label: str, p
                 xs: list[float] = []
                 ys: list[float] = []
                 for src, dst in zip(chosen["src"], chosen["dst"]):
-                    cx, cy = _curve(positions[src], positions[_module_of_slot(dst)])
+                    cx, cy = _curve(positions[src], positions[node_of_slot(dst)])
                     xs += [*cx, None]
                     ys += [*cy, None]
                 fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
                                          line={"color": color, "width": 0.6 + 1.6 * width},
                                          opacity=0.75), row=1, col=col)
         # Hover points at the middle of each edge, with both models' values.
-        mids = [_curve(positions[s], positions[_module_of_slot(d)], n=3) for s, d in
-                zip(edges["src"], edges["dst"])]
+        mids = [_curve(positions[s], positions[d], n=3) for s, d in ends]
         fig.add_trace(go.Scatter(
             x=[m[0][1] for m in mids], y=[m[1][1] for m in mids], mode="markers", showlegend=False,
             marker={"size": 6, "color": "rgba(0,0,0,0)"}, text=edges["edge"],
             customdata=edges[["base_mean_abs", "post_mean_abs", "rel_change"]].to_numpy(),
-            hovertemplate=("%{text}<br>" + f"{base_label}: %{{customdata[0]:.6g}}<br>"
-                           f"{post_label}: %{{customdata[1]:.6g}}<br>"
+            hovertemplate=("%{text}<br>" + f"{meta['base_label']}: %{{customdata[0]:.6g}}<br>"
+                           f"{meta['post_label']}: %{{customdata[1]:.6g}}<br>"
                            "relative change %{customdata[2]:.3g}<extra></extra>")), row=1, col=col)
         if highlight is not None and highlight in set(edges["edge"]):
             row = edges[edges["edge"] == highlight].iloc[0]
-            cx, cy = _curve(positions[row["src"]], positions[_module_of_slot(row["dst"])])
+            cx, cy = _curve(positions[row["src"]], positions[node_of_slot(row["dst"])])
             fig.add_trace(go.Scatter(x=cx, y=cy, mode="lines", showlegend=False, hoverinfo="skip",
                                      line={"color": "#D62728", "width": 5}), row=1, col=col)
         fig.add_trace(go.Scatter(
@@ -290,7 +255,7 @@ def circuit_figure(graph: ResidualGraph, edges: pd.DataFrame, base_label: str, p
             textfont={"size": 9, "color": "#111111"}, hoverinfo="text"), row=1, col=col)
     fig.update_xaxes(visible=False, range=[-0.9, 1.9])
     fig.update_yaxes(visible=False)
-    fig.update_layout(height=max(500, 26 * graph.n_layers + 120), margin={"t": 50, "b": 10},
+    fig.update_layout(height=max(500, 26 * meta["n_layers"] + 120), margin={"t": 50, "b": 10},
                       showlegend=False)
     return fig
 

@@ -1,35 +1,65 @@
-"""The dashboard's only read path into the result cache (core/store.py).
+"""The read model: every view the dashboard shows, shaped for the page, from the result cache
+(core/store.py). Pages lay views out; they compute nothing themselves.
 
-Every call opens a short read-only connection, so a run writing the cache in another process is never
-blocked for long and never seen half-done (a reader waits while the writer holds the file for one
-transaction). Results are memoised in-process, keyed by the cache's version token, so nothing stale is
-returned after a write.
+Views take the graph granularity (None = the run's own; a `module` view of a `qkv` run sums each
+attention block's q/k/v slots, docs/method.md section 2) and the metric conventions
+(MetricSettings, docs/method.md section 6). Views that compare the two models' samples need at least
+MIN_QUESTIONS questions complete for every model at the alpha and raise TooFewQuestionsError (a
+ValueError whose message the page can show) otherwise.
 
 Sample matrices of a run at an alpha hold the questions scored for EVERY model of the run (a run still
 being computed shows its complete questions only), in the run's selection order, so sample k of every
 model is the same question.
+
+Consistency and caching:
+- Every public call reads one snapshot of the cache: it opens at most one short read-only connection
+  (so a writer in another process is never blocked for long and never seen half-done), and memoised
+  answers it uses belong to that same snapshot, else the call is retried.
+- Answers are memoised in-process per run, under the run's content key (docs/method.md section 9):
+  a write to one run leaves every other run's views warm. Views over all runs are keyed by the
+  content keys of all runs. After any commit (the version token changes) the first call re-reads
+  every run's content key in one query and drops the answers of runs whose key changed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from core.circuit import Circuit, build_circuit
 from core.graph import ResidualGraph
 from core.settings import MetricSettings, stable_hash
 from core.store import Store, fetch_one, fetch_vectors, vector_table
+from core.vocab import GRANULARITIES, ROLES
+
+BASE_ROLE, POST_ROLE = ROLES
+# Every view comparing samples needs pairs of them (diversity correlates pairs; the bootstrap and
+# the per-edge tests need more than one question).
+MIN_QUESTIONS = 2
 
 METRIC_TABLE_COLUMNS = ("run_key", "pair", "dataset", "post_label", "alpha", "metric", "base", "post",
                         "change_pct", "ci_low", "ci_high", "direction", "settings_key")
+RUNS_COLUMNS = ("run_key", "pair", "kind", "dataset", "base_label", "post_label", "algorithm",
+                "granularity", "n_layers", "alphas", "t_cuts", "n_complete", "n_selected",
+                "n_candidates", "t_bar", "created_at", "updated_at", "settings", "selection_report",
+                "code_version")
+# Columns of `samples` besides question_id and the per-sample metrics: (shown name, stored column)
+# for each model, as base_<name> and post_<name>.
+_SAMPLE_FIELDS = (("text", "answer_text"), ("correct", "correct"), ("answer", "extracted"),
+                  ("answer_len", "answer_len"), ("finish_reason", "finish_reason"),
+                  ("truncated_text", "scored_text"), ("scored_tokens", "n_scored_tokens"),
+                  ("loss", "loss"))
 
 # (t_cut, question) pairs of a run scored for EVERY one of its models, at any of its T_cuts.
 _COMPLETE_SQL = """
@@ -46,14 +76,61 @@ _JOIN_COMPLETE = """
     JOIN scores s ON s.generation_key = rs.generation_key AND s.score_key = $score_key
     JOIN complete c ON c.question_id = rs.question_id AND c.t_cut = s.t_cut
 """
+# Everything a run's views are read from, per run, in one query: the run row, its models, alphas
+# and selected questions, the scores it references (another run's job can add or share them), the
+# grades of its answers and its stored metrics.
+_CONTENT_SQL = """
+    WITH models AS (
+        SELECT run_key, list(label || ':' || role || ':' || model_key || ':' || position
+                             ORDER BY label) AS models
+        FROM run_models GROUP BY run_key),
+    alphas AS (
+        SELECT run_key, list(alpha || ':' || t_cut ORDER BY alpha) AS alphas
+        FROM run_alphas GROUP BY run_key),
+    selected AS (SELECT run_key, count(*) AS n FROM run_samples GROUP BY run_key),
+    scored AS (
+        SELECT rs.run_key, count(*) AS n, max(s.created_at) AS last FROM run_samples rs
+        JOIN runs r ON r.run_key = rs.run_key
+        JOIN scores s ON s.generation_key = rs.generation_key AND s.score_key = r.score_key
+        GROUP BY rs.run_key),
+    graded AS (
+        SELECT rs.run_key, count(*) AS n, max(g.created_at) AS last FROM run_samples rs
+        JOIN grades g ON g.generation_key = rs.generation_key GROUP BY rs.run_key),
+    stored AS (SELECT run_key, count(*) AS n, max(created_at) AS last FROM metrics GROUP BY run_key)
+    SELECT r.run_key, r.updated_at, m.models, a.alphas, sel.n, sc.n, sc.last, g.n, g.last,
+           st.n, st.last
+    FROM runs r
+    LEFT JOIN models m ON m.run_key = r.run_key
+    LEFT JOIN alphas a ON a.run_key = r.run_key
+    LEFT JOIN selected sel ON sel.run_key = r.run_key
+    LEFT JOIN scored sc ON sc.run_key = r.run_key
+    LEFT JOIN graded g ON g.run_key = r.run_key
+    LEFT JOIN stored st ON st.run_key = r.run_key
+"""
 
 
 class RunNotFoundError(KeyError):
     pass
 
 
+class TooFewQuestionsError(ValueError):
+    """A view that compares samples was asked for where fewer than MIN_QUESTIONS questions are
+    complete for every model of the run; the message says how many and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PairView:
+    """Both models' per-sample matrices [n, n_src, n_dst] (float32, read-only) at one alpha and
+    granularity; sample k of both is question_ids[k]."""
+
+    graph: ResidualGraph
+    base: np.ndarray
+    post: np.ndarray
+    question_ids: tuple[str, ...]
+
+
 class _SnapshotMoved(Exception):
-    """A commit landed between a call's first memo hit and its first database read."""
+    """A commit landed between a call's first use of the content keys and its first database read."""
 
 
 # Attempts of a public call whose snapshot moved (each needs a commit within milliseconds).
@@ -77,18 +154,31 @@ def _public(method):
     return wrapper
 
 
+@dataclasses.dataclass(frozen=True)
+class _Keys:
+    """Every run's content key at one version of the cache, and the key of views over all runs."""
+
+    token: tuple
+    runs: dict[str, str]
+    all_runs: str
+
+    @classmethod
+    def of(cls, token: tuple, runs: dict[str, str]) -> "_Keys":
+        return cls(token, runs, stable_hash(["all runs", sorted(runs.items())]))
+
+
 class ResultCache:
     """Read access to one cache file. Missing file = empty cache.
 
     Safe to share between threads (a dashboard serves several sessions from one instance): each
-    thread has its own connection and session; the memo is shared, per cache version."""
+    thread has its own session and connection; the memo is shared."""
 
     def __init__(self, store: Store):
         self.store = store
-        self._memo: dict[tuple, Any] = {}
-        self._memo_token: tuple | None = None
-        self._memo_lock = threading.Lock()
-        self._local = threading.local()  # per thread: stack, con, token, memo, used_memo
+        self._lock = threading.Lock()  # guards _keys and _memo
+        self._keys: _Keys | None = None
+        self._memo: dict[str, dict[tuple, Any]] = {}  # content key (scope) -> view key -> answer
+        self._local = threading.local()  # per thread: stack, con, keys, used_keys
 
     @classmethod
     def open(cls, path: str | Path | None = None) -> "ResultCache":
@@ -98,93 +188,120 @@ class ResultCache:
     def path(self) -> Path:
         return self.store.path
 
-    # --- memoisation --------------------------------------------------------------------------
-
-    def _cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
-        """`compute()` once per key and cache version. Inside one public call every answer comes
-        from one version: memoised answers of that version, or reads through the call's single
-        connection, which is opened on that same version (else the call is retried)."""
-        with self._session():
-            local = self._local
-            if key in local.memo:
-                local.used_memo = True
-                return local.memo[key]
-            value = compute()
-            local.memo[key] = value
-            return value
-
-    def _memo_for(self, token: tuple) -> dict:
-        with self._memo_lock:
-            if token != self._memo_token:
-                self._memo, self._memo_token = {}, token
-            return self._memo
+    # --- sessions, content keys and the memo ---------------------------------------------------
 
     @contextlib.contextmanager
     def _session(self):
-        """Scope of one public call: the version it reads, its memo, and at most one read-only
-        connection, opened on first read (opening the file is the largest fixed cost of a query,
-        and a call served from memory opens nothing)."""
+        """Scope of one public call: the content keys of the version it reads, and at most one
+        read-only connection. A call whose keys are current opens nothing until it must read;
+        after a commit, the call opens its connection first and reads the new keys on it."""
         local = self._local
-        outer = getattr(local, "stack", None) is None
-        if outer:
-            local.stack, local.con, local.used_memo = contextlib.ExitStack(), None, False
-            local.token = self.store.version_token()
-            local.memo = self._memo_for(local.token)
+        if getattr(local, "stack", None) is not None:
+            yield
+            return
+        local.stack, local.con, local.used_keys = contextlib.ExitStack(), None, False
         try:
+            token = self.store.version_token()
+            with self._lock:
+                local.keys = self._keys if self._keys is not None and self._keys.token == token \
+                    else None
+            if local.keys is None:
+                if self.store.exists():
+                    self._connection()
+                else:
+                    local.keys = self._publish(_Keys.of(token, {}))
             yield
         finally:
-            if outer:
-                stack, local.stack, local.con = local.stack, None, None
-                stack.close()
+            stack, local.stack, local.con = local.stack, None, None
+            stack.close()
 
-    @contextlib.contextmanager
-    def _read(self):
+    def _connection(self):
+        """The call's read-only connection, opened on first use. While it is open no commit can
+        land, so the version read right after opening is the one every query of the call sees."""
+        local = self._local
+        if local.con is None:
+            local.con = local.stack.enter_context(self.store.read())
+            token = self.store.version_token()
+            if local.keys is None or local.keys.token != token:
+                if local.used_keys:
+                    raise _SnapshotMoved()
+                local.keys = self._publish(_Keys.of(token, self._read_content_keys(local.con)))
+        return local.con
+
+    @staticmethod
+    def _read_content_keys(con) -> dict[str, str]:
+        has_runs = fetch_one(con, "SELECT count(*) FROM information_schema.tables "
+                                  "WHERE table_name = 'runs'")[0] > 0
+        if not has_runs:
+            return {}
+        return {row[0]: stable_hash([*map(str, row)]) for row in con.execute(_CONTENT_SQL).fetchall()}
+
+    def _publish(self, keys: _Keys) -> _Keys:
+        """Make `keys` the current ones; answers of runs whose content changed are dropped."""
+        with self._lock:
+            if self._keys is None or self._keys.token != keys.token:
+                live = set(keys.runs.values()) | {keys.all_runs}
+                self._memo = {scope: answers for scope, answers in self._memo.items()
+                              if scope in live}
+                self._keys = keys
+        return keys
+
+    def _scope(self, run_key: str | None) -> str:
+        """The memo scope of a run's views (its content key), or of views over all runs (None)."""
+        local = self._local
+        local.used_keys = True
+        if run_key is None:
+            return local.keys.all_runs
+        try:
+            return local.keys.runs[run_key]
+        except KeyError:
+            raise RunNotFoundError(f"no run {run_key!r} in the cache {self.path}; "
+                                   f"`python -m core ls` lists the cached runs") from None
+
+    def _cached(self, run_key: str | None, key: tuple, compute: Callable[[], Any]) -> Any:
+        """`compute()` once per key and content of the run (`run_key`, or None: all runs)."""
         with self._session():
-            local = self._local
-            if local.con is None:
-                local.con = local.stack.enter_context(self.store.read())
-                # No commit can land while the connection is open: this is the version it reads.
-                token = self.store.version_token()
-                if token != local.token:
-                    if local.used_memo:
-                        raise _SnapshotMoved()
-                    local.token, local.memo = token, self._memo_for(token)
-            yield local.con
+            scope = self._scope(run_key)
+            with self._lock:
+                answers = self._memo.get(scope)
+                if answers is not None and key in answers:
+                    return answers[key]
+            value = compute()
+            with self._lock:
+                # Kept only while the scope is current (another thread may have moved on).
+                if self._keys is not None and scope in (self._keys.all_runs,
+                                                        *self._keys.runs.values()):
+                    self._memo.setdefault(scope, {})[key] = value
+            return value
 
     def _sql(self, sql: str, params: Any = None) -> pd.DataFrame:
-        with self._read() as con:
-            return con.execute(sql, params).df()
+        return self._connection().execute(sql, params).df()
 
     # --- runs -----------------------------------------------------------------------------------
 
-    def _tables_present(self) -> bool:
-        if not self.store.exists():
-            return False
-        return self._cached(("tables",), lambda: self._sql(
-            "SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'runs'")
-            ["n"].iloc[0] > 0)
+    def version(self) -> tuple:
+        """The cache's version token (a file stat, no query): changes with every commit; the key of
+        figures over all runs."""
+        return self.store.version_token()
+
+    @_public
+    def content_key(self, run_key: str) -> str:
+        """Changes whenever the run's stored data change."""
+        return self._scope(run_key)
 
     @_public
     def is_empty(self) -> bool:
-        if not self._tables_present():
-            return True
-        return self._cached(("is_empty",), lambda: self._sql("SELECT count(*) AS n FROM runs")
-                            ["n"].iloc[0] == 0)
+        return not self._local.keys.runs
 
     @_public
     def runs(self) -> pd.DataFrame:
         """One row per (run, post model). `n_complete[i]`: questions scored for every model of the
         run at `alphas[i]` (equal to n_selected once the run is complete)."""
-        columns = ["run_key", "pair", "kind", "dataset", "base_label", "post_label", "algorithm",
-                   "granularity", "n_layers", "alphas", "t_cuts", "n_complete", "n_selected",
-                   "n_candidates",
-                   "t_bar", "created_at", "updated_at", "settings", "selection_report",
-                   "code_version"]
-        if not self._tables_present():
-            return pd.DataFrame(columns=columns)
-        return self._cached(("runs",), lambda: self._runs(columns))
+        if self.is_empty():
+            return pd.DataFrame(columns=list(RUNS_COLUMNS))
+        return self._cached(None, ("runs",), self._runs)
 
-    def _runs(self, columns: list[str]) -> pd.DataFrame:
+    def _runs(self) -> pd.DataFrame:
         table = self._sql("""
             SELECT r.run_key, r.name AS pair, r.kind, r.dataset_name AS dataset,
                    b.label AS base_label, p.label AS post_label, p.algorithm, r.granularity,
@@ -195,9 +312,9 @@ class ResultCache:
                    (SELECT list(t_cut ORDER BY alpha) FROM run_alphas a WHERE a.run_key = r.run_key)
                        AS t_cuts
             FROM runs r
-            JOIN run_models b ON b.run_key = r.run_key AND b.role = 'base'
-            JOIN run_models p ON p.run_key = r.run_key AND p.role = 'post'
-            ORDER BY r.created_at, r.run_key, p.position""")
+            JOIN run_models b ON b.run_key = r.run_key AND b.role = $base
+            JOIN run_models p ON p.run_key = r.run_key AND p.role = $post
+            ORDER BY r.created_at, r.run_key, p.position""", {"base": BASE_ROLE, "post": POST_ROLE})
         table["alphas"] = [list(map(float, a)) if a is not None else [] for a in table["alphas"]]
         table["t_cuts"] = [list(map(int, t)) if t is not None else [] for t in table["t_cuts"]]
         table["settings"] = [{"selection": json.loads(s), "score": json.loads(c),
@@ -218,111 +335,168 @@ class ResultCache:
         n_complete = {(r.run_key, r.t_cut): int(r.n) for r in complete.itertuples()}
         table["n_complete"] = [[n_complete.get((key, t), 0) for t in t_cuts]
                                for key, t_cuts in zip(table["run_key"], table["t_cuts"])]
-        return table[columns].reset_index(drop=True)
+        return table[list(RUNS_COLUMNS)].reset_index(drop=True)
 
     def _run(self, run_key: str) -> dict[str, Any]:
         def load() -> dict[str, Any]:
-            with self._read() as con:
-                row = fetch_one(con, "SELECT name, n_layers, granularity, score_key FROM runs "
-                                     "WHERE run_key = ?", [run_key])
-                if row is None:
-                    raise RunNotFoundError(f"no run {run_key!r} in the cache {self.path}; "
-                                           f"`python -m core ls` lists the cached runs")
-                models = con.execute("SELECT label, role FROM run_models WHERE run_key = ? "
-                                     "ORDER BY position", [run_key]).fetchall()
-                alphas = dict(con.execute("SELECT alpha, t_cut FROM run_alphas WHERE run_key = ?",
-                                          [run_key]).fetchall())
+            con = self._connection()
+            row = fetch_one(con, "SELECT name, n_layers, granularity, score_key FROM runs "
+                                 "WHERE run_key = ?", [run_key])
+            models = con.execute("SELECT label, role FROM run_models WHERE run_key = ? "
+                                 "ORDER BY position", [run_key]).fetchall()
+            alphas = dict(con.execute("SELECT alpha, t_cut FROM run_alphas WHERE run_key = ?",
+                                      [run_key]).fetchall())
             return {"name": row[0], "graph": ResidualGraph(row[1], row[2]), "score_key": row[3],
-                    "base": next(label for label, role in models if role == "base"),
-                    "posts": [label for label, role in models if role == "post"],
+                    "base": next(label for label, role in models if role == BASE_ROLE),
+                    "posts": [label for label, role in models if role == POST_ROLE],
                     "t_cuts": alphas}
-        return self._cached(("run", run_key), load)
-
-    @_public
-    def graph(self, run_key: str) -> ResidualGraph:
-        return self._run(run_key)["graph"]
+        return self._cached(run_key, ("run",), load)
 
     def _label(self, run_key: str, model: str | None) -> str:
         """The stored label of `model`: 'base', a label, or None for the first post model."""
         run = self._run(run_key)
         if model is None:
             return run["posts"][0]
-        if model == "base":
+        if model == BASE_ROLE:
             return run["base"]
         if model == run["base"] or model in run["posts"]:
             return model
         raise KeyError(f"run {run_key!r} has no model {model!r}; its models are 'base' "
                        f"({run['base']}) and {run['posts']}")
 
-    def _t_cut(self, run_key: str, alpha: float) -> int:
+    def _alpha(self, run_key: str, alpha: float) -> tuple[float, int]:
+        """The run's own alpha equal to `alpha` (up to rounding) and its T_cut."""
         t_cuts = self._run(run_key)["t_cuts"]
         for known, t_cut in t_cuts.items():
             if math.isclose(known, alpha, rel_tol=1e-9, abs_tol=1e-12):
-                return int(t_cut)
+                return float(known), int(t_cut)
         raise KeyError(f"run {run_key!r} has no alpha {alpha}; its alphas are {sorted(t_cuts)}")
 
-    # --- matrices -------------------------------------------------------------------------------
+    def _granularity(self, run_key: str, granularity: str | None) -> str:
+        own = self._run(run_key)["graph"].granularity
+        if granularity is None or granularity == own:
+            return own
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={granularity!r} is not one of {list(GRANULARITIES)}")
+        if own == "module":
+            raise ValueError(f"run {run_key!r} is scored at granularity module; a {granularity} "
+                             f"view needs its slots scored apart: rerun with --granularity "
+                             f"{granularity}")
+        return granularity
+
+    @_public
+    def graph(self, run_key: str, granularity: str | None = None) -> ResidualGraph:
+        """The residual graph of the run's views at `granularity` (None: the run's own)."""
+        own = self._run(run_key)["graph"]
+        view = self._granularity(run_key, granularity)
+        return own if view == own.granularity else ResidualGraph(own.n_layers, view)
+
+    # --- sample matrices ------------------------------------------------------------------------
 
     @_public
     def sample_edges(self, run_key: str, alpha: float, model: str) -> tuple[np.ndarray, list[str]]:
-        """Real-edge vectors [n, n_edges] of a model's samples, and their question ids."""
+        """Real-edge vectors [n, n_edges] of a model's samples at the run's own granularity
+        (read-only float32), and their question ids."""
         label = self._label(run_key, model)
-        return self._cached(("edges", run_key, float(alpha), label),
-                            lambda: self._sample_edges(run_key, alpha, label))
+        alpha, t_cut = self._alpha(run_key, alpha)
+        return self._cached(run_key, ("edges", alpha, label),
+                            lambda: self._read_edges(run_key, t_cut, label))
 
-    def _sample_edges(self, run_key: str, alpha: float, label: str) -> tuple[np.ndarray, list[str]]:
+    def _read_edges(self, run_key: str, t_cut: int, label: str) -> tuple[np.ndarray, list[str]]:
         run = self._run(run_key)
-        params = {"run_key": run_key, "t_cut": self._t_cut(run_key, alpha),
-                  "score_key": run["score_key"], "label": label}
-        with self._read() as con:
-            found = con.execute(f"""
-                WITH {_COMPLETE_SQL}
-                SELECT rs.question_id, s.vector_id FROM run_samples rs {_JOIN_COMPLETE}
-                WHERE rs.run_key = $run_key AND rs.label = $label AND s.t_cut = $t_cut
-                ORDER BY rs.position""", params).fetchall()
-            edges = fetch_vectors(con, run["graph"].n_edges, [row[1] for row in found])
+        con = self._connection()
+        found = con.execute(f"""
+            WITH {_COMPLETE_SQL}
+            SELECT rs.question_id, s.vector_id FROM run_samples rs {_JOIN_COMPLETE}
+            WHERE rs.run_key = $run_key AND rs.label = $label AND s.t_cut = $t_cut
+            ORDER BY rs.position""", {"run_key": run_key, "t_cut": t_cut,
+                                      "score_key": run["score_key"], "label": label}).fetchall()
+        edges = fetch_vectors(con, run["graph"].n_edges, [row[1] for row in found])
         edges.flags.writeable = False
         return edges, [row[0] for row in found]
 
     @_public
-    def sample_matrices(self, run_key: str, alpha: float, model: str) -> tuple[np.ndarray, list[str]]:
-        """Dense per-sample matrices [n, n_src, n_dst] (float32) and their question ids."""
-        edges, ids = self.sample_edges(run_key, alpha, model)
-        return self.graph(run_key).dense(edges), ids
-
-    @_public
-    def paired_sample_matrices(self, run_key: str, alpha: float, post_label: str | None = None
-                               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """Base and post matrices [n, n_src, n_dst] and their common question ids, read from one
-        snapshot of the cache (two separate calls can straddle a commit of a running job)."""
-        base, ids = self.sample_matrices(run_key, alpha, "base")
-        post, post_ids = self.sample_matrices(run_key, alpha, self._label(run_key, post_label))
-        if ids != post_ids:
-            raise RuntimeError("internal: base and post question orders differ in one snapshot")
-        return base, post, ids
-
-    @_public
-    def mean_matrices(self, run_key: str, alpha: float,
-                      post_label: str | None = None) -> dict[str, np.ndarray]:
+    def view(self, run_key: str, alpha: float, *, post_label: str | None = None,
+             granularity: str | None = None) -> PairView:
+        """Base and post matrices of the questions complete at alpha (possibly fewer than
+        MIN_QUESTIONS while a run is being computed), from one snapshot of the cache."""
         post = self._label(run_key, post_label)
+        alpha, _ = self._alpha(run_key, alpha)
+        granularity = self._granularity(run_key, granularity)
 
-        def compute() -> dict[str, np.ndarray]:
-            graph = self.graph(run_key)
-            out = {}
-            for name, model in (("base", "base"), ("post", post)):
-                edges, _ = self.sample_edges(run_key, alpha, model)
-                if len(edges) == 0:
-                    raise ValueError(f"run {run_key!r} has no question scored for every model at "
-                                     f"alpha={alpha} yet")
-                out[f"{name}_abs"] = graph.dense(np.abs(edges).mean(axis=0))
-                out[f"{name}_signed"] = graph.dense(edges.mean(axis=0))
-            return out
-        return self._cached(("mean", run_key, float(alpha), post), compute)
+        def compute() -> PairView:
+            own = self._run(run_key)["graph"]
+            base_edges, ids = self.sample_edges(run_key, alpha, BASE_ROLE)
+            post_edges, post_ids = self.sample_edges(run_key, alpha, post)
+            if ids != post_ids:
+                raise RuntimeError("internal: base and post question orders differ in one snapshot")
+            base, post_scores = own.dense(base_edges), own.dense(post_edges)
+            if granularity != own.granularity:
+                # module slots are the exact sum of the q/k/v slots (docs/method.md section 2)
+                base, post_scores = own.to_module(base), own.to_module(post_scores)
+            for matrix in (base, post_scores):
+                matrix.flags.writeable = False
+            return PairView(self.graph(run_key, granularity), base, post_scores, tuple(ids))
+        return self._cached(run_key, ("view", alpha, post, granularity), compute)
+
+    def _compared(self, run_key: str, alpha: float, post_label: str | None,
+                  granularity: str | None) -> PairView:
+        """`view`, checked to hold enough questions to compare the models."""
+        pair = self.view(run_key, alpha, post_label=post_label, granularity=granularity)
+        if len(pair.question_ids) < MIN_QUESTIONS:
+            raise TooFewQuestionsError(
+                f"only {len(pair.question_ids)} question(s) are scored for every model of run "
+                f"{run_key} at alpha {alpha:g}; comparing the models needs {MIN_QUESTIONS} or more. "
+                f"Wait for its job to score more, or pick another alpha.")
+        return pair
+
+    def _view_key(self, name: str, run_key: str, alpha: float, post_label: str | None,
+                  granularity: str | None, *extra: Any) -> tuple:
+        """Memo key of a view of (alpha, post model, granularity): the run's own names for each."""
+        return (name, self._alpha(run_key, alpha)[0], self._label(run_key, post_label),
+                self._granularity(run_key, granularity), *extra)
 
     @_public
-    def edge_across_alphas(self, run_key: str, src: str, dst: str,
+    def mean_matrices(self, run_key: str, alpha: float, *, post_label: str | None = None,
+                      granularity: str | None = None) -> dict[str, np.ndarray]:
+        """Mean |W| and mean W over questions of both models: base_abs, post_abs, base_signed,
+        post_signed, each [n_src, n_dst]."""
+        def compute() -> dict[str, np.ndarray]:
+            pair = self._compared(run_key, alpha, post_label, granularity)
+            return {"base_abs": np.abs(pair.base).mean(axis=0),
+                    "post_abs": np.abs(pair.post).mean(axis=0),
+                    "base_signed": pair.base.mean(axis=0), "post_signed": pair.post.mean(axis=0)}
+        return self._cached(run_key, self._view_key("mean", run_key, alpha, post_label, granularity),
+                            compute)
+
+    @_public
+    def edge_change(self, run_key: str, alpha: float, measure: str, *,
+                    post_label: str | None = None, granularity: str | None = None) -> np.ndarray:
+        """core.metrics.edge_change of base and post: [n_src, n_dst], NaN at non-edges."""
+        from core import metrics
+
+        def compute() -> np.ndarray:
+            pair = self._compared(run_key, alpha, post_label, granularity)
+            return metrics.edge_change(pair.base, pair.post, pair.graph, measure)
+        return self._cached(run_key, self._view_key("edge_change", run_key, alpha, post_label,
+                                                    granularity, measure), compute)
+
+    @_public
+    def abs_values(self, run_key: str, alpha: float, *, post_label: str | None = None,
+                   granularity: str | None = None) -> dict[str, np.ndarray]:
+        """|W| pooled over real edges and questions, 1-D per model: {"base": ..., "post": ...}."""
+        def compute() -> dict[str, np.ndarray]:
+            pair = self._compared(run_key, alpha, post_label, granularity)
+            return {"base": np.abs(pair.graph.edges(pair.base)).ravel(),
+                    "post": np.abs(pair.graph.edges(pair.post)).ravel()}
+        return self._cached(run_key, self._view_key("abs", run_key, alpha, post_label, granularity),
+                            compute)
+
+    @_public
+    def edge_across_alphas(self, run_key: str, src: str, dst: str, *,
                            post_label: str | None = None) -> pd.DataFrame:
-        """Mean |W| and mean W of one edge at every alpha of the run, for base and post."""
+        """Mean |W| and mean W of one edge (at the run's own granularity) at every alpha of the run,
+        for base and post."""
         graph = self.graph(run_key)
         s, d = graph.src_index(src), graph.dst_index(dst)
         if not graph.real_edge_mask[s, d]:
@@ -330,54 +504,53 @@ class ResultCache:
                              f"pick a source computed earlier than the slot")
         position = int(graph.real_edge_mask.ravel()[: s * graph.n_dst + d].sum())
         post = self._label(run_key, post_label)
-        base = self._label(run_key, "base")
+        base = self._label(run_key, BASE_ROLE)
         run = self._run(run_key)
 
         def compute() -> pd.DataFrame:
-            with self._read() as con:
-                found = con.execute(f"""
-                    WITH {_COMPLETE_SQL}
-                    SELECT s.t_cut, rs.label, s.vector_id FROM run_samples rs {_JOIN_COMPLETE}
-                    WHERE rs.run_key = $run_key AND list_contains($labels, rs.label)""",
-                                    {"run_key": run_key, "score_key": run["score_key"],
-                                     "labels": [base, post]}).fetchall()
-                value_of = dict(con.execute(
-                    f"SELECT vector_id, edge_scores[$position] FROM {vector_table(graph.n_edges)} "
-                    f"WHERE vector_id IN (SELECT unnest($ids))",
-                    {"position": position + 1, "ids": [r[2] for r in found]}).fetchall())
+            con = self._connection()
+            found = con.execute(f"""
+                WITH {_COMPLETE_SQL}
+                SELECT s.t_cut, rs.label, s.vector_id FROM run_samples rs {_JOIN_COMPLETE}
+                WHERE rs.run_key = $run_key AND list_contains($labels, rs.label)""",
+                                {"run_key": run_key, "score_key": run["score_key"],
+                                 "labels": [base, post]}).fetchall()
+            value_of = dict(con.execute(
+                f"SELECT vector_id, edge_scores[$position] FROM {vector_table(graph.n_edges)} "
+                f"WHERE vector_id IN (SELECT unnest($ids))",
+                {"position": position + 1, "ids": [r[2] for r in found]}).fetchall())
             rows = []
             for alpha, t_cut in sorted(run["t_cuts"].items()):
                 for label in (base, post):
                     picked = np.array([value_of[v] for t, lab, v in found
                                        if t == t_cut and lab == label], dtype=np.float64)
                     if len(picked):
-                        rows.append({"alpha": alpha, "model": "base" if label == base else label,
+                        rows.append({"alpha": alpha, "model": BASE_ROLE if label == base else label,
                                      "mean_abs": float(np.abs(picked).mean()),
                                      "mean_signed": float(picked.mean()), "n": len(picked)})
             return pd.DataFrame(rows, columns=["alpha", "model", "mean_abs", "mean_signed", "n"])
-        return self._cached(("edge", run_key, src, dst, post), compute)
+        return self._cached(run_key, ("edge", src, dst, post), compute)
 
     # --- metrics --------------------------------------------------------------------------------
 
     @_public
-    def comparison(self, run_key: str, alpha: float, settings: MetricSettings = MetricSettings(),
-                   post_label: str | None = None):
-        """core.metrics.Comparison of base and post at alpha: stored by the pipeline for its
-        default settings, computed (and memoised) for any other settings."""
+    def comparison(self, run_key: str, alpha: float, *, post_label: str | None = None,
+                   granularity: str | None = None, settings: MetricSettings = MetricSettings()):
+        """core.metrics.Comparison of base and post at alpha: the pipeline's stored one for its
+        default settings at the run's own granularity, else computed (and memoised)."""
         from core import metrics
 
-        post = self._label(run_key, post_label)
+        key = self._view_key("comparison", run_key, alpha, post_label, granularity, settings.key())
+        _, alpha, post, granularity, _ = key
 
         def compute():
-            stored = self._stored_comparisons(settings.key()).get((run_key, post, float(alpha)))
-            if stored is not None:
-                return stored
-            base_edges, _ = self.sample_edges(run_key, alpha, "base")
-            post_edges, _ = self.sample_edges(run_key, alpha, post)
-            graph = self.graph(run_key)
-            return metrics.compare_models(graph.dense(base_edges), graph.dense(post_edges), graph,
-                                          settings)
-        return self._cached(("comparison", run_key, float(alpha), post, settings.key()), compute)
+            if granularity == self._run(run_key)["graph"].granularity:
+                stored = self._stored_comparisons(settings.key()).get((run_key, post, alpha))
+                if stored is not None:
+                    return stored
+            pair = self._compared(run_key, alpha, post, granularity)
+            return metrics.compare_models(pair.base, pair.post, pair.graph, settings)
+        return self._cached(run_key, key, compute)
 
     def _stored_comparisons(self, settings_key: str) -> dict[tuple, Any]:
         from core import metrics
@@ -388,7 +561,19 @@ class ResultCache:
             return {(r.run_key, r.post_label, float(r.alpha)):
                     metrics.Comparison.from_dict(json.loads(r.comparison))
                     for r in table.itertuples()}
-        return self._cached(("stored_comparisons", settings_key), load)
+        return self._cached(None, ("stored_comparisons", settings_key), load)
+
+    def _comparisons_of_every_run(self, settings: MetricSettings) -> Iterable[tuple[Any, float, Any]]:
+        """(runs row, alpha, comparison) for every run, post model and alpha that has enough
+        complete questions, at each run's own granularity."""
+        for run in self.runs().itertuples():
+            for alpha in run.alphas:
+                try:
+                    comparison = self.comparison(run.run_key, alpha, post_label=run.post_label,
+                                                 settings=settings)
+                except TooFewQuestionsError:
+                    continue  # nothing to compare yet at this alpha
+                yield run, alpha, comparison
 
     @_public
     def metric_table(self, settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
@@ -398,111 +583,150 @@ class ResultCache:
 
         def compute() -> pd.DataFrame:
             entries, keys = [], []
-            stored = self._stored_comparisons(settings.key())
-            for run in self.runs().itertuples():
-                for alpha in run.alphas:
-                    comparison = stored.get((run.run_key, run.post_label, float(alpha)))
-                    try:
-                        comparison = comparison or self.comparison(run.run_key, alpha, settings,
-                                                                   run.post_label)
-                    except ValueError:
-                        continue  # nothing complete yet at this alpha
-                    entries.append((run.pair, run.dataset, alpha, comparison))
-                    keys += [(run.run_key, run.post_label, comparison.n_samples)] * len(comparison.metrics)
+            for run, alpha, comparison in self._comparisons_of_every_run(settings):
+                entries.append((run.pair, run.dataset, alpha, comparison))
+                keys += [(run.run_key, run.post_label, comparison.n_samples)] * len(comparison.metrics)
             if not entries:
                 return pd.DataFrame(columns=list(METRIC_TABLE_COLUMNS) + ["ci_excludes_zero", "n"])
             table = metrics.grid_table(entries).rename(
                 columns={"change_pct_low": "ci_low", "change_pct_high": "ci_high"})
             table["run_key"], table["post_label"], table["n"] = zip(*keys)
             return table[list(METRIC_TABLE_COLUMNS) + ["ci_excludes_zero", "n"]]
-        return self._cached(("metric_table", settings.key()), compute)
+        return self._cached(None, ("metric_table", settings.key()), compute)
 
     @_public
-    def significant_edges(self, run_key: str, alpha: float,
-                          settings: MetricSettings = MetricSettings(),
-                          post_label: str | None = None) -> pd.DataFrame:
+    def diversity_summary(self, settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
+        """Figure-3a counts of inter-sample diversity per (pair: post model) and over all cells."""
         from core import metrics
 
-        post = self._label(run_key, post_label)
+        def compute() -> pd.DataFrame:
+            return metrics.diversity_summary(
+                (f"{run.pair}: {run.post_label}", run.dataset, alpha, comparison)
+                for run, alpha, comparison in self._comparisons_of_every_run(settings))
+        return self._cached(None, ("diversity_summary", settings.key()), compute)
+
+    @_public
+    def significant_edges(self, run_key: str, alpha: float, *, post_label: str | None = None,
+                          granularity: str | None = None,
+                          settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
+        """core.metrics.significant_edges: edges whose strength changed (paired t-test per edge,
+        Benjamini-Hochberg at settings.fdr), largest |relative change| first."""
+        from core import metrics
 
         def compute() -> pd.DataFrame:
-            graph = self.graph(run_key)
-            base_edges, _ = self.sample_edges(run_key, alpha, "base")
-            post_edges, _ = self.sample_edges(run_key, alpha, post)
-            return metrics.significant_edges(graph.dense(base_edges), graph.dense(post_edges),
-                                             graph, settings)
-        return self._cached(("significant", run_key, float(alpha), post, settings.key()), compute)
+            pair = self._compared(run_key, alpha, post_label, granularity)
+            return metrics.significant_edges(pair.base, pair.post, pair.graph, settings)
+        return self._cached(run_key, self._view_key("significant", run_key, alpha, post_label,
+                                                    granularity, settings.key()), compute)
+
+    @_public
+    def per_sample(self, run_key: str, alpha: float, *, post_label: str | None = None,
+                   granularity: str | None = None,
+                   settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
+        """question_id, then base_<metric> and post_<metric> for the metrics that have one value
+        per sample (intensity, edge_entropy, kurtosis, output_entropy)."""
+        from core import metrics
+
+        def compute() -> pd.DataFrame:
+            pair = self._compared(run_key, alpha, post_label, granularity)
+            frame = pd.DataFrame({"question_id": list(pair.question_ids)})
+            for side, scores in ((BASE_ROLE, pair.base), (POST_ROLE, pair.post)):
+                for name, values in metrics.per_sample_metrics(scores, pair.graph, settings).items():
+                    frame[f"{side}_{name}"] = values
+            return frame
+        return self._cached(run_key, self._view_key("per_sample", run_key, alpha, post_label,
+                                                    granularity, settings.key()), compute)
+
+    @_public
+    def per_sample_by_alpha(self, run_key: str, alphas: Iterable[float], *,
+                            post_label: str | None = None, granularity: str | None = None,
+                            settings: MetricSettings = MetricSettings()) -> dict[float, pd.DataFrame]:
+        """`per_sample` at each of `alphas` that has enough questions (the others are left out),
+        read in parallel threads."""
+        alphas = list(alphas)
+        # Held open until this call ends: no commit can land, so every thread reads this version.
+        self._connection()
+
+        def one(alpha: float) -> pd.DataFrame | None:
+            try:
+                return self.per_sample(run_key, alpha, post_label=post_label,
+                                       granularity=granularity, settings=settings)
+            except TooFewQuestionsError:
+                return None
+
+        # One thread per alpha: the reads and most of numpy release the GIL (about 2x faster than
+        # one alpha after the other on the paper's grid).
+        with ThreadPoolExecutor(max_workers=max(len(alphas), 1)) as pool:
+            frames = dict(zip(alphas, pool.map(one, alphas)))
+        return {alpha: frame for alpha, frame in frames.items() if frame is not None}
 
     # --- samples --------------------------------------------------------------------------------
 
     @_public
-    def samples(self, run_key: str, alpha: float, post_label: str | None = None,
+    def samples(self, run_key: str, alpha: float, *, post_label: str | None = None,
+                granularity: str | None = None,
                 settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
         """One row per question complete at alpha: texts, correctness, lengths, the scored
         (truncated) texts and token counts (below t_cut for an answer shorter than T_cut, which is
-        scored whole), and per-sample metrics of both models (base_<metric>, post_<metric>)."""
-        from core import metrics
-
+        scored whole), losses, and the `per_sample` metrics at the granularity (so, like them, it
+        needs MIN_QUESTIONS questions)."""
         post = self._label(run_key, post_label)
-        base = self._label(run_key, "base")
+        base = self._label(run_key, BASE_ROLE)
+        alpha, t_cut = self._alpha(run_key, alpha)
         run = self._run(run_key)
 
         def compute() -> pd.DataFrame:
-            params = {"run_key": run_key, "t_cut": self._t_cut(run_key, alpha),
-                      "score_key": run["score_key"]}
-            with self._read() as con:
-                table = con.execute(f"""
-                    WITH {_COMPLETE_SQL}
-                    SELECT rs.label, rs.position, rs.question_id, q.question, q.reference,
-                           g.answer_text, gr.correct, len(g.answer_ids) AS answer_len,
-                           g.finish_reason, gr.extracted, s.t_cut, s.n_scored_tokens,
-                           s.scored_text, s.loss
-                    FROM run_samples rs {_JOIN_COMPLETE}
-                    JOIN runs r ON r.run_key = rs.run_key
-                    JOIN generations g ON g.generation_key = rs.generation_key
-                    LEFT JOIN grades gr ON gr.generation_key = rs.generation_key
-                    JOIN questions q ON q.dataset_key = r.dataset_key
-                                    AND q.question_id = rs.question_id
-                    WHERE rs.run_key = $run_key AND s.t_cut = $t_cut
-                    ORDER BY rs.position""", params).df()
+            metrics = self.per_sample(run_key, alpha, post_label=post, granularity=granularity,
+                                      settings=settings)
+            table = self._connection().execute(f"""
+                WITH {_COMPLETE_SQL}
+                SELECT rs.label, rs.position, rs.question_id, q.question, q.reference,
+                       g.answer_text, gr.correct, len(g.answer_ids) AS answer_len,
+                       g.finish_reason, gr.extracted, s.t_cut, s.n_scored_tokens,
+                       s.scored_text, s.loss
+                FROM run_samples rs {_JOIN_COMPLETE}
+                JOIN runs r ON r.run_key = rs.run_key
+                JOIN generations g ON g.generation_key = rs.generation_key
+                LEFT JOIN grades gr ON gr.generation_key = rs.generation_key
+                JOIN questions q ON q.dataset_key = r.dataset_key
+                                AND q.question_id = rs.question_id
+                WHERE rs.run_key = $run_key AND s.t_cut = $t_cut
+                ORDER BY rs.position""", {"run_key": run_key, "t_cut": t_cut,
+                                          "score_key": run["score_key"]}).df()
             b = table[table["label"] == base].set_index("question_id")
             p = table[table["label"] == post].set_index("question_id").loc[b.index]
             out = pd.DataFrame({"question_id": b.index, "question": b["question"].to_numpy(),
                                 "reference": b["reference"].to_numpy(), "t_cut": b["t_cut"].to_numpy()})
-            for name, column in (("text", "answer_text"), ("correct", "correct"),
-                                 ("answer", "extracted"), ("answer_len", "answer_len"),
-                                 ("finish_reason", "finish_reason"), ("truncated_text", "scored_text"),
-                                 ("scored_tokens", "n_scored_tokens"), ("loss", "loss")):
-                out[f"base_{name}"], out[f"post_{name}"] = b[column].to_numpy(), p[column].to_numpy()
-            graph = self.graph(run_key)
-            for side, model in (("base", "base"), ("post", post)):
-                edges, ids = self.sample_edges(run_key, alpha, model)
-                if ids != list(out["question_id"]):
-                    raise RuntimeError("internal: sample order differs between queries")
-                if len(ids):
-                    for name, values in metrics.per_sample_metrics(graph.dense(edges), graph,
-                                                                   settings).items():
-                        out[f"{side}_{name}"] = values
-            return out
-        return self._cached(("samples", run_key, float(alpha), post, settings.key()), compute)
+            for name, column in _SAMPLE_FIELDS:
+                out[f"{BASE_ROLE}_{name}"] = b[column].to_numpy()
+                out[f"{POST_ROLE}_{name}"] = p[column].to_numpy()
+            if list(out["question_id"]) != list(metrics["question_id"]):
+                raise RuntimeError("internal: sample order differs between queries")
+            return out.merge(metrics, on="question_id", how="left")
+        return self._cached(run_key, self._view_key("samples", run_key, alpha, post, granularity,
+                                                    settings.key()), compute)
+
+    # --- circuit --------------------------------------------------------------------------------
 
     @_public
-    def content_key(self, run_key: str) -> str:
-        """Changes whenever the run's stored data change."""
-        def compute() -> str:
-            with self._read() as con:
-                row = fetch_one(con, """
-                    SELECT r.updated_at,
-                           (SELECT list(alpha || ':' || t_cut ORDER BY alpha) FROM run_alphas
-                            WHERE run_key = $run_key),
-                           (SELECT count(*) || ':' || max(s.created_at) FROM run_samples rs
-                            JOIN scores s ON s.generation_key = rs.generation_key
-                                         AND s.score_key = r.score_key
-                            WHERE rs.run_key = $run_key),
-                           (SELECT count(*) || ':' || max(created_at) FROM metrics
-                            WHERE run_key = $run_key)
-                    FROM runs r WHERE r.run_key = $run_key""", {"run_key": run_key})
-            if row is None:
-                raise RunNotFoundError(f"no run {run_key!r} in the cache {self.path}")
-            return stable_hash([run_key, *map(str, row)])
-        return self._cached(("content_key", run_key), compute)
+    def circuit(self, run_key: str, alpha: float, *, k: int, by: str = "change",
+                post_label: str | None = None, granularity: str | None = None,
+                settings: MetricSettings = MetricSettings()) -> Circuit:
+        """The top-k edges by change or strength, pruned to input -> logits paths, each marked
+        significant when the per-edge test at settings.fdr found it (core.circuit)."""
+        key = self._view_key("circuit", run_key, alpha, post_label, granularity, int(k), by,
+                             settings.key())
+        _, alpha, post, granularity = key[:4]
+
+        def compute() -> Circuit:
+            pair = self._compared(run_key, alpha, post, granularity)
+            means = self.mean_matrices(run_key, alpha, post_label=post, granularity=granularity)
+            tests = self.significant_edges(run_key, alpha, post_label=post, granularity=granularity,
+                                           settings=settings)
+            metadata = {"run": run_key, "alpha": alpha, "granularity": granularity,
+                        "base_label": self._label(run_key, BASE_ROLE), "post_label": post,
+                        "n_layers": pair.graph.n_layers, "n_questions": len(pair.question_ids),
+                        "fdr": settings.fdr}
+            return build_circuit(pair.graph, means, set(tests["edge"]), k=k, by=by,
+                                 metadata=metadata)
+        return self._cached(run_key, key, compute)
