@@ -85,7 +85,8 @@ def test_each_slot_reads_exactly_its_kept_sources(architecture):
             handles.append(module.register_forward_hook(lambda m, a, out, src=src: keep(outputs, src, out)))
         for norm, dst in ((parts.attn_norm, graph.attn_dst(l)), (parts.mlp_norm, graph.mlp_dst(l))):
             # A forward hook sees the arguments the norm ran on, after every pre-hook.
-            handles.append(norm.register_forward_hook(lambda m, args, out, dst=dst: keep(inputs, dst, args[0])))
+            handles.append(norm.register_forward_hook(
+                lambda m, args, out, dst=dst: keep(inputs, dst, args[0])))
     handles.append(adapter.final_norm(model).register_forward_hook(
         lambda m, args, out: keep(inputs, graph.logits_dst, args[0])))
     try:
