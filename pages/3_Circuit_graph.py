@@ -41,8 +41,7 @@ if sel is not None:
                     container=graphml)
     layout.download("JSON", circuit.to_json, f"{name}.json", "application/json", container=json_file)
     with figure_slot.container():
-        layout.plot(figures.circuit_figure(circuit, sel.base_label, sel.post_label,
-                                           highlight=highlight), "circuit_graph", sel)
+        layout.plot(figures.circuit_figure(circuit, highlight=highlight), "circuit_graph", sel)
         st.caption(f"Layers bottom to top; attention a{{l}} left, MLP m{{l}} right. Width: the model's "
                    f"mean |W| (one scale for both panels); coloured: mean W > 0, grey: < 0. "
                    f"{len(edges)} of the top {k} edges lie on a path from input to logits; "

@@ -42,9 +42,11 @@ if sel is not None:
     if table.empty:
         st.info(f"No question is scored for both models at alpha {sel.alpha:g} yet.")
         st.stop()
-    # Per-sample metrics at the view's granularity and the sidebar's conventions.
-    metric_names = [f"{side}_{name}" for side in ("base", "post") for name in PER_SAMPLE_METRICS
-                    if f"{side}_{name}" in table.columns]
+    # Per-sample metrics at the view's granularity and the sidebar's conventions; all NaN while
+    # fewer than two questions are complete, and then not shown.
+    metric_names = [column for column in (f"{side}_{name}" for side in ("base", "post")
+                                          for name in PER_SAMPLE_METRICS)
+                    if table[column].notna().any()]
 
     labels = {q: f"{q}: {text[:90]}" for q, text in zip(table["question_id"], table["question"])}
     widgets.linked("samples.question", list(table["question_id"]))
@@ -71,7 +73,7 @@ if sel is not None:
     if metric_names:
         st.markdown("**Per-sample metrics of this question**")
         layout.table(pd.DataFrame([row[["question_id", *metric_names]]]),
-                      f"sample_{question_id}_metrics", hide_index=True)
+                     f"sample_{question_id}_metrics", hide_index=True)
 
     st.subheader("All selected questions")
     overview = table[["question_id", "base_correct", "post_correct", "base_answer_len",

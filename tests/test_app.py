@@ -20,8 +20,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import figures, jobs
+from core.circuit import build_circuit
 from core.graph import ResidualGraph
-from core.query import ResultCache
 from core.synthetic import build_fixture_cache, build_synthetic_cache
 
 REPO = Path(__file__).resolve().parent.parent
@@ -394,38 +394,17 @@ def _means(graph: ResidualGraph, seed: int = 0) -> dict[str, np.ndarray]:
             "post_signed": np.where(mask, rng.normal(size=shape), 0.0)}
 
 
-def test_top_edges_ranks_by_change_or_strength():
-    graph = ResidualGraph(3, "qkv")
-    means = _means(graph)
-    src, dst = np.nonzero(graph.real_edge_mask)
-    change = np.abs(means["post_abs"] - means["base_abs"])[src, dst]
-    strength = np.maximum(means["post_abs"], means["base_abs"])[src, dst]
-    for by, score in (("change", change), ("strength", strength)):
-        top = figures.top_edges(graph, means, 7, by)
-        expected = np.argsort(-score, kind="stable")[:7]
-        assert list(top["edge"]) == [graph.edge_names[i] for i in expected]
-    top = figures.top_edges(graph, means, 3, "change")
-    row = top.iloc[0]
-    s, d = graph.src_index(row["src"]), graph.dst_index(row["dst"])
-    assert row["rel_change"] == pytest.approx((means["post_abs"][s, d] - means["base_abs"][s, d])
-                                              / means["base_abs"][s, d])
-    with pytest.raises(ValueError, match="by="):
-        figures.top_edges(graph, means, 3, "size")
-
-
 def test_circuit_figure_uses_one_layout_for_both_models():
     graph = ResidualGraph(4, "qkv")
-    edges = figures.top_edges(graph, _means(graph), 12, "change")
-    fig = figures.circuit_figure(graph, edges, "base", "post", highlight=edges["edge"].iloc[0])
+    circuit = build_circuit(graph, _means(graph), set(), k=12, by="change",
+                            metadata={"base_label": "base", "post_label": "post", "n_layers": 4})
+    fig = figures.circuit_figure(circuit, highlight=circuit.edges["edge"].iloc[0])
     nodes = [t for t in fig.data if t.mode == "markers+text"]
     assert len(nodes) == 2
     assert list(nodes[0].x) == list(nodes[1].x) and list(nodes[0].y) == list(nodes[1].y)
     assert list(nodes[0].text) == list(nodes[1].text)
     highlighted = [t for t in fig.data if t.line is not None and t.line.width == 5]
     assert len(highlighted) == 2  # the selected edge, in both panels
-    layout = figures.layered_layout(graph)
-    assert layout["input"][1] < layout["a0"][1] < layout["m0"][1] < layout["a1"][1]
-    assert layout["logits"][1] > layout["m3"][1]
 
 
 def test_change_heatmap_hover_has_both_models_values():
