@@ -133,6 +133,27 @@ def test_importing_twice_keeps_the_rows_already_present(exported, target):
         assert con.execute("SELECT count(*) FROM scores").fetchone() == before
 
 
+def test_an_answer_is_exported_by_question_content_wherever_it_was_generated(source, tmp_path):
+    path, (pair, _) = source
+    cache = Path(shutil.copy(path, tmp_path / "cache.duckdb"))
+    with Store(cache).read() as con:
+        model_key, gen_key, question_key = con.execute(
+            "SELECT m.model_key, r.gen_key, q.question_key FROM runs r "
+            "JOIN run_models m ON m.run_key = r.run_key AND m.role = 'base' "
+            "JOIN questions q ON q.dataset_key = r.dataset_key WHERE r.run_key = ? "
+            "ORDER BY q.position LIMIT 1", [pair]).fetchone()
+    answer = {"model_key": model_key, "question_key": question_key, "dataset_key": "elsewhere",
+              "question_id": "elsewhere-7", "answer_text": "42"}
+    with Store(cache).write() as con:
+        Store.insert_rows(con, "generations", [
+            {**answer, "generation_key": "same-question-other-dataset", "gen_key": gen_key},
+            {**answer, "generation_key": "other-settings", "gen_key": "other"}])
+    export_run(Store(cache), pair, tmp_path / "out")
+    exported = pq.read_table(tmp_path / "out" / "generations.parquet").column("generation_key")
+    assert "same-question-other-dataset" in exported.to_pylist()
+    assert "other-settings" not in exported.to_pylist()
+
+
 def test_the_manifest_records_versions_columns_rows_and_checksums(exported):
     manifest = read_manifest(exported)
     assert manifest["schema_version"] == SCHEMA_VERSION
