@@ -317,6 +317,18 @@ def test_scores_without_their_vectors_are_refused(exported, target, tmp_path):
     assert_refused(target, folder, ExportFormatError, name, "1 scores without a vector")
 
 
+def test_vectors_with_missing_values_are_refused(exported, target, tmp_path):
+    folder = copy_export(exported, tmp_path / "holes")
+    name = next(p.name for p in folder.glob("vectors_*.parquet"))
+    vectors = pq.read_table(folder / name)
+    column = vectors.column("edge_scores").combine_chunks()
+    values = column.flatten().to_pylist()
+    values[0] = None
+    holed = pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float32()), column.type.list_size)
+    replace_file(folder, name, vectors.set_column(1, "edge_scores", holed))
+    assert_refused(target, folder, ExportFormatError, name, "1 vectors with missing values")
+
+
 @pytest.mark.parametrize("listed", ["../runs.parquet", "/etc/passwd", "sub/../../runs.parquet", ""])
 def test_a_file_path_leaving_the_folder_is_refused(exported, target, tmp_path, listed):
     folder = copy_export(exported, tmp_path / "escape")
