@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from core.demo.base import SOURCES
+from core.demo import common
 
 
 def _prepare_base(args) -> int:
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("problems", help="write the problem splits to cache/demo/problems/")
     p.set_defaults(handler=_problems)
     p = sub.add_parser("train", help="train one adapter into cache/demo/adapters/<algorithm>")
-    p.add_argument("algorithm", choices=("grpo", "dpo", "sft"))
+    p.add_argument("algorithm", choices=common.ALGORITHMS)
     p.add_argument("--minutes", type=float, default=40.0,
                    help="GRPO wall-time budget; training stops with a checkpoint after it")
     p.add_argument("--max-steps", type=int, default=120, help="GRPO step limit")
@@ -88,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="greedy accuracy of the base and each adapter, with standard "
                                         "errors and exact McNemar tests against the base")
     p.add_argument("--split", choices=("heldout", "validation"), default="heldout")
-    p.add_argument("--models", nargs="+", default=["base", "grpo", "dpo", "sft"],
-                   choices=["base", "grpo", "dpo", "sft"],
+    p.add_argument("--models", nargs="+", default=["base", *common.ALGORITHMS],
+                   choices=["base", *common.ALGORITHMS],
                    help="what to (re)evaluate; results merge into the split's stored results")
     p.set_defaults(handler=_evaluate)
     p = sub.add_parser("run", help="the pipeline on the demo pairs at the paper's alphas")
@@ -100,8 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from core.demo import common
-
     common.THREADS = args.threads
     try:
         return int(args.handler(args) or 0)
