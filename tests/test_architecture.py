@@ -73,7 +73,8 @@ def imports(root: Path, relative: Path) -> list[Import]:
     """Every import of one file, at any depth, as absolute module names."""
     source = (root / relative).read_text()
     tree = ast.parse(source, filename=str(relative))
-    package = module_name(relative) if relative.name == "__init__.py" else module_name(relative).rpartition(".")[0]
+    name = module_name(relative)
+    package = name if relative.name == "__init__.py" else name.rpartition(".")[0]
     found = []
     for node in _nodes_that_run(tree):
         names: list[str] = []
