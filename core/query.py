@@ -644,6 +644,7 @@ class ResultCache:
         """`per_sample` at each of `alphas` that has enough questions (the others are left out),
         read in parallel threads."""
         alphas = list(alphas)
+        self._label(run_key, post_label)  # an unknown run or model fails here, before any thread
         # Held open until this call ends: no commit can land, so every thread reads this version.
         self._connection()
 
