@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from core.settings import stable_hash
+from core import keys
 
 # Field names the math-evaluation-harness files use, in order of preference.
 QUESTION_FIELDS = ("question", "problem", "Question", "input")
@@ -28,6 +28,10 @@ class Question:
     question: str
     reference: str
 
+    @property
+    def key(self) -> str:
+        return keys.question_key(self.question, self.reference)
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
@@ -37,11 +41,11 @@ class Dataset:
 
     @property
     def content_hash(self) -> str:
-        return stable_hash([[q.id, q.question, q.reference] for q in self.questions], length=32)
+        return keys.dataset_content_hash([(q.id, q.question, q.reference) for q in self.questions])
 
     @property
     def key(self) -> str:
-        return stable_hash(["dataset", self.name, self.content_hash])
+        return keys.dataset_key(self.name, self.content_hash)
 
     def head(self, limit: int) -> "Dataset":
         """The first `limit` questions (all for 0), as a dataset of its own content."""

@@ -1,9 +1,12 @@
-"""The only way the dashboard starts and cancels recomputation: `python -m core run ...` in a detached
-process (its own session, so it outlives a page reload or the dashboard itself).
+"""The only way the dashboard starts and cancels recomputation: `python -m core run --request FILE`
+in a detached process (its own session, so it outlives a page reload or the dashboard itself), and
+the only way it estimates one: `python -m core plan --request FILE --json` in a child process, so the
+dashboard's own process never imports transformers.
 
-Each job has a JSON status file `<cache dir>/jobs/<job_id>.json`, replaced atomically (write, then
-rename) by the run as it progresses, and a log `<job_id>.log` with its output. The cache's writer lock
-makes a second writer impossible; `start` refuses early, with a clear message, when one is running.
+Each job has, under `<cache dir>/jobs/`, its request `<job_id>.request.json`, a JSON status file
+`<job_id>.json` replaced atomically (write, then rename) by the run as it progresses, and a log
+`<job_id>.log` with its output. The cache's writer lock makes a second writer impossible; `start`
+refuses early, with a clear message, when one is running.
 """
 
 from __future__ import annotations
@@ -14,17 +17,23 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from core.pipeline import RunRequest
-from core.store import REPO_ROOT, Store
+import psutil
 
-ACTIVE = ("queued", "running")
-# Popen objects of jobs started by this process, so finished children are reaped (a zombie would
-# still look alive to os.kill(pid, 0)).
+# Re-exported: the Compute page builds requests and lists what is configured through this module.
+from core.config import ConfigError, RunRequest, configured  # noqa: F401
+from core.store import REPO_ROOT, Store
+from core.vocab import ACTIVE_JOB_STATES, JobState
+
+ACTIVE = ACTIVE_JOB_STATES
+REQUEST_SUFFIX = ".request.json"
+# Popen objects of jobs started by this process: polling one reaps it when it has finished (a
+# zombie child would otherwise still look alive).
 _children: dict[str, subprocess.Popen] = {}
 
 
@@ -34,11 +43,9 @@ class JobConflictError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class JobStatus:
-    """state: queued | running | done | failed | cancelled."""
-
     job_id: str
     request: RunRequest
-    state: str
+    state: JobState
     stage: str
     done: int
     total: int
@@ -46,6 +53,8 @@ class JobStatus:
     message: str
     started_at: float
     pid: int | None = None
+    # The process's creation time, to tell it from a later process that reuses its pid.
+    pid_created: float | None = None
     updated_at: float | None = None
     log_path: str | None = None
 
@@ -79,10 +88,10 @@ def _read_json(path: Path) -> dict | None:
 
 
 class JobReporter:
-    """What `python -m core run --job-id` uses to report progress into the status file."""
+    """What `python -m core run --job-id` uses to report progress into the status file at `path`."""
 
-    def __init__(self, job_id: str, cache=None):
-        self.path = _status_path(job_id, cache)
+    def __init__(self, path: Path):
+        self.path = path
         self.stage = ""
         self.stage_began = self.last_write = time.time()
 
@@ -103,32 +112,33 @@ class JobReporter:
         eta = (total - done) / rate if rate else None
         write_status(self.path, stage=stage, done=done, total=total, eta_seconds=eta)
 
-    def finish(self, state: str, message: str = "") -> None:
+    def finish(self, state: JobState, message: str = "") -> None:
         write_status(self.path, state=state, message=message, eta_seconds=0 if state == "done" else None)
 
 
-def _alive(job_id: str, pid: int | None) -> bool:
+def _alive(job_id: str, pid: int | None, pid_created: float | None = None) -> bool:
+    """Whether the job's process still runs: not finished, not a zombie, and (when its creation
+    time was recorded) not another process that took its pid after it ended."""
     child = _children.get(job_id)
     if child is not None:
-        return child.poll() is None
+        return child.poll() is None  # poll() reaps a finished child
     if not pid:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        process = psutil.Process(pid)
+        if pid_created is not None and abs(process.create_time() - pid_created) > 0.5:
+            return False
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    try:  # a zombie (finished, not reaped by a parent that is not us) is not running
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
+    except psutil.AccessDenied:
         return True
 
 
 def _to_status(data: dict) -> JobStatus:
     state = data.get("state", "failed")
     message = data.get("message", "")
-    if state in ACTIVE and not _alive(data["job_id"], data.get("pid")):
+    if state in ACTIVE and not _alive(data["job_id"], data.get("pid"), data.get("pid_created")):
         state = "failed"
         message = message or (f"the run process ended without reporting a result; see its log "
                               f"{data.get('log_path')}")
@@ -136,6 +146,7 @@ def _to_status(data: dict) -> JobStatus:
                      stage=data.get("stage", ""), done=int(data.get("done", 0)),
                      total=int(data.get("total", 0)), eta_seconds=data.get("eta_seconds"),
                      message=message, started_at=data.get("started_at", 0.0), pid=data.get("pid"),
+                     pid_created=data.get("pid_created"),
                      updated_at=data.get("updated_at"), log_path=data.get("log_path"))
 
 
@@ -151,7 +162,7 @@ def list_jobs(cache=None) -> list[JobStatus]:
     folder = jobs_dir(cache)
     if not folder.is_dir():
         return []
-    found = [_read_json(p) for p in folder.glob("*.json")]
+    found = [_read_json(p) for p in folder.glob("*.json") if not p.name.endswith(REQUEST_SUFFIX)]
     return sorted((_to_status(d) for d in found if d and "job_id" in d),
                   key=lambda s: s.started_at, reverse=True)
 
@@ -174,12 +185,17 @@ def start(request: RunRequest) -> str:
     write_status(path, job_id=job_id, request=request.as_dict(), state="queued", stage="starting",
                  done=0, total=0, eta_seconds=None, message="", started_at=time.time(),
                  log_path=str(log_path))
-    command = [sys.executable, "-m", "core", "run", *request.cli_args(), "--job-id", job_id]
+    request_path = request.to_file(path.with_name(job_id + REQUEST_SUFFIX))
+    command = [sys.executable, "-m", "core", "run", "--request", str(request_path), "--job-id", job_id]
     with open(log_path, "ab") as log:
         child = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, start_new_session=True)
     _children[job_id] = child
-    write_status(path, pid=child.pid)
+    try:
+        created = psutil.Process(child.pid).create_time()
+    except psutil.NoSuchProcess:
+        created = None  # it ended already: the status file or the reaped child tells the rest
+    write_status(path, pid=child.pid, pid_created=created)
     return job_id
 
 
@@ -191,9 +207,9 @@ def cancel(job_id: str, cache=None, wait_s: float = 10.0) -> JobStatus:
         try:
             os.killpg(job.pid, signal.SIGTERM)
             deadline = time.monotonic() + wait_s
-            while _alive(job_id, job.pid) and time.monotonic() < deadline:
+            while _alive(job_id, job.pid, job.pid_created) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _alive(job_id, job.pid):
+            if _alive(job_id, job.pid, job.pid_created):
                 os.killpg(job.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
@@ -206,8 +222,21 @@ def cancel(job_id: str, cache=None, wait_s: float = 10.0) -> JobStatus:
     return status(job_id, cache)
 
 
-def estimate(request: RunRequest) -> dict[str, Any]:
-    """Work missing per stage and rough seconds, from what the cache holds (no model is loaded)."""
-    from core.pipeline import plan
-
-    return plan(request)
+def estimate(request: RunRequest, timeout_s: float = 600.0) -> dict[str, Any]:
+    """Work missing per stage and rough seconds (`core.pipeline.plan`), computed in a child process:
+    it reads the models' tokenizers (transformers), which the caller's process never imports.
+    Raises ValueError with the child's one-line error."""
+    with tempfile.TemporaryDirectory(prefix="circuitdiff-plan-") as folder:
+        request_path = request.to_file(Path(folder) / ("estimate" + REQUEST_SUFFIX))
+        try:
+            done = subprocess.run([sys.executable, "-m", "core", "plan", "--request", str(request_path),
+                                   "--json"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                  timeout=timeout_s, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise ValueError(f"the estimate took longer than {timeout_s:.0f} s; check that the "
+                             f"models' tokenizers are reachable") from None
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        raise ValueError(lines[-1].removeprefix("error: ") if lines
+                         else f"the estimate exited with status {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

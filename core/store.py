@@ -1,14 +1,20 @@
 """The result cache: one DuckDB file holding everything a run produced, keyed by what produced it.
 
-Layout (every key is a content hash, see `core.settings.stable_hash`):
-- models, datasets + questions: identity of inputs (a model is its spec plus a content fingerprint);
-- generations (prompt and answer token ids exactly as generated) and grades;
+Layout (every key is a content hash, recipes in core/keys.py; docs/method.md section 9):
+- models, datasets + questions: identity of inputs (a model is its spec plus a content fingerprint,
+  a question its text and reference);
+- generations (prompt and answer token ids exactly as generated), keyed by model, question content
+  and generation settings, so any dataset holding the question reuses the answer; and grades;
 - scores: one row per (generation, T_cut, score settings) with the sample's loss and time, and its
   real-edge vector in edge_vectors_<n_edges>, so identical work is shared by every run needing it;
 - runs, run_models, run_samples, run_alphas: what a run is (pair or series, dataset, settings), the
   questions it selected, T_bar and T_cut per alpha;
 - metrics: the default-convention comparison of each run, post model and alpha;
 - stage_timings and code versions.
+
+`RunStore` is the only way a run reads and writes these tables: the pipeline's stages, `plan()` and
+the synthetic caches ask it what is missing and hand it what to write. `migrate` upgrades a cache of
+an older schema version.
 
 Concurrency. DuckDB lets one process open a file read-write OR several open it read-only. So:
 - one writer at a time: a job holds `<cache>.writer.lock` (a file lock) for its whole duration;
@@ -21,9 +27,12 @@ Concurrency. DuckDB lets one process open a file read-write OR several open it r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import functools
+import json
 import os
+import shutil
 import subprocess
 import time
 import uuid
@@ -33,9 +42,8 @@ from pathlib import Path
 import duckdb
 
 from core import __version__
-from core.settings import stable_hash
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_CACHE = "CIRCUITDIFF_CACHE"
 # Retry a busy file every RETRY_S seconds, for up to this long.
@@ -48,10 +56,12 @@ TABLES = {
         architecture VARCHAR, n_layers INTEGER, tokenizer_fingerprint VARCHAR, created_at TIMESTAMP""",
     "datasets": """dataset_key VARCHAR PRIMARY KEY, name VARCHAR, source VARCHAR,
         content_hash VARCHAR, n_questions INTEGER, created_at TIMESTAMP""",
-    "questions": """dataset_key VARCHAR, question_id VARCHAR, position INTEGER, question VARCHAR,
-        reference VARCHAR, PRIMARY KEY (dataset_key, question_id)""",
-    "generations": """generation_key VARCHAR PRIMARY KEY, model_key VARCHAR, dataset_key VARCHAR,
-        question_id VARCHAR, gen_key VARCHAR, prompt_ids INTEGER[], answer_ids INTEGER[],
+    "questions": """dataset_key VARCHAR, question_id VARCHAR, question_key VARCHAR, position INTEGER,
+        question VARCHAR, reference VARCHAR, PRIMARY KEY (dataset_key, question_id)""",
+    # An answer is keyed by (model, question content, generation settings); dataset_key and
+    # question_id say where it was first generated (provenance only).
+    "generations": """generation_key VARCHAR PRIMARY KEY, model_key VARCHAR, question_key VARCHAR,
+        dataset_key VARCHAR, question_id VARCHAR, gen_key VARCHAR, prompt_ids INTEGER[], answer_ids INTEGER[],
         answer_text VARCHAR, finish_reason VARCHAR, seconds DOUBLE, backend VARCHAR,
         created_at TIMESTAMP""",
     "grades": """generation_key VARCHAR PRIMARY KEY, extracted VARCHAR, correct BOOLEAN,
@@ -298,19 +308,29 @@ class Store:
             raise CacheCorruptError(f"the file {self.path} is a DuckDB database but not a "
                                     f"circuitdiff cache (no meta table); point CIRCUITDIFF_CACHE "
                                     f"elsewhere. It was left untouched.") from None
-        if row is None or row[0] != SCHEMA_VERSION:
-            found = row[0] if row else "none"
+        found = row[0] if row else "none"
+        if found in MIGRATIONS:
+            raise CacheError(f"the cache {self.path} has schema version {found}, this code reads "
+                             f"version {SCHEMA_VERSION}: run `python -m core migrate --cache "
+                             f"{self.path}` once (it keeps a copy as {self.path}.v{found}.bak)")
+        if found != SCHEMA_VERSION:
             raise CacheError(f"the cache {self.path} has schema version {found}, this code reads "
                              f"version {SCHEMA_VERSION}; export its runs with the matching code "
                              f"version, or use a new cache file (CIRCUITDIFF_CACHE)")
         self._schema_checked = True
 
-    def tables_present(self) -> bool:
+    def schema_version(self) -> str | None:
+        """The version the file declares (None: no cache there yet), read without checking it."""
         if not self.exists():
-            return False
-        with self.read() as con:
-            return fetch_one(con, "SELECT count(*) FROM information_schema.tables WHERE "
-                                  "table_name = 'runs'")[0] > 0
+            return None
+        con = self._connect(read_only=True, timeout=OPEN_TIMEOUT_S)
+        try:
+            row = fetch_one(con, "SELECT value FROM meta WHERE key = 'schema_version'")
+        except duckdb.CatalogException:
+            return None
+        finally:
+            con.close()
+        return row[0] if row else None
 
     # --- inserts (inside a `write()` block) ---------------------------------------------------
 
@@ -328,20 +348,6 @@ class Store:
         con.executemany(f"{verb} INTO {table} ({', '.join(columns)}) VALUES ({placeholders})",
                         [[row[c] for c in columns] for row in rows])
 
-    @staticmethod
-    def insert_arrow(con: duckdb.DuckDBPyConnection, table: str, arrow_table,
-                     replace: bool = False) -> None:
-        """Bulk insert of a pyarrow table whose columns are a subset of the table's."""
-        if table not in TABLES:
-            raise KeyError(f"unknown cache table {table!r}")
-        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
-        columns = ", ".join(arrow_table.column_names)
-        con.register("_incoming", arrow_table)
-        try:
-            con.execute(f"{verb} INTO {table} ({columns}) SELECT {columns} FROM _incoming")
-        finally:
-            con.unregister("_incoming")
-
 
 def vector_table(n_edges: int) -> str:
     """Name of the table of edge vectors of length n_edges (an identifier built from an int)."""
@@ -350,7 +356,8 @@ def vector_table(n_edges: int) -> str:
 
 def insert_scores(con: duckdb.DuckDBPyConnection, rows: list[dict], vectors) -> None:
     """Score rows (the `scores` columns but vector_id and n_edges) with their real-edge vectors
-    [len(rows), n_edges], inside a write transaction. Rows whose key exists are skipped."""
+    [len(rows), n_edges], inside a write transaction. Rows whose key exists (in the cache or earlier
+    in `rows`) are skipped."""
     import numpy as np
     import pyarrow as pa
 
@@ -361,7 +368,11 @@ def insert_scores(con: duckdb.DuckDBPyConnection, rows: list[dict], vectors) -> 
     existing = set(con.execute(
         "SELECT generation_key, t_cut, score_key FROM scores WHERE generation_key IN (SELECT unnest(?))",
         [sorted({k[0] for k in keys})]).fetchall())
-    keep = [i for i, k in enumerate(keys) if k not in existing]
+    keep = []
+    for i, key in enumerate(keys):  # the first row of a key repeated within `rows` wins
+        if key not in existing:
+            existing.add(key)
+            keep.append(i)
     if not keep:
         return
     n_edges = vectors.shape[1]
@@ -395,93 +406,277 @@ def fetch_vectors(con: duckdb.DuckDBPyConnection, n_edges: int, vector_ids: list
     return values.reshape(len(table), n_edges)[[row_of[int(i)] for i in vector_ids]]
 
 
-def generation_key(model_key: str, dataset_key: str, question_id: str, gen_key: str) -> str:
-    return stable_hash(["generation", model_key, dataset_key, question_id, gen_key])
+# --- schema migrations --------------------------------------------------------------------------
+
+def migrate(store: Store, log=print) -> Path | None:
+    """Upgrade the cache to SCHEMA_VERSION: first copy it to `<cache>.v<found>.bak`, then rewrite it
+    in one transaction (a failure leaves it as it was). Returns the copy's path, or None when the
+    cache is current (or absent)."""
+    with store.writer_lock(wait=False):
+        found = store.schema_version()
+        if found is None or found == SCHEMA_VERSION:
+            return None
+        if found not in MIGRATIONS:
+            raise CacheError(f"the cache {store.path} has schema version {found}, which this code "
+                             f"cannot migrate to {SCHEMA_VERSION}; use a new cache file")
+        backup = Path(f"{store.path}.v{found}.bak")
+        shutil.copy2(store.path, backup)
+        wal = Path(f"{store.path}.wal")
+        if wal.exists():
+            shutil.copy2(wal, Path(f"{backup}.wal"))
+        log(f"migrating {store.path} from schema version {found} to {SCHEMA_VERSION} "
+            f"(copy kept as {backup})")
+        con = store._connect(read_only=False, timeout=OPEN_TIMEOUT_S)
+        try:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                MIGRATIONS[found](con)
+                con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [SCHEMA_VERSION])
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+            store._bump_version()
+        finally:
+            con.close()
+        store._schema_checked = False
+        return backup
 
 
-# --- export / import: a run as Parquet files, so a run computed on a GPU server is browsed elsewhere
+def _migrate_v1(con: duckdb.DuckDBPyConnection) -> None:
+    """v1 keyed an answer by (model, dataset, question id, settings); v2 by (model, question content,
+    settings). Questions and generations gain question_key; every generation key is recomputed and
+    rewritten wherever it appears (generations, grades, run_samples, scores)."""
+    import pandas as pd
 
-# Rows of each table that belong to a run ($run_key), its models and dataset.
-_EXPORT_SQL = {
-    "runs": "SELECT * FROM runs WHERE run_key = $run_key",
-    "run_models": "SELECT * FROM run_models WHERE run_key = $run_key",
-    "run_samples": "SELECT * FROM run_samples WHERE run_key = $run_key",
-    "run_alphas": "SELECT * FROM run_alphas WHERE run_key = $run_key",
-    "metrics": "SELECT * FROM metrics WHERE run_key = $run_key",
-    "stage_timings": "SELECT * FROM stage_timings WHERE run_key = $run_key",
-    "models": "SELECT * FROM models WHERE model_key IN "
-              "(SELECT model_key FROM run_models WHERE run_key = $run_key)",
-    "datasets": "SELECT * FROM datasets WHERE dataset_key = "
-                "(SELECT dataset_key FROM runs WHERE run_key = $run_key)",
-    "questions": "SELECT * FROM questions WHERE dataset_key = "
-                 "(SELECT dataset_key FROM runs WHERE run_key = $run_key)",
-    "generations": "SELECT g.* FROM generations g JOIN runs r ON r.run_key = $run_key "
-                   "AND g.dataset_key = r.dataset_key AND g.gen_key = r.gen_key WHERE g.model_key IN "
-                   "(SELECT model_key FROM run_models WHERE run_key = $run_key)",
-    "grades": "SELECT gr.* FROM grades gr JOIN generations g USING (generation_key) "
-              "JOIN runs r ON r.run_key = $run_key AND g.dataset_key = r.dataset_key "
-              "AND g.gen_key = r.gen_key WHERE g.model_key IN "
-              "(SELECT model_key FROM run_models WHERE run_key = $run_key)",
-    "scores": "SELECT s.* FROM scores s JOIN run_samples rs ON rs.generation_key = s.generation_key "
-              "AND rs.run_key = $run_key JOIN runs r ON r.run_key = rs.run_key "
-              "AND s.score_key = r.score_key "
-              "WHERE s.t_cut IN (SELECT t_cut FROM run_alphas WHERE run_key = $run_key)",
-}
+    from core import keys
 
-
-def export_run(store: Store, run_key: str, folder: str | os.PathLike) -> dict[str, int]:
-    """Write the run's rows to `folder`/<table>.parquet (vectors to vectors_<n>.parquet); returns
-    rows written per file."""
-    import pyarrow.parquet as pq
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    with store.read() as con:
-        if fetch_one(con, "SELECT count(*) FROM runs WHERE run_key = ?", [run_key])[0] == 0:
-            raise CacheError(f"no run {run_key!r} in the cache {store.path}; `python -m core ls` "
-                             f"lists the cached runs")
-        for table, sql in _EXPORT_SQL.items():
-            rows = con.sql(sql, params={"run_key": run_key}).to_arrow_table()
-            pq.write_table(rows, folder / f"{table}.parquet")
-            counts[table] = rows.num_rows
-            if table == "scores":
-                for n_edges in sorted(set(rows.column("n_edges").to_pylist())):
-                    ids = [v for v, n in zip(rows.column("vector_id").to_pylist(),
-                                             rows.column("n_edges").to_pylist()) if n == n_edges]
-                    vectors = con.sql(f"SELECT vector_id, edge_scores FROM {vector_table(n_edges)} "
-                                      f"WHERE vector_id IN (SELECT unnest($ids))",
-                                      params={"ids": ids}).to_arrow_table()
-                    pq.write_table(vectors, folder / f"vectors_{n_edges}.parquet")
-                    counts[f"vectors_{n_edges}"] = vectors.num_rows
-    return counts
+    question_keys = pd.DataFrame(
+        con.execute("SELECT dataset_key, question_id, question, reference FROM questions").fetchall(),
+        columns=["dataset_key", "question_id", "question", "reference"])
+    question_keys["question_key"] = [keys.question_key(q, r) for q, r in
+                                     zip(question_keys["question"], question_keys["reference"])]
+    key_of_question = {(d, i): k for d, i, k in question_keys[
+        ["dataset_key", "question_id", "question_key"]].itertuples(index=False)}
+    # Oldest first: where v1 holds the same answer under two datasets, the first generated one
+    # takes the content key and later copies keep keys of their own (see legacy_generation_key).
+    taken: set[str] = set()
+    mapping = []
+    for old, model, dataset, question_id, gen_key in con.execute(
+            "SELECT generation_key, model_key, dataset_key, question_id, gen_key FROM generations "
+            "ORDER BY created_at, generation_key").fetchall():
+        question = key_of_question.get((dataset, question_id))
+        new = keys.generation_key(model, question, gen_key) if question else None
+        if new is None or new in taken:
+            new = keys.legacy_generation_key(old)
+        taken.add(new)
+        mapping.append((old, new, question))
+    key_map = pd.DataFrame(mapping, columns=["old_key", "new_key", "question_key"], dtype=object)
+    con.register("_question_keys", question_keys[["dataset_key", "question_id", "question_key"]])
+    con.register("_key_map", key_map)
+    try:
+        _rebuild(con, "questions", "SELECT q.*, k.question_key FROM questions q "
+                                   "LEFT JOIN _question_keys k USING (dataset_key, question_id)")
+        _rebuild(con, "generations", "SELECT t.* REPLACE (m.new_key AS generation_key), m.question_key "
+                                     "FROM generations t JOIN _key_map m ON m.old_key = t.generation_key")
+        for table in ("grades", "run_samples", "scores"):
+            _rebuild(con, table, f"SELECT t.* REPLACE (coalesce(m.new_key, t.generation_key) AS "
+                                 f"generation_key) FROM {table} t "
+                                 f"LEFT JOIN _key_map m ON m.old_key = t.generation_key")
+    finally:
+        con.unregister("_question_keys")
+        con.unregister("_key_map")
 
 
-def import_run(store: Store, folder: str | os.PathLike) -> dict[str, int]:
-    """Add an exported run to the cache (rows already present are kept); one transaction."""
-    import numpy as np
-    import pyarrow.parquet as pq
+def _rebuild(con: duckdb.DuckDBPyConnection, table: str, select_sql: str) -> None:
+    """Replace `table` by the rows of `select_sql` under the current schema, refusing to lose any."""
+    before = fetch_one(con, f"SELECT count(*) FROM {table}")[0]
+    con.execute(f"CREATE TABLE _{table}_next ({TABLES[table]})")
+    con.execute(f"INSERT INTO _{table}_next BY NAME {select_sql}")
+    after = fetch_one(con, f"SELECT count(*) FROM _{table}_next")[0]
+    if after != before:
+        raise CacheError(f"migrating the table {table} would keep {after} of its {before} rows; the "
+                         f"cache was left unchanged")
+    con.execute(f"DROP TABLE {table}")
+    con.execute(f"ALTER TABLE _{table}_next RENAME TO {table}")
 
-    folder = Path(folder)
-    missing = [t for t in _EXPORT_SQL if not (folder / f"{t}.parquet").exists()]
-    if missing:
-        raise CacheError(f"{folder} is not an exported run: {', '.join(missing)}.parquet missing; "
-                         f"export one with `python -m core export`")
-    counts = {}
-    with store.write() as con:
-        for table in _EXPORT_SQL:
-            rows = pq.read_table(folder / f"{table}.parquet")
-            counts[table] = rows.num_rows
-            if table != "scores":
-                Store.insert_arrow(con, table, rows)
-                continue
-            records = rows.to_pylist()
-            for n_edges in sorted({r["n_edges"] for r in records}):
-                vectors = pq.read_table(folder / f"vectors_{n_edges}.parquet")
-                by_id = dict(zip(vectors.column("vector_id").to_pylist(),
-                                 vectors.column("edge_scores").to_pylist()))
-                group = [r for r in records if r["n_edges"] == n_edges]
-                matrix = np.array([by_id[r["vector_id"]] for r in group], dtype=np.float32)
-                insert_scores(con, [{k: v for k, v in r.items() if k not in ("vector_id", "n_edges")}
-                                    for r in group], matrix.reshape(len(group), n_edges))
-    return counts
+
+# Schema version found -> the function that rewrites it to SCHEMA_VERSION inside a transaction.
+MIGRATIONS = {"1": _migrate_v1}
+
+
+# --- the run store: what the pipeline's stages, plan() and synthetic caches ask and write ---------
+
+@dataclasses.dataclass(frozen=True)
+class RunState:
+    """What the cache holds of a run: its selection's size and T_bar, its T_cut per alpha, and the
+    (label, generation key) of each selected sample."""
+
+    t_bar: float
+    n_selected: int
+    t_cuts: dict[float, int]
+    samples: list[tuple[str, str]]
+
+
+class RunStore:
+    """Every read and write of a run's tables. Each call is one transaction; reads of a cache that
+    does not exist yet find nothing (and create nothing)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def _rows(self, sql: str, params: list) -> list[tuple]:
+        if not self.store.exists():
+            return []
+        with self.store.read() as con:
+            return con.execute(sql, params).fetchall()
+
+    # --- inputs -----------------------------------------------------------------------------
+
+    def file_hashes(self) -> dict[str, tuple[int, int, str]]:
+        """Known sha256 of files by path, with the size and mtime they were hashed at."""
+        return {path: (size, mtime, digest) for path, size, mtime, digest in self._rows(
+            "SELECT path, size, mtime_ns, sha256 FROM file_hashes", [])}
+
+    def write_inputs(self, models: list[dict], dataset, file_hashes: list[dict]) -> None:
+        """Models (rows of `models` without created_at), a `core.datasets.Dataset` with its
+        questions, and newly computed file hashes."""
+        created = now()
+        with self.store.write() as con:
+            Store.insert_rows(con, "file_hashes", file_hashes, replace=True)
+            Store.insert_rows(con, "models", [{**row, "created_at": created} for row in models])
+            Store.insert_rows(con, "datasets", [{
+                "dataset_key": dataset.key, "name": dataset.name, "source": dataset.source,
+                "content_hash": dataset.content_hash, "n_questions": len(dataset.questions),
+                "created_at": created}])
+            Store.insert_rows(con, "questions", [{
+                "dataset_key": dataset.key, "question_id": q.id, "question_key": q.key,
+                "position": i, "question": q.question, "reference": q.reference}
+                for i, q in enumerate(dataset.questions)])
+
+    # --- generate and grade -----------------------------------------------------------------
+
+    def missing_generations(self, keys: list[str]) -> list[str]:
+        """The keys among `keys` with no stored answer, in order, each once."""
+        have = {row[0] for row in self._rows(
+            "SELECT generation_key FROM generations WHERE generation_key IN (SELECT unnest(?))",
+            [list(keys)])}
+        return [key for key in dict.fromkeys(keys) if key not in have]
+
+    def write_generations(self, rows: list[dict]) -> None:
+        """Rows of `generations` without created_at."""
+        created = now()
+        with self.store.write() as con:
+            Store.insert_rows(con, "generations", [{**row, "created_at": created} for row in rows])
+
+    def ungraded(self, keys: list[str]) -> list[tuple[str, str, str]]:
+        """(generation key, answer text, reference) of the stored, ungraded answers among `keys`."""
+        return self._rows("""
+            SELECT g.generation_key, g.answer_text, q.reference FROM generations g
+            JOIN (SELECT question_key, any_value(reference) AS reference FROM questions
+                  GROUP BY question_key) q ON q.question_key = g.question_key
+            LEFT JOIN grades gr ON gr.generation_key = g.generation_key
+            WHERE gr.generation_key IS NULL AND g.generation_key IN (SELECT unnest(?))
+            ORDER BY g.generation_key""", [list(keys)])
+
+    def write_grades(self, rows: list[dict]) -> None:
+        """Rows of `grades` without created_at."""
+        created = now()
+        with self.store.write() as con:
+            Store.insert_rows(con, "grades", [{**row, "created_at": created} for row in rows])
+
+    # --- select -----------------------------------------------------------------------------
+
+    def selection_candidates(self, keys: list[str]) -> dict[str, tuple[int, int, bool]]:
+        """(answer length, prompt length, correct) of each graded answer among `keys`."""
+        return {key: (answer_len, prompt_len, bool(correct))
+                for key, answer_len, prompt_len, correct in self._rows("""
+                    SELECT g.generation_key, len(g.answer_ids), len(g.prompt_ids), gr.correct
+                    FROM generations g JOIN grades gr ON gr.generation_key = g.generation_key
+                    WHERE g.generation_key IN (SELECT unnest(?))""", [list(keys)])}
+
+    def run_state(self, run_key: str) -> RunState | None:
+        found = self._rows("SELECT t_bar, n_selected FROM runs WHERE run_key = ?", [run_key])
+        if not found:
+            return None
+        t_cuts = dict(self._rows("SELECT alpha, t_cut FROM run_alphas WHERE run_key = ?", [run_key]))
+        samples = self._rows("SELECT label, generation_key FROM run_samples WHERE run_key = ? "
+                             "ORDER BY label, position", [run_key])
+        return RunState(found[0][0], found[0][1], t_cuts, samples)
+
+    def write_run(self, run: dict, models: list[dict], samples: list[dict],
+                  t_cuts: dict[float, int]) -> bool:
+        """A run's row (without code version and times), its models, its selected samples and its
+        T_cut per alpha; existing rows are kept. Returns whether the run or an alpha was new."""
+        created = now()
+        run_key = run["run_key"]
+        with self.store.write() as con:
+            is_new = fetch_one(con, "SELECT count(*) FROM runs WHERE run_key = ?", [run_key])[0] == 0
+            known = {row[0] for row in con.execute("SELECT alpha FROM run_alphas WHERE run_key = ?",
+                                                   [run_key]).fetchall()}
+            Store.insert_rows(con, "runs", [{**run, "code_version": code_version(),
+                                             "git_commit": git_commit(), "created_at": created,
+                                             "updated_at": created}])
+            Store.insert_rows(con, "run_models", [{"run_key": run_key, **row} for row in models])
+            Store.insert_rows(con, "run_samples", [{"run_key": run_key, **row} for row in samples])
+            Store.insert_rows(con, "run_alphas", [{"run_key": run_key, "alpha": alpha, "t_cut": cut}
+                                                  for alpha, cut in t_cuts.items()])
+        return is_new or bool(set(t_cuts) - known)
+
+    # --- score ------------------------------------------------------------------------------
+
+    def missing_scores(self, wanted: list[tuple[str, int]], score_key: str) -> list[tuple[str, int]]:
+        """The (generation key, T_cut) pairs among `wanted` with no stored scores, in order."""
+        have = set(self._rows(
+            "SELECT generation_key, t_cut FROM scores WHERE score_key = ? AND "
+            "generation_key IN (SELECT unnest(?))", [score_key, sorted({key for key, _ in wanted})]))
+        return [item for item in wanted if item not in have]
+
+    def generation_tokens(self, keys: list[str]) -> dict[str, tuple[list[int], list[int]]]:
+        """Prompt and answer token ids of the answers `keys`, as generated."""
+        return {key: (prompt, answer) for key, prompt, answer in self._rows(
+            "SELECT generation_key, prompt_ids, answer_ids FROM generations "
+            "WHERE generation_key IN (SELECT unnest(?))", [list(keys)])}
+
+    def write_scores(self, run_key: str, rows: list[dict], vectors) -> None:
+        """Score rows (without code version and time) with their real-edge vectors, in one
+        transaction that also marks the run updated."""
+        created = now()
+        with self.store.write() as con:
+            insert_scores(con, [{**row, "code_version": code_version(), "created_at": created}
+                                for row in rows], vectors)
+            con.execute("UPDATE runs SET updated_at = ? WHERE run_key = ?", [created, run_key])
+
+    def past_seconds(self, model_keys: list[str]) -> dict[str, float | None]:
+        """Mean seconds per generated answer and per scored sample of these models so far."""
+        generate = self._rows("SELECT avg(seconds) FROM generations WHERE model_key IN "
+                              "(SELECT unnest(?))", [list(model_keys)])
+        score = self._rows("SELECT avg(seconds) FROM scores WHERE model_key IN (SELECT unnest(?))",
+                           [list(model_keys)])
+        return {"generate": generate[0][0] if generate else None,
+                "score": score[0][0] if score else None}
+
+    # --- metrics and timings ----------------------------------------------------------------
+
+    def missing_metrics(self, run_key: str, settings_key: str,
+                        wanted: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        """The (post label, alpha) pairs among `wanted` without a stored comparison."""
+        have = set(self._rows("SELECT post_label, alpha FROM metrics WHERE run_key = ? AND "
+                              "settings_key = ?", [run_key, settings_key]))
+        return [item for item in wanted if item not in have]
+
+    def write_metrics(self, run_key: str, post_label: str, alpha: float, settings,
+                      comparison: dict) -> None:
+        """A comparison (`Comparison.to_dict()`) under its `MetricSettings`."""
+        with self.store.write() as con:
+            Store.insert_rows(con, "metrics", [{
+                "run_key": run_key, "post_label": post_label, "alpha": alpha,
+                "settings_key": settings.key(), "settings": json.dumps(settings.as_dict()),
+                "comparison": json.dumps(comparison), "created_at": now()}])
+
+    def write_timing(self, run_key: str, stage: str, items: int, seconds: float) -> None:
+        with self.store.write() as con:
+            Store.insert_rows(con, "stage_timings", [{
+                "run_key": run_key, "stage": stage, "items": items, "seconds": seconds,
+                "code_version": code_version(), "git_commit": git_commit(), "created_at": now()}])
+

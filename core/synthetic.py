@@ -12,17 +12,20 @@ claims to be a measurement: model labels start with `synthetic-`.
 from __future__ import annotations
 
 import json
+
 import numpy as np
 
-from core import metrics
-from core.settings import GenerationSettings
+from core import keys, metrics
+from core.datasets import Dataset, Question
 from core.graph import ResidualGraph
-from core.settings import MetricSettings, ScoreSettings, SelectionSettings, stable_hash
-from core.store import Store, code_version, generation_key, git_commit, insert_scores, now
+from core.settings import GenerationSettings, MetricSettings, ScoreSettings, SelectionSettings
+from core.store import RunStore, Store
 
 PAIR_NAMES = ("deepseek", "mistral", "distill-qwen", "qwen25-dpo")
 ALGORITHMS = ("GRPO", "PPO", "GRPO", "DPO")
 DATASET_NAMES = ("math", "gsm8k", "college_math")
+# Synthetic answers are keyed as if generated with this template.
+TEMPLATE = "chat-boxed"
 
 
 def build_synthetic_cache(path, n_pairs: int = 4, n_datasets: int = 3,
@@ -34,128 +37,103 @@ def build_synthetic_cache(path, n_pairs: int = 4, n_datasets: int = 3,
         raise ValueError(f"at most {len(PAIR_NAMES)} pairs and {len(DATASET_NAMES)} datasets")
     if len(layer_counts) < n_pairs:
         raise ValueError(f"layer_counts={layer_counts} names fewer layer counts than n_pairs={n_pairs}")
-    store = Store(path)
+    runs = RunStore(Store(path))
     rng = np.random.default_rng(seed)
-    keys = []
-    with store.writer_lock(wait=True):
+    run_keys = []
+    with runs.store.writer_lock(wait=True):
         for d in range(n_datasets):
-            dataset = _write_dataset(store, DATASET_NAMES[d], n_questions=n_samples * 2, rng=rng)
+            dataset = _dataset(DATASET_NAMES[d], n_questions=n_samples * 2, rng=rng)
             for p in range(n_pairs):
-                keys.append(_write_run(store, PAIR_NAMES[p], ALGORITHMS[p],
-                                       [f"synthetic-{PAIR_NAMES[p]}-post"], dataset, alphas,
-                                       n_samples, layer_counts[p], rng, metric_settings))
-    return keys
+                run_keys.append(_write_run(runs, PAIR_NAMES[p], ALGORITHMS[p],
+                                           [f"synthetic-{PAIR_NAMES[p]}-post"], dataset, alphas,
+                                           n_samples, layer_counts[p], rng, metric_settings))
+    return run_keys
 
 
 def build_fixture_cache(path, metric_settings: MetricSettings = MetricSettings()) -> list[str]:
     """A small cache for tests: a pair (2 layers) and a series with two post models (3 layers), one
     dataset, alphas 0.1 and 0.3, 8 samples each."""
-    store = Store(path)
+    runs = RunStore(Store(path))
     rng = np.random.default_rng(1)
-    with store.writer_lock(wait=True):
-        dataset = _write_dataset(store, "fixture", n_questions=12, rng=rng)
-        return [_write_run(store, "fixture-pair", "GRPO", ["synthetic-rl"], dataset, (0.1, 0.3), 8, 2,
+    with runs.store.writer_lock(wait=True):
+        dataset = _dataset("fixture", n_questions=12, rng=rng)
+        return [_write_run(runs, "fixture-pair", "GRPO", ["synthetic-rl"], dataset, (0.1, 0.3), 8, 2,
                            rng, metric_settings),
-                _write_run(store, "fixture-series", "GRPO", ["synthetic-grpo", "synthetic-dpo"],
+                _write_run(runs, "fixture-series", "GRPO", ["synthetic-grpo", "synthetic-dpo"],
                            dataset, (0.1, 0.3), 8, 3, rng, metric_settings)]
 
 
-def _write_dataset(store: Store, name: str, n_questions: int, rng: np.random.Generator) -> dict:
+def _dataset(name: str, n_questions: int, rng: np.random.Generator) -> Dataset:
     operands = rng.integers(2, 99, size=(n_questions, 2))
-    questions = [{"question_id": f"{name}-{i}", "position": i,
-                  "question": f"What is {a} + {b}?", "reference": str(a + b)}
-                 for i, (a, b) in enumerate(operands.tolist())]
-    content_hash = stable_hash(questions)
-    key = stable_hash(["dataset", name, content_hash])
-    with store.write() as con:
-        store.insert_rows(con, "datasets", [{
-            "dataset_key": key, "name": name, "source": "synthetic", "content_hash": content_hash,
-            "n_questions": n_questions, "created_at": now()}])
-        store.insert_rows(con, "questions", [{"dataset_key": key, **q} for q in questions])
-    return {"key": key, "name": name, "questions": questions}
+    return Dataset(name, "synthetic", tuple(Question(f"{name}-{i}", f"What is {a} + {b}?", str(a + b))
+                                            for i, (a, b) in enumerate(operands.tolist())))
 
 
-def _write_run(store: Store, name: str, algorithm: str, post_labels: list[str], dataset: dict,
+def _write_run(runs: RunStore, name: str, algorithm: str, post_labels: list[str], dataset: Dataset,
                alphas, n_samples: int, n_layers: int, rng: np.random.Generator,
                metric_settings: MetricSettings) -> str:
     graph = ResidualGraph(n_layers, "qkv")
     selection, score, generation = SelectionSettings(n=n_samples), ScoreSettings(), GenerationSettings()
-    gen_key = stable_hash(["synthetic", generation.key()])
+    gen_key = keys.generation_settings_key(TEMPLATE, generation.max_new_tokens, generation)
     labels = [f"synthetic-{name}-base"] + post_labels
-    model_keys = {label: stable_hash(["model", label, n_layers]) for label in labels}
-    run_key = stable_hash(["run", name, dataset["key"], sorted(model_keys.values()), gen_key,
-                           selection.key(), score.key()])
-    chosen = dataset["questions"][:n_samples]
+    model_keys = {label: keys.model_key({"kind": "synthetic", "label": label}, str(n_layers))
+                  for label in labels}
+    kind = "pair" if len(post_labels) == 1 else "series"
+    run_key = keys.run_key(name, kind, model_keys, dataset.key, gen_key, selection, score)
+    chosen = dataset.questions[:n_samples]
+    generation_keys = {label: [keys.generation_key(model_keys[label], q.key, gen_key) for q in chosen]
+                       for label in labels}
     lengths = {label: rng.integers(150, 400, size=len(chosen)) for label in labels}
     t_bar = float(min(v.mean() for v in lengths.values()))
     t_cuts = {float(a): max(int(np.floor(a * t_bar)), 1) for a in alphas}
-    created = now()
-    with store.write() as con:
-        store.insert_rows(con, "models", [{
-            "model_key": key, "label": label, "spec": json.dumps({"kind": "synthetic"}),
-            "fingerprint": key, "architecture": "synthetic", "n_layers": n_layers,
-            "tokenizer_fingerprint": "synthetic", "created_at": created}
-            for label, key in model_keys.items()])
-        generations, grades, samples = [], [], []
-        for label in labels:
-            for position, (q, length) in enumerate(zip(chosen, lengths[label])):
-                g_key = generation_key(model_keys[label], dataset["key"], q["question_id"], gen_key)
-                text = f"Adding the numbers gives {q['reference']}. \\boxed{{{q['reference']}}}"
-                generations.append({
-                    "generation_key": g_key, "model_key": model_keys[label],
-                    "dataset_key": dataset["key"], "question_id": q["question_id"], "gen_key": gen_key,
-                    "prompt_ids": rng.integers(0, 1000, size=40).tolist(),
-                    "answer_ids": rng.integers(0, 1000, size=int(length)).tolist(),
-                    "answer_text": text, "finish_reason": "eos", "seconds": 0.0, "backend": "synthetic",
-                    "created_at": created})
-                grades.append({"generation_key": g_key, "extracted": q["reference"], "correct": True,
-                               "rule": "boxed", "created_at": created})
-                samples.append({"run_key": run_key, "label": label, "question_id": q["question_id"],
-                                "position": position, "generation_key": g_key})
-        store.insert_rows(con, "generations", generations)
-        store.insert_rows(con, "grades", grades)
-        store.insert_rows(con, "run_samples", samples)
-        store.insert_rows(con, "runs", [{
-            "run_key": run_key, "name": name, "kind": "pair" if len(post_labels) == 1 else "series",
-            "dataset_key": dataset["key"], "dataset_name": dataset["name"], "gen_key": gen_key,
-            "gen_settings": json.dumps(generation.as_dict()), "selection_key": selection.key(),
-            "selection": json.dumps(selection.as_dict()), "score_key": score.key(),
-            "score": json.dumps(score.as_dict()), "n_layers": n_layers, "granularity": "qkv",
-            "n_candidates": len(dataset["questions"]), "n_selected": len(chosen), "t_bar": t_bar,
-            "selection_report": json.dumps({"synthetic": True}), "code_version": code_version(),
-            "git_commit": git_commit(), "created_at": created, "updated_at": created}])
-        store.insert_rows(con, "run_models", [{
-            "run_key": run_key, "label": label, "role": "base" if i == 0 else "post",
-            "model_key": model_keys[label], "algorithm": None if i == 0 else algorithm,
-            "position": i} for i, label in enumerate(labels)])
-        store.insert_rows(con, "run_alphas", [{"run_key": run_key, "alpha": a, "t_cut": t}
-                                              for a, t in t_cuts.items()])
+    runs.write_inputs([{"model_key": key, "label": label, "spec": json.dumps({"kind": "synthetic"}),
+                        "fingerprint": key, "architecture": "synthetic", "n_layers": n_layers,
+                        "tokenizer_fingerprint": "synthetic"} for label, key in model_keys.items()],
+                      dataset, [])
+    runs.write_generations([{
+        "generation_key": g_key, "model_key": model_keys[label], "question_key": q.key,
+        "dataset_key": dataset.key, "question_id": q.id, "gen_key": gen_key,
+        "prompt_ids": rng.integers(0, 1000, size=40).tolist(),
+        "answer_ids": rng.integers(0, 1000, size=int(length)).tolist(),
+        "answer_text": f"Adding the numbers gives {q.reference}. \\boxed{{{q.reference}}}",
+        "finish_reason": "eos", "seconds": 0.0, "backend": "synthetic"}
+        for label in labels
+        for g_key, q, length in zip(generation_keys[label], chosen, lengths[label])])
+    runs.write_grades([{"generation_key": g_key, "extracted": q.reference, "correct": True,
+                        "rule": "boxed"}
+                       for label in labels for g_key, q in zip(generation_keys[label], chosen)])
+    runs.write_run(
+        {"run_key": run_key, "name": name, "kind": kind, "dataset_key": dataset.key,
+         "dataset_name": dataset.name, "gen_key": gen_key,
+         "gen_settings": json.dumps(generation.as_dict()), "selection_key": selection.key(),
+         "selection": json.dumps(selection.as_dict()), "score_key": score.key(),
+         "score": json.dumps(score.as_dict()), "n_layers": n_layers, "granularity": "qkv",
+         "n_candidates": len(dataset.questions), "n_selected": len(chosen), "t_bar": t_bar,
+         "selection_report": json.dumps({"synthetic": True})},
+        [{"label": label, "role": "base" if i == 0 else "post", "model_key": model_keys[label],
+          "algorithm": None if i == 0 else algorithm, "position": i} for i, label in enumerate(labels)],
+        [{"label": label, "question_id": q.id, "position": position, "generation_key": g_key}
+         for label in labels
+         for position, (g_key, q) in enumerate(zip(generation_keys[label], chosen))],
+        t_cuts)
 
     for alpha, t_cut in t_cuts.items():
         # Edge structure shared by the models of a run; the post models are stronger and noisier.
         edge_scale = rng.lognormal(mean=-7.0, sigma=1.5, size=graph.n_edges)
         edges = {label: _synthetic_edges(edge_scale, len(chosen), rng, strength=1.0 + 0.2 * i)
                  for i, label in enumerate(labels)}
-        with store.write() as con:
-            for label in labels:
-                keys = [generation_key(model_keys[label], dataset["key"], q["question_id"], gen_key)
-                        for q in chosen]
-                insert_scores(con, [{
-                    "generation_key": key, "t_cut": t_cut, "score_key": score.key(),
-                    "model_key": model_keys[label], "dataset_key": dataset["key"],
-                    "question_id": q["question_id"], "loss": float(rng.uniform(0.5, 2.0)),
-                    "seconds": float(rng.uniform(0.5, 2.0)), "n_scored_tokens": t_cut,
-                    "scored_text": f"Adding the numbers gives {q['reference']}"[:t_cut],
-                    "code_version": code_version(), "created_at": now()}
-                    for key, q in zip(keys, chosen)], edges[label])
-            for label in labels[1:]:
-                comparison = metrics.compare_models(graph.dense(edges[labels[0]]),
-                                                    graph.dense(edges[label]), graph, metric_settings)
-                store.insert_rows(con, "metrics", [{
-                    "run_key": run_key, "post_label": label, "alpha": alpha,
-                    "settings_key": metric_settings.key(),
-                    "settings": json.dumps(metric_settings.as_dict()),
-                    "comparison": json.dumps(comparison.to_dict()), "created_at": now()}])
+        for label in labels:
+            runs.write_scores(run_key, [{
+                "generation_key": g_key, "t_cut": t_cut, "score_key": score.key(),
+                "model_key": model_keys[label], "dataset_key": dataset.key, "question_id": q.id,
+                "loss": float(rng.uniform(0.5, 2.0)), "seconds": float(rng.uniform(0.5, 2.0)),
+                "n_scored_tokens": t_cut,
+                "scored_text": f"Adding the numbers gives {q.reference}"[:t_cut]}
+                for g_key, q in zip(generation_keys[label], chosen)], edges[label])
+        for label in labels[1:]:
+            comparison = metrics.compare_models(graph.dense(edges[labels[0]]),
+                                                graph.dense(edges[label]), graph, metric_settings)
+            runs.write_metrics(run_key, label, alpha, metric_settings, comparison.to_dict())
     return run_key
 
 

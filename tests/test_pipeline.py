@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from core import jobs, pipeline
+from core.config import ConfigError, RunRequest
 from core.__main__ import main
 from core.datasets import DatasetError, reference_from_record
 from core.generation import finish_answer, generate_greedy
@@ -25,7 +26,7 @@ from core.grading import extract_answer
 from core.models import ModelSpec, TokenizerMismatchError, load_causal_lm
 from core.query import ResultCache
 from core.selection import NoJointlyCorrectError
-from core.settings import SelectionSettings
+from core.settings import GenerationSettings, SelectionSettings
 from core.store import TABLES, Store, fetch_one
 from core.synthetic import build_tiny_model, tiny_tokenizer
 from core.templates import get_template
@@ -54,6 +55,10 @@ def world(tmp_path_factory):
     with open(root / "data.jsonl", "w") as f:
         for i, (q, r) in enumerate(zip(questions, references)):
             f.write(json.dumps({"id": f"q{i}", "question": q, "answer": r}) + "\n")
+    # The same questions under other ids, in another order, in another file.
+    with open(root / "renamed.jsonl", "w") as f:
+        for i, (q, r) in reversed(list(enumerate(zip(questions, references)))):
+            f.write(json.dumps({"id": f"r{i}", "question": q, "answer": r}) + "\n")
     with open(root / "unsolvable.jsonl", "w") as f:
         for i, q in enumerate(questions[:4]):
             f.write(json.dumps({"id": f"u{i}", "question": q, "answer": "no such answer"}) + "\n")
@@ -90,6 +95,9 @@ max_new_tokens = {MAX_NEW}
 [datasets.tiny]
 jsonl = "{root / 'data.jsonl'}"
 
+[datasets.renamed]
+jsonl = "{root / 'renamed.jsonl'}"
+
 [datasets.unsolvable]
 jsonl = "{root / 'unsolvable.jsonl'}"
 """)
@@ -100,11 +108,17 @@ def request(world, cache_name, **changes):
     fields = dict(pair="tiny", dataset="tiny", alphas=ALPHAS, selection=SELECTION,
                   cache=str(world / cache_name), config=str(world / "pairs.toml"))
     fields.update(changes)
-    return pipeline.RunRequest(**fields)
+    return RunRequest(**fields)
 
 
 def quiet(text):
     pass
+
+
+def sample_matrices(cache, run_key, alpha, model):
+    """Dense per-sample score matrices of a model at alpha, and their question ids."""
+    edges, ids = cache.sample_edges(run_key, alpha, model)
+    return cache.graph(run_key).dense(edges), ids
 
 
 def cache_contents(path):
@@ -150,7 +164,7 @@ def test_end_to_end_run_fills_every_table_and_the_query_layer_reads_it(world):
     run = cache.runs().iloc[0]
     assert (run.pair, run.dataset, run.post_label, run.alphas) == ("tiny", "tiny", "tiny-post", list(ALPHAS))
     assert run.n_layers == 2
-    matrices, ids = cache.sample_matrices(run.run_key, 0.5, "tiny-post")
+    matrices, ids = sample_matrices(cache, run.run_key, 0.5, "tiny-post")
     assert matrices.shape == (n, 5, 9) and np.isfinite(matrices).all() and np.abs(matrices).sum() > 0
     samples = cache.samples(run.run_key, 0.5)
     assert samples["base_correct"].all() and samples["post_correct"].all()
@@ -188,7 +202,8 @@ def test_extra_alpha_scores_only_the_new_cut(world):
 KILL_DURING_SCORING = """
 import json, os, signal, sys
 from core import pipeline
-request = pipeline.RunRequest.from_dict(json.loads(sys.argv[1]))
+from core.config import RunRequest
+request = RunRequest.from_dict(json.loads(sys.argv[1]))
 def progress(stage, done, total):
     # Called after a scoring batch is computed and before it is committed: the third batch dies.
     if stage.startswith("score") and done == 3:
@@ -224,11 +239,12 @@ def test_run_killed_mid_scoring_resumes_to_the_same_cache(world):
 
 
 def test_unknown_pair_and_dataset_are_clear_errors(world):
-    with pytest.raises(pipeline.ConfigError, match="unknown pair or series 'nope'.*known pairs"):
+    with pytest.raises(ConfigError, match="unknown pair or series 'nope'.*known pairs.*"
+                                          + str(world / "pairs.toml")):
         pipeline.run(request(world, "errors.duckdb", pair="nope"), log=quiet)
     with pytest.raises(DatasetError, match="unknown dataset 'nope'.*known"):
         pipeline.run(request(world, "errors.duckdb", dataset="nope"), log=quiet)
-    with pytest.raises(pipeline.ConfigError, match="declares layers = 30 but .* has 2"):
+    with pytest.raises(ConfigError, match="declares layers = 30 but .* has 2"):
         pipeline.run(request(world, "errors.duckdb", pair="wrong-layers"), log=quiet)
 
 
@@ -257,15 +273,15 @@ def test_cli_run_ls_export_import(world, tmp_path, capsys):
     source, copy = ResultCache.open(cache), ResultCache.open(imported)
     for alpha in ALPHAS:
         for model in ("base", "tiny-post"):
-            a, ids_a = source.sample_matrices(run_key, alpha, model)
-            b, ids_b = copy.sample_matrices(run_key, alpha, model)
+            a, ids_a = sample_matrices(source, run_key, alpha, model)
+            b, ids_b = sample_matrices(copy, run_key, alpha, model)
             assert ids_a == ids_b
             np.testing.assert_array_equal(a, b)
     assert copy.metric_table().equals(source.metric_table())
     assert main(["import", str(tmp_path / "export"), "--cache", imported]) == 0  # idempotent
     with Store(imported).read() as con:
         assert fetch_one(con, "SELECT count(*) FROM scores")[0] == len(ALPHAS) * 2 * len(
-            ResultCache.open(imported).sample_matrices(run_key, 0.5, "base")[1])
+            sample_matrices(ResultCache.open(imported), run_key, 0.5, "base")[1])
     assert main(["run", "--pair", "nope", "--dataset", "tiny", *common]) == 2
     assert "unknown pair or series 'nope'" in capsys.readouterr().err
 
@@ -294,6 +310,8 @@ def test_jobs_run_detached_report_progress_and_refuse_a_second_writer(world):
     assert jobs.estimate(req)["missing"] == {"generate": 0, "grade": 0, "select": 0, "score": 0,
                                              "metrics": 0}
     assert [j.job_id for j in jobs.list_jobs(req.cache)] == [job_id]
+    # The job was handed its request as a file.
+    assert RunRequest.from_file(jobs.jobs_dir(req.cache) / f"{job_id}.request.json") == req
     with Store(req.cache).writer_lock():
         with pytest.raises(jobs.JobConflictError, match="writer lock"):
             jobs.start(request(world, "jobs.duckdb", alphas=(0.3,)))
@@ -303,6 +321,8 @@ def test_failed_and_cancelled_jobs(world):
     bad = request(world, "jobs2.duckdb", pair="nope")
     failed = wait_for(jobs.start(bad), bad.cache, ("done", "failed", "cancelled"))
     assert failed.state == "failed" and "unknown pair or series 'nope'" in failed.message
+    with pytest.raises(ValueError, match="^ConfigError: unknown pair or series 'nope'|^unknown pair"):
+        jobs.estimate(bad)
     req = request(world, "jobs2.duckdb")
     job_id = jobs.start(req)
     cancelled = jobs.cancel(job_id, req.cache)
@@ -415,9 +435,9 @@ def test_series_selects_questions_correct_for_every_model_and_shares_work(world)
     series = runs[runs["pair"] == "tiny-series"]
     assert sorted(series["post_label"]) == ["tiny-post", "tiny-post2"]
     key = series.iloc[0].run_key
-    _, base_ids = cache.sample_matrices(key, 0.5, "base")
+    _, base_ids = sample_matrices(cache, key, 0.5, "base")
     for post in ("tiny-post", "tiny-post2"):
-        assert cache.sample_matrices(key, 0.5, post)[1] == base_ids
+        assert sample_matrices(cache, key, 0.5, post)[1] == base_ids
     with Store(world / "series.duckdb").read() as con:
         correct = dict(con.execute("""
             SELECT g.question_id, bool_and(gr.correct) FROM generations g JOIN grades gr USING (generation_key)
@@ -425,3 +445,81 @@ def test_series_selects_questions_correct_for_every_model_and_shares_work(world)
             GROUP BY g.question_id""", [key]).fetchall())
     assert set(base_ids) <= {q for q, ok in correct.items() if ok}
     assert len(cache.metric_table().query("run_key == @key")) == 2 * len(ALPHAS) * 6
+
+
+def count_generated_prompts(monkeypatch) -> list:
+    """Every prompt the generate stage hands to the model, from now on."""
+    from core import generation
+
+    prompts = []
+    original = generation.generate_greedy_detailed
+
+    def counting(model, tokenizer, batch, *args, **kwargs):
+        prompts.extend(batch)
+        return original(model, tokenizer, batch, *args, **kwargs)
+    monkeypatch.setattr(generation, "generate_greedy_detailed", counting)
+    return prompts
+
+
+def test_a_prefix_then_the_full_dataset_generates_each_answer_once(world, monkeypatch):
+    prompts = count_generated_prompts(monkeypatch)
+    first = pipeline.run(request(world, "prefix.duckdb", limit=6), log=quiet)
+    assert len(prompts) == first.done["generate"] == 2 * 6
+    prompts.clear()
+    full = pipeline.run(request(world, "prefix.duckdb"), log=quiet)
+    assert len(prompts) == full.done["generate"] == 2 * (12 - 6)
+    assert full.done["grade"] == 2 * (12 - 6)
+    assert full.run_key != first.run_key  # a run of its own over the shared answers
+    with Store(world / "prefix.duckdb").read() as con:
+        assert fetch_one(con, "SELECT count(*) FROM generations")[0] == 24
+
+
+def test_the_same_question_in_another_dataset_file_reuses_its_answer(world, monkeypatch):
+    first = pipeline.run(request(world, "content.duckdb"), log=quiet)
+    prompts = count_generated_prompts(monkeypatch)
+    renamed = pipeline.run(request(world, "content.duckdb", dataset="renamed"), log=quiet)
+    assert prompts == [] and renamed.done["generate"] == 0 and renamed.done["grade"] == 0
+    assert renamed.run_key != first.run_key
+    cache = ResultCache.open(world / "content.duckdb")
+    samples = cache.samples(renamed.run_key, 0.5)
+    assert all(qid.startswith("r") for qid in samples["question_id"])
+    with Store(world / "content.duckdb").read() as con:
+        # Provenance: the answers keep the dataset and id they were first generated under.
+        assert {row[0] for row in con.execute("SELECT DISTINCT question_id FROM generations").fetchall()} \
+            == {f"q{i}" for i in range(12)}
+
+
+def test_plan_counts_what_the_stages_then_do(world):
+    fresh = request(world, "plan.duckdb", alphas=(0.5,), limit=8)
+    before = pipeline.plan(fresh)
+    assert not (world / "plan.duckdb").exists()  # plan writes nothing
+    done = pipeline.run(fresh, log=quiet).done
+    for stage in ("generate", "grade", "select", "metrics"):
+        assert before["missing"][stage] == done[stage], stage
+    # Until grading, which questions are selected is unknown: plan counts n of them.
+    assert before["missing"]["score"] >= done["score"]
+    # Once every answer is graded (a new alpha of the run; a new run with another selection over
+    # the same answers), plan says exactly what the stages then do.
+    fewer = SelectionSettings(n=4, beta=0.0, gamma=10.0, delta=2.0)
+    for changed in (request(world, "plan.duckdb", alphas=(0.1, 0.5), limit=8),
+                    request(world, "plan.duckdb", alphas=(0.1, 0.5), limit=8, selection=fewer)):
+        planned = pipeline.plan(changed)["missing"]
+        assert planned == pipeline.run(changed, log=quiet).done
+        assert pipeline.plan(changed)["missing"] == dict.fromkeys(planned, 0)
+
+
+def test_request_file_round_trip_and_the_cli_reads_it(world, tmp_path, capsys):
+    req = request(world, "request.duckdb", alphas=(0.5, 0.1), limit=6,
+                  generation=GenerationSettings(gen_batch_size=3))
+    path = req.to_file(tmp_path / "job.request.json")
+    assert RunRequest.from_file(path) == req
+    assert main(["plan", "--request", str(path), "--json"]) == 0
+    estimate = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert estimate["missing"]["generate"] == 2 * 6 and estimate["run_key"]
+    assert main(["run", "--request", str(path)]) == 0
+    assert ResultCache.open(req.cache).runs().iloc[0].run_key == estimate["run_key"]
+    assert main(["run", "--request", str(path), "--pair", "tiny"]) == 2
+    assert "--request FILE names the pair" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"pair": "tiny"}')
+    with pytest.raises(ConfigError, match="bad.json is not a run request"):
+        RunRequest.from_file(tmp_path / "bad.json")

@@ -167,3 +167,98 @@ def test_score_vectors_round_trip_in_order_and_existing_keys_are_kept(tmp_path):
         found = dict(con.execute("SELECT generation_key, vector_id FROM scores").fetchall())
         back = fetch_vectors(con, 23, [found["g3"], found["g0"], found["g2"]])
     np.testing.assert_array_equal(back, np.stack([-vectors[3], vectors[0], vectors[2]]))
+
+
+def downgrade_to_v1(path):
+    """Rewrite a cache as schema version 1 would have written it: answers keyed by (model, dataset,
+    question id, settings) and no question keys. Adds a copy of every answer under a second
+    dataset holding the same questions, generated later (a v1 prefix run did exactly that)."""
+    import duckdb
+
+    from core import keys
+
+    con = duckdb.connect(str(path))
+    rows = con.execute("SELECT generation_key, model_key, dataset_key, question_id, gen_key "
+                       "FROM generations").fetchall()
+    con.execute("CREATE TEMP TABLE v1_keys (new_key VARCHAR, v1_key VARCHAR)")
+    con.executemany("INSERT INTO v1_keys VALUES (?, ?)",
+                    [[key, keys.v1_generation_key(m, d, q, g)] for key, m, d, q, g in rows])
+    for table in ("grades", "run_samples", "scores", "generations"):
+        con.execute(f"CREATE TABLE {table}_v1 AS SELECT t.* EXCLUDE (question_key) REPLACE "
+                    f"(k.v1_key AS generation_key) FROM {table} t JOIN v1_keys k "
+                    f"ON k.new_key = t.generation_key" if table == "generations" else
+                    f"CREATE TABLE {table}_v1 AS SELECT t.* REPLACE (k.v1_key AS generation_key) "
+                    f"FROM {table} t JOIN v1_keys k ON k.new_key = t.generation_key")
+        con.execute(f"DROP TABLE {table}")
+        con.execute(f"ALTER TABLE {table}_v1 RENAME TO {table}")
+    con.execute("ALTER TABLE questions DROP COLUMN question_key")
+    con.execute("INSERT INTO questions SELECT 'prefix', question_id, position, question, reference "
+                "FROM questions")
+    copies = con.execute("SELECT * FROM generations").fetch_df()
+    copies["dataset_key"] = "prefix"
+    copies["created_at"] = copies["created_at"] + np.timedelta64(1, "h")
+    copies["generation_key"] = [keys.v1_generation_key(m, "prefix", q, g) for m, q, g in
+                                zip(copies["model_key"], copies["question_id"], copies["gen_key"])]
+    con.execute("INSERT INTO generations SELECT * FROM copies")
+    con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+              for t in ("questions", "generations", "grades", "run_samples", "scores", "metrics")}
+    con.close()
+    return counts
+
+
+def read_model(path):
+    """What the dashboard reads of every run: matrices, ids and the metric table."""
+    cache = ResultCache.open(path)
+    runs = cache.runs()
+    views = {}
+    for run in runs.itertuples():
+        for alpha in run.alphas:
+            for model in ("base", run.post_label):
+                views[run.run_key, alpha, model] = cache.sample_edges(run.run_key, alpha, model)
+    return runs, views, cache.metric_table()
+
+
+def test_a_v1_cache_is_refused_until_migrated_then_reads_the_same(tmp_path, capsys):
+    import shutil
+
+    from core.__main__ import main
+    from core.store import CacheError
+    from core.synthetic import build_fixture_cache
+
+    original = tmp_path / "v2.duckdb"
+    build_fixture_cache(original)
+    runs, views, metrics = read_model(original)
+    with Store(original).read() as con:
+        content_keys = set(r[0] for r in con.execute("SELECT generation_key FROM generations").fetchall())
+    path = tmp_path / "v1.duckdb"
+    shutil.copy(original, path)
+    counts = downgrade_to_v1(path)
+
+    with pytest.raises(CacheError, match=f"python -m core migrate --cache {path}"):
+        ResultCache.open(path).runs()
+    assert main(["ls", "--cache", str(path)]) == 2
+    assert "python -m core migrate" in capsys.readouterr().err
+
+    assert main(["migrate", "--cache", str(path)]) == 0
+    assert Path(f"{path}.v1.bak").exists()
+    with pytest.raises(CacheError, match="schema version 1"):  # the copy is the untouched v1 file
+        Store(f"{path}.v1.bak").read().__enter__()
+    with Store(path).read() as con:
+        assert {t: fetch_one(con, f"SELECT count(*) FROM {t}")[0] for t in counts} == counts
+        keys_now = dict(con.execute("SELECT dataset_key, list(generation_key) FROM generations "
+                                    "GROUP BY dataset_key").fetchall())
+        assert fetch_one(con, "SELECT count(*) FROM generations WHERE question_key IS NULL")[0] == 0
+    # The first-generated answers take their content keys (those a v2 run computes), the later
+    # copies keep keys of their own; nothing points at a v1 key any more.
+    assert set(keys_now.pop("prefix")).isdisjoint(content_keys)
+    assert set(next(iter(keys_now.values()))) == content_keys
+    runs_after, views_after, metrics_after = read_model(path)
+    assert runs_after.drop(columns="created_at").equals(runs.drop(columns="created_at"))
+    assert views_after.keys() == views.keys()
+    for key, (edges, ids) in views.items():
+        assert views_after[key][1] == ids
+        np.testing.assert_array_equal(views_after[key][0], edges)
+    assert metrics_after.equals(metrics)
+    assert main(["migrate", "--cache", str(path)]) == 0
+    assert "nothing to do" in capsys.readouterr().out

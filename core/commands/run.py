@@ -1,13 +1,15 @@
-"""`python -m core run | ls | export | import`: the pipeline and the cache from the command line."""
+"""`python -m core run | plan | ls | export | import | migrate`: the pipeline and the cache from the
+command line."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from pathlib import Path
 
-from core.settings import GenerationSettings
-from core.settings import PAPER_ALPHAS, ScoreSettings, SelectionSettings
+from core.settings import PAPER_ALPHAS, GenerationSettings, ScoreSettings, SelectionSettings
 
 
 def register(subparsers) -> None:
@@ -15,18 +17,16 @@ def register(subparsers) -> None:
         "run", help="generate, grade, select, truncate and score a pair or series on a dataset",
         description="Fills the cache with everything the run needs; a rerun does only what is "
                     "missing, and a killed run resumes from its last commit.")
-    run.add_argument("--pair", required=True, help="pair or series name from core/pairs.toml")
-    run.add_argument("--dataset", required=True, help="dataset name from core/pairs.toml, or a .jsonl")
-    run.add_argument("--alpha", dest="alphas", type=float, nargs="+", default=list(PAPER_ALPHAS),
-                     help="fractions of T_bar kept: T_cut = max(floor(alpha*T_bar), 1)")
-    run.add_argument("--limit", type=int, default=0,
-                     help="consider only the first N questions of the dataset (0: all)")
-    run.add_argument("--config", help="pair config file (default: core/pairs.toml)")
+    _request_arguments(run)
     run.add_argument("--job-id", help=argparse.SUPPRESS)
-    _cache_argument(run)
-    for group in (SelectionSettings, ScoreSettings, GenerationSettings):
-        group.add_arguments(run.add_argument_group(group.__name__))
     run.set_defaults(handler=run_command)
+
+    plan = subparsers.add_parser(
+        "plan", help="what a run would compute (work missing per stage, rough seconds); loads no model",
+        description="Asks the cache what a run is missing, as the run's stages ask it; writes nothing.")
+    _request_arguments(plan)
+    plan.add_argument("--json", action="store_true", help="print the estimate as one JSON line")
+    plan.set_defaults(handler=plan_command)
 
     ls = subparsers.add_parser("ls", help="list the cached runs")
     _cache_argument(ls)
@@ -44,9 +44,50 @@ def register(subparsers) -> None:
     imp.set_defaults(handler=import_command)
 
 
+    migrate = subparsers.add_parser(
+        "migrate", help="upgrade a cache of an older schema version (keeps a copy of it)",
+        description="Copies the cache to <cache>.v<version>.bak, then rewrites it to this code's "
+                    "schema in one transaction.")
+    _cache_argument(migrate)
+    migrate.set_defaults(handler=migrate_command)
+
+
 def _cache_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", help="cache file (default: $CIRCUITDIFF_CACHE, else "
                                         "cache/circuitdiff.duckdb)")
+
+
+def _request_arguments(parser: argparse.ArgumentParser) -> None:
+    """A run request: a file written by RunRequest.to_file (`--request`), or flags."""
+    parser.add_argument("--request", type=Path,
+                        help="run request JSON file (RunRequest.to_file); replaces every other flag")
+    parser.add_argument("--pair", help="pair or series name from core/pairs.toml")
+    parser.add_argument("--dataset", help="dataset name from core/pairs.toml, or a .jsonl")
+    parser.add_argument("--alpha", dest="alphas", type=float, nargs="+", default=list(PAPER_ALPHAS),
+                        help="fractions of T_bar kept: T_cut = max(floor(alpha*T_bar), 1)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="consider only the first N questions of the dataset (0: all)")
+    parser.add_argument("--config", help="pair config file (default: core/pairs.toml)")
+    _cache_argument(parser)
+    for group in (SelectionSettings, ScoreSettings, GenerationSettings):
+        group.add_arguments(parser.add_argument_group(group.__name__))
+
+
+def _request(args: argparse.Namespace):
+    from core.config import RunRequest
+
+    if args.request is not None:
+        if args.pair or args.dataset or args.cache or args.config:
+            raise ValueError("--request FILE names the pair, dataset, cache and config itself: give "
+                             "it without --pair, --dataset, --cache or --config")
+        return RunRequest.from_file(args.request)
+    if not (args.pair and args.dataset):
+        raise ValueError("give --pair and --dataset (or --request FILE)")
+    return RunRequest(pair=args.pair, dataset=args.dataset, alphas=tuple(args.alphas),
+                      selection=SelectionSettings.from_namespace(args),
+                      score=ScoreSettings.from_namespace(args),
+                      generation=GenerationSettings.from_namespace(args), limit=args.limit,
+                      cache=args.cache, config=args.config)
 
 
 class _Bars:
@@ -77,16 +118,16 @@ class _Bars:
 def run_command(args: argparse.Namespace) -> int:
     from core import jobs, pipeline
 
-    reporter = jobs.JobReporter(args.job_id, args.cache) if args.job_id else None
+    reporter = None
+    if args.job_id:
+        # jobs.start writes the request beside the job's status file.
+        folder = args.request.parent if args.request else jobs.jobs_dir(args.cache)
+        reporter = jobs.JobReporter(folder / f"{args.job_id}.json")
     bars = _Bars(reporter)
     try:
         if reporter:
             reporter.running()
-        request = pipeline.RunRequest(
-            pair=args.pair, dataset=args.dataset, alphas=tuple(args.alphas),
-            selection=SelectionSettings.from_namespace(args), score=ScoreSettings.from_namespace(args),
-            generation=GenerationSettings.from_namespace(args), limit=args.limit, cache=args.cache,
-            config=args.config)
+        request = _request(args)
         from tqdm import tqdm
 
         summary = pipeline.run(request, progress=bars, log=tqdm.write)
@@ -102,6 +143,32 @@ def run_command(args: argparse.Namespace) -> int:
           f"{summary.seconds:.1f} s")
     if reporter:
         reporter.finish("done", f"run {summary.run_key} complete")
+    return 0
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    from core import pipeline
+
+    estimate = pipeline.plan(_request(args))
+    if args.json:
+        print(json.dumps(estimate))
+        return 0
+    work = ", ".join(f"{stage} {n}" for stage, n in estimate["missing"].items())
+    print(f"run {estimate['run_key']} ({', '.join(estimate['models'])}; {estimate['questions']} "
+          f"questions): missing {work}; about {estimate['seconds']:.0f} s")
+    return 0
+
+
+def migrate_command(args: argparse.Namespace) -> int:
+    from core.store import SCHEMA_VERSION, Store, migrate
+
+    store = Store(args.cache)
+    backup = migrate(store, log=lambda text: print(text, file=sys.stderr))
+    if backup is None:
+        print(f"{store.path} is at schema version {SCHEMA_VERSION} already (or absent): nothing to do")
+    else:
+        print(f"migrated {store.path} to schema version {SCHEMA_VERSION}; the old file is kept as "
+              f"{backup}")
     return 0
 
 
@@ -123,7 +190,8 @@ def ls_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from core.store import Store, export_run
+    from core.exchange import export_run
+    from core.store import Store
 
     began = time.perf_counter()
     counts = export_run(Store(args.cache), args.run, args.out)
@@ -133,7 +201,8 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def import_command(args: argparse.Namespace) -> int:
-    from core.store import Store, import_run
+    from core.exchange import import_run
+    from core.store import Store
 
     store = Store(args.cache)
     counts = import_run(store, args.folder)

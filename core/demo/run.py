@@ -9,15 +9,17 @@ from core.demo import common
 
 DEMO_PAIRS = ("demo-grpo", "demo-dpo", "demo-sft")
 DATASET = "demo"
-# The base model rambles to the token cap while GRPO and SFT answer in about 12 tokens, so METHOD.md's
-# length filters (made for answers of similar length: pair-mean length within [0.5, 1.5] x T_bar,
-# relative length difference <= 0.5) keep 2 of the 200 questions for base vs GRPO. The demo keeps
-# every question both models answer correctly; T_cut still comes from the shorter model's mean length.
+# The base model rambles to the token cap while GRPO and SFT answer in about 12 tokens, so the
+# length filters of docs/method.md section 5 (made for answers of similar length: pair-mean length
+# within [0.5, 1.5] x T_bar, relative length difference <= 0.5) keep 2 of the 200 questions for base
+# vs GRPO. The demo keeps every question both models answer correctly; T_cut still comes from the
+# shorter model's mean length.
 DEMO_SELECTION = dict(beta=0.0, gamma=10.0, delta=2.0)
 
 
 def run_demo(cache: str | None = None, log=print):
     from core import pipeline
+    from core.config import RunRequest
     from core.query import ResultCache
     from core.settings import PAPER_ALPHAS, GenerationSettings, SelectionSettings
 
@@ -31,7 +33,7 @@ def run_demo(cache: str | None = None, log=print):
     run_keys = []
     for pair in DEMO_PAIRS:
         # Answers are cut at the token limit the adapters were trained and evaluated with.
-        request = pipeline.RunRequest(
+        request = RunRequest(
             pair=pair, dataset=DATASET, alphas=PAPER_ALPHAS, cache=cache,
             selection=SelectionSettings(**DEMO_SELECTION),
             generation=GenerationSettings(max_new_tokens=common.MAX_NEW_TOKENS))

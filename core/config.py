@@ -1,0 +1,178 @@
+"""Run configuration: the pairs, series and datasets a run can name (core/pairs.toml or another
+file), and the run request itself, which travels between processes as a JSON file.
+
+Light on purpose (no torch, no transformers): the dashboard reads `configured()` and builds
+`RunRequest`s through core.jobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from core.datasets import Dataset, load_dataset
+from core.models import ModelSpec
+from core.settings import (PAPER_ALPHAS, GenerationSettings, ScoreSettings, SelectionSettings,
+                           check_alpha)
+from core.vocab import Kind
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_PATH = Path(__file__).resolve().parent / "pairs.toml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    label: str
+    spec: ModelSpec
+    algorithm: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PairConfig:
+    """A pair (one post model) or a series (several), sharing one template and token limit."""
+
+    name: str
+    kind: Kind
+    base: ModelEntry
+    posts: tuple[ModelEntry, ...]
+    template: str
+    max_new_tokens: int
+    # Layer count the config declares, checked against the model's own config.
+    layers: int | None = None
+
+    @property
+    def models(self) -> tuple[ModelEntry, ...]:
+        return (self.base, *self.posts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A parsed config file; `path` is the file it came from (named in errors)."""
+
+    path: Path
+    pairs: dict[str, Any]
+    series: dict[str, Any]
+    datasets: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRequest:
+    """What to run. `limit` keeps the first N questions of the dataset (0: all); `cache` is the
+    cache file (None: the default); `config` the config file (None: core/pairs.toml)."""
+
+    pair: str
+    dataset: str
+    alphas: tuple[float, ...] = PAPER_ALPHAS
+    selection: SelectionSettings = SelectionSettings()
+    score: ScoreSettings = ScoreSettings()
+    generation: GenerationSettings = GenerationSettings()
+    limit: int = 0
+    cache: str | None = None
+    config: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.alphas:
+            raise ValueError("give at least one alpha")
+        object.__setattr__(self, "alphas", tuple(sorted({check_alpha(a) for a in self.alphas})))
+        if self.limit < 0:
+            raise ValueError(f"limit={self.limit} must be 0 (all questions) or positive")
+        # Absolute, so a job started from any working directory writes where it was asked to.
+        for name in ("cache", "config"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, str(Path(getattr(self, name)).resolve()))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pair": self.pair, "dataset": self.dataset, "alphas": list(self.alphas),
+                "selection": self.selection.as_dict(), "score": self.score.as_dict(),
+                "generation": self.generation.as_dict(), "limit": self.limit, "cache": self.cache,
+                "config": self.config}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunRequest":
+        return cls(pair=data["pair"], dataset=data["dataset"], alphas=tuple(data["alphas"]),
+                   selection=SelectionSettings.from_dict(data["selection"]),
+                   score=ScoreSettings.from_dict(data["score"]),
+                   generation=GenerationSettings.from_dict(data["generation"]),
+                   limit=data.get("limit", 0), cache=data.get("cache"), config=data.get("config"))
+
+    def to_file(self, path: str | os.PathLike) -> Path:
+        """Write the request as JSON (atomically: a reader sees no half-written file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
+        os.replace(temporary, path)
+        return path
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "RunRequest":
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls.from_dict(data)
+        except OSError as error:
+            raise ConfigError(f"cannot read the run request {path}: {error}") from error
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise ConfigError(f"{path} is not a run request ({type(error).__name__}: {error}); write "
+                              f"one with RunRequest.to_file") from error
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    path = Path(path) if path else CONFIG_PATH
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"cannot read the pair config {path}: {error}") from error
+    return Config(path, raw.get("pairs", {}), raw.get("series", {}), raw.get("datasets", {}))
+
+
+def configured(config_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What the config offers: {"pairs": {name: "pair" | "series"}, "datasets": [names]}."""
+    config = load_config(config_path)
+    return {"pairs": {**dict.fromkeys(config.pairs, "pair"), **dict.fromkeys(config.series, "series")},
+            "datasets": list(config.datasets)}
+
+
+def _entry(raw: dict, where: str) -> ModelEntry:
+    if "label" not in raw:
+        raise ConfigError(f"{where}: every model needs a `label`")
+    spec_fields = {k: v for k, v in raw.items() if k not in ("label", "algorithm")}
+    return ModelEntry(raw["label"], ModelSpec.from_config(spec_fields, REPO_ROOT), raw.get("algorithm"))
+
+
+def get_pair(name: str, config: Config) -> PairConfig:
+    if name in config.pairs:
+        raw, kind = config.pairs[name], "pair"
+        posts = [raw["post"]] if "post" in raw else []
+    elif name in config.series:
+        raw, kind = config.series[name], "series"
+        posts = raw.get("posts", [])
+    else:
+        raise ConfigError(f"unknown pair or series {name!r}; known pairs: {sorted(config.pairs)}, "
+                          f"series: {sorted(config.series)} ({config.path})")
+    if not posts or "base" not in raw:
+        raise ConfigError(f"{kind} {name!r} needs a base and at least one post model ({config.path})")
+    for key in ("template", "max_new_tokens"):
+        if key not in raw:
+            raise ConfigError(f"{kind} {name!r} has no `{key}` ({config.path})")
+    base = _entry(raw["base"], f"{name}.base")
+    post_entries = tuple(_entry(p, f"{name}.post") for p in posts)
+    labels = [base.label] + [p.label for p in post_entries]
+    # "base" is how the read model names a run's base model, whatever its label.
+    if len(set(labels)) != len(labels) or "base" in labels:
+        raise ConfigError(f"{kind} {name!r}: model labels {labels} must be distinct and not 'base' "
+                          f"({config.path})")
+    return PairConfig(name, kind, base, post_entries, raw["template"], int(raw["max_new_tokens"]),
+                      raw.get("layers"))
+
+
+def get_dataset(name: str, config: Config, limit: int = 0) -> Dataset:
+    return load_dataset(name, config.datasets, REPO_ROOT, limit=limit)
