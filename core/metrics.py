@@ -53,6 +53,9 @@ from core.graph import ResidualGraph
 from core.settings import MetricSettings
 
 METRICS = ("intensity", "complexity", "edge_entropy", "kurtosis", "diversity", "output_entropy")
+# The metrics with one value per sample, in the order per_sample_metrics returns them (complexity is
+# a pooled histogram and diversity a mean over pairs: neither has a per-sample form).
+PER_SAMPLE_METRICS = ("intensity", "edge_entropy", "kurtosis", "output_entropy")
 
 # The way the paper reports online RL (PPO, GRPO) moving each metric; None where it makes no claim
 # (edge_entropy and output_entropy are this project's reconstructions).

@@ -37,11 +37,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core import metrics
 from core.circuit import Circuit, build_circuit
 from core.graph import ResidualGraph
 from core.settings import MetricSettings, stable_hash
 from core.store import Store, fetch_one, fetch_vectors, vector_table
 from core.vocab import GRANULARITIES, ROLES
+
+# Re-exported for the pages, which may import only this module of the read side.
+from core.circuit import RANK_BY
+from core.metrics import EDGE_MEASURES, METRICS, PAPER_DIRECTION, PER_SAMPLE_METRICS
 
 BASE_ROLE, POST_ROLE = ROLES
 # Every view comparing samples needs pairs of them (diversity correlates pairs; the bootstrap and
@@ -473,8 +478,6 @@ class ResultCache:
     def edge_change(self, run_key: str, alpha: float, measure: str, *,
                     post_label: str | None = None, granularity: str | None = None) -> np.ndarray:
         """core.metrics.edge_change of base and post: [n_src, n_dst], NaN at non-edges."""
-        from core import metrics
-
         def compute() -> np.ndarray:
             pair = self._compared(run_key, alpha, post_label, granularity)
             return metrics.edge_change(pair.base, pair.post, pair.graph, measure)
@@ -538,8 +541,6 @@ class ResultCache:
                    granularity: str | None = None, settings: MetricSettings = MetricSettings()):
         """core.metrics.Comparison of base and post at alpha: the pipeline's stored one for its
         default settings at the run's own granularity, else computed (and memoised)."""
-        from core import metrics
-
         key = self._view_key("comparison", run_key, alpha, post_label, granularity, settings.key())
         _, alpha, post, granularity, _ = key
 
@@ -553,8 +554,6 @@ class ResultCache:
         return self._cached(run_key, key, compute)
 
     def _stored_comparisons(self, settings_key: str) -> dict[tuple, Any]:
-        from core import metrics
-
         def load() -> dict[tuple, Any]:
             table = self._sql("SELECT run_key, post_label, alpha, comparison FROM metrics "
                               "WHERE settings_key = ?", [settings_key])
@@ -579,8 +578,6 @@ class ResultCache:
     def metric_table(self, settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
         """All runs x post models x alphas x metrics, with the change's % and its interval, and n,
         the questions it is computed on (fewer than selected while a run is being computed)."""
-        from core import metrics
-
         def compute() -> pd.DataFrame:
             entries, keys = [], []
             for run, alpha, comparison in self._comparisons_of_every_run(settings):
@@ -597,8 +594,6 @@ class ResultCache:
     @_public
     def diversity_summary(self, settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
         """Figure-3a counts of inter-sample diversity per (pair: post model) and over all cells."""
-        from core import metrics
-
         def compute() -> pd.DataFrame:
             return metrics.diversity_summary(
                 (f"{run.pair}: {run.post_label}", run.dataset, alpha, comparison)
@@ -611,8 +606,6 @@ class ResultCache:
                           settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
         """core.metrics.significant_edges: edges whose strength changed (paired t-test per edge,
         Benjamini-Hochberg at settings.fdr), largest |relative change| first."""
-        from core import metrics
-
         def compute() -> pd.DataFrame:
             pair = self._compared(run_key, alpha, post_label, granularity)
             return metrics.significant_edges(pair.base, pair.post, pair.graph, settings)
@@ -625,8 +618,6 @@ class ResultCache:
                    settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
         """question_id, then base_<metric> and post_<metric> for the metrics that have one value
         per sample (intensity, edge_entropy, kurtosis, output_entropy)."""
-        from core import metrics
-
         def compute() -> pd.DataFrame:
             pair = self._compared(run_key, alpha, post_label, granularity)
             frame = pd.DataFrame({"question_id": list(pair.question_ids)})

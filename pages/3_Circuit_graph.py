@@ -5,9 +5,8 @@ in both panels), downloadable as GraphML and JSON."""
 import streamlit as st
 
 from core import figures
+from core.query import RANK_BY
 from pages._shared import layout, selection, widgets
-
-RANKINGS = ("change", "strength")
 
 sel = layout.page_header("Circuit graph", links=("circuit.k", "circuit.by"))
 if sel is not None:
@@ -16,10 +15,10 @@ if sel is not None:
     left, right = st.columns(2)
     most = min(300, cache.graph(sel.run_key, sel.granularity).n_edges)
     widgets.linked("circuit.k", range(5, most + 1), int)
-    widgets.linked("circuit.by", RANKINGS)
+    widgets.linked("circuit.by", RANK_BY)
     st.session_state.setdefault("circuit.k", min(40, most))
     k = left.slider("Edges ranked (top k)", 5, most, key="circuit.k")
-    by = right.radio("Rank edges by", RANKINGS, horizontal=True, key="circuit.by",
+    by = right.radio("Rank edges by", RANK_BY, horizontal=True, key="circuit.by",
                      help="change: |mean|W_post| - mean|W_base||; strength: the larger of the two "
                           "models' mean |W|")
     widgets.link("circuit.k", k)

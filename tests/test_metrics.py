@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 
+from core import metrics
+
 from core.__main__ import main
 from core.graph import ResidualGraph
 from core.metrics import (METRICS, Comparison, MetricChange, ModelMetrics, _draw_counts, _pieces,
@@ -408,3 +410,9 @@ def test_sample_constant_over_real_edges_is_refused_when_flattening_over_edges()
     assert math.isfinite(model_metrics(scores, SMALL, settings())["diversity"])  # zeros make it vary
     with pytest.raises(ValueError, match="constant over the edges entries"):
         model_metrics(scores, SMALL, settings(flatten="edges"))
+
+
+def test_per_sample_metrics_come_in_the_declared_order():
+    graph = ResidualGraph(2, "qkv")
+    scores = np.random.default_rng(0).normal(size=(3, graph.n_src, graph.n_dst)) * graph.real_edge_mask
+    assert tuple(metrics.per_sample_metrics(scores, graph)) == metrics.PER_SAMPLE_METRICS
