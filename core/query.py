@@ -11,25 +11,15 @@ Sample matrices of a run at an alpha hold the questions scored for EVERY model o
 being computed shows its complete questions only), in the run's selection order, so sample k of every
 model is the same question.
 
-Consistency and caching:
-- Every public call reads one snapshot of the cache: it opens at most one short read-only connection
-  (so a writer in another process is never blocked for long and never seen half-done), and memoised
-  answers it uses belong to that same snapshot, else the call is retried.
-- Answers are memoised in-process per run, under the run's content key (docs/method.md section 9):
-  a write to one run leaves every other run's views warm. Views over all runs are keyed by the
-  content keys of all runs. After any commit (the version token changes) the first call re-reads
-  every run's content key in one query and drops the answers of runs whose key changed.
+Consistency and caching (one snapshot per call, a memo per run's content key): core/snapshot.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import json
 import math
-import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -40,13 +30,15 @@ import pandas as pd
 from core import metrics
 from core.circuit import Circuit, build_circuit
 from core.graph import ResidualGraph
-from core.settings import MetricSettings, stable_hash
+from core.settings import MetricSettings
+from core.snapshot import SnapshotReader, public
 from core.store import Store, fetch_one, fetch_vectors, vector_table
 from core.vocab import GRANULARITIES, ROLES
 
 # Re-exported for the pages, which may import only this module of the read side.
-from core.circuit import RANK_BY
-from core.metrics import EDGE_MEASURES, METRICS, PAPER_DIRECTION, PER_SAMPLE_METRICS
+from core.circuit import RANK_BY  # noqa: F401
+from core.metrics import EDGE_MEASURES, METRICS, PAPER_DIRECTION, PER_SAMPLE_METRICS  # noqa: F401
+from core.snapshot import RunNotFoundError  # noqa: F401
 
 BASE_ROLE, POST_ROLE = ROLES
 # Every view comparing samples needs pairs of them (diversity correlates pairs; the bootstrap and
@@ -81,41 +73,6 @@ _JOIN_COMPLETE = """
     JOIN scores s ON s.generation_key = rs.generation_key AND s.score_key = $score_key
     JOIN complete c ON c.question_id = rs.question_id AND c.t_cut = s.t_cut
 """
-# Everything a run's views are read from, per run, in one query: the run row, its models, alphas
-# and selected questions, the scores it references (another run's job can add or share them), the
-# grades of its answers and its stored metrics.
-_CONTENT_SQL = """
-    WITH models AS (
-        SELECT run_key, list(label || ':' || role || ':' || model_key || ':' || position
-                             ORDER BY label) AS models
-        FROM run_models GROUP BY run_key),
-    alphas AS (
-        SELECT run_key, list(alpha || ':' || t_cut ORDER BY alpha) AS alphas
-        FROM run_alphas GROUP BY run_key),
-    selected AS (SELECT run_key, count(*) AS n FROM run_samples GROUP BY run_key),
-    scored AS (
-        SELECT rs.run_key, count(*) AS n, max(s.created_at) AS last FROM run_samples rs
-        JOIN runs r ON r.run_key = rs.run_key
-        JOIN scores s ON s.generation_key = rs.generation_key AND s.score_key = r.score_key
-        GROUP BY rs.run_key),
-    graded AS (
-        SELECT rs.run_key, count(*) AS n, max(g.created_at) AS last FROM run_samples rs
-        JOIN grades g ON g.generation_key = rs.generation_key GROUP BY rs.run_key),
-    stored AS (SELECT run_key, count(*) AS n, max(created_at) AS last FROM metrics GROUP BY run_key)
-    SELECT r.run_key, r.updated_at, m.models, a.alphas, sel.n, sc.n, sc.last, g.n, g.last,
-           st.n, st.last
-    FROM runs r
-    LEFT JOIN models m ON m.run_key = r.run_key
-    LEFT JOIN alphas a ON a.run_key = r.run_key
-    LEFT JOIN selected sel ON sel.run_key = r.run_key
-    LEFT JOIN scored sc ON sc.run_key = r.run_key
-    LEFT JOIN graded g ON g.run_key = r.run_key
-    LEFT JOIN stored st ON st.run_key = r.run_key
-"""
-
-
-class RunNotFoundError(KeyError):
-    pass
 
 
 class TooFewQuestionsError(ValueError):
@@ -134,153 +91,13 @@ class PairView:
     question_ids: tuple[str, ...]
 
 
-class _SnapshotMoved(Exception):
-    """A commit landed between a call's first use of the content keys and its first database read."""
-
-
-# Attempts of a public call whose snapshot moved (each needs a commit within milliseconds).
-_ATTEMPTS = 5
-
-
-def _public(method):
-    """Run a public query inside one session: one snapshot of the cache, one connection at most."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        if getattr(self._local, "stack", None) is not None:
-            return method(self, *args, **kwargs)  # nested in a session already
-        for attempt in range(_ATTEMPTS):
-            try:
-                with self._session():
-                    return method(self, *args, **kwargs)
-            except _SnapshotMoved:
-                if attempt == _ATTEMPTS - 1:
-                    raise RuntimeError(f"the cache {self.path} changed during each of "
-                                       f"{_ATTEMPTS} attempts to read it; retry") from None
-    return wrapper
-
-
-@dataclasses.dataclass(frozen=True)
-class _Keys:
-    """Every run's content key at one version of the cache, and the key of views over all runs."""
-
-    token: tuple
-    runs: dict[str, str]
-    all_runs: str
-
-    @classmethod
-    def of(cls, token: tuple, runs: dict[str, str]) -> "_Keys":
-        return cls(token, runs, stable_hash(["all runs", sorted(runs.items())]))
-
-
-class ResultCache:
-    """Read access to one cache file. Missing file = empty cache.
-
-    Safe to share between threads (a dashboard serves several sessions from one instance): each
-    thread has its own session and connection; the memo is shared."""
-
-    def __init__(self, store: Store):
-        self.store = store
-        self._lock = threading.Lock()  # guards _keys and _memo
-        self._keys: _Keys | None = None
-        self._memo: dict[str, dict[tuple, Any]] = {}  # content key (scope) -> view key -> answer
-        self._local = threading.local()  # per thread: stack, con, keys, used_keys
+class ResultCache(SnapshotReader):
+    """Read access to one cache file. Missing file = empty cache. Safe to share between threads (a
+    dashboard serves several sessions from one instance)."""
 
     @classmethod
     def open(cls, path: str | Path | None = None) -> "ResultCache":
         return cls(Store(path))
-
-    @property
-    def path(self) -> Path:
-        return self.store.path
-
-    # --- sessions, content keys and the memo ---------------------------------------------------
-
-    @contextlib.contextmanager
-    def _session(self):
-        """Scope of one public call: the content keys of the version it reads, and at most one
-        read-only connection. A call whose keys are current opens nothing until it must read;
-        after a commit, the call opens its connection first and reads the new keys on it."""
-        local = self._local
-        if getattr(local, "stack", None) is not None:
-            yield
-            return
-        local.stack, local.con, local.used_keys = contextlib.ExitStack(), None, False
-        try:
-            token = self.store.version_token()
-            with self._lock:
-                local.keys = self._keys if self._keys is not None and self._keys.token == token \
-                    else None
-            if local.keys is None:
-                if self.store.exists():
-                    self._connection()
-                else:
-                    local.keys = self._publish(_Keys.of(token, {}))
-            yield
-        finally:
-            stack, local.stack, local.con = local.stack, None, None
-            stack.close()
-
-    def _connection(self):
-        """The call's read-only connection, opened on first use. While it is open no commit can
-        land, so the version read right after opening is the one every query of the call sees."""
-        local = self._local
-        if local.con is None:
-            local.con = local.stack.enter_context(self.store.read())
-            token = self.store.version_token()
-            if local.keys is None or local.keys.token != token:
-                if local.used_keys:
-                    raise _SnapshotMoved()
-                local.keys = self._publish(_Keys.of(token, self._read_content_keys(local.con)))
-        return local.con
-
-    @staticmethod
-    def _read_content_keys(con) -> dict[str, str]:
-        has_runs = fetch_one(con, "SELECT count(*) FROM information_schema.tables "
-                                  "WHERE table_name = 'runs'")[0] > 0
-        if not has_runs:
-            return {}
-        return {row[0]: stable_hash([*map(str, row)]) for row in con.execute(_CONTENT_SQL).fetchall()}
-
-    def _publish(self, keys: _Keys) -> _Keys:
-        """Make `keys` the current ones; answers of runs whose content changed are dropped."""
-        with self._lock:
-            if self._keys is None or self._keys.token != keys.token:
-                live = set(keys.runs.values()) | {keys.all_runs}
-                self._memo = {scope: answers for scope, answers in self._memo.items()
-                              if scope in live}
-                self._keys = keys
-        return keys
-
-    def _scope(self, run_key: str | None) -> str:
-        """The memo scope of a run's views (its content key), or of views over all runs (None)."""
-        local = self._local
-        local.used_keys = True
-        if run_key is None:
-            return local.keys.all_runs
-        try:
-            return local.keys.runs[run_key]
-        except KeyError:
-            raise RunNotFoundError(f"no run {run_key!r} in the cache {self.path}; "
-                                   f"`python -m core ls` lists the cached runs") from None
-
-    def _cached(self, run_key: str | None, key: tuple, compute: Callable[[], Any]) -> Any:
-        """`compute()` once per key and content of the run (`run_key`, or None: all runs)."""
-        with self._session():
-            scope = self._scope(run_key)
-            with self._lock:
-                answers = self._memo.get(scope)
-                if answers is not None and key in answers:
-                    return answers[key]
-            value = compute()
-            with self._lock:
-                # Kept only while the scope is current (another thread may have moved on).
-                if self._keys is not None and scope in (self._keys.all_runs,
-                                                        *self._keys.runs.values()):
-                    self._memo.setdefault(scope, {})[key] = value
-            return value
-
-    def _sql(self, sql: str, params: Any = None) -> pd.DataFrame:
-        return self._connection().execute(sql, params).df()
 
     # --- runs -----------------------------------------------------------------------------------
 
@@ -289,16 +106,16 @@ class ResultCache:
         figures over all runs."""
         return self.store.version_token()
 
-    @_public
+    @public
     def content_key(self, run_key: str) -> str:
         """Changes whenever the run's stored data change."""
         return self._scope(run_key)
 
-    @_public
+    @public
     def is_empty(self) -> bool:
-        return not self._local.keys.runs
+        return not self._run_keys()
 
-    @_public
+    @public
     def runs(self) -> pd.DataFrame:
         """One row per (run, post model). `n_complete[i]`: questions scored for every model of the
         run at `alphas[i]` (equal to n_selected once the run is complete)."""
@@ -389,7 +206,7 @@ class ResultCache:
                              f"{granularity}")
         return granularity
 
-    @_public
+    @public
     def graph(self, run_key: str, granularity: str | None = None) -> ResidualGraph:
         """The residual graph of the run's views at `granularity` (None: the run's own)."""
         own = self._run(run_key)["graph"]
@@ -398,7 +215,7 @@ class ResultCache:
 
     # --- sample matrices ------------------------------------------------------------------------
 
-    @_public
+    @public
     def sample_edges(self, run_key: str, alpha: float, model: str) -> tuple[np.ndarray, list[str]]:
         """Real-edge vectors [n, n_edges] of a model's samples at the run's own granularity
         (read-only float32), and their question ids."""
@@ -420,7 +237,7 @@ class ResultCache:
         edges.flags.writeable = False
         return edges, [row[0] for row in found]
 
-    @_public
+    @public
     def view(self, run_key: str, alpha: float, *, post_label: str | None = None,
              granularity: str | None = None) -> PairView:
         """Base and post matrices of the questions complete at alpha (possibly fewer than
@@ -461,7 +278,7 @@ class ResultCache:
         return (name, self._alpha(run_key, alpha)[0], self._label(run_key, post_label),
                 self._granularity(run_key, granularity), *extra)
 
-    @_public
+    @public
     def mean_matrices(self, run_key: str, alpha: float, *, post_label: str | None = None,
                       granularity: str | None = None) -> dict[str, np.ndarray]:
         """Mean |W| and mean W over questions of both models: base_abs, post_abs, base_signed,
@@ -474,7 +291,7 @@ class ResultCache:
         return self._cached(run_key, self._view_key("mean", run_key, alpha, post_label, granularity),
                             compute)
 
-    @_public
+    @public
     def edge_change(self, run_key: str, alpha: float, measure: str, *,
                     post_label: str | None = None, granularity: str | None = None) -> np.ndarray:
         """core.metrics.edge_change of base and post: [n_src, n_dst], NaN at non-edges."""
@@ -484,7 +301,7 @@ class ResultCache:
         return self._cached(run_key, self._view_key("edge_change", run_key, alpha, post_label,
                                                     granularity, measure), compute)
 
-    @_public
+    @public
     def abs_values(self, run_key: str, alpha: float, *, post_label: str | None = None,
                    granularity: str | None = None) -> dict[str, np.ndarray]:
         """|W| pooled over real edges and questions, 1-D per model: {"base": ..., "post": ...}."""
@@ -495,7 +312,7 @@ class ResultCache:
         return self._cached(run_key, self._view_key("abs", run_key, alpha, post_label, granularity),
                             compute)
 
-    @_public
+    @public
     def edge_across_alphas(self, run_key: str, src: str, dst: str, *,
                            post_label: str | None = None) -> pd.DataFrame:
         """Mean |W| and mean W of one edge (at the run's own granularity) at every alpha of the run,
@@ -536,7 +353,7 @@ class ResultCache:
 
     # --- metrics --------------------------------------------------------------------------------
 
-    @_public
+    @public
     def comparison(self, run_key: str, alpha: float, *, post_label: str | None = None,
                    granularity: str | None = None, settings: MetricSettings = MetricSettings()):
         """core.metrics.Comparison of base and post at alpha: the pipeline's stored one for its
@@ -574,7 +391,7 @@ class ResultCache:
                     continue  # nothing to compare yet at this alpha
                 yield run, alpha, comparison
 
-    @_public
+    @public
     def metric_table(self, settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
         """All runs x post models x alphas x metrics, with the change's % and its interval, and n,
         the questions it is computed on (fewer than selected while a run is being computed)."""
@@ -591,7 +408,7 @@ class ResultCache:
             return table[list(METRIC_TABLE_COLUMNS) + ["ci_excludes_zero", "n"]]
         return self._cached(None, ("metric_table", settings.key()), compute)
 
-    @_public
+    @public
     def diversity_summary(self, settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
         """Figure-3a counts of inter-sample diversity per (pair: post model) and over all cells."""
         def compute() -> pd.DataFrame:
@@ -600,7 +417,7 @@ class ResultCache:
                 for run, alpha, comparison in self._comparisons_of_every_run(settings))
         return self._cached(None, ("diversity_summary", settings.key()), compute)
 
-    @_public
+    @public
     def significant_edges(self, run_key: str, alpha: float, *, post_label: str | None = None,
                           granularity: str | None = None,
                           settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
@@ -612,7 +429,7 @@ class ResultCache:
         return self._cached(run_key, self._view_key("significant", run_key, alpha, post_label,
                                                     granularity, settings.key()), compute)
 
-    @_public
+    @public
     def per_sample(self, run_key: str, alpha: float, *, post_label: str | None = None,
                    granularity: str | None = None,
                    settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
@@ -628,7 +445,7 @@ class ResultCache:
         return self._cached(run_key, self._view_key("per_sample", run_key, alpha, post_label,
                                                     granularity, settings.key()), compute)
 
-    @_public
+    @public
     def per_sample_by_alpha(self, run_key: str, alphas: Iterable[float], *,
                             post_label: str | None = None, granularity: str | None = None,
                             settings: MetricSettings = MetricSettings()) -> dict[float, pd.DataFrame]:
@@ -654,7 +471,7 @@ class ResultCache:
 
     # --- samples --------------------------------------------------------------------------------
 
-    @_public
+    @public
     def samples(self, run_key: str, alpha: float, *, post_label: str | None = None,
                 granularity: str | None = None,
                 settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
@@ -700,7 +517,7 @@ class ResultCache:
 
     # --- circuit --------------------------------------------------------------------------------
 
-    @_public
+    @public
     def circuit(self, run_key: str, alpha: float, *, k: int, by: str = "change",
                 post_label: str | None = None, granularity: str | None = None,
                 settings: MetricSettings = MetricSettings()) -> Circuit:
