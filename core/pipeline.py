@@ -21,10 +21,12 @@ from typing import Any
 
 from core import keys
 from core.config import ConfigError, ModelEntry, RunRequest, get_dataset, get_pair, load_config
+from core.migrations import migrate
 from core.models import ModelSpec, check_same_tokenizer
+from core.runstore import RunStore
 from core.selection import Candidate, Selection, select_questions, t_cut
 from core.settings import MetricSettings
-from core.store import RunStore, Store, migrate
+from core.store import Store
 from core.vocab import STAGES
 
 # Grades committed per transaction (symbolic grading can take seconds per answer).
@@ -295,7 +297,7 @@ class _Runner:
 def run(request: RunRequest, progress: Progress | None = None,
         log: Callable[[str], None] = print) -> RunSummary:
     """Run (or resume) `request`; only missing work is done. Holds the cache's writer lock; a cache
-    of an older schema version is migrated first (a copy of it is kept, see store.migrate)."""
+    of an older schema version is migrated first (a copy of it is kept, see migrations.migrate)."""
     began = time.perf_counter()
     runner = _Runner(request, progress, log)
     with runner.store.writer_lock(wait=False):

@@ -18,8 +18,9 @@ import numpy as np
 from core import keys, metrics
 from core.datasets import Dataset, Question
 from core.graph import ResidualGraph
+from core.runstore import RunStore
 from core.settings import GenerationSettings, MetricSettings, ScoreSettings, SelectionSettings
-from core.store import RunStore, Store
+from core.store import Store
 
 PAIR_NAMES = ("deepseek", "mistral", "distill-qwen", "qwen25-dpo")
 ALGORITHMS = ("GRPO", "PPO", "GRPO", "DPO")

@@ -160,7 +160,8 @@ def plan_command(args: argparse.Namespace) -> int:
 
 
 def migrate_command(args: argparse.Namespace) -> int:
-    from core.store import SCHEMA_VERSION, Store, migrate
+    from core.migrations import migrate
+    from core.store import SCHEMA_VERSION, Store
 
     store = Store(args.cache)
     backup = migrate(store, log=lambda text: print(text, file=sys.stderr))

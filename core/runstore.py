@@ -1,0 +1,183 @@
+"""The run store: every read and write of a run's tables. The pipeline's stages, `plan()` and the
+synthetic caches ask it what is missing and hand it what to write (docs/method.md section 9)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from core.store import Store, code_version, fetch_one, git_commit, insert_scores, now
+
+
+@dataclasses.dataclass(frozen=True)
+class RunState:
+    """What the cache holds of a run: its selection's size and T_bar, its T_cut per alpha, and the
+    (label, generation key) of each selected sample."""
+
+    t_bar: float
+    n_selected: int
+    t_cuts: dict[float, int]
+    samples: list[tuple[str, str]]
+
+
+class RunStore:
+    """Every read and write of a run's tables. Each call is one transaction; reads of a cache that
+    does not exist yet find nothing (and create nothing)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def _rows(self, sql: str, params: list) -> list[tuple]:
+        if not self.store.exists():
+            return []
+        with self.store.read() as con:
+            return con.execute(sql, params).fetchall()
+
+    # --- inputs -----------------------------------------------------------------------------
+
+    def file_hashes(self) -> dict[str, tuple[int, int, str]]:
+        """Known sha256 of files by path, with the size and mtime they were hashed at."""
+        return {path: (size, mtime, digest) for path, size, mtime, digest in self._rows(
+            "SELECT path, size, mtime_ns, sha256 FROM file_hashes", [])}
+
+    def write_inputs(self, models: list[dict], dataset, file_hashes: list[dict]) -> None:
+        """Models (rows of `models` without created_at), a `core.datasets.Dataset` with its
+        questions, and newly computed file hashes."""
+        created = now()
+        with self.store.write() as con:
+            Store.insert_rows(con, "file_hashes", file_hashes, replace=True)
+            Store.insert_rows(con, "models", [{**row, "created_at": created} for row in models])
+            Store.insert_rows(con, "datasets", [{
+                "dataset_key": dataset.key, "name": dataset.name, "source": dataset.source,
+                "content_hash": dataset.content_hash, "n_questions": len(dataset.questions),
+                "created_at": created}])
+            Store.insert_rows(con, "questions", [{
+                "dataset_key": dataset.key, "question_id": q.id, "question_key": q.key,
+                "position": i, "question": q.question, "reference": q.reference}
+                for i, q in enumerate(dataset.questions)])
+
+    # --- generate and grade -----------------------------------------------------------------
+
+    def missing_generations(self, keys: list[str]) -> list[str]:
+        """The keys among `keys` with no stored answer, in order, each once."""
+        have = {row[0] for row in self._rows(
+            "SELECT generation_key FROM generations WHERE generation_key IN (SELECT unnest(?))",
+            [list(keys)])}
+        return [key for key in dict.fromkeys(keys) if key not in have]
+
+    def write_generations(self, rows: list[dict]) -> None:
+        """Rows of `generations` without created_at."""
+        created = now()
+        with self.store.write() as con:
+            Store.insert_rows(con, "generations", [{**row, "created_at": created} for row in rows])
+
+    def ungraded(self, keys: list[str]) -> list[tuple[str, str, str]]:
+        """(generation key, answer text, reference) of the stored, ungraded answers among `keys`."""
+        return self._rows("""
+            SELECT g.generation_key, g.answer_text, q.reference FROM generations g
+            JOIN (SELECT question_key, any_value(reference) AS reference FROM questions
+                  GROUP BY question_key) q ON q.question_key = g.question_key
+            LEFT JOIN grades gr ON gr.generation_key = g.generation_key
+            WHERE gr.generation_key IS NULL AND g.generation_key IN (SELECT unnest(?))
+            ORDER BY g.generation_key""", [list(keys)])
+
+    def write_grades(self, rows: list[dict]) -> None:
+        """Rows of `grades` without created_at."""
+        created = now()
+        with self.store.write() as con:
+            Store.insert_rows(con, "grades", [{**row, "created_at": created} for row in rows])
+
+    # --- select -----------------------------------------------------------------------------
+
+    def selection_candidates(self, keys: list[str]) -> dict[str, tuple[int, int, bool]]:
+        """(answer length, prompt length, correct) of each graded answer among `keys`."""
+        return {key: (answer_len, prompt_len, bool(correct))
+                for key, answer_len, prompt_len, correct in self._rows("""
+                    SELECT g.generation_key, len(g.answer_ids), len(g.prompt_ids), gr.correct
+                    FROM generations g JOIN grades gr ON gr.generation_key = g.generation_key
+                    WHERE g.generation_key IN (SELECT unnest(?))""", [list(keys)])}
+
+    def run_state(self, run_key: str) -> RunState | None:
+        found = self._rows("SELECT t_bar, n_selected FROM runs WHERE run_key = ?", [run_key])
+        if not found:
+            return None
+        t_cuts = dict(self._rows("SELECT alpha, t_cut FROM run_alphas WHERE run_key = ?", [run_key]))
+        samples = self._rows("SELECT label, generation_key FROM run_samples WHERE run_key = ? "
+                             "ORDER BY label, position", [run_key])
+        return RunState(found[0][0], found[0][1], t_cuts, samples)
+
+    def write_run(self, run: dict, models: list[dict], samples: list[dict],
+                  t_cuts: dict[float, int]) -> bool:
+        """A run's row (without code version and times), its models, its selected samples and its
+        T_cut per alpha; existing rows are kept. Returns whether the run or an alpha was new."""
+        created = now()
+        run_key = run["run_key"]
+        with self.store.write() as con:
+            is_new = fetch_one(con, "SELECT count(*) FROM runs WHERE run_key = ?", [run_key])[0] == 0
+            known = {row[0] for row in con.execute("SELECT alpha FROM run_alphas WHERE run_key = ?",
+                                                   [run_key]).fetchall()}
+            Store.insert_rows(con, "runs", [{**run, "code_version": code_version(),
+                                             "git_commit": git_commit(), "created_at": created,
+                                             "updated_at": created}])
+            Store.insert_rows(con, "run_models", [{"run_key": run_key, **row} for row in models])
+            Store.insert_rows(con, "run_samples", [{"run_key": run_key, **row} for row in samples])
+            Store.insert_rows(con, "run_alphas", [{"run_key": run_key, "alpha": alpha, "t_cut": cut}
+                                                  for alpha, cut in t_cuts.items()])
+        return is_new or bool(set(t_cuts) - known)
+
+    # --- score ------------------------------------------------------------------------------
+
+    def missing_scores(self, wanted: list[tuple[str, int]], score_key: str) -> list[tuple[str, int]]:
+        """The (generation key, T_cut) pairs among `wanted` with no stored scores, in order."""
+        have = set(self._rows(
+            "SELECT generation_key, t_cut FROM scores WHERE score_key = ? AND "
+            "generation_key IN (SELECT unnest(?))", [score_key, sorted({key for key, _ in wanted})]))
+        return [item for item in wanted if item not in have]
+
+    def generation_tokens(self, keys: list[str]) -> dict[str, tuple[list[int], list[int]]]:
+        """Prompt and answer token ids of the answers `keys`, as generated."""
+        return {key: (prompt, answer) for key, prompt, answer in self._rows(
+            "SELECT generation_key, prompt_ids, answer_ids FROM generations "
+            "WHERE generation_key IN (SELECT unnest(?))", [list(keys)])}
+
+    def write_scores(self, run_key: str, rows: list[dict], vectors) -> None:
+        """Score rows (without code version and time) with their real-edge vectors, in one
+        transaction that also marks the run updated."""
+        created = now()
+        with self.store.write() as con:
+            insert_scores(con, [{**row, "code_version": code_version(), "created_at": created}
+                                for row in rows], vectors)
+            con.execute("UPDATE runs SET updated_at = ? WHERE run_key = ?", [created, run_key])
+
+    def past_seconds(self, model_keys: list[str]) -> dict[str, float | None]:
+        """Mean seconds per generated answer and per scored sample of these models so far."""
+        generate = self._rows("SELECT avg(seconds) FROM generations WHERE model_key IN "
+                              "(SELECT unnest(?))", [list(model_keys)])
+        score = self._rows("SELECT avg(seconds) FROM scores WHERE model_key IN (SELECT unnest(?))",
+                           [list(model_keys)])
+        return {"generate": generate[0][0] if generate else None,
+                "score": score[0][0] if score else None}
+
+    # --- metrics and timings ----------------------------------------------------------------
+
+    def missing_metrics(self, run_key: str, settings_key: str,
+                        wanted: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        """The (post label, alpha) pairs among `wanted` without a stored comparison."""
+        have = set(self._rows("SELECT post_label, alpha FROM metrics WHERE run_key = ? AND "
+                              "settings_key = ?", [run_key, settings_key]))
+        return [item for item in wanted if item not in have]
+
+    def write_metrics(self, run_key: str, post_label: str, alpha: float, settings,
+                      comparison: dict) -> None:
+        """A comparison (`Comparison.to_dict()`) under its `MetricSettings`."""
+        with self.store.write() as con:
+            Store.insert_rows(con, "metrics", [{
+                "run_key": run_key, "post_label": post_label, "alpha": alpha,
+                "settings_key": settings.key(), "settings": json.dumps(settings.as_dict()),
+                "comparison": json.dumps(comparison), "created_at": now()}])
+
+    def write_timing(self, run_key: str, stage: str, items: int, seconds: float) -> None:
+        with self.store.write() as con:
+            Store.insert_rows(con, "stage_timings", [{
+                "run_key": run_key, "stage": stage, "items": items, "seconds": seconds,
+                "code_version": code_version(), "git_commit": git_commit(), "created_at": now()}])
