@@ -13,7 +13,15 @@ One forward and one backward pass score every edge of every sample in a batch:
   buffer's prefix of earlier sources gives that layer's columns, accumulated in float32 (float64 for
   a float64 model).
 Samples are right-padded: with causal attention, padding after a sample's last token cannot change
-that sample's computation, and padded positions carry no loss.
+that sample's computation, and padded positions carry no loss; products run over each sample's own
+positions only.
+
+Position parts: the sum over positions t is taken as three sums over contiguous position groups
+(first token, rest of the prompt, answer), each its own product, so W's parts by group come at no
+extra pass; W is their sum. EAP-IG (method "eap-ig", docs/method.md section 3): the gradients are
+averaged over m points alpha = k/m, k = 1..m, on the path from a zero input embedding to the real
+one, each point one forward and one backward pass, and multiplied by the real source outputs (the
+pass at alpha = 1, which is EAP's, records them); with m = 1 it is EAP.
 """
 
 from __future__ import annotations
@@ -42,8 +50,21 @@ SOURCE_CHUNK = 16
 SLOTS_PER_PRODUCT = 16
 
 
+# Position groups of the parts of W, in order: the first token (the attention sink), the rest of the
+# prompt (its last position predicts the first answer token), the answer tokens fed as input.
+POSITION_GROUPS = ("first_token", "prompt_rest", "answer")
+
+
 class NonFiniteScoreError(ValueError):
     """A sample produced a NaN or infinite loss or edge score."""
+
+
+class InvalidSampleError(ValueError):
+    """A sample's token ids or t_cut cannot be scored: refused before any model work."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +72,8 @@ class Sample:
     """One scoring input: the model's own answer, cut at t_cut tokens.
 
     The loss is the mean negative log-likelihood of answer_ids[:t_cut] given
-    prompt_ids + answer_ids[:t_cut - 1].
+    prompt_ids + answer_ids[:t_cut - 1]. Token ids are Python or numpy ints >= 0; whether they lie
+    inside a model's vocabulary is checked by `score_samples`.
     """
 
     id: str
@@ -61,11 +83,20 @@ class Sample:
 
     def __post_init__(self) -> None:
         if len(self.prompt_ids) < 1:
-            raise ValueError(f"sample {self.id!r}: prompt_ids is empty; the first answer token "
-                             f"needs at least one prompt token to be predicted from")
+            raise InvalidSampleError(f"sample {self.id!r}: prompt_ids is empty; the first answer "
+                                     f"token needs at least one prompt token to be predicted from")
+        for field in ("prompt_ids", "answer_ids"):
+            for position, token in enumerate(getattr(self, field)):
+                if not _is_int(token) or token < 0:
+                    raise InvalidSampleError(
+                        f"sample {self.id!r}: {field}[{position}] = {token!r} is not a token id "
+                        f"(an integer >= 0); pass the ids the model's tokenizer produced")
+        if not _is_int(self.t_cut):
+            raise InvalidSampleError(f"sample {self.id!r}: t_cut = {self.t_cut!r} is not an integer; "
+                                     f"it counts answer tokens, give it as an int")
         if not 1 <= self.t_cut <= len(self.answer_ids):
-            raise ValueError(f"sample {self.id!r}: t_cut={self.t_cut} must lie in "
-                             f"[1, len(answer_ids)={len(self.answer_ids)}]")
+            raise InvalidSampleError(f"sample {self.id!r}: t_cut={self.t_cut} must lie in "
+                                     f"[1, len(answer_ids)={len(self.answer_ids)}]")
 
     @property
     def input_ids(self) -> tuple[int, ...]:
@@ -75,14 +106,34 @@ class Sample:
     def n_tokens(self) -> int:
         return len(self.prompt_ids) + self.t_cut - 1
 
+    def position_groups(self) -> tuple[tuple[int, int], ...]:
+        """[start, end) of each group of POSITION_GROUPS in input_ids; a group may be empty."""
+        prompt = len(self.prompt_ids)
+        return (0, 1), (1, prompt), (prompt, self.n_tokens)
+
 
 @dataclasses.dataclass(frozen=True)
 class ScoreResult:
+    """Edge scores of samples, with per-sample measurements taken in the same passes (all at the real
+    input; for EAP-IG too)."""
+
     graph: ResidualGraph
     scores: np.ndarray  # [n_samples, n_src, n_dst]
+    # [n_samples, len(POSITION_GROUPS), n_src, n_dst], summing to scores over axis 1; None when
+    # ScoreSettings.position_parts is off.
+    position_parts: np.ndarray | None
     loss: np.ndarray  # [n_samples]
     sample_ids: list[str]
     seconds: np.ndarray  # [n_samples] wall time, a batch's time shared equally among its samples
+    # ||dL/dlogits||_F over the scored positions, = ||(p_t - onehot(y_t)) / T_cut||_F: the confidence
+    # scale every score is proportional to (docs/method.md section 4).
+    logit_grad_norm: np.ndarray  # [n_samples]
+    # ||G_logits||_F: the gradient at the logits slot's input (the final residual, before the final
+    # norm), nonzero only at the scored positions; the column `logits` of W is -<O_s, G_logits>.
+    logits_slot_grad_norm: np.ndarray  # [n_samples]
+    # Mean over the sample's positions of the L2 norm of the final residual (the logits slot's input):
+    # the residual stream's scale.
+    residual_norm: np.ndarray  # [n_samples]
 
 
 def score_samples(model: nn.Module, samples: Sequence[Sample], settings: ScoreSettings = ScoreSettings(),
@@ -91,27 +142,47 @@ def score_samples(model: nn.Module, samples: Sequence[Sample], settings: ScoreSe
     device); `settings.dtype` and `settings.device` are for the loader."""
     if not samples:
         raise ValueError("no samples to score: the selection is empty")
+    check_vocabulary(model, samples)
     adapter = adapter_for(model)
     graph = ResidualGraph(adapter.n_layers(model), settings.granularity)
     acc_dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
-    scores = np.zeros((len(samples), graph.n_src, graph.n_dst),
+    n_groups = len(POSITION_GROUPS) if settings.position_parts else 1
+    totals = np.zeros((len(samples), n_groups, graph.n_src, graph.n_dst),
                       dtype=np.float64 if acc_dtype == torch.float64 else np.float32)
-    loss = np.zeros(len(samples))
+    measures = {f.name: np.zeros(len(samples)) for f in dataclasses.fields(_Measures)}
     seconds = np.zeros(len(samples))
+    steps = settings.ig_steps if settings.method == "eap-ig" else 1
     # Similar lengths share a batch, to pad little.
     order = sorted(range(len(samples)), key=lambda i: samples[i].n_tokens)
     with frozen_eval(model), adapter.exact_precision(model):
         for start in range(0, len(order), settings.batch_size):
             index = order[start:start + settings.batch_size]
             began = time.perf_counter()
-            batch_scores, batch_loss = _score_batch(
-                model, adapter, graph, [samples[i] for i in index], acc_dtype, check=start == 0)
-            scores[index] = batch_scores
-            loss[index] = batch_loss
+            batch_totals, batch_measures = _score_batch(
+                model, adapter, graph, [samples[i] for i in index], acc_dtype, steps,
+                settings.position_parts, check=start == 0)
+            totals[index] = batch_totals
+            for name, values in dataclasses.asdict(batch_measures).items():
+                measures[name][index] = values
             seconds[index] = (time.perf_counter() - began) / len(index)
             if progress is not None:
                 progress(min(start + settings.batch_size, len(order)), len(order))
-    return ScoreResult(graph, scores, loss, [s.id for s in samples], seconds)
+    return ScoreResult(graph, totals.sum(axis=1), totals if settings.position_parts else None,
+                       sample_ids=[s.id for s in samples], seconds=seconds, **measures)
+
+
+def check_vocabulary(model: nn.Module, samples: Sequence[Sample]) -> None:
+    """Every token id must index the model's embedding and, as a target, its LM head."""
+    vocabulary = min(model.get_input_embeddings().num_embeddings,
+                     model.get_output_embeddings().out_features)
+    for sample in samples:
+        for field in ("prompt_ids", "answer_ids"):
+            for position, token in enumerate(getattr(sample, field)):
+                if token >= vocabulary:
+                    raise InvalidSampleError(
+                        f"sample {sample.id!r}: {field}[{position}] = {token} is outside the "
+                        f"model's vocabulary (ids 0 to {vocabulary - 1}); the ids must come from "
+                        f"this model's tokenizer")
 
 
 @contextlib.contextmanager
@@ -145,68 +216,106 @@ def batch_inputs(samples: Sequence[Sample], device) -> tuple[torch.Tensor, torch
     return input_ids.to(device), real.to(device), [t.to(device) for t in targets]
 
 
-def answer_losses(model: nn.Module, hidden: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
+def answer_losses(model: nn.Module, hidden: torch.Tensor, targets: list[torch.Tensor],
+                  on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Per-sample mean NLL of the answer tokens, from the final hidden states [B, T, d]. Only the
-    loss positions go through the LM head, in float32 (or float64)."""
+    loss positions go through the LM head, in float32 (or float64). `on_logits(b, logits)` sees each
+    sample's logits as the loss reads them (to hook their gradient)."""
     head = model.get_output_embeddings()
     losses = []
     for b, (positions, tokens) in enumerate(targets):
         logits = head(hidden[b, positions])
-        wide = torch.promote_types(logits.dtype, torch.float32)
-        losses.append(nn.functional.cross_entropy(logits.to(wide), tokens))
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if on_logits is not None:
+            on_logits(b, wide)
+        losses.append(nn.functional.cross_entropy(wide, tokens))
     return torch.stack(losses)
 
 
-def forward_loss(model: nn.Module, samples: Sequence[Sample]) -> torch.Tensor:
+def forward_loss(model: nn.Module, samples: Sequence[Sample],
+                 on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Per-sample losses of a plain forward pass whose graph reaches back to the embeddings: the
     baseline the engine's overhead is measured against, and the loss the engine differentiates."""
     device = next(model.parameters()).device
     input_ids, _, targets = batch_inputs(samples, device)
     embeds = model.get_input_embeddings()(input_ids).requires_grad_(True)
     hidden = model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-    return answer_losses(model, hidden, targets)
+    return answer_losses(model, hidden, targets, on_logits)
+
+
+@dataclasses.dataclass
+class _Measures:
+    """Per-sample values of a batch, at the real input (see ScoreResult)."""
+
+    loss: np.ndarray
+    logit_grad_norm: np.ndarray
+    logits_slot_grad_norm: np.ndarray
+    residual_norm: np.ndarray
+
+
+def _non_finite_advice(dtype: torch.dtype) -> str:
+    if dtype in (torch.float16, torch.bfloat16):
+        return "the model overflows in its dtype: score in float32 (--dtype float32)"
+    if dtype == torch.float32:
+        return ("score in float64 (--dtype float64) to see whether float32 overflows, and check the "
+                "model's weights for NaN/inf")
+    return "check the model's weights for NaN/inf"
 
 
 def _score_batch(model: nn.Module, adapter: ArchitectureAdapter, graph: ResidualGraph,
-                 samples: Sequence[Sample], acc_dtype: torch.dtype,
-                 check: bool) -> tuple[np.ndarray, np.ndarray]:
+                 samples: Sequence[Sample], acc_dtype: torch.dtype, steps: int, position_parts: bool,
+                 check: bool) -> tuple[np.ndarray, _Measures]:
+    """Totals [B, groups, n_src, n_dst] (groups: POSITION_GROUPS, or one spanning every position)
+    averaged over the path's `steps` points, and the batch's measures."""
     device = next(model.parameters()).device
     _, real, _ = batch_inputs(samples, device)
-    recorder = _Recorder(model, adapter, graph, real, acc_dtype, keep_slot_inputs=check)
+    groups = ([s.position_groups() for s in samples] if position_parts
+              else [((0, s.n_tokens),) for s in samples])
+    recorder = _Recorder(model, adapter, graph, real, groups, acc_dtype, keep_slot_inputs=check)
+    # The real input (alpha = 1) first: its pass records the source outputs every point multiplies,
+    # and the loss and measures; it is exactly EAP's pass.
+    alphas = [1.0] + [k / steps for k in range(1, steps)]
     with recorder.attached():
-        losses = forward_loss(model, samples)
-        bad = [s.id for s, value in zip(samples, losses.detach()) if not torch.isfinite(value)]
-        if bad:
-            raise NonFiniteScoreError(f"non-finite loss for sample(s) {bad}; nothing was stored. The "
-                                      f"model overflows: score in float32, or check its weights for "
-                                      f"NaN/inf")
-        if check:
-            recorder.check_additivity(type(model).__name__)
-        losses.sum().backward()
-        recorder.score_pending()
-    scores = recorder.scores.cpu().numpy()
-    bad = [s.id for s, m in zip(samples, scores) if not np.isfinite(m).all()]
+        for point, alpha in enumerate(alphas):
+            at_real_input = point == 0
+            recorder.begin_pass(None if at_real_input else alpha)
+            losses = forward_loss(model, samples, recorder.catch_logits if at_real_input else None)
+            if at_real_input:
+                bad = [s.id for s, value in zip(samples, losses.detach()) if not torch.isfinite(value)]
+                if bad:
+                    raise NonFiniteScoreError(f"non-finite loss for sample(s) {bad}; nothing was "
+                                              f"stored. {_non_finite_advice(model.dtype).capitalize()}")
+                if check:
+                    recorder.check_additivity(type(model).__name__)
+                real_losses = losses.detach()
+            losses.sum().backward()
+            recorder.score_pending()
+    totals = recorder.totals if steps == 1 else recorder.totals / steps
+    totals = totals.cpu().numpy()
+    bad = [s.id for s, t in zip(samples, totals) if not np.isfinite(t).all()]
     if bad:
         raise NonFiniteScoreError(f"non-finite edge scores for sample(s) {bad}; nothing was stored. "
-                                  f"Score in float32 or check the model's weights for NaN/inf")
-    return scores, losses.detach().cpu().numpy()
+                                  f"{_non_finite_advice(model.dtype).capitalize()}")
+    return totals, recorder.measures(real_losses)
 
 
 class _Recorder:
     """Hooks that collect source outputs in the forward pass and score slots in the backward pass."""
 
     def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, graph: ResidualGraph,
-                 real: torch.Tensor, acc_dtype: torch.dtype, keep_slot_inputs: bool) -> None:
+                 real: torch.Tensor, groups: list[tuple[tuple[int, int], ...]], acc_dtype: torch.dtype,
+                 keep_slot_inputs: bool) -> None:
         self.model, self.adapter, self.graph = model, adapter, graph
         batch, width = real.shape
         d_model = model.get_input_embeddings().embedding_dim
         self.sources = torch.empty(batch, graph.n_src, width, d_model, dtype=model.dtype,
                                    device=real.device)
-        self.scores = torch.zeros(batch, graph.n_src, graph.n_dst, dtype=acc_dtype, device=real.device)
+        # Per sample, the non-empty position ranges [t0, t1) summed into each part of the totals.
+        self.groups = [[(part, t0, t1) for part, (t0, t1) in enumerate(sample_groups) if t1 > t0]
+                       for sample_groups in groups]
+        self.totals = torch.zeros(batch, len(groups[0]), graph.n_src, graph.n_dst, dtype=acc_dtype,
+                                  device=real.device)
         self.real = real.unsqueeze(-1).to(acc_dtype)
-        # Gradients at padded positions are zero already (nothing after them carries loss); the
-        # mask makes that explicit where there is padding.
-        self.padded = not bool(real.all())
         self.acc_dtype = acc_dtype
         # Residual input of each attention norm (for the q/k/v norm VJP) and, when checking
         # additivity, of every slot.
@@ -215,6 +324,25 @@ class _Recorder:
         self.pending_qkv: dict[int, dict[str, torch.Tensor]] = {}
         self.pending: list[tuple[int, torch.Tensor]] = []
         self.edge_mask = torch.tensor(graph.real_edge_mask, dtype=acc_dtype, device=real.device)
+        # The pass in progress: None at the real input, else the factor scaling the input embedding.
+        self.input_scale: float | None = None
+        self.logit_grad_sq = torch.zeros(batch, dtype=acc_dtype, device=real.device)
+        self.logits_slot_grad_norm = torch.zeros(batch, dtype=acc_dtype, device=real.device)
+        self.residual_norm = torch.zeros(batch, dtype=acc_dtype, device=real.device)
+
+    def begin_pass(self, input_scale: float | None) -> None:
+        self.input_scale = input_scale
+
+    def catch_logits(self, b: int, logits: torch.Tensor) -> None:
+        def on_grad(grad):
+            self.logit_grad_sq[b] = grad.to(self.acc_dtype).pow(2).sum()
+        logits.register_hook(on_grad)
+
+    def measures(self, losses: torch.Tensor) -> _Measures:
+        return _Measures(loss=losses.cpu().numpy(),
+                         logit_grad_norm=self.logit_grad_sq.sqrt().cpu().numpy(),
+                         logits_slot_grad_norm=self.logits_slot_grad_norm.cpu().numpy(),
+                         residual_norm=self.residual_norm.cpu().numpy())
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
@@ -241,7 +369,7 @@ class _Recorder:
                 handles.append(parts.fused_qkv.register_forward_hook(
                     self._fused_qkv_grad(layer_index, parts.attn_norm, parts.fused_qkv)))
         handles.append(self.adapter.final_norm(self.model).register_forward_pre_hook(
-            self._branch_slot("logits", [self.graph.logits_dst])))
+            self._branch_slot("logits", [self.graph.logits_dst], measure=True)))
         try:
             yield
         finally:
@@ -251,25 +379,45 @@ class _Recorder:
     # --- forward: sources -------------------------------------------------------------------
 
     def _capture_input(self, module, args, kwargs):
+        """At the real input, record the embedding; on the EAP-IG path, scale it instead."""
         hidden = args[0] if args else kwargs["hidden_states"]
-        self.sources[:, 0] = hidden.detach()
+        if self.input_scale is None:
+            self.sources[:, 0] = hidden.detach()
+            return None
+        scaled = hidden * self.input_scale
+        if args:
+            return (scaled,) + args[1:], kwargs
+        return args, {**kwargs, "hidden_states": scaled}
 
     def _capture_source(self, index: int):
         def hook(module, args, output):
-            out = output[0] if isinstance(output, tuple) else output
-            self.sources[:, index] = out.detach()
+            if self.input_scale is None:
+                out = output[0] if isinstance(output, tuple) else output
+                self.sources[:, index] = out.detach()
         return hook
 
     # --- forward: slots, whose gradients arrive in the backward pass -------------------------
 
-    def _branch_slot(self, name: str, dst: list[int]):
-        """Replace a norm's input by a view: the gradient caught on the view is the branch's alone."""
+    def _branch_slot(self, name: str, dst: list[int], measure: bool = False):
+        """Replace a norm's input by a view: the gradient caught on the view is the branch's alone.
+        With `measure`, at the real input, also take the norms of the input and of its gradient."""
         def hook(module, args):
             hidden = args[0]
             if self.slot_inputs is not None:
                 self.slot_inputs[name] = hidden.detach()
+            measuring = measure and self.input_scale is None
+            if measuring:
+                norms = torch.linalg.vector_norm(hidden.detach(), dim=-1, dtype=self.acc_dtype)
+                real = self.real[..., 0]
+                self.residual_norm = (norms * real).sum(-1) / real.sum(-1)
             branch = hidden.view_as(hidden)
-            branch.register_hook(lambda grad: self._score_slots(dst, [grad.to(self.acc_dtype)]))
+
+            def on_grad(grad):
+                grad = grad.to(self.acc_dtype)
+                if measuring:
+                    self.logits_slot_grad_norm = torch.linalg.vector_norm(grad.flatten(1), dim=-1)
+                self._score_slots(dst, [grad])
+            branch.register_hook(on_grad)
             return (branch,) + args[1:]
         return hook
 
@@ -313,29 +461,33 @@ class _Recorder:
 
     def _score_slots(self, dst: list[int], grads: list[torch.Tensor]) -> None:
         """Queue slot gradients; every SLOTS_PER_PRODUCT slots, score them in one pass."""
-        self.pending += [(d, grad * self.real if self.padded else grad) for d, grad in zip(dst, grads)]
+        self.pending += list(zip(dst, grads))
         if len(self.pending) >= SLOTS_PER_PRODUCT:
             self.score_pending()
 
     def score_pending(self) -> None:
-        """W[:, :k, dst] = -<sources[:, :k], G_dst> for the queued slots, k the most sources any of
-        them reads; entries of sources a slot does not read are then zeroed by the edge mask."""
+        """totals[:, part, :k, dst] += -<sources[:, :k], G_dst> over each part's positions, for the
+        queued slots, k the most sources any of them reads; entries of sources a slot does not read
+        are then zeroed by the edge mask."""
         if not self.pending:
             return
         slots = [d for d, _ in self.pending]
         k = int(self.graph.n_sources_before[slots].max())
-        dst = torch.tensor(slots, device=self.scores.device)
-        batch = self.sources.shape[0]
+        dst = torch.tensor(slots, device=self.totals.device)
+        batch, _, _, d_model = self.sources.shape
         g = torch.stack([grad for _, grad in self.pending], dim=1).reshape(batch, len(dst), -1)
         self.pending = []
         step = k if self.sources.dtype == self.acc_dtype else SOURCE_CHUNK
-        # One matrix product per sample on contiguous rows of the buffer: a batched product over
-        # the buffer's strided prefix would copy it.
+        # One matrix product per sample and position range, on rows of the buffer whose positions
+        # and hidden units are contiguous (row stride T * d): a batched product over the buffer's
+        # strided prefix would copy it. Padded positions are outside every range.
         for b in range(batch):
-            for lo in range(0, k, step):
-                hi = min(k, lo + step)
-                chunk = self.sources[b, lo:hi].reshape(hi - lo, -1).to(self.acc_dtype)
-                self.scores[b, lo:hi, dst] = -(chunk @ g[b].T) * self.edge_mask[lo:hi, dst]
+            for part, t0, t1 in self.groups[b]:
+                grad = g[b, :, t0 * d_model:t1 * d_model]
+                for lo in range(0, k, step):
+                    hi = min(k, lo + step)
+                    chunk = self.sources[b, lo:hi, t0:t1].reshape(hi - lo, -1).to(self.acc_dtype)
+                    self.totals[b, part, lo:hi, dst] += -(chunk @ grad.T) * self.edge_mask[lo:hi, dst]
 
     # --- additivity -------------------------------------------------------------------------
 

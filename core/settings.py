@@ -23,12 +23,14 @@ class SettingsError(ValueError):
 
 def setting(default: Any, *, help: str, choices: tuple | None = None,
             low: float | None = None, high: float | None = None,
-            low_open: bool = False, in_key: bool = True) -> Any:
+            low_open: bool = False, in_key: bool = True, key_omits_default: bool = False) -> Any:
     """Declare a settings field. `in_key=False` marks fields that cannot change a result
-    (batch size, device), so they stay out of the cache key."""
+    (batch size, device), so they stay out of the cache key. `key_omits_default=True` marks a field
+    added after results were cached under keys without it: at its default it stays out of the key (so
+    those results keep their keys), any other value enters it. Such a default must never change."""
     return dataclasses.field(default=default, metadata={
         "help": help, "choices": choices, "low": low, "high": high,
-        "low_open": low_open, "in_key": in_key})
+        "low_open": low_open, "in_key": in_key, "key_omits_default": key_omits_default})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +49,8 @@ class Settings:
     def key_dict(self) -> dict[str, Any]:
         """The fields that determine a result, for cache keys."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.metadata.get("in_key", True)}
+                if f.metadata["in_key"]
+                and not (f.metadata["key_omits_default"] and getattr(self, f.name) == f.default)}
 
     def key(self) -> str:
         return stable_hash({"group": self.group, **self.key_dict()})
@@ -117,6 +120,9 @@ def stable_hash(obj: Any, length: int = 16) -> str:
 
 # --- The method's settings groups -------------------------------------------------------------
 
+# Edge-score methods (docs/method.md section 3) and EAP-IG's path baselines.
+SCORE_METHODS = ("eap", "eap-ig")
+IG_BASELINES = ("zero",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +140,32 @@ class ScoreSettings(Settings):
                                              "depend on it)", in_key=False)
     device: str = setting("auto", help="torch device: auto (cuda if available, else cpu), cpu, "
                                        "cuda, cuda:1 ...", in_key=False)
+    method: str = setting("eap", choices=SCORE_METHODS, key_omits_default=True,
+                          help="eap: gradients at the real input (one forward + one backward pass); "
+                               "eap-ig: gradients averaged over ig_steps points on the straight path "
+                               "from the baseline input to the real one (about ig_steps forward + "
+                               "backward passes, so ig_steps times the cost of eap)")
+    ig_steps: int = setting(5, low=1, high=1000, key_omits_default=True,
+                            help="eap-ig only: path points alpha = k/m, k = 1..m; each costs one "
+                                 "forward and one backward pass; m = 1 is eap")
+    ig_baseline: str = setting("zero", choices=IG_BASELINES, key_omits_default=True,
+                               help="eap-ig only: the path starts at a zero input embedding, and "
+                                    "each source's output is compared with zero, as eap's zero "
+                                    "ablation does")
+    position_parts: bool = setting(True, in_key=False,
+                                   help="also keep each sample's W split by the position group it "
+                                        "comes from (first token, rest of the prompt, answer); "
+                                        "the parts sum to W")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method == "eap":
+            for name in ("ig_steps", "ig_baseline"):
+                default = type(self).__dataclass_fields__[name].default
+                if getattr(self, name) != default:
+                    raise SettingsError(f"ScoreSettings.{name}={getattr(self, name)!r} applies only "
+                                        f"to method 'eap-ig'; set method='eap-ig' (--method eap-ig) "
+                                        f"or leave {name} at its default {default!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +196,9 @@ PAPER_ALPHAS = (0.03, 0.1, 0.3, 0.5)
 
 @dataclasses.dataclass(frozen=True)
 class MetricSettings(Settings):
-    """Conventions of the distribution metrics (docs/method.md section 6). The defaults reproduce the
-    paper's formulas; every stored or shown metric carries the key of the settings that made it."""
+    """Conventions of the distribution metrics and their statistics (docs/method.md sections 6-7). The
+    defaults follow the paper's formulas where it gives them (it gives no histogram range or bin
+    count); every stored or shown metric carries the key of the settings that made it."""
 
     group: ClassVar[str] = "metrics"
     intensity_normaliser: str = setting("dense", choices=("dense", "edges"),
@@ -176,7 +209,12 @@ class MetricSettings(Settings):
                                 "the diversity use: all n_src*n_dst, structural zeros included (dense, "
                                 "the paper's flattened matrices) or real edges only (edges)")
     histogram_bins: int = setting(100, low=2, high=100000,
-                                  help="equal-width bins over [0, max |W|] for the entropy")
+                                  help="equal-width bins of complexity's histogram")
+    complexity_range_quantile: float = setting(
+        0.999, low=0.5, high=1.0,
+        help="complexity's bins span [0, this quantile of the pooled |W| of both models' full "
+             "samples], one range for the point value and every bootstrap resample; larger |W| go "
+             "into the last bin (1: the pooled maximum)")
     kurtosis_of: str = setting("signed", choices=("signed", "abs"),
                                help="excess kurtosis of signed W (paper) or of |W|")
     bootstrap: int = setting(1000, low=0, high=100000,
