@@ -1,5 +1,6 @@
 """Distribution metrics of per-sample edge-score matrices (docs/method.md sections 6-7), their paired bootstrap
-confidence intervals, per-edge paired tests, and summaries over a grid of runs.
+confidence intervals and Wilcoxon tests, per-edge paired tests, the metrics' correlation with the
+loss, and summaries over a grid of runs.
 
 Pure functions of score arrays `scores[k, s, d]` (n samples, dense [n_src, n_dst] matrices whose
 non-edges are structural zeros) and a `ResidualGraph`; no model, no UI. Every convention is a field of
@@ -9,7 +10,11 @@ The metrics (natural logs throughout):
 - intensity: mean |W| over samples and entries; entries = all n_src*n_dst (`intensity_normaliser`
   dense, the paper's formula) or real edges only (edges).
 - complexity: Shannon entropy of the histogram of the pooled |W| of all samples, `histogram_bins`
-  equal-width bins over [0, max of the pooled |W|] (numpy's binning: [e_i, e_i+1), the last bin closed).
+  equal-width bins over [0, top] (numpy's binning: [e_i, e_i+1), the last bin closed), values above
+  top counted in the last bin. top is the `complexity_range_quantile` of the pooled |W| of the full
+  samples, of both models in a comparison: one grid for both models, the point value and every
+  bootstrap resample. On one grid complexity is not scale-free: a model whose scores are all
+  doubled spreads over more bins (edge_entropy is the scale-free, bin-free variant).
 - edge_entropy: the bin-free variant: entropy of p_e = |W_e| / sum |W| over real edges, per sample,
   averaged over samples.
 - kurtosis: excess (Fisher) kurtosis, population moments (scipy's bias=True), of each sample's flattened
@@ -25,12 +30,19 @@ Paired bootstrap: each replicate draws n question indices with replacement, once
 indices to base and post, so the change's interval reflects the pairing. Every metric is recomputed
 exactly by its definition on the resampled set:
 - per-sample averages are weighted by how often each question was drawn;
-- complexity's bins span [0, max of the resampled pool]; that max is the largest per-sample max among
-  the drawn questions, so replicates are grouped by it and, per group, per-sample histograms on that
-  group's grid are summed with the draw counts (identical to histogramming the resampled pool);
+- complexity: the per-sample histograms on the fixed grid, summed with the draw counts (identical to
+  histogramming the resampled pool on that grid). A grid per model (each its own quantile) would be
+  scale-free, but its intervals miss the variation of that quantile, which they hold fixed: in
+  simulation they covered 52% for a nominal 95%; on the shared grid that variation is common to
+  both models and largely cancels in the change (tests/test_metrics.py checks the coverage);
 - diversity averages the correlation over pairs of drawn positions whose original questions differ:
   a question drawn twice would otherwise contribute a self-pair with correlation 1.
-Intervals are percentile intervals at `ci_level`.
+Intervals are percentile intervals at `ci_level`. A change is reported on one of two scales
+(`CHANGE_SCALES`): `log_ratio` where base and post are positive in the point estimate and in every
+replicate (the interval of log(post/base), shown as % change), else `difference` (post - base in the
+metric's units), since the base is then within bootstrap noise of 0 or the signs differ. A change is
+called a change (a direction word) only where that interval excludes 0. The per-sample metrics also
+get a paired Wilcoxon signed-rank test of post - base.
 
 Per-edge tests: a paired t-test per real edge on d_k = |W_post,k,e| - |W_base,k,e| across questions
 (it tests the mean change in strength, which is what `rel_change` reports; with the paper's n = 100
@@ -63,6 +75,12 @@ PAPER_DIRECTION = {"intensity": 1, "complexity": 1, "edge_entropy": None, "kurto
                    "diversity": 1, "output_entropy": None}
 
 EDGE_MEASURES = ("ratio", "difference", "normalised")
+
+# The scale a change's interval is given on: the % change from a log-ratio interval, or the plain
+# difference post - base where the base is near 0 or the signs differ (see `_change_scale`).
+CHANGE_SCALES = ("log_ratio", "difference")
+# The word for a change whose interval contains 0 (or that has none): neither direction is claimed.
+NO_CLEAR_CHANGE = "no clear change"
 
 
 # --- Input checks ---------------------------------------------------------------------------------
@@ -99,10 +117,8 @@ class _Pieces:
     """What the metrics of any multiset of one model's samples are computed from."""
 
     per_sample: dict[str, np.ndarray]   # intensity, edge_entropy, kurtosis, output_entropy: [n]
-    sorted_abs: np.ndarray              # [n, m] |W| over the `flatten` entries, each row sorted
-    sample_max: np.ndarray              # [n] max of each row
+    histograms: np.ndarray              # [n, bins] counts of |W| on complexity's fixed grid
     correlation: np.ndarray             # [n, n] Pearson correlations, diagonal zeroed
-    bins: int
 
 
 def _normalised_entropy(weights: np.ndarray) -> np.ndarray:
@@ -143,7 +159,29 @@ def _flatten(scores: np.ndarray, graph: ResidualGraph, settings: MetricSettings)
     return graph.edges(scores)
 
 
-def _pieces(scores: np.ndarray, graph: ResidualGraph, settings: MetricSettings) -> _Pieces:
+def complexity_top(models: Iterable[np.ndarray], graph: ResidualGraph,
+                   settings: MetricSettings = MetricSettings()) -> float:
+    """The upper edge of complexity's bins: the `complexity_range_quantile` of the |W| of the
+    `flatten` entries pooled over every sample of every model given (both models of a comparison).
+    Fixed before resampling: a resample's own maximum would move the grid with whichever extreme
+    question it happened to draw, and the entropy with it; a high quantile rather than the maximum
+    keeps one question's outlier from setting the bin width for all."""
+    return _complexity_top([check_scores(m, graph) for m in models], graph, settings)
+
+
+def _complexity_top(models: list[np.ndarray], graph: ResidualGraph,
+                    settings: MetricSettings) -> float:
+    pooled = np.concatenate([np.abs(_flatten(m, graph, settings)).ravel() for m in models])
+    top = float(np.quantile(pooled, settings.complexity_range_quantile))
+    if top <= 0:
+        raise ValueError(f"the {settings.complexity_range_quantile} quantile of the pooled |W| is 0 "
+                         f"(more than {1 - settings.complexity_range_quantile:.1%} of the entries "
+                         f"are zero); raise complexity_range_quantile or use flatten=edges")
+    return top
+
+
+def _pieces(scores: np.ndarray, graph: ResidualGraph, settings: MetricSettings,
+            top: float) -> _Pieces:
     flat = _flatten(scores, graph, settings)
     constant = np.nonzero(flat.std(axis=1) == 0)[0]
     if constant.size:
@@ -151,10 +189,11 @@ def _pieces(scores: np.ndarray, graph: ResidualGraph, settings: MetricSettings) 
                          f"{settings.flatten} entries, so their correlations are undefined; drop them")
     correlation = np.corrcoef(flat)
     np.fill_diagonal(correlation, 0.0)
-    sorted_abs = np.sort(np.abs(flat), axis=1)
-    return _Pieces(per_sample=_per_sample(scores, graph, settings), sorted_abs=sorted_abs,
-                   sample_max=sorted_abs[:, -1], correlation=correlation,
-                   bins=settings.histogram_bins)
+    # Clipping at top puts every larger value in the closed last bin.
+    clipped = np.minimum(np.sort(np.abs(flat), axis=1), top)
+    return _Pieces(per_sample=_per_sample(scores, graph, settings),
+                   histograms=_histograms(clipped, top, settings.histogram_bins),
+                   correlation=correlation)
 
 
 def _histograms(sorted_rows: np.ndarray, top: float, bins: int) -> np.ndarray:
@@ -165,38 +204,29 @@ def _histograms(sorted_rows: np.ndarray, top: float, bins: int) -> np.ndarray:
     edges = np.linspace(0.0, top, bins + 1)
     below = np.stack([np.searchsorted(row, edges, side="left") for row in sorted_rows])
     below[:, -1] = sorted_rows.shape[1]  # the closed last bin holds the values equal to top
-    return np.diff(below, axis=1)
-
-
-def _complexity(pieces: _Pieces, counts: np.ndarray) -> np.ndarray:
-    """Histogram entropy of the pool of each replicate (counts [R, n]: draws of each sample)."""
-    drawn_max = np.where(counts > 0, pieces.sample_max[None, :], -np.inf).max(axis=1)
-    out = np.zeros(counts.shape[0])
-    for top in np.unique(drawn_max):  # > 0: check_scores refuses all-zero samples
-        replicates = drawn_max == top
-        eligible = pieces.sample_max <= top  # the only samples these replicates can have drawn
-        hist = _histograms(pieces.sorted_abs[eligible], float(top), pieces.bins)
-        pooled = counts[np.ix_(replicates, eligible)].astype(np.float64) @ hist
-        out[replicates] = _normalised_entropy(pooled)
-    return out
-
-
-def _diversity(pieces: _Pieces, counts: np.ndarray) -> np.ndarray:
-    """1 - mean correlation over pairs of drawn positions from different questions, per replicate."""
-    counts = counts.astype(np.float64)
-    pair_sum = ((counts @ pieces.correlation) * counts).sum(axis=1)
-    n_pairs = counts.sum(axis=1) ** 2 - (counts ** 2).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        # A replicate that drew one question only has no pair: NaN, left out of the interval.
-        return 1.0 - pair_sum / n_pairs
+    return np.diff(below, axis=1).astype(np.float64)
 
 
 def _values(pieces: _Pieces, counts: np.ndarray) -> dict[str, np.ndarray]:
-    """Every metric of each replicate: counts [R, n] says how often each sample was drawn."""
-    weights = counts / counts.sum(axis=1, keepdims=True)
-    values = {name: weights @ per_sample for name, per_sample in pieces.per_sample.items()}
-    values["complexity"] = _complexity(pieces, counts)
-    values["diversity"] = _diversity(pieces, counts)
+    """Every metric of each replicate: counts [R, n] says how often each sample was drawn.
+    - per-sample metrics: the count-weighted mean;
+    - complexity: the histogram entropy of the counts-weighted sum of the per-sample histograms;
+    - diversity: 1 - the mean correlation over pairs of drawn positions from different questions.
+    One matrix product serves all three (each product is a BLAS call, which on a busy machine costs
+    far more than its arithmetic)."""
+    counts = counts.astype(np.float64)
+    names = list(pieces.per_sample)
+    bins = pieces.histograms.shape[1]
+    product = counts @ np.hstack([np.column_stack([pieces.per_sample[k] for k in names]),
+                                  pieces.histograms, pieces.correlation])
+    sums, pooled, correlated = np.split(product, [len(names), len(names) + bins], axis=1)
+    values = dict(zip(names, (sums / counts.sum(axis=1, keepdims=True)).T))
+    values["complexity"] = _normalised_entropy(pooled)
+    pair_sum = (correlated * counts).sum(axis=1)
+    n_pairs = counts.sum(axis=1) ** 2 - (counts ** 2).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # A replicate that drew one question only has no pair: NaN, left out of the interval.
+        values["diversity"] = 1.0 - pair_sum / n_pairs
     return {name: values[name] for name in METRICS}
 
 
@@ -219,11 +249,37 @@ def _interval(values: np.ndarray, level: float) -> tuple[float, float] | None:
     return float(low), float(high)
 
 
-def _percent(change: np.ndarray, base: np.ndarray) -> np.ndarray:
-    """100 * change / |base|: the sign stays the sign of the change even for a negative base
-    (kurtosis can be negative)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return 100.0 * change / np.abs(base)
+def _change_scale(base: float, post: float, base_replicates: np.ndarray | None,
+                  post_replicates: np.ndarray | None) -> str:
+    """log_ratio where base and post are positive in the point estimate and in every replicate
+    that has both (a diversity replicate that drew one question has neither), else difference.
+    The bootstrap itself judges "near 0": a base whose replicates reach 0 or below cannot be told
+    from 0 at this sample size, and a % of it says nothing."""
+    positive = base > 0 and post > 0
+    if positive and base_replicates is not None:
+        both = np.isfinite(base_replicates) & np.isfinite(post_replicates)
+        positive = bool((base_replicates[both] > 0).all() and (post_replicates[both] > 0).all())
+    return "log_ratio" if positive else "difference"
+
+
+def _log_ratio_interval(base_replicates: np.ndarray, post_replicates: np.ndarray,
+                        level: float) -> tuple[float, float] | None:
+    """Percentile interval of log(post / base) over the replicates, as % change."""
+    with np.errstate(invalid="ignore"):  # NaN replicates (see _change_scale) are left out
+        interval = _interval(np.log(post_replicates / base_replicates), level)
+    return None if interval is None else (100.0 * math.expm1(interval[0]),
+                                          100.0 * math.expm1(interval[1]))
+
+
+def _wilcoxon_p(base: np.ndarray, post: np.ndarray) -> float:
+    """Two-sided p of the paired Wilcoxon signed-rank test of post - base over the questions (zero
+    differences dropped, scipy's default); 1 where every difference is 0: no evidence of change."""
+    differences = post - base
+    if not np.any(differences):
+        return 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # very few nonzero differences: a coarse p
+        return float(stats.wilcoxon(differences).pvalue)
 
 
 # --- Public results -------------------------------------------------------------------------------
@@ -246,16 +302,18 @@ def _read_float(value: float | None) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class ModelMetrics:
-    """One model's metrics and their bootstrap intervals (None when `settings.bootstrap` is 0)."""
+    """One model's metrics and their bootstrap intervals (None when `settings.bootstrap` is 0);
+    complexity binned over [0, complexity_top]."""
 
     settings: MetricSettings
     n_samples: int
     values: dict[str, float]
     intervals: dict[str, tuple[float, float] | None]
+    complexity_top: float
 
     def to_dict(self) -> dict[str, Any]:
         return {"settings": self.settings.as_dict(), "settings_key": self.settings.key(),
-                "n_samples": self.n_samples,
+                "n_samples": self.n_samples, "complexity_top": self.complexity_top,
                 "metrics": {name: {"value": _json_float(self.values[name]),
                                    "ci": _json_interval(self.intervals[name])}
                             for name in self.values}}
@@ -265,52 +323,77 @@ class ModelMetrics:
         metrics = data["metrics"]
         return cls(settings=MetricSettings.from_dict(data["settings"]), n_samples=data["n_samples"],
                    values={name: _read_float(m["value"]) for name, m in metrics.items()},
-                   intervals={name: _read_interval(m["ci"]) for name, m in metrics.items()})
+                   intervals={name: _read_interval(m["ci"]) for name, m in metrics.items()},
+                   complexity_top=data["complexity_top"])
 
 
 @dataclasses.dataclass(frozen=True)
 class MetricChange:
-    """One metric before and after post-training, with paired bootstrap intervals."""
+    """One metric before and after post-training, with paired bootstrap intervals.
+
+    The change is reported on `scale` (CHANGE_SCALES): log_ratio, the % change and its interval
+    (from the interval of log(post / base)); or difference, the change post - base and its interval
+    (change_pct is then NaN: a % of a base near 0, or across a sign change, says nothing).
+    change_ci is given on both scales. `wilcoxon_p`: the paired signed-rank test's p for the
+    per-sample metrics, NaN for complexity and diversity (they have no per-sample form)."""
 
     base: float
     post: float
     change: float                # post - base
-    change_pct: float            # 100 * change / |base|
+    change_pct: float            # 100 (post - base) / base on the log_ratio scale, else NaN
     base_ci: tuple[float, float] | None
     post_ci: tuple[float, float] | None
     change_ci: tuple[float, float] | None
     change_pct_ci: tuple[float, float] | None
+    scale: str
+    wilcoxon_p: float
 
-    _FLOATS = ("base", "post", "change", "change_pct")
+    _FLOATS = ("base", "post", "change", "change_pct", "wilcoxon_p")
     _INTERVALS = ("base_ci", "post_ci", "change_ci", "change_pct_ci")
 
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The reported change's interval: in % (log_ratio) or in the metric's units (difference)."""
+        return self.change_pct_ci if self.scale == "log_ratio" else self.change_ci
+
+    @property
+    def clear_sign(self) -> int:
+        """+1 or -1 where the reported interval lies above or below 0, the only cases where a
+        direction is claimed; 0 where it contains 0 or there is none."""
+        if self.interval is None:
+            return 0
+        return 1 if self.interval[0] > 0 else -1 if self.interval[1] < 0 else 0
+
     def to_dict(self) -> dict[str, Any]:
-        return {**{k: _json_float(getattr(self, k)) for k in self._FLOATS},
+        return {"scale": self.scale, **{k: _json_float(getattr(self, k)) for k in self._FLOATS},
                 **{k: _json_interval(getattr(self, k)) for k in self._INTERVALS}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MetricChange":
-        return cls(**{k: _read_float(data[k]) for k in cls._FLOATS},
+        return cls(scale=data["scale"], **{k: _read_float(data[k]) for k in cls._FLOATS},
                    **{k: _read_interval(data[k]) for k in cls._INTERVALS})
 
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-    """Every metric of a base and a post-trained model on the same questions, and its change."""
+    """Every metric of a base and a post-trained model on the same questions, and its change;
+    complexity binned for both over [0, complexity_top]."""
 
     settings: MetricSettings
     n_samples: int
     metrics: dict[str, MetricChange]
+    complexity_top: float
 
     def to_dict(self) -> dict[str, Any]:
         return {"settings": self.settings.as_dict(), "settings_key": self.settings.key(),
-                "n_samples": self.n_samples,
+                "n_samples": self.n_samples, "complexity_top": self.complexity_top,
                 "metrics": {name: change.to_dict() for name, change in self.metrics.items()}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Comparison":
         return cls(settings=MetricSettings.from_dict(data["settings"]), n_samples=data["n_samples"],
-                   metrics={name: MetricChange.from_dict(m) for name, m in data["metrics"].items()})
+                   metrics={name: MetricChange.from_dict(m) for name, m in data["metrics"].items()},
+                   complexity_top=data["complexity_top"])
 
 
 def model_metrics(scores: np.ndarray, graph: ResidualGraph,
@@ -324,12 +407,13 @@ def summarise_model(scores: np.ndarray, graph: ResidualGraph,
     """Every metric of one model with bootstrap intervals over its questions."""
     scores = check_scores(scores, graph)
     n = scores.shape[0]
-    values = _values(_pieces(scores, graph, settings), _draw_counts(n, settings))
+    top = _complexity_top([scores], graph, settings)
+    values = _values(_pieces(scores, graph, settings, top), _draw_counts(n, settings))
     intervals: dict[str, tuple[float, float] | None] = dict.fromkeys(METRICS)
     if settings.bootstrap:
         intervals = {name: _interval(v[1:], settings.ci_level) for name, v in values.items()}
     return ModelMetrics(settings=settings, n_samples=n, values={k: float(v[0]) for k, v in values.items()},
-                        intervals=intervals)
+                        intervals=intervals, complexity_top=top)
 
 
 def _check_pair(base: np.ndarray, post: np.ndarray, graph: ResidualGraph) -> tuple[np.ndarray, np.ndarray]:
@@ -342,27 +426,34 @@ def _check_pair(base: np.ndarray, post: np.ndarray, graph: ResidualGraph) -> tup
 
 def compare_models(base: np.ndarray, post: np.ndarray, graph: ResidualGraph,
                    settings: MetricSettings = MetricSettings()) -> Comparison:
-    """Every metric of base and post (sample k of both = the same question), the change post - base,
-    and paired bootstrap intervals of each and of the change."""
+    """Every metric of base and post (sample k of both = the same question), the change post - base
+    on its scale, paired bootstrap intervals of each and of the change, and for the per-sample
+    metrics the paired Wilcoxon test."""
     base, post = _check_pair(base, post, graph)
     n = base.shape[0]
     counts = _draw_counts(n, settings)  # the same draws for both models
-    base_values = _values(_pieces(base, graph, settings), counts)
-    post_values = _values(_pieces(post, graph, settings), counts)
+    top = _complexity_top([base, post], graph, settings)  # one grid for both models
+    base_pieces, post_pieces = _pieces(base, graph, settings, top), _pieces(post, graph, settings, top)
+    base_values, post_values = _values(base_pieces, counts), _values(post_pieces, counts)
     metrics = {}
     for name in METRICS:
         b, p = float(base_values[name][0]), float(post_values[name][0])
+        br, pr = (base_values[name][1:], post_values[name][1:]) if settings.bootstrap else (None, None)
+        scale = _change_scale(b, p, br, pr)
         intervals = dict.fromkeys(MetricChange._INTERVALS)
         if settings.bootstrap:
-            br, pr = base_values[name][1:], post_values[name][1:]
             level = settings.ci_level
             intervals = {"base_ci": _interval(br, level), "post_ci": _interval(pr, level),
                          "change_ci": _interval(pr - br, level),
-                         "change_pct_ci": _interval(_percent(pr - br, br), level)}
-        metrics[name] = MetricChange(base=b, post=p, change=p - b,
-                                     change_pct=float(_percent(np.float64(p - b), np.float64(b))),
-                                     **intervals)
-    return Comparison(settings=settings, n_samples=n, metrics=metrics)
+                         "change_pct_ci": (_log_ratio_interval(br, pr, level)
+                                           if scale == "log_ratio" else None)}
+        wilcoxon_p = (_wilcoxon_p(base_pieces.per_sample[name], post_pieces.per_sample[name])
+                      if name in base_pieces.per_sample else math.nan)
+        metrics[name] = MetricChange(
+            base=b, post=p, change=p - b,
+            change_pct=100.0 * (p - b) / b if scale == "log_ratio" else math.nan,
+            scale=scale, wilcoxon_p=wilcoxon_p, **intervals)
+    return Comparison(settings=settings, n_samples=n, metrics=metrics, complexity_top=top)
 
 
 # --- Edges ----------------------------------------------------------------------------------------
@@ -400,8 +491,9 @@ def significant_edges(base: np.ndarray, post: np.ndarray, graph: ResidualGraph,
                       only_significant: bool = True) -> pd.DataFrame:
     """Edges whose strength |W| changed, by a paired t-test per real edge on |W_post| - |W_base|
     across questions and Benjamini-Hochberg at `settings.fdr`. Ranked by |rel_change|, largest first;
-    `direction` is 'strengthened' or 'weakened' (the sign of the mean difference). With
-    `only_significant=False` every real edge is listed (q > fdr included)."""
+    `direction` is 'strengthened' or 'weakened' (the sign of the mean difference) where q <= fdr,
+    else 'no clear change'. With `only_significant=False` every real edge is listed (q > fdr
+    included)."""
     base, post = _check_pair(base, post, graph)
     base_abs, post_abs = graph.edges(np.abs(base)), graph.edges(np.abs(post))
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
@@ -420,68 +512,99 @@ def significant_edges(base: np.ndarray, post: np.ndarray, graph: ResidualGraph,
         "src": np.asarray(graph.src_names)[src], "dst": np.asarray(graph.dst_names)[dst],
         "edge": graph.edge_names, "base_mean_abs": base_mean, "post_mean_abs": post_mean,
         "difference": difference, "rel_change": rel_change, "statistic": statistic, "p": p, "q": q,
-        "direction": np.where(difference > 0, "strengthened", "weakened")})
+        "direction": np.where(q <= settings.fdr, np.where(difference > 0, "strengthened", "weakened"),
+                              NO_CLEAR_CHANGE)})
     if only_significant:
         table = table[table["q"] <= settings.fdr]
     order = np.argsort(-np.abs(table["rel_change"].to_numpy()), kind="stable")  # NaN last
     return table.iloc[order].reset_index(drop=True)
 
 
+# --- Confidence ----------------------------------------------------------------------------------
+
+LOSS_CORRELATION_COLUMNS = ("metric", "rho", "p", "n")
+
+
+def loss_correlation(per_sample: dict[str, np.ndarray], loss: np.ndarray) -> pd.DataFrame:
+    """Spearman correlation of each per-sample metric with the per-sample loss, and its two-sided p
+    (NaN where either is constant). The loss's gradient at the logits is (softmax - onehot) / T, so
+    |W| grows with the model's uncertainty on its own tokens (docs/method.md section 8): a metric
+    that follows the loss may be measuring confidence rather than circuitry."""
+    loss = np.asarray(loss, dtype=np.float64)
+    rows = []
+    for name, values in per_sample.items():
+        if len(values) != len(loss):
+            raise ValueError(f"{name} has {len(values)} values and the loss {len(loss)}; they must be "
+                             f"the same questions")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", stats.ConstantInputWarning)  # rho is NaN then
+            result = stats.spearmanr(values, loss)
+        rows.append({"metric": name, "rho": float(result.statistic), "p": float(result.pvalue),
+                     "n": len(loss)})
+    return pd.DataFrame(rows, columns=list(LOSS_CORRELATION_COLUMNS))
+
+
 # --- Grids of runs --------------------------------------------------------------------------------
 
 GridEntry = tuple[str, str, float, Comparison]  # (pair, dataset, alpha, comparison)
 
+GRID_COLUMNS = ("pair", "dataset", "alpha", "metric", "base", "post", "scale", "change",
+                "change_low", "change_high", "change_pct", "change_pct_low", "change_pct_high",
+                "clear_sign", "wilcoxon_p", "direction", "settings_key")
 
-def _direction(metric: str, change: float) -> str:
+
+def _direction(metric: str, change: MetricChange) -> str:
+    """'as paper' or 'against paper' for a clear change of a metric the paper makes a claim about."""
     expected = PAPER_DIRECTION[metric]
     if expected is None:
         return "no paper claim"
-    if not math.isfinite(change) or change == 0:
-        return "no change"
-    return "as paper" if np.sign(change) == expected else "against paper"
-
-
-def _excludes_zero(interval: tuple[float, float] | None) -> bool | None:
-    return None if interval is None else bool(interval[0] > 0 or interval[1] < 0)
+    if change.clear_sign == 0:
+        return NO_CLEAR_CHANGE
+    return "as paper" if change.clear_sign == expected else "against paper"
 
 
 def grid_table(comparisons: Iterable[GridEntry]) -> pd.DataFrame:
     """A Table-1-style long table: one row per (pair, dataset, alpha, metric) with base -> post, the
-    % change and its interval, whether the change's interval excludes 0, and `direction`: whether the
-    change goes the way the paper reports for online RL (intensity, complexity, diversity up; kurtosis
-    down). Every comparison must share one settings key, which the table's `settings_key` column
-    records."""
+    change on its `scale` (change_pct and its interval on the log_ratio scale, NaN on the
+    difference scale; change and its interval on both), whether the reported interval excludes 0,
+    `clear_sign` (+1 or -1 where the reported interval lies above or below 0, else 0), the
+    Wilcoxon p of the per-sample metrics, and `direction`: whether a clear change goes the way
+    the paper reports for online RL (intensity, complexity, diversity up; kurtosis down). Every
+    comparison must share one settings key, which the table's `settings_key` column records."""
     rows = []
     keys = set()
     for pair, dataset, alpha, comparison in comparisons:
         keys.add(comparison.settings.key())
         for metric, m in comparison.metrics.items():
-            low, high = m.change_pct_ci if m.change_pct_ci is not None else (math.nan, math.nan)
+            change_low, change_high = m.change_ci or (math.nan, math.nan)
+            pct_low, pct_high = m.change_pct_ci or (math.nan, math.nan)
             rows.append({"pair": pair, "dataset": dataset, "alpha": alpha, "metric": metric,
-                         "base": m.base, "post": m.post, "change_pct": m.change_pct,
-                         "change_pct_low": low, "change_pct_high": high,
-                         "ci_excludes_zero": _excludes_zero(m.change_ci),
-                         "direction": _direction(metric, m.change),
+                         "base": m.base, "post": m.post, "scale": m.scale, "change": m.change,
+                         "change_low": change_low, "change_high": change_high,
+                         "change_pct": m.change_pct, "change_pct_low": pct_low,
+                         "change_pct_high": pct_high,
+                         "clear_sign": m.clear_sign,
+                         "wilcoxon_p": m.wilcoxon_p, "direction": _direction(metric, m),
                          "settings_key": comparison.settings.key()})
     if len(keys) > 1:
         raise ValueError(f"the comparisons were computed under {len(keys)} different metric settings "
                          f"({sorted(keys)}); recompute them under one convention to tabulate them")
-    return pd.DataFrame(rows, columns=["pair", "dataset", "alpha", "metric", "base", "post",
-                                       "change_pct", "change_pct_low", "change_pct_high",
-                                       "ci_excludes_zero", "direction", "settings_key"])
+    return pd.DataFrame(rows, columns=list(GRID_COLUMNS))
 
 
 def diversity_summary(comparisons: Iterable[GridEntry]) -> pd.DataFrame:
-    """Figure-3a-style counts per model pair and over all ('all'): cells, cells where diversity rose,
-    rose with the change's interval above 0, fell, and the mean % change of diversity."""
+    """Figure-3a-style counts per model pair and over all ('all'): cells, cells where diversity rose
+    (the point change), rose with the reported interval above 0, fell, fell with it below 0, and
+    the mean % change of diversity (over the cells on the log_ratio scale)."""
     table = grid_table(comparisons)
     table = table[table["metric"] == "diversity"]
     groups = [(pair, rows) for pair, rows in table.groupby("pair", sort=True)] + [("all", table)]
     summary = []
     for pair, rows in groups:
         summary.append({"pair": pair, "cells": len(rows),
-                        "rose": int((rows["change_pct"] > 0).sum()),
-                        "rose_ci_above_zero": int((rows["change_pct_low"] > 0).sum()),
-                        "fell": int((rows["change_pct"] < 0).sum()),
+                        "rose": int((rows["change"] > 0).sum()),
+                        "rose_ci_above_zero": int((rows["clear_sign"] > 0).sum()),
+                        "fell": int((rows["change"] < 0).sum()),
+                        "fell_ci_below_zero": int((rows["clear_sign"] < 0).sum()),
                         "mean_change_pct": float(rows["change_pct"].mean()) if len(rows) else math.nan})
     return pd.DataFrame(summary)

@@ -1,5 +1,7 @@
 """Metrics of per-sample score matrices: hand-computed values for every measure and convention,
-tail ordering, paired bootstrap, per-edge tests with BH, grid summaries and the CLI."""
+tail ordering, paired bootstrap on complexity's fixed grid, change scales (log ratio or difference),
+Wilcoxon tests, interval coverage in simulation, per-edge tests with BH, the loss correlation, grid
+summaries and the CLI."""
 
 import json
 import math
@@ -11,9 +13,10 @@ from core import metrics
 
 from core.__main__ import main
 from core.graph import ResidualGraph
-from core.metrics import (METRICS, Comparison, MetricChange, ModelMetrics, _draw_counts, _pieces,
-                          _values, check_scores, compare_models, diversity_summary, edge_change,
-                          grid_table, model_metrics, per_sample_metrics, significant_edges,
+from core.metrics import (METRICS, NO_CLEAR_CHANGE, PER_SAMPLE_METRICS, Comparison, MetricChange,
+                          ModelMetrics, _draw_counts, _pieces, _values, check_scores, compare_models,
+                          complexity_top, diversity_summary, edge_change, grid_table,
+                          loss_correlation, model_metrics, per_sample_metrics, significant_edges,
                           summarise_model)
 from core.settings import MetricSettings
 
@@ -60,15 +63,16 @@ def test_intensity_dense_and_edges():
 
 def test_complexity_pooled_histogram_dense_and_edges():
     scores = dense(X, ALTERNATING)
+    full_range = settings(complexity_range_quantile=1.0)  # bins up to the pooled max
     # Pool of |W| over edges: 1..8 and eight 1s; max 8. Two bins [0,4), [4,8]: 3+8 = 11 and 5.
-    assert model_metrics(scores, SMALL, settings(histogram_bins=2, flatten="edges"))["complexity"] == \
-        pytest.approx(entropy([11, 5]))
+    assert model_metrics(scores, SMALL, full_range.replace(histogram_bins=2, flatten="edges"))[
+        "complexity"] == pytest.approx(entropy([11, 5]))
     # Dense adds the 2 x 7 structural zeros to the first bin: 25 and 5.
-    assert model_metrics(scores, SMALL, settings(histogram_bins=2))["complexity"] == \
+    assert model_metrics(scores, SMALL, full_range.replace(histogram_bins=2))["complexity"] == \
         pytest.approx(entropy([25, 5]))
     # Four bins of width 2 (the last closed): X gives 1 | 2,3 | 4,5 | 6,7,8; the 1s all go to bin 0.
-    assert model_metrics(scores, SMALL, settings(histogram_bins=4, flatten="edges"))["complexity"] == \
-        pytest.approx(entropy([9, 2, 2, 3]))
+    assert model_metrics(scores, SMALL, full_range.replace(histogram_bins=4, flatten="edges"))[
+        "complexity"] == pytest.approx(entropy([9, 2, 2, 3]))
     # One value, all mass in one bin: entropy 0.
     assert model_metrics(dense(ALTERNATING, -ALTERNATING), SMALL,
                          settings(flatten="edges"))["complexity"] == pytest.approx(0.0)
@@ -86,8 +90,28 @@ def test_complexity_bins_match_numpy_histogram_with_values_on_bin_edges():
     values[0, 0] = top
     scores = graph.dense(values * rng.choice([-1.0, 1.0], size=values.shape))
     counts, _ = np.histogram(np.abs(scores).ravel(), bins=bins, range=(0.0, top))
-    assert model_metrics(scores, graph, settings(histogram_bins=bins))["complexity"] == \
-        pytest.approx(entropy(counts), rel=1e-12)
+    assert model_metrics(scores, graph, settings(histogram_bins=bins, complexity_range_quantile=1.0))[
+        "complexity"] == pytest.approx(entropy(counts), rel=1e-12)
+
+
+def test_complexity_range_is_a_quantile_of_the_pool_and_larger_values_go_to_the_last_bin():
+    scores = dense(X, ALTERNATING)
+    # Pool over edges, sorted: nine 1s, then 2..8 (16 values). numpy's linear quantile at 11/15 sits
+    # on position 11 of 0..15, the value 4: bins [0, 2), [2, 4]; 5..8 are clipped into the last bin.
+    conventions = settings(histogram_bins=2, flatten="edges", complexity_range_quantile=11 / 15)
+    assert complexity_top([scores], SMALL, conventions) == pytest.approx(4.0)
+    assert model_metrics(scores, SMALL, conventions)["complexity"] == pytest.approx(entropy([9, 7]))
+    # A comparison bins both models on the quantile of their joint pool: post's larger values set it.
+    comparison = compare_models(scores, 3 * scores, SMALL, conventions)
+    top = comparison.complexity_top
+    assert top == pytest.approx(complexity_top([scores, 3 * scores], SMALL, conventions))
+    for model, side in ((scores, "base"), (3 * scores, "post")):
+        counts, _ = np.histogram(np.minimum(np.abs(SMALL.edges(model)).ravel(), top), bins=2,
+                                 range=(0.0, top))
+        assert getattr(comparison.metrics["complexity"], side) == pytest.approx(entropy(counts))
+    with pytest.raises(ValueError, match="raise complexity_range_quantile"):
+        # 21 of the 30 dense entries are zero: the median |W| is 0.
+        complexity_top([dense(X, np.eye(8)[0])], SMALL, settings(complexity_range_quantile=0.5))
 
 
 def test_edge_entropy_and_output_entropy():
@@ -152,18 +176,23 @@ def test_replicates_equal_the_metrics_of_the_resampled_set():
     graph = ResidualGraph(2)
     rng = np.random.default_rng(3)
     scores = graph.dense(rng.standard_t(3, size=(6, graph.n_edges)))
-    conventions = settings(histogram_bins=13)
+    conventions = settings(histogram_bins=13, complexity_range_quantile=0.9)
+    top = complexity_top([scores], graph, conventions)
     strongest = int(np.abs(scores).reshape(6, -1).max(axis=1).argmax())
     others = [k for k in range(6) if k != strongest]
-    # Draws with repeats, and draws that miss the sample holding the pooled max (other bin grids).
+    # Draws with repeats, and draws that miss the sample holding the pooled max.
     draws = np.array([[0, 0, 1, 2, 3, 5], others + [others[0]], [strongest] * 3 + others[:3],
                       [others[1]] * 5 + [others[2]]])
     counts = np.stack([np.bincount(d, minlength=6) for d in draws])
-    replicates = _values(_pieces(check_scores(scores, graph), graph, conventions), counts)
+    replicates = _values(_pieces(check_scores(scores, graph), graph, conventions, top), counts)
     for r, draw in enumerate(draws):
         direct = model_metrics(scores[draw], graph, conventions)
-        for name in ("intensity", "complexity", "edge_entropy", "kurtosis", "output_entropy"):
+        for name in ("intensity", "edge_entropy", "kurtosis", "output_entropy"):
             assert replicates[name][r] == pytest.approx(direct[name], rel=1e-10), name
+        # Complexity: the resampled pool on the full sample's fixed grid, larger values clipped.
+        pool = np.minimum(np.abs(scores[draw]).ravel(), top)
+        hist, _ = np.histogram(pool, bins=13, range=(0.0, top))
+        assert replicates["complexity"][r] == pytest.approx(entropy(hist), rel=1e-10)
         # Diversity: pairs of drawn positions, leaving out those of one question drawn twice.
         flat = scores.reshape(6, -1)
         pairs = [np.corrcoef(flat[a], flat[b])[0, 1] for i, a in enumerate(draw) for b in draw[i + 1:]
@@ -187,10 +216,16 @@ def test_identical_models_give_zero_change_and_no_significant_edge():
     base = random_scores(graph, 40, 0)
     comparison = compare_models(base, base.copy(), graph, MetricSettings(bootstrap=200))
     for name, m in comparison.metrics.items():
-        assert m.change == 0 and m.change_pct == 0, name
-        assert m.change_ci[0] <= 0 <= m.change_ci[1], name
+        assert m.change == 0 and m.change_pct == 0 and m.scale == "log_ratio", name
+        assert m.change_ci == m.change_pct_ci == (0, 0), name
+        assert m.clear_sign == 0, name
         assert m.base_ci == m.post_ci and m.base_ci[0] <= m.base <= m.base_ci[1], name
+        assert m.wilcoxon_p == 1 if name in PER_SAMPLE_METRICS else math.isnan(m.wilcoxon_p), name
+    table = grid_table([("pair", "data", 0.1, comparison)])
+    assert set(table["direction"]) == {NO_CLEAR_CHANGE, "no paper claim"}
     assert significant_edges(base, base.copy(), graph).empty
+    every_edge = significant_edges(base, base.copy(), graph, only_significant=False)
+    assert set(every_edge["direction"]) == {NO_CLEAR_CHANGE} and (every_edge["p"] == 1).all()
     change = edge_change(base, base.copy(), graph)
     assert (change[graph.real_edge_mask] == 0).all() and np.isnan(change[~graph.real_edge_mask]).all()
 
@@ -198,16 +233,149 @@ def test_identical_models_give_zero_change_and_no_significant_edge():
 def test_pairing_scaled_model_changes_intensity_only():
     # post = 2 * base on every question: every scale-free metric is unchanged in every replicate, and
     # intensity rises by exactly 100% in every replicate (an unpaired bootstrap would blur both).
+    # Complexity, binned for both models on one grid, is not scale-free.
     graph = ResidualGraph(3)
     base = random_scores(graph, 30, 1)
     comparison = compare_models(base, 2 * base, graph, MetricSettings(bootstrap=100))
     intensity = comparison.metrics["intensity"]
     assert intensity.change_pct == pytest.approx(100)
     assert intensity.change_pct_ci == pytest.approx((100, 100))
-    for name in ("complexity", "edge_entropy", "kurtosis", "diversity", "output_entropy"):
+    for name in ("edge_entropy", "kurtosis", "diversity", "output_entropy"):
         m = comparison.metrics[name]
         assert m.change == pytest.approx(0, abs=1e-9), name
         assert m.change_ci == pytest.approx((0, 0), abs=1e-9), name
+
+
+def test_percent_change_interval_is_the_log_ratio_interval_mapped_back():
+    graph = ResidualGraph(3)
+    base, post = random_scores(graph, 30, 4), 1.5 * random_scores(graph, 30, 5)
+    conventions = MetricSettings(bootstrap=300, ci_level=0.9)
+    comparison = compare_models(base, post, graph, conventions)
+    counts = _draw_counts(30, conventions)
+    top = comparison.complexity_top
+    base_r = _values(_pieces(check_scores(base, graph), graph, conventions, top), counts)["intensity"]
+    post_r = _values(_pieces(check_scores(post, graph), graph, conventions, top), counts)["intensity"]
+    low, high = np.quantile(np.log(post_r[1:] / base_r[1:]), [0.05, 0.95])
+    m = comparison.metrics["intensity"]
+    assert m.scale == "log_ratio" and m.interval == m.change_pct_ci
+    assert m.change_pct_ci == pytest.approx((100 * np.expm1(low), 100 * np.expm1(high)))
+    assert m.change_pct == pytest.approx(100 * (m.post / m.base - 1))
+
+
+def test_a_base_near_zero_or_a_sign_change_is_reported_as_a_difference():
+    # Signed kurtosis over edges: uniform scores have excess kurtosis near -1.2, Laplace ones near +3,
+    # so base and post differ in sign in the point value and in every replicate.
+    graph = ResidualGraph(3)
+    rng = np.random.default_rng(0)
+    base = graph.dense(rng.uniform(-1, 1, size=(40, graph.n_edges)))
+    post = graph.dense(rng.laplace(size=(40, graph.n_edges)))
+    comparison = compare_models(base, post, graph, MetricSettings(bootstrap=200, flatten="edges"))
+    kurtosis = comparison.metrics["kurtosis"]
+    assert kurtosis.base < 0 < kurtosis.post
+    assert kurtosis.scale == "difference" and kurtosis.interval == kurtosis.change_ci
+    assert math.isnan(kurtosis.change_pct) and kurtosis.change_pct_ci is None
+    assert kurtosis.clear_sign == 1
+    row = grid_table([("pair", "data", 0.1, comparison)]).set_index("metric").loc["kurtosis"]
+    assert row["scale"] == "difference" and row["direction"] == "against paper"
+    assert (row["change_low"], row["change_high"]) == pytest.approx(kurtosis.change_ci)
+    # Without a bootstrap the point values decide.
+    plain = compare_models(base, post, graph, MetricSettings(bootstrap=0, flatten="edges"))
+    assert plain.metrics["kurtosis"].scale == "difference"
+    assert plain.metrics["intensity"].scale == "log_ratio"
+    assert plain.metrics["intensity"].clear_sign == 0  # no interval, no claim
+
+
+def test_wilcoxon_p_of_per_sample_metrics_by_hand():
+    # Intensity rises on each of 5 questions by a different amount: every signed rank is positive,
+    # so the exact two-sided p is 2 / 2^5.
+    graph = ResidualGraph(2)
+    base = random_scores(graph, 5, 8)
+    post = base * (1 + 0.1 * np.arange(1, 6))[:, None, None]
+    comparison = compare_models(base, post, graph, MetricSettings(bootstrap=0))
+    assert comparison.metrics["intensity"].wilcoxon_p == pytest.approx(2 / 32)
+    assert math.isnan(comparison.metrics["complexity"].wilcoxon_p)
+    assert math.isnan(comparison.metrics["diversity"].wilcoxon_p)
+
+
+def structured_draw(graph, rng, n, scale):
+    """Signed heavy-tailed scores shaped like real ones: a per-edge scale shared by all samples
+    (fixed seed), a per-sample scale, Student-t magnitudes, mostly positive signs."""
+    structure = np.random.default_rng(7).lognormal(0.0, 1.0, size=graph.n_edges)
+    shape = (n, graph.n_edges)
+    magnitude = rng.lognormal(0.0, 0.3, size=(n, 1)) * structure * np.abs(rng.standard_t(4, size=shape))
+    return graph.dense(scale * magnitude * rng.choice([-1.0, 1.0], size=shape, p=[0.3, 0.7]))
+
+
+def gaussian_draw(graph, rng, n, scale):
+    """Signed Gaussian scores with a per-sample scale: excess kurtosis near 0."""
+    per_sample = rng.lognormal(0.0, 0.3, size=(n, 1))
+    return graph.dense(scale * per_sample * rng.normal(size=(n, graph.n_edges)))
+
+
+REPLICATES = 200
+# 95% intervals: the share of replicates covering the true value is binomial(200, 0.95); 3 standard
+# errors either side (about 0.046) leave a correct method failing about 1 time in 300.
+COVERAGE_TOLERANCE = 3 * math.sqrt(0.95 * 0.05 / REPLICATES)
+
+
+def simulate(draw, post_scale: float, conventions: MetricSettings) -> dict[str, dict]:
+    """Per metric over REPLICATES simulated pairs (n = 60, post = post_scale x an independent draw
+    from base's law): how often the reported interval covers the true value (intensity: the scale's
+    % change; every other metric: 0, except complexity, which is not scale-free on its shared grid
+    and is only counted when post_scale is 1), the scales used, and how often Wilcoxon p < 0.05."""
+    graph = ResidualGraph(2)
+    result: dict[str, dict] = {name: {"covered": 0, "scales": set(), "rejected": 0} for name in METRICS}
+    for r in range(REPLICATES):
+        rng = np.random.default_rng(r)
+        comparison = compare_models(draw(graph, rng, 60, 1.0), draw(graph, rng, 60, post_scale),
+                                    graph, conventions)
+        for name, m in comparison.metrics.items():
+            true = 100 * (post_scale - 1) if name == "intensity" else 0.0
+            result[name]["covered"] += m.interval[0] <= true <= m.interval[1]
+            result[name]["scales"].add(m.scale)
+            result[name]["rejected"] += m.wilcoxon_p < 0.05
+    if post_scale != 1:
+        del result["complexity"]
+    return {name: {**r, "coverage": r["covered"] / REPLICATES} for name, r in result.items()}
+
+
+def test_log_ratio_intervals_cover_a_known_change_at_the_nominal_rate():
+    found = simulate(structured_draw, 1.3, MetricSettings(bootstrap=400, flatten="edges"))
+    for name, r in found.items():
+        assert r["scales"] == {"log_ratio"}, name
+        assert abs(r["coverage"] - 0.95) <= COVERAGE_TOLERANCE, (name, r["coverage"])
+    assert found["intensity"]["rejected"] / REPLICATES > 0.8  # Wilcoxon sees the 30% rise
+
+
+def test_difference_intervals_and_wilcoxon_hold_their_level_when_nothing_changed():
+    found = simulate(gaussian_draw, 1.0, MetricSettings(bootstrap=400, flatten="edges"))
+    assert found["kurtosis"]["scales"] == {"difference"}  # both near 0 (and negative)
+    for name, r in found.items():
+        if name == "diversity":
+            # Independent samples correlate about 0, a degenerate case for the bootstrap of a mean
+            # over pairs: its interval is conservative here (full coverage), never narrow.
+            assert r["coverage"] >= 0.95 - COVERAGE_TOLERANCE, (name, r["coverage"])
+        else:
+            assert abs(r["coverage"] - 0.95) <= COVERAGE_TOLERANCE, (name, r["coverage"])
+    for name in PER_SAMPLE_METRICS:
+        # Wilcoxon's size: binomial(200, 0.05) rejections, within 3 standard errors of 5%.
+        assert found[name]["rejected"] / REPLICATES <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / REPLICATES)
+
+
+def test_loss_correlation_is_spearman_of_each_metric_with_the_loss():
+    loss = np.array([0.5, 1.0, 2.0, 3.0, 4.0])
+    per_sample = {"intensity": loss ** 2, "kurtosis": -loss, "edge_entropy": np.ones(5),
+                  "output_entropy": np.array([1.0, 3.0, 2.0, 5.0, 4.0])}
+    table = loss_correlation(per_sample, loss).set_index("metric")
+    assert table.loc["intensity", "rho"] == pytest.approx(1.0)
+    assert table.loc["kurtosis", "rho"] == pytest.approx(-1.0)
+    assert math.isnan(table.loc["edge_entropy", "rho"])  # a constant metric has no rank order
+    # Ranks 1,3,2,5,4 against 1..5: 1 - 6 * 4 / (5 * 24) = 0.8.
+    assert table.loc["output_entropy", "rho"] == pytest.approx(0.8)
+    assert table.loc["output_entropy", "p"] > table.loc["intensity", "p"]
+    assert (table["n"] == 5).all()
+    with pytest.raises(ValueError, match="same questions"):
+        loss_correlation({"intensity": loss[:4]}, loss)
 
 
 def test_real_change_gives_intervals_away_from_zero():
@@ -299,8 +467,12 @@ def test_results_carry_their_settings_and_round_trip_through_json():
     assert Comparison.from_dict(data) == comparison
     model = summarise_model(base, graph, conventions)
     assert ModelMetrics.from_dict(json.loads(json.dumps(model.to_dict(), allow_nan=False))) == model
-    assert model.values == pytest.approx({k: m.base for k, m in comparison.metrics.items()})
-    assert model.intervals == {k: m.base_ci for k, m in comparison.metrics.items()}
+    # One model alone bins complexity on its own pool; a comparison on both models' pool.
+    same = [k for k in METRICS if k != "complexity"]
+    assert {k: model.values[k] for k in same} == pytest.approx(
+        {k: comparison.metrics[k].base for k in same})
+    assert {k: model.intervals[k] for k in same} == {k: comparison.metrics[k].base_ci for k in same}
+    assert model.complexity_top == complexity_top([base], graph, conventions)
     # Without bootstrap there are no intervals, and the JSON says so.
     plain = compare_models(base, post, graph, conventions.replace(bootstrap=0)).to_dict()
     assert plain["metrics"]["intensity"]["change_ci"] is None
@@ -311,12 +483,12 @@ def cell(diversity_pct, intensity_pct, kurtosis_change, conventions=MetricSettin
         post = base * (1 + pct / 100)
         return MetricChange(base=base, post=post, change=post - base, change_pct=pct, base_ci=(0.9, 1.1),
                             post_ci=(0.9, 1.1), change_ci=(post - base - 0.01, post - base + 0.01),
-                            change_pct_ci=(pct - 1, pct + 1))
+                            change_pct_ci=(pct - 1, pct + 1), scale="log_ratio", wilcoxon_p=0.5)
 
     metrics = {name: change(0.0) for name in METRICS}
     metrics.update(diversity=change(diversity_pct), intensity=change(intensity_pct),
                    kurtosis=change(kurtosis_change * 100 / 300, base=300.0))
-    return Comparison(settings=conventions, n_samples=100, metrics=metrics)
+    return Comparison(settings=conventions, n_samples=100, metrics=metrics, complexity_top=1.0)
 
 
 def test_grid_table_and_diversity_summary():
@@ -328,11 +500,15 @@ def test_grid_table_and_diversity_summary():
     row = table[(table["alpha"] == 0.1) & (table["metric"] == "kurtosis")].iloc[0]
     assert row["direction"] == "as paper" and row["change_pct"] == pytest.approx(-134 / 3)
     row = table[(table["alpha"] == 0.3) & (table["pair"] == "deepseek") & (table["metric"] == "diversity")]
-    assert row["direction"].item() == "against paper" and row["ci_excludes_zero"].item()
+    assert row["direction"].item() == "against paper" and row["clear_sign"].item() == -1
+    # +0.5% with the interval [-0.5, +1.5]: no direction is claimed.
+    row = table[(table["pair"] == "qwen25-dpo") & (table["metric"] == "diversity")]
+    assert row["direction"].item() == NO_CLEAR_CHANGE and row["clear_sign"].item() == 0
     assert set(table[table["metric"] == "edge_entropy"]["direction"]) == {"no paper claim"}
-    assert set(table[table["metric"] == "complexity"]["direction"]) == {"no change"}
+    assert set(table[table["metric"] == "complexity"]["direction"]) == {NO_CLEAR_CHANGE}
     summary = diversity_summary(grid).set_index("pair")
-    assert summary.loc["all", ["cells", "rose", "rose_ci_above_zero", "fell"]].tolist() == [3, 2, 1, 1]
+    assert summary.loc["all", ["cells", "rose", "rose_ci_above_zero", "fell", "fell_ci_below_zero"]
+                       ].tolist() == [3, 2, 1, 1, 1]
     assert summary.loc["all", "mean_change_pct"] == pytest.approx(5.5 / 3)
     assert summary.loc["deepseek", "cells"] == 2 and summary.loc["qwen25-dpo", "rose"] == 1
     with pytest.raises(ValueError, match="different metric settings"):
@@ -416,3 +592,11 @@ def test_per_sample_metrics_come_in_the_declared_order():
     graph = ResidualGraph(2, "qkv")
     scores = np.random.default_rng(0).normal(size=(3, graph.n_src, graph.n_dst)) * graph.real_edge_mask
     assert tuple(metrics.per_sample_metrics(scores, graph)) == metrics.PER_SAMPLE_METRICS
+
+
+def test_the_fixed_range_enters_the_key_so_comparisons_of_the_old_method_are_not_served():
+    # Stored comparisons are found by MetricSettings().key(); the fixed-range complexity, the
+    # log-ratio intervals and the Wilcoxon tests came with this field, so it must enter the key
+    # at its default.
+    assert MetricSettings().key_dict()["complexity_range_quantile"] == 0.999
+    assert MetricSettings().key() != MetricSettings(complexity_range_quantile=1.0).key()
