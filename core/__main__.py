@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "core.commands.metrics",
     "core.commands.run",
     "core.commands.faithfulness",
+    "core.commands.report",
 )
 
 

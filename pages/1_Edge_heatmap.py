@@ -17,6 +17,7 @@ MEASURE_HELP = {
 
 sel = layout.page_header("Edge heatmap", links=("heatmap.measure", "heatmap.significant"))
 if sel is not None:
+    layout.report_download(sel)
     layout.require_pairs(sel)
     cache = selection.cache()
     left, middle, right = st.columns([2, 2, 3])

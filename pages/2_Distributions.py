@@ -26,6 +26,7 @@ def abs_distribution_figures(path: str, content_key: str, run_key: str, alpha: f
 
 sel = layout.page_header("Distributions", links=("distributions.metric",))
 if sel is not None:
+    layout.report_download(sel)
     layout.require_pairs(sel)
     cache = selection.cache()
     st.subheader(f"|W| over real edges and samples, alpha {sel.alpha:g}")

@@ -10,6 +10,7 @@ from pages._shared import layout, selection, widgets
 
 sel = layout.page_header("Circuit graph", links=("circuit.k", "circuit.by"))
 if sel is not None:
+    layout.report_download(sel)
     layout.require_pairs(sel)
     cache = selection.cache()
     left, right = st.columns(2)

@@ -34,6 +34,7 @@ def verdict(correct) -> str:
 
 sel = layout.page_header("Samples", links=("samples.question",))
 if sel is not None:
+    layout.report_download(sel)
     try:
         table = selection.cache().samples(sel.run_key, sel.alpha, **sel.scope, settings=sel.metrics)
     except ValueError as error:  # e.g. too few questions for the per-sample metrics

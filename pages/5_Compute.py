@@ -29,6 +29,13 @@ pairs, datasets = config["pairs"], config["datasets"]
 if not pairs or not datasets:
     st.info("No pair or dataset is configured: add them to core/pairs.toml.")
     st.stop()
+selection.keep_selection()
+# Open on the sidebar's pair and dataset where the config has them: the run the user is looking at,
+# on data this machine has (the first configured ones may need the hub).
+for key, name, options in (("compute.pair", "pair", pairs), ("compute.dataset", "dataset", datasets)):
+    chosen = selection.sidebar_choice(name)
+    if key not in st.session_state and chosen in options:
+        st.session_state[key] = chosen
 
 left, right = st.columns(2)
 pair = left.selectbox("Model pair or series", list(pairs), key="compute.pair",
@@ -63,6 +70,35 @@ caption.caption("Command line equivalent: `python -m core run --request request.
 layout.download("request.json", request_json, "request.json", "application/json",
                 container=request_download)
 
+
+
+def selection_outlook(estimate: dict) -> None:
+    """What the selection rules (docs/method.md section 5) will likely keep: the plan's selection
+    once every answer is graded, else the selection of the run already cached, else why it is not
+    known yet."""
+    report = estimate.get("selection")
+    cached = selection.cache().runs()
+    stored = cached[cached["run_key"] == estimate["run_key"]]
+    if report:
+        lead = "With the answers already graded, the selection rules will keep"
+    elif len(stored):
+        report = stored.iloc[0]["selection_report"]
+        lead = "This run is cached already; its selection kept"
+    if not report:
+        st.caption(f"Which questions the selection rules keep (jointly correct, length window, "
+                   f"length mismatch, equal prompts, then n = {selection_settings.n} drawn) is known "
+                   f"once every model's answers are generated and graded, the run's first stages; "
+                   f"until then the estimate counts scores for n questions, the most.")
+        return
+    removed = report["removed"]
+    st.markdown(f"**Selection:** {lead} **{report['n_selected']}** of {report['n_candidates']} "
+                f"questions (n = {report['n_requested']} asked; T_bar {report['t_bar']:.1f} tokens, "
+                f"length window {report['window']}).")
+    left = report["n_candidates"] - pd.Series(list(removed.values())).cumsum()
+    layout.table(pd.DataFrame({"rule": list(removed), "removed": list(removed.values()),
+                               "left": left.to_list()}), "selection_outlook", hide_index=True)
+
+
 estimate_col, start_col, _ = st.columns([1, 1, 4])
 if estimate_col.button("Estimate cost", icon=":material/calculate:", key="compute.estimate"):
     with st.spinner("Reading tokenizers, the dataset and what the cache already holds ..."):
@@ -80,6 +116,7 @@ if estimate is not None and estimated_for == request_json:
                     f"{', '.join(estimate['models'])} (run `{estimate['run_key']}`); work still "
                     f"missing per stage:")
         layout.table(pd.DataFrame([estimate["missing"]]), "estimate", hide_index=True)
+        selection_outlook(estimate)
 elif estimate is not None:
     st.caption("The settings changed since the last estimate: estimate again.")
 

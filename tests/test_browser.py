@@ -1,7 +1,9 @@
 """A real browser against the running dashboard: headless Chromium (Debian's chromium and
 chromium-driver, `make browser-deps`) driven by selenium opens every page on a fixture cache, waits
 until the script has finished and every plotly figure is drawn, finds no error element, and saves a
-screenshot.
+screenshot. It also opens the HTML report (core/report.py) as a file with the network blocked and
+finds every figure drawn, downloads the report from the dashboard's button, and checks that the
+Compute page opens on the sidebar's pair and dataset.
 
 Skipped, with the reason, only where Chromium or its driver is not installed. Environment knobs:
 - CIRCUITDIFF_SCREENSHOTS=<dir>: also save the screenshots there (how docs/*.png are made);
@@ -21,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from core.synthetic import build_fixture_cache
+from core.query import ResultCache
+from core.synthetic import build_fixture_cache, build_synthetic_cache
 
 pytestmark = pytest.mark.browser
 
@@ -38,6 +41,11 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1500,1800")
 PAGE_TIMEOUT_S = 90
+# No network for the report: names resolve nowhere, http(s) goes to a proxy that is not there
+# (loopback included), and DevTools blocks any http(s) request that would still be made.
+OFFLINE_FLAGS = ("--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9",
+                 "--proxy-bypass-list=<-loopback>")
+REPORT_BUTTON = "Download report"
 
 
 def _missing_browser() -> str | None:
@@ -92,8 +100,8 @@ class Dashboard:
         self._log.close()
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+def _chromium(profile: Path, *extra_flags: str):
+    """Headless Chromium under selenium, with the browser console's messages kept."""
     reason = _missing_browser()
     if reason:
         pytest.skip(reason)
@@ -102,10 +110,25 @@ def browser(tmp_path_factory):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS:
+    for flag in (*CHROMIUM_FLAGS, *extra_flags):
         options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    options.add_argument(f"--user-data-dir={profile}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    driver = _chromium(tmp_path_factory.mktemp("chromium-profile"))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def offline_browser(tmp_path_factory):
+    driver = _chromium(tmp_path_factory.mktemp("chromium-offline-profile"), *OFFLINE_FLAGS)
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["http://*", "https://*"]})
     yield driver
     driver.quit()
 
@@ -147,6 +170,14 @@ def open_page(driver, url: str, title: str) -> list[str]:
     return [e.text for e in driver.find_elements(By.CSS_SELECTOR, ERROR_SELECTOR)]
 
 
+def _report_buttons(driver) -> list:
+    from selenium.webdriver.common.by import By
+
+    return [b for b in driver.find_elements(
+        By.CSS_SELECTOR, '[data-testid="stSidebar"] [data-testid="stDownloadButton"] button')
+        if b.text.splitlines()[-1] == REPORT_BUTTON]
+
+
 def _page_links(driver) -> list[str]:
     from selenium.webdriver.common.by import By
 
@@ -169,6 +200,8 @@ def test_every_page_renders_without_errors(browser, cache_file, tmp_path):
         for path, title in PAGES.items():
             errors = open_page(browser, f"{app.url}/{path}", title)
             assert errors == [], f"page {title!r} shows errors: {errors}"
+            if title not in ("Overview", "Compute"):  # the Overview draws it once app.py calls it
+                assert len(_report_buttons(browser)) == 1, f"{title!r} offers no report"
             shot = _save(browser, f"page_{(path or 'overview').lower()}", tmp_path)
             assert shot.stat().st_size > 10_000, f"the screenshot of {title!r} looks empty"
             print(f"{title}: screenshot {shot}")
@@ -183,6 +216,8 @@ def test_read_only_mode_hides_compute(browser, cache_file, tmp_path):
     try:
         assert open_page(browser, app.url, "Overview") == []
         assert _page_links(browser) == [title for title in PAGES.values() if title != "Compute"]
+        assert open_page(browser, f"{app.url}/Edge_heatmap", "Edge heatmap") == []
+        assert len(_report_buttons(browser)) == 1  # presenting is when a report is handed on
     finally:
         app.stop()
 
@@ -209,4 +244,99 @@ def test_dark_theme_follows_the_system_setting(browser, cache_file, tmp_path):
             _save(browser, f"page_edge_heatmap_{scheme}", tmp_path)
     finally:
         browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+        app.stop()
+
+
+# --- The report -----------------------------------------------------------------------------------
+
+def _drawn_figures(driver) -> tuple[int, int]:
+    """(plotly figure divs, those that have drawn their SVG)."""
+    return tuple(driver.execute_script("""
+        const divs = [...document.querySelectorAll('.plotly-graph-div')];
+        return [divs.length, divs.filter(d => d.querySelector('.main-svg')).length];"""))
+
+
+def test_the_report_draws_every_figure_with_the_network_blocked(offline_browser, cache_file,
+                                                                tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    cache = ResultCache.open(cache_file)
+    report = tmp_path / "report.html"
+    report.write_text(cache.report_html(cache.runs()["run_key"].iloc[0]))
+    expected = report.read_text().count('class="plotly-graph-div"')
+    offline_browser.get_log("browser")  # drop earlier messages
+    offline_browser.get(report.as_uri())
+    WebDriverWait(offline_browser, PAGE_TIMEOUT_S, poll_frequency=0.5).until(
+        lambda d: _drawn_figures(d)[1] == expected)
+    assert _drawn_figures(offline_browser) == (expected, expected) and expected > 0
+    fetched = offline_browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name)")
+    assert [url for url in fetched if not url.startswith(("file:", "data:", "blob:"))] == []
+    severe = [e["message"] for e in offline_browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe == []
+    _save(offline_browser, "report", tmp_path)
+
+
+def test_the_dashboard_button_downloads_the_report(browser, cache_file, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior",
+                            {"behavior": "allow", "downloadPath": str(downloads)})
+    run = ResultCache.open(cache_file).runs().iloc[0]  # the sidebar's first run and post model
+    app = Dashboard(cache_file, tmp_path / "dashboard.log")
+    try:
+        assert open_page(browser, f"{app.url}/Edge_heatmap", "Edge heatmap") == []
+        (button,) = _report_buttons(browser)
+        button.click()
+        WebDriverWait(browser, PAGE_TIMEOUT_S, poll_frequency=0.5).until(
+            lambda _: [f for f in downloads.iterdir() if f.suffix == ".html"])
+    finally:
+        app.stop()
+    (saved,) = downloads.iterdir()
+    assert saved.name == f"circuitdiff_{run['pair']}_{run['post_label']}_{run['run_key'][:8]}.html"
+    text = saved.read_text()
+    assert run["run_key"] in text and 'class="plotly-graph-div"' in text
+
+
+# --- Compute --------------------------------------------------------------------------------------
+
+def test_compute_opens_on_the_sidebars_pair_and_dataset(browser, tmp_path):
+    """A configured pair and dataset other than the first ones in the sidebar (by a link), then
+    the Compute page's link: Compute shows them."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from core import jobs
+
+    cache = tmp_path / "configured-names.duckdb"
+    # Runs named after configured pairs and datasets (the paper's).
+    build_synthetic_cache(cache, n_pairs=2, n_datasets=2, alphas=(0.1,), n_samples=4,
+                          layer_counts=(2, 2))
+    runs = ResultCache.open(cache).runs()
+    configured = jobs.configured()
+    pair = next(p for p in runs["pair"] if p != next(iter(configured["pairs"])))
+    dataset = next(d for d in runs["dataset"] if d != configured["datasets"][0])
+    app = Dashboard(cache, tmp_path / "dashboard.log")
+    try:
+        assert open_page(browser, f"{app.url}/Samples?pair={pair}&dataset={dataset}", "Samples") == []
+        link = next(a for a in browser.find_elements(By.CSS_SELECTOR, PAGE_LINKS)
+                    if a.text.splitlines()[-1] == "Compute")
+        link.click()
+        WebDriverWait(browser, PAGE_TIMEOUT_S, poll_frequency=0.5).until(
+            lambda d: _settled(d, "Compute"))
+        def shown(label: str) -> str:
+            return browser.find_element(By.CSS_SELECTOR, f'input[aria-label="{label}"]') \
+                .get_attribute("value")
+
+        assert shown("Model pair or series") == f"{pair} (pair)"
+        assert shown("Dataset") == dataset
+        # Back on a result page, the sidebar still holds the selection.
+        next(a for a in browser.find_elements(By.CSS_SELECTOR, PAGE_LINKS)
+             if a.text.splitlines()[-1] == "Edge heatmap").click()
+        WebDriverWait(browser, PAGE_TIMEOUT_S, poll_frequency=0.5).until(
+            lambda d: _settled(d, "Edge heatmap"))
+        assert (shown("Model pair or series"), shown("Dataset")) == (pair, dataset)
+    finally:
         app.stop()

@@ -3,6 +3,7 @@ table output with their downloads."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pandas as pd
@@ -51,6 +52,21 @@ def page_header(title: str, links: tuple[str, ...] = ()) -> Selection | None:
         return None
     st.caption(sel.title)
     return sel
+
+
+def report_download(sel: Selection) -> None:
+    """The sidebar's "Download report": the selected run, post model, granularity and metric
+    conventions at every alpha as one HTML file that opens offline (core/report.py), built on
+    click. Shown in read-only mode too: it is how a presenter hands the results on."""
+    reader = cache()
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_",
+                  f"circuitdiff_{sel.pair}_{sel.post_label}_{sel.run_key[:8]}")
+    st.sidebar.divider()
+    download("Download report", lambda: reader.report_html(sel.run_key, **sel.scope,
+                                                           settings=sel.metrics),
+             f"{name}.html", "text/html", container=st.sidebar)
+    st.sidebar.caption("One HTML file: Table 1, heatmaps, distributions and circuits at every "
+                       "alpha of this run, with settings and provenance; opens without a network.")
 
 
 def require_pairs(sel: Selection) -> None:

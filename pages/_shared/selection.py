@@ -93,6 +93,21 @@ def _load_query_string() -> None:
                            f"{spec['type']}; using the default.")
 
 
+def sidebar_choice(name: str) -> str | None:
+    """The sidebar's value of `name` (one of QUERY_KEYS) as this session or the link has it, for a
+    page that draws no sidebar selection (Compute); None where neither has one."""
+    value = st.session_state.get(f"sel.{name}", st.query_params.get(name))
+    return None if value is None else str(value)
+
+
+def keep_selection() -> None:
+    """On a page that draws no sidebar selection: keep the selection's widget state, which
+    Streamlit drops at the end of a run that draws none of those widgets, so the next result page
+    opens on the same view."""
+    for key in [k for k in st.session_state if k.startswith(("sel.", "metric."))]:
+        st.session_state[key] = st.session_state[key]
+
+
 def _choose(label: str, name: str, options: list, *, format_func: Callable = str,
             help: str | None = None, match: Callable[[Any, Any], bool] | None = None):
     """A sidebar selectbox whose state survives reruns; a stale or linked value that is no longer an
