@@ -255,11 +255,11 @@ class _Measures:
 
 def _non_finite_advice(dtype: torch.dtype) -> str:
     if dtype in (torch.float16, torch.bfloat16):
-        return "the model overflows in its dtype: score in float32 (--dtype float32)"
+        return "The model overflows in its dtype: score in float32 (--dtype float32)"
     if dtype == torch.float32:
-        return ("score in float64 (--dtype float64) to see whether float32 overflows, and check the "
+        return ("Score in float64 (--dtype float64) to see whether float32 overflows, and check the "
                 "model's weights for NaN/inf")
-    return "check the model's weights for NaN/inf"
+    return "Check the model's weights for NaN/inf"
 
 
 def _score_batch(model: nn.Module, adapter: ArchitectureAdapter, graph: ResidualGraph,
@@ -284,7 +284,7 @@ def _score_batch(model: nn.Module, adapter: ArchitectureAdapter, graph: Residual
                 bad = [s.id for s, value in zip(samples, losses.detach()) if not torch.isfinite(value)]
                 if bad:
                     raise NonFiniteScoreError(f"non-finite loss for sample(s) {bad}; nothing was "
-                                              f"stored. {_non_finite_advice(model.dtype).capitalize()}")
+                                              f"stored. {_non_finite_advice(model.dtype)}")
                 if check:
                     recorder.check_additivity(type(model).__name__)
                 real_losses = losses.detach()
@@ -295,7 +295,7 @@ def _score_batch(model: nn.Module, adapter: ArchitectureAdapter, graph: Residual
     bad = [s.id for s, t in zip(samples, totals) if not np.isfinite(t).all()]
     if bad:
         raise NonFiniteScoreError(f"non-finite edge scores for sample(s) {bad}; nothing was stored. "
-                                  f"{_non_finite_advice(model.dtype).capitalize()}")
+                                  f"{_non_finite_advice(model.dtype)}")
     return totals, recorder.measures(real_losses)
 
 

@@ -7,13 +7,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from ablation import finite_difference_scores
 from core.adapters import NonAdditiveModelError, UnsupportedArchitectureError, adapter_for
-from core.eap import NonFiniteScoreError, Sample, forward_loss, score_samples
+from core.eap import InvalidSampleError, NonFiniteScoreError, Sample, forward_loss, score_samples
 from core.graph import ResidualGraph
 from core.settings import ScoreSettings
-from tiny_models import ARCHITECTURES, tiny_model, random_samples
+from tiny_models import ARCHITECTURES, VOCAB, random_samples, tiny_model
 
 
 @pytest.mark.parametrize("granularity", ["qkv", "module"])
@@ -119,18 +120,83 @@ def test_unsupported_architecture_is_named():
         score_samples(model, random_samples(1))
 
 
-def test_non_finite_scores_name_the_sample():
-    model = tiny_model("llama", dtype=torch.float32)
+@pytest.mark.parametrize("dtype, advice", [
+    (torch.float32, "Score in float64 (--dtype float64) to see whether float32 overflows"),
+    (torch.float64, "Check the model's weights for NaN/inf"),
+    (torch.bfloat16, "score in float32")])
+def test_non_finite_scores_name_the_sample_and_advise_by_dtype(dtype, advice):
+    model = tiny_model("llama", dtype=dtype)
     model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
-    with pytest.raises(NonFiniteScoreError, match="s0"):
+    with pytest.raises(NonFiniteScoreError, match="s0") as raised:
         score_samples(model, random_samples(1))
+    assert advice in str(raised.value)
+    if dtype != torch.bfloat16:
+        assert "float32 (" not in str(raised.value)
 
 
-@pytest.mark.parametrize("bad", [dict(t_cut=0), dict(t_cut=5), dict(prompt_ids=())])
-def test_bad_samples_are_refused(bad):
+@pytest.mark.parametrize("bad, shown", [
+    (dict(t_cut=0), "t_cut=0"), (dict(t_cut=5), "t_cut=5"), (dict(prompt_ids=()), "prompt_ids is empty"),
+    (dict(t_cut=1.9), "t_cut = 1.9 is not an integer"), (dict(t_cut=2.0), "t_cut = 2.0"),
+    (dict(t_cut=True), "t_cut = True"), (dict(prompt_ids=(1, "2")), "prompt_ids[1] = '2'"),
+    (dict(answer_ids=(3, -4, 5)), "answer_ids[1] = -4"), (dict(answer_ids=(3, 4.0, 5)), "answer_ids[1] = 4.0"),
+    (dict(prompt_ids=(1, False)), "prompt_ids[1] = False")])
+def test_bad_samples_are_refused_naming_sample_and_value(bad, shown):
     fields = dict(id="q7", prompt_ids=(1, 2), answer_ids=(3, 4, 5), t_cut=2) | bad
-    with pytest.raises(ValueError, match="q7"):
+    with pytest.raises(InvalidSampleError, match="q7") as raised:
         Sample(**fields)
+    assert shown in str(raised.value)
+    assert isinstance(raised.value, ValueError)
+
+
+def test_numpy_integer_ids_are_accepted():
+    sample = Sample("np", tuple(np.array([1, 2], dtype=np.int64)), tuple(np.array([3, 4], dtype=np.int32)),
+                    np.int64(2))
+    assert score_samples(tiny_model("llama"), [sample]).loss[0] > 0
+
+
+@pytest.mark.parametrize("field", ["prompt_ids", "answer_ids"])
+def test_ids_outside_the_vocabulary_are_refused_before_any_model_work(field):
+    model = tiny_model("llama")
+    calls = []
+    model.get_input_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    good = Sample("fine", (1, 2), (3, 4), 2)
+    fields = dict(id="q9", prompt_ids=(1, 2), answer_ids=(3, 4), t_cut=2) | {field: (5, VOCAB)}
+    with pytest.raises(InvalidSampleError, match=rf"'q9': {field}\[1\] = {VOCAB} is outside the model's "
+                                                 rf"vocabulary \(ids 0 to {VOCAB - 1}\)"):
+        score_samples(model, [good, Sample(**fields)])
+    assert not calls
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_measures_equal_their_definitions(architecture):
+    """Logit-gradient norm ||(p - onehot(y)) / T_cut||, the gradient norm at the final residual, and
+    the mean L2 norm of the final residual, each computed here by plain autograd, per sample."""
+    model = tiny_model(architecture, seed=3)
+    samples = random_samples(3, seed=41)
+    result = score_samples(model, samples, ScoreSettings(batch_size=3))
+    adapter = adapter_for(model)
+    for i, sample in enumerate(samples):
+        final = {}
+
+        def leaf(module, args):
+            final["h"] = args[0].detach().requires_grad_(True)
+            return (final["h"],) + args[1:]
+        handle = adapter.final_norm(model).register_forward_pre_hook(leaf)
+        try:
+            with adapter.exact_precision(model):
+                logits = model(torch.tensor([sample.input_ids])).logits[0]
+        finally:
+            handle.remove()
+        first = len(sample.prompt_ids) - 1
+        scored = logits[first:first + sample.t_cut]
+        targets = torch.tensor(sample.answer_ids[:sample.t_cut])
+        probs = torch.softmax(scored, -1) - nn.functional.one_hot(targets, VOCAB)
+        assert result.logit_grad_norm[i] == pytest.approx(float(probs.norm() / sample.t_cut), rel=1e-10)
+        loss = nn.functional.cross_entropy(scored, targets)
+        (grad,) = torch.autograd.grad(loss, final["h"])
+        assert result.logits_slot_grad_norm[i] == pytest.approx(float(grad.norm()), rel=1e-10)
+        assert result.residual_norm[i] == pytest.approx(float(final["h"].norm(dim=-1).mean()), rel=1e-12)
+        assert result.loss[i] == pytest.approx(float(loss), rel=1e-12)
 
 
 def test_empty_selection_is_refused():
