@@ -30,7 +30,7 @@ import pandas as pd
 from core import metrics
 from core.circuit import Circuit, build_circuit
 from core.graph import ResidualGraph
-from core.settings import MetricSettings
+from core.settings import MetricSettings, ScoreSettings, SelectionSettings
 from core.snapshot import SnapshotReader, public
 from core.store import Store, fetch_one, fetch_vectors, vector_table
 from core.vocab import GRANULARITIES, ROLES
@@ -45,8 +45,16 @@ BASE_ROLE, POST_ROLE = ROLES
 # the per-edge tests need more than one question).
 MIN_QUESTIONS = 2
 
+# ci_low, ci_high: the % change's (log-ratio) interval, NaN on the difference scale; change_low,
+# change_high: the difference's; `scale` says which one is reported (core.metrics.CHANGE_SCALES).
 METRIC_TABLE_COLUMNS = ("run_key", "pair", "dataset", "post_label", "alpha", "metric", "base", "post",
-                        "change_pct", "ci_low", "ci_high", "direction", "settings_key")
+                        "change_pct", "ci_low", "ci_high", "direction", "settings_key", "scale",
+                        "change", "change_low", "change_high", "clear_sign", "wilcoxon_p", "n",
+                        "t_cut", "alphas", "pooled", "left_out")
+# One row per (run, post model, alpha): whether the Overview and the Figure-3a summary pool it, and
+# why not (docs/method.md section 7).
+POOLING_COLUMNS = ("run_key", "pair", "dataset", "post_label", "alpha", "t_cut", "alphas",
+                   "n_complete", "n_selected", "pooled", "left_out")
 RUNS_COLUMNS = ("run_key", "pair", "kind", "dataset", "base_label", "post_label", "algorithm",
                 "granularity", "n_layers", "alphas", "t_cuts", "n_complete", "n_selected",
                 "n_candidates", "t_bar", "created_at", "updated_at", "settings", "selection_report",
@@ -73,6 +81,21 @@ _JOIN_COMPLETE = """
     JOIN scores s ON s.generation_key = rs.generation_key AND s.score_key = $score_key
     JOIN complete c ON c.question_id = rs.question_id AND c.t_cut = s.t_cut
 """
+
+
+# Fields that cannot change a result (batch size, device): a difference in them is no reason.
+_NOT_IN_KEY = {cls: {f.name for f in dataclasses.fields(cls) if not f.metadata.get("in_key", True)}
+               for cls in (ScoreSettings, SelectionSettings)}
+
+
+def _settings_difference(settings: dict[str, dict], reference: dict[str, dict]) -> str:
+    """Why a run is not pooled: its score and selection settings that differ from the pooled
+    group's, e.g. "selection beta 0.0 (pooled: 0.5)"."""
+    differences = [f"{group} {name} {value} (pooled: {reference[group].get(name)})"
+                   for group, cls in (("score", ScoreSettings), ("selection", SelectionSettings))
+                   for name, value in settings[group].items()
+                   if value != reference[group].get(name) and name not in _NOT_IN_KEY[cls]]
+    return "settings differ from the pooled runs': " + ", ".join(differences)
 
 
 class TooFewQuestionsError(ValueError):
@@ -393,29 +416,113 @@ class ResultCache(SnapshotReader):
 
     @public
     def metric_table(self, settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
-        """All runs x post models x alphas x metrics, with the change's % and its interval, and n,
-        the questions it is computed on (fewer than selected while a run is being computed)."""
+        """All runs x post models x alphas x metrics with enough complete questions: base -> post,
+        the change on its scale with its interval, clear_sign (+1/-1 where the reported interval
+        lies above/below 0), the Wilcoxon p of the per-sample metrics, n (the questions it is
+        computed on, fewer than selected while a run is being computed), and the `pooling` columns
+        (t_cut, alphas, pooled, left_out)."""
         def compute() -> pd.DataFrame:
             entries, keys = [], []
             for run, alpha, comparison in self._comparisons_of_every_run(settings):
                 entries.append((run.pair, run.dataset, alpha, comparison))
                 keys += [(run.run_key, run.post_label, comparison.n_samples)] * len(comparison.metrics)
             if not entries:
-                return pd.DataFrame(columns=list(METRIC_TABLE_COLUMNS) + ["ci_excludes_zero", "n"])
+                return pd.DataFrame(columns=list(METRIC_TABLE_COLUMNS))
             table = metrics.grid_table(entries).rename(
                 columns={"change_pct_low": "ci_low", "change_pct_high": "ci_high"})
             table["run_key"], table["post_label"], table["n"] = zip(*keys)
-            return table[list(METRIC_TABLE_COLUMNS) + ["ci_excludes_zero", "n"]]
+            pooling = self.pooling()[["run_key", "post_label", "alpha", "t_cut", "alphas", "pooled",
+                                      "left_out"]]
+            table = table.merge(pooling, on=["run_key", "post_label", "alpha"], how="left")
+            return table[list(METRIC_TABLE_COLUMNS)]
         return self._cached(None, ("metric_table", settings.key()), compute)
 
     @public
+    def pooling(self) -> pd.DataFrame:
+        """Which (run, post model, alpha) cells the Overview and the Figure-3a summary pool, and
+        why each other cell is left out (`left_out`, empty for a pooled cell). Pooled: every
+        selected question scored for every model at that alpha (n_complete == n_selected); alphas
+        of a run with the same T_cut counted once, as the first of them (`alphas` names them all,
+        e.g. "0.03, 0.1"); and the runs' score and selection settings those of the pooled group:
+        the settings shared by the most such cells (ties: the earliest run's). Metric settings
+        are one argument of every pooled view, so they are identical by construction."""
+        if self.is_empty():
+            return pd.DataFrame(columns=list(POOLING_COLUMNS))
+        return self._cached(None, ("pooling",), self._pooling)
+
+    def _pooling(self) -> pd.DataFrame:
+        runs = self.runs()
+        keys = {row.run_key: (row.score_key, row.selection_key) for row in
+                self._sql("SELECT run_key, score_key, selection_key FROM runs").itertuples()}
+        rows = []
+        for run in runs.itertuples():
+            same_t_cut: dict[int, list[float]] = {}
+            for alpha, t_cut in zip(run.alphas, run.t_cuts):
+                same_t_cut.setdefault(t_cut, []).append(alpha)
+            for alpha, t_cut, n_complete in zip(run.alphas, run.t_cuts, run.n_complete):
+                first = same_t_cut[t_cut][0]
+                if n_complete < run.n_selected or run.n_selected < MIN_QUESTIONS:
+                    reason = (f"{n_complete} of {run.n_selected} selected questions scored for every "
+                              f"model at this alpha")
+                elif alpha != first:
+                    reason = f"same T_cut ({t_cut}) as alpha {first:g}: counted once, there"
+                else:
+                    reason = ""
+                rows.append({"run_key": run.run_key, "pair": run.pair, "dataset": run.dataset,
+                             "post_label": run.post_label, "alpha": alpha, "t_cut": t_cut,
+                             "alphas": ", ".join(f"{a:g}" for a in same_t_cut[t_cut]),
+                             "n_complete": n_complete, "n_selected": run.n_selected,
+                             "left_out": reason, "settings": run.settings,
+                             "group": keys[run.run_key]})
+        table = pd.DataFrame(rows)
+        counted = table[table["left_out"] == ""]
+        if len(counted):
+            sizes = counted.groupby("group", sort=False).size()  # in order of first appearance
+            pooled_group = sizes.idxmax()
+            reference = counted[counted["group"] == pooled_group].iloc[0]["settings"]
+            other = (table["left_out"] == "") & (table["group"] != pooled_group)
+            table.loc[other, "left_out"] = [_settings_difference(settings, reference)
+                                            for settings in table.loc[other, "settings"]]
+        table["pooled"] = table["left_out"] == ""
+        return table[list(POOLING_COLUMNS)]
+
+    @public
     def diversity_summary(self, settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
-        """Figure-3a counts of inter-sample diversity per (pair: post model) and over all cells."""
+        """Figure-3a counts of inter-sample diversity per (pair: post model) and over all cells,
+        over the pooled cells only (`pooling`)."""
         def compute() -> pd.DataFrame:
+            pooled = self.pooling()
+            pooled = set(zip(*(pooled[pooled["pooled"]][c] for c in ("run_key", "post_label",
+                                                                       "alpha"))))
             return metrics.diversity_summary(
                 (f"{run.pair}: {run.post_label}", run.dataset, alpha, comparison)
-                for run, alpha, comparison in self._comparisons_of_every_run(settings))
+                for run, alpha, comparison in self._comparisons_of_every_run(settings)
+                if (run.run_key, run.post_label, alpha) in pooled)
         return self._cached(None, ("diversity_summary", settings.key()), compute)
+
+    @public
+    def loss_correlation(self, run_key: str, alpha: float, *, post_label: str | None = None,
+                         granularity: str | None = None,
+                         settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
+        """Per model (`model` base or post, and its `label`) and per-sample metric: the Spearman
+        correlation (`rho`) of the metric with the per-sample loss stored with the scores, its
+        two-sided p and n, over the questions complete at alpha (core.metrics.loss_correlation)."""
+        def compute() -> pd.DataFrame:
+            samples = self.samples(run_key, alpha, post_label=post_label, granularity=granularity,
+                                   settings=settings)
+            labels = {BASE_ROLE: self._label(run_key, BASE_ROLE),
+                      POST_ROLE: self._label(run_key, post_label)}
+            frames = []
+            for role, label in labels.items():
+                frame = metrics.loss_correlation(
+                    {name: samples[f"{role}_{name}"].to_numpy() for name in PER_SAMPLE_METRICS},
+                    samples[f"{role}_loss"].to_numpy())
+                frame.insert(0, "model", role)
+                frame.insert(1, "label", label)
+                frames.append(frame)
+            return pd.concat(frames, ignore_index=True)
+        return self._cached(run_key, self._view_key("loss_correlation", run_key, alpha, post_label,
+                                                    granularity, settings.key()), compute)
 
     @public
     def significant_edges(self, run_key: str, alpha: float, *, post_label: str | None = None,

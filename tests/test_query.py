@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 
 from core import circuit, metrics
-from core.query import (METRIC_TABLE_COLUMNS, ResultCache, RunNotFoundError,
+from core.query import (METRIC_TABLE_COLUMNS, POOLING_COLUMNS, ResultCache, RunNotFoundError,
                         TooFewQuestionsError)
 from core.settings import MetricSettings
-from core.store import Store, fetch_vectors
+from core.store import Store, fetch_one, fetch_vectors
 from core.synthetic import build_fixture_cache
 
 RUNS_COLUMNS = ["run_key", "pair", "dataset", "base_label", "post_label", "algorithm", "granularity",
@@ -147,6 +147,71 @@ def test_metric_table_for_default_and_other_settings(fixture):
     intensity = recomputed[(recomputed["metric"] == "intensity") & (recomputed["run_key"] == pair_key)]
     dense = table[(table["metric"] == "intensity") & (table["run_key"] == pair_key)]
     assert (intensity["base"].to_numpy() > dense["base"].to_numpy()).all()  # fewer entries, same sum
+
+
+def test_pooling_leaves_out_incomplete_cells_repeated_t_cuts_and_other_settings(tmp_path):
+    path = tmp_path / "fixture.duckdb"
+    pair_key, series_key = build_fixture_cache(path)
+    ids = ResultCache.open(path).view(series_key, 0.3).question_ids
+    with Store(path).write() as con:
+        # The pair's alpha 0.3 now cuts where its 0.1 does: one cell, counted once.
+        con.execute("""UPDATE run_alphas SET t_cut = (SELECT t_cut FROM run_alphas
+                           WHERE run_key = $run AND alpha = 0.1)
+                       WHERE run_key = $run AND alpha = 0.3""", {"run": pair_key})
+        # The pair was selected under other settings.
+        selection = json.loads(fetch_one(con, "SELECT selection FROM runs WHERE run_key = ?",
+                                         [pair_key])[0])
+        con.execute("UPDATE runs SET selection = ?, selection_key = 'other' WHERE run_key = ?",
+                    [json.dumps({**selection, "beta": 0.0}), pair_key])
+        # One of the series' questions lost its dpo score at alpha 0.3: incomplete for the run.
+        con.execute("""DELETE FROM scores WHERE t_cut = (SELECT t_cut FROM run_alphas
+                           WHERE run_key = $run AND alpha = 0.3)
+                       AND generation_key = (SELECT generation_key FROM run_samples
+                           WHERE run_key = $run AND label = 'synthetic-dpo' AND question_id = $q)""",
+                    {"run": series_key, "q": ids[0]})
+    cache = ResultCache.open(path)
+    pooling = cache.pooling().set_index(["run_key", "post_label", "alpha"])
+    assert list(cache.pooling().columns) == list(POOLING_COLUMNS)
+    pair = pooling.loc[pair_key]
+    assert list(pair["alphas"]) == ["0.1, 0.3", "0.1, 0.3"]
+    assert pair.loc[("synthetic-rl", 0.3), "left_out"].startswith("same T_cut")
+    # The series has 2 complete cells, the pair 1: the series' settings are the pooled group's.
+    assert pair.loc[("synthetic-rl", 0.1), "left_out"] == \
+        "settings differ from the pooled runs': selection beta 0.0 (pooled: 0.5)"
+    series = pooling.loc[series_key]
+    assert series["pooled"].tolist() == [True, False, True, False]  # (dpo, grpo) x (0.1, 0.3)
+    assert series.loc[("synthetic-dpo", 0.3), "left_out"] == \
+        "7 of 8 selected questions scored for every model at this alpha"
+    table = cache.metric_table(MetricSettings(bootstrap=10))
+    assert set(table[table["pooled"]]["run_key"]) == {series_key}
+    assert (table["left_out"] == "").equals(table["pooled"])
+    summary = cache.diversity_summary(MetricSettings(bootstrap=10)).set_index("pair")
+    assert summary.loc["all", "cells"] == 2
+
+
+def test_loss_correlation_finds_a_planted_rank_order(tmp_path):
+    path = tmp_path / "fixture.duckdb"
+    pair_key, _ = build_fixture_cache(path)
+    cache = ResultCache.open(path)
+    per_sample = cache.per_sample(pair_key, 0.1)
+    with Store(path).write() as con:
+        # Base's loss rises with its intensity; post's falls with its kurtosis.
+        for row in per_sample.itertuples():
+            for label, loss in (("synthetic-fixture-pair-base", 1 + row.base_intensity),
+                                ("synthetic-rl", -row.post_kurtosis)):
+                con.execute("""UPDATE scores SET loss = $loss
+                               WHERE t_cut = (SELECT t_cut FROM run_alphas
+                                              WHERE run_key = $run AND alpha = 0.1)
+                               AND generation_key = (SELECT generation_key FROM run_samples
+                                   WHERE run_key = $run AND label = $label AND question_id = $q)""",
+                            {"loss": float(loss), "run": pair_key, "label": label,
+                             "q": row.question_id})
+    table = ResultCache.open(path).loss_correlation(pair_key, 0.1).set_index(["model", "metric"])
+    assert table.loc[("base", "intensity"), "rho"] == pytest.approx(1.0)
+    assert table.loc[("post", "kurtosis"), "rho"] == pytest.approx(-1.0)
+    assert table.loc[("base", "intensity"), "p"] < 0.01
+    assert table.loc[("post", "kurtosis"), "label"] == "synthetic-rl"
+    assert set(table["n"]) == {8} and len(table) == 2 * len(metrics.PER_SAMPLE_METRICS)
 
 
 def test_significant_edges_and_samples(fixture):
