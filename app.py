@@ -1,12 +1,15 @@
 """circuitdiff dashboard, and its Overview page: `make dashboard`, or
 `streamlit run app.py [-- --read-only]`.
 
-Overview: Table 1 (activation intensity, information complexity, kurtosis; base -> post) over every
-cached run, and the Figure-3a summary of inter-sample diversity. The other pages are pages/*.py; every
-page draws the same sidebar (pages/_shared), whose selection is kept in the URL's query string.
-Read-only mode (`-- --read-only` or CIRCUITDIFF_READ_ONLY=1) hides Compute, for presenting. The pages
-read the result cache (CIRCUITDIFF_CACHE, else cache/circuitdiff.duckdb) only through core.query,
-which hands them every view already shaped; none imports a model library.
+Overview: Table 1 (activation intensity, information complexity, edge entropy, kurtosis, diversity;
+base -> post) over the cached runs it can pool, and the Figure-3a summary of inter-sample diversity.
+It pools only cells with every selected question scored, one cell per run and T_cut, from runs with
+the same score and selection settings (core.query's `pooling`), and says which cells it left out and
+why. The other pages are pages/*.py; every page draws the same sidebar (pages/_shared), whose
+selection is kept in the URL's query string. Read-only mode (`-- --read-only` or
+CIRCUITDIFF_READ_ONLY=1) hides Compute, for presenting. The pages read the result cache
+(CIRCUITDIFF_CACHE, else cache/circuitdiff.duckdb) only through core.query, which hands them every
+view already shaped; none imports a model library.
 """
 
 import math
@@ -16,49 +19,75 @@ import pandas as pd
 import streamlit as st
 
 from core import figures
-from core.query import METRICS, PAPER_DIRECTION
+from core.query import METRICS, PAPER_DIRECTION, PER_SAMPLE_METRICS
 from pages._shared import layout, selection
 
-# Green where the change goes the way the paper reports for online RL, red where it goes against it;
-# both mid-tones so they read on light and dark backgrounds.
+# Green where a clear change goes the way the paper reports for online RL, red where it goes against
+# it; both mid-tones so they read on light and dark backgrounds.
 DIRECTION_COLORS = {"as paper": "#2E9E44", "against paper": "#D64545"}
-TABLE1_METRICS = ["intensity", "complexity", "kurtosis", "diversity"]
+# The paper's Table-1 metrics and diversity, with the bin-free edge entropy beside complexity: it
+# measures the same spread of attribution without a bin count or range to choose, is scale-free,
+# and has a per-sample form (so a Wilcoxon p); a complexity change it does not share may come
+# from the binning.
+TABLE1_METRICS = ["intensity", "complexity", "edge_entropy", "kurtosis", "diversity"]
+CELL_INDEX = ["pair", "dataset", "post_label", "alphas"]
+
+
+def cell(row: pd.Series) -> str:
+    """base → post, an arrow for a clear change only, the change on its scale with its interval (*
+    where it excludes 0), and the Wilcoxon p of a per-sample metric."""
+    values = f"{row['base']:.3g} → {row['post']:.3g}"
+    if row["scale"] == "log_ratio":
+        change, low, high, spec = row["change_pct"], row["ci_low"], row["ci_high"], "+.1f"
+        text = f"{change:+.1f}%"
+    else:
+        change, low, high, spec = row["change"], row["change_low"], row["change_high"], "+.3g"
+        text = f"Δ{change:+.3g}"
+    if not math.isfinite(change):
+        return values
+    arrow = {1: "▲ ", -1: "▼ "}.get(row["clear_sign"], "")
+    interval = f" [{low:{spec}}, {high:{spec}}]" if math.isfinite(low) else ""
+    star = "*" if row["clear_sign"] else ""
+    test = f" p={row['wilcoxon_p']:.2g}" if math.isfinite(row["wilcoxon_p"]) else ""
+    return f"{values}  {arrow}{text}{interval}{star}{test}"
+
+
+def left_out_lines(left_out: pd.DataFrame) -> str:
+    return "; ".join(f"{r.pair} · {r.post_label} · {r.dataset} · α={r.alpha:g}: {r.left_out}"
+                     for r in left_out.itertuples())
+
 
 sel = layout.page_header("Overview")
 if sel is not None:
     cache = selection.cache()
     table = cache.metric_table(sel.metrics)
-    if table.empty:
-        st.info("No cached run has an alpha with 2 or more questions scored for every model yet "
-                "(the metrics compare samples); come back when a job has scored more (Compute "
-                "page).")
+    pooling = cache.pooling()
+    left_out = pooling[~pooling["pooled"].astype(bool)]
+    pooled = table[table["pooled"].astype(bool)]
+    if pooled.empty:
+        st.info("No cached run has an alpha with every selected question scored for every model yet "
+                "(the Overview pools complete cells only); come back when a job has scored them "
+                "(Compute page)." + (f" Left out: {left_out_lines(left_out)}." if len(left_out) else ""))
         st.stop()
+    level = f"{sel.metrics.ci_level:.0%}"
     st.markdown(
-        "Each cell: base → post-trained, the change in % and its paired-bootstrap interval "
-        f"({sel.metrics.ci_level:.0%}); ▲/▼ is the direction of the change, "
+        f"Each cell: base → post-trained, the change and its {level} paired-bootstrap interval: in % "
+        "(the interval of log(post/base)) where both stay positive, else as the difference "
+        "post − base (Δ), since the base is then near 0 or the signs differ; p: the paired Wilcoxon "
+        "signed-rank test of a per-sample metric. ▲/▼ and a colour only for a clear change, whose "
+        "interval excludes 0 (\\*): "
         f"<span style='color:{DIRECTION_COLORS['as paper']}'>green</span> where it matches the "
         "paper's report for online RL (intensity, complexity and diversity up, kurtosis down), "
         f"<span style='color:{DIRECTION_COLORS['against paper']}'>red</span> where it goes against "
-        "it; \\* marks an interval that excludes 0.", unsafe_allow_html=True)
+        "it.", unsafe_allow_html=True)
     chosen = st.multiselect("Metrics", list(METRICS), default=TABLE1_METRICS,
                             help="edge_entropy and output_entropy are this project's "
                                  "reconstructions; the paper makes no claim about them")
-    long = table[table["metric"].isin(chosen)]
-
-    def cell(row: pd.Series) -> str:
-        if not math.isfinite(row["change_pct"]):
-            return f"{row['base']:.3g} → {row['post']:.3g}"
-        arrow = "▲" if row["change_pct"] > 0 else "▼" if row["change_pct"] < 0 else "="
-        interval = ("" if not math.isfinite(row["ci_low"])
-                    else f" [{row['ci_low']:+.1f}, {row['ci_high']:+.1f}]")
-        star = "*" if row["ci_excludes_zero"] else ""
-        return (f"{row['base']:.3g} → {row['post']:.3g}  {arrow} {row['change_pct']:+.1f}%"
-                f"{interval}{star}")
-
-    index = ["pair", "dataset", "post_label", "alpha"]
+    long = pooled[pooled["metric"].isin(chosen)]
     shown = long.assign(text=long.apply(cell, axis=1))
-    grid = shown.pivot_table(index=index, columns="metric", values="text", aggfunc="first")
-    direction = shown.pivot_table(index=index, columns="metric", values="direction", aggfunc="first")
+    grid = shown.pivot_table(index=CELL_INDEX, columns="metric", values="text", aggfunc="first")
+    direction = shown.pivot_table(index=CELL_INDEX, columns="metric", values="direction",
+                                  aggfunc="first")
     grid = grid[[m for m in chosen if m in grid.columns]]
     direction = direction[grid.columns]
     frame = grid.reset_index()
@@ -66,28 +95,43 @@ if sel is not None:
     for metric in grid.columns:
         colors[metric] = [f"color: {DIRECTION_COLORS[d]}" if d in DIRECTION_COLORS else ""
                           for d in direction[metric].to_numpy()]
-    styled = frame.style.apply(lambda _: colors, axis=None).format({"alpha": "{:g}"})
-    layout.table(styled, "metric_table", data=long, hide_index=True)
-    st.caption(f"{long['run_key'].nunique()} run(s), {len(grid)} (run, post model, alpha) cells; "
-               f"metric conventions key {sel.metrics.key()} (sidebar → Metric conventions).")
+    layout.table(frame.style.apply(lambda _: colors, axis=None), "metric_table", data=long,
+                 hide_index=True)
+    tested = int(np.isfinite(np.where(long["scale"] == "log_ratio", long["ci_low"],
+                                      long["change_low"])).sum())
+    stars = int((long["clear_sign"] != 0).sum())
+    per_sample = ", ".join(PER_SAMPLE_METRICS)
+    st.caption(
+        f"Pooled: {long['run_key'].nunique()} run(s), {len(grid)} (run, post model, T_cut) cells; "
+        f"alphas with one T_cut are one cell. Metric conventions key {sel.metrics.key()} (sidebar → "
+        f"Metric conventions). \\* marks {stars} of the {tested} intervals shown, each at {level} "
+        f"with no multiplicity correction (each cell is reported in its own right, and "
+        f"{sel.metrics.bootstrap} bootstrap resamples cannot resolve the far tails a corrected "
+        f"interval needs): if nothing had changed, about {tested * (1 - sel.metrics.ci_level):.1f} "
+        f"would exclude 0 by chance. Wilcoxon p ({per_sample}) is uncorrected too.")
+    if len(left_out):
+        st.caption(f"Left out: {len(left_out)} cell(s), listed below.")
+        with st.expander(f"Cells left out ({len(left_out)})"):
+            layout.table(left_out, "cells_left_out", hide_index=True)
 
     st.subheader("Inter-sample diversity (Figure 3a)")
-    diversity = table[table["metric"] == "diversity"]
-    # A cell is named by pair, dataset and alpha; the post model too where a run has several.
+    diversity = pooled[pooled["metric"] == "diversity"]
+    # A cell is named by pair, dataset and its alphas; the post model too where a run has several.
     series = diversity.groupby("run_key")["post_label"].transform("nunique") > 1
     diversity = diversity.assign(cell=diversity["pair"]
                                  + np.where(series, " · " + diversity["post_label"], "")
-                                 + " · " + diversity["dataset"] + " · α="
-                                 + diversity["alpha"].map(lambda a: f"{a:g}"))
+                                 + " · " + diversity["dataset"] + " · α=" + diversity["alphas"])
     summary = cache.diversity_summary(sel.metrics)
     overall = summary[summary["pair"] == "all"].iloc[0]
     st.markdown(f"Diversity rose after post-training in **{overall['rose']} of {overall['cells']}** "
-                f"cells ({overall['rose_ci_above_zero']} with the interval above 0), mean change "
-                f"**{overall['mean_change_pct']:+.1f}%**. The paper: higher after RL in 39 of 41 "
-                f"cells, +7.6% on average.")
+                f"pooled cells ({overall['rose_ci_above_zero']} with the interval above 0; it fell "
+                f"in {overall['fell']}, {overall['fell_ci_below_zero']} with the interval below 0), "
+                f"mean change **{overall['mean_change_pct']:+.1f}%**. The paper: higher after RL in "
+                f"39 of 41 cells, +7.6% on average.")
     layout.plot(figures.change_summary(diversity, "diversity",
                                         expected_sign=PAPER_DIRECTION["diversity"]),
-                 "diversity_change", sel)
-    st.caption("One bar per cell, sorted: orange where diversity rose (as the paper reports for RL), "
-               "blue where it fell; whiskers: the change's bootstrap interval.")
+                "diversity_change", sel)
+    st.caption("One bar per pooled cell, sorted: orange where diversity rose (as the paper reports "
+               "for RL), blue where it fell; whiskers: the % change's bootstrap interval (log "
+               "ratio). A cell whose change is on the difference scale has no bar.")
     layout.table(summary, "diversity_summary", hide_index=True)

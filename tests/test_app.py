@@ -87,12 +87,42 @@ def test_overview_shows_table_1_and_diversity(monkeypatch, fixture_cache):
     assert_clean(at, "Overview")
     table = at.dataframe[0].value
     assert len(table) == CELLS
-    assert {"intensity", "complexity", "kurtosis", "diversity"} <= set(table.columns)
-    # base -> post, an arrow, the % change and its interval in every cell
-    assert table["intensity"].str.contains(r"→ .* [▲▼=] [+-]\d+\.\d%").all()
+    assert {"intensity", "complexity", "edge_entropy", "kurtosis", "diversity"} <= set(table.columns)
+    # base -> post, the % change and its interval in every cell, the Wilcoxon p of per-sample ones
+    cells = table["intensity"]
+    assert cells.str.contains(r"→ .* [+-]\d+\.\d% \[[+-]\d+\.\d, [+-]\d+\.\d\]").all()
+    assert cells.str.contains(r" p=").all() and not table["diversity"].str.contains(" p=").any()
+    # An arrow exactly where the interval excludes 0 (a star); none otherwise.
+    assert (cells.str.contains("[▲▼]") == cells.str.contains(r"\]\*")).all()
+    assert (~cells.str.contains(r"\]\*")).any(), "the fixture should hold an unclear change"
+    captions = "\n".join(c.value for c in at.caption)
+    assert f"{CELLS} (run, post model, T_cut) cells" in captions
+    assert "no multiplicity correction" in captions and "Left out" not in captions
     assert "Diversity rose after post-training in" in markdown(at)
     assert len(charts(at)) == 1
     assert [b.proto.label for b in at.get("download_button")] == ["Download CSV"] * 2
+
+
+def test_overview_counts_alphas_with_one_t_cut_once_and_lists_what_it_left_out(monkeypatch, tmp_path):
+    from core.store import Store
+
+    cache = tmp_path / "fixture.duckdb"
+    pair_key, _ = build_fixture_cache(cache)
+    with Store(cache).write() as con:  # the pair's alpha 0.3 now cuts where its 0.1 does
+        con.execute("""UPDATE run_alphas SET t_cut = (SELECT t_cut FROM run_alphas
+                           WHERE run_key = $run AND alpha = 0.1)
+                       WHERE run_key = $run AND alpha = 0.3""", {"run": pair_key})
+    at = open_app(monkeypatch, cache)
+    assert_clean(at, "Overview")
+    table = at.dataframe[0].value
+    assert len(table) == CELLS - 1
+    assert table[table["pair"] == "fixture-pair"]["alphas"].tolist() == ["0.1, 0.3"]
+    captions = "\n".join(c.value for c in at.caption)
+    assert "Left out: 1 cell(s)" in captions
+    left_out = at.dataframe[1].value
+    assert left_out["left_out"].tolist() == [f"same T_cut ({left_out['t_cut'].item()}) as alpha 0.1: "
+                                             f"counted once, there"]
+    assert "of 5** pooled cells" in markdown(at)
 
 
 def test_edge_heatmap_masks_non_edges_and_can_hide_insignificant_edges(monkeypatch, fixture_cache):
