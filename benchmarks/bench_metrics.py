@@ -1,9 +1,10 @@
 """Time of all metrics for one run of the paper's size on CPU.
 
 One run: 100 questions x 4,193 edges (32 layers, qkv), base and post-trained model, heavy-tailed
-synthetic float32 scores. Times compare_models (every metric of both models, 1,000 paired bootstrap
-resamples), significant_edges (per-edge paired t-tests + BH) and edge_change (all three measures),
-prints the median of each stage over the repeats and last `seconds=<x>`, the median total.
+synthetic float32 scores. Times compare_models (every metric of both models on complexity's fixed
+range, 1,000 paired bootstrap resamples, the Wilcoxon tests), significant_edges (per-edge paired
+t-tests + BH) and edge_change (all three measures), prints the median of each stage over the repeats
+and last `seconds=<x>`, the median total.
 
     python benchmarks/bench_metrics.py [--repeats 5] [--bootstrap 1000]
 
@@ -27,7 +28,8 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from core.graph import ResidualGraph  # noqa: E402
-from core.metrics import EDGE_MEASURES, compare_models, edge_change, significant_edges  # noqa: E402
+from core.metrics import (EDGE_MEASURES, MetricChange, compare_models, edge_change,  # noqa: E402
+                          significant_edges)
 from core.settings import MetricSettings  # noqa: E402
 
 
@@ -39,6 +41,12 @@ def paper_sized_run(graph: ResidualGraph, n: int, seed: int = 0) -> tuple[np.nda
     base = scale * rng.standard_t(2.5, size=(n, graph.n_edges))
     post = 1.15 * scale * rng.standard_t(4.0, size=(n, graph.n_edges))
     return graph.dense(base.astype(np.float32)), graph.dense(post.astype(np.float32))
+
+
+def _change(name: str, m: MetricChange) -> str:
+    if m.scale == "log_ratio":
+        return f"{name} {m.change_pct:+.1f}% [{m.change_pct_ci[0]:+.1f}, {m.change_pct_ci[1]:+.1f}]"
+    return f"{name} {m.change:+.3g} [{m.change_ci[0]:+.3g}, {m.change_ci[1]:+.3g}]"
 
 
 def main() -> int:
@@ -73,9 +81,9 @@ def main() -> int:
     for name, values in times.items():
         print(f"{name}: median {statistics.median(values):.3f} s (min {min(values):.3f})")
     comparison = compare_models(base, post, graph, settings)
-    print("changes (% [CI]): " + ", ".join(
-        f"{name} {m.change_pct:+.1f} [{m.change_pct_ci[0]:+.1f}, {m.change_pct_ci[1]:+.1f}]"
-        for name, m in comparison.metrics.items()) if args.bootstrap else "no bootstrap")
+    print("changes (% [CI] on the log_ratio scale, post - base [CI] on the difference scale): "
+          + ", ".join(_change(name, m) for name, m in comparison.metrics.items())
+          if args.bootstrap else "no bootstrap")
     print(f"seconds={statistics.median(totals):.3f}")
     return 0
 
