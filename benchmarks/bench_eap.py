@@ -1,7 +1,10 @@
-"""EAP cost against a plain forward+backward of the same loss, on a SmolLM2-135M-shaped random Llama.
+"""EAP cost against a plain forward+backward of the same loss, on a SmolLM2-135M-shaped random Llama;
+and, in the same run, what position parts and EAP-IG add.
 
 Prints, per sequence length, EAP time / plain time (targets <= 1.10) and EAP peak memory / plain peak
-memory (target <= 1.15), measured in this run, then `time_ratio=<at 512> mem_ratio=<at 512>`.
+memory (target <= 1.15); EAP (position parts on, the default) against EAP without them; and EAP-IG
+with m = 5 against EAP; all measured in this run. Last line, at 512 tokens:
+`time_ratio=... mem_ratio=... parts_time_ratio=... parts_mem_ratio=... ig5_time_ratio=... ig5_mem_ratio=...`.
 Both sides use frozen weights and the same loss (core.eap.forward_loss). Time: median of interleaved
 repeats in one process. Memory: each measurement in a fresh subprocess; peak resident memory above
 the level after the model is built (Linux VmHWM, reset through /proc/self/clear_refs; glibc's
@@ -54,11 +57,15 @@ def plain_forward_backward(model, sample: Sample) -> None:
     forward_loss(model, [sample]).sum().backward()
 
 
-def eap(model, sample: Sample) -> None:
-    score_samples(model, [sample], ScoreSettings())
+def scorer(settings: ScoreSettings):
+    def run(model, sample: Sample) -> None:
+        score_samples(model, [sample], settings)
+    return run
 
 
-PASSES = {"plain": plain_forward_backward, "eap": eap}
+PASSES = {"plain": plain_forward_backward, "eap": scorer(ScoreSettings()),
+          "no_parts": scorer(ScoreSettings(position_parts=False)),
+          "ig5": scorer(ScoreSettings(method="eap-ig", ig_steps=5))}
 
 
 def synchronise(device: str) -> None:
@@ -66,7 +73,7 @@ def synchronise(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ratio(model, sample: Sample, repeats: int, device: str) -> tuple[float, float]:
+def median_seconds(model, sample: Sample, repeats: int, device: str) -> dict[str, float]:
     for run_pass in PASSES.values():  # warm-up
         run_pass(model, sample)
     seconds = {name: [] for name in PASSES}
@@ -77,7 +84,7 @@ def time_ratio(model, sample: Sample, repeats: int, device: str) -> tuple[float,
             run_pass(model, sample)
             synchronise(device)
             seconds[name].append(time.perf_counter() - start)
-    return statistics.median(seconds["plain"]), statistics.median(seconds["eap"])
+    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 def _read_kib(field: str) -> int:
@@ -129,18 +136,24 @@ def main() -> None:
     model = smollm2_shaped_model(args.device)
     print(f"SmolLM2-135M-shaped random Llama (30 layers, d=576, 9 heads / 3 KV heads), {args.device}, "
           f"{torch.get_num_threads()} threads, float32, batch 1, prompt {PROMPT_FRACTION:.0%} of tokens")
-    print(f"{'tokens':>6} {'plain s':>8} {'eap s':>8} {'time x':>7} {'plain MB':>9} {'eap MB':>8} {'mem x':>6}")
+    # Each ratio: (pass, against); eap is the default (position parts on), no_parts EAP without them.
+    ratios = {"": ("eap", "plain"), "parts_": ("eap", "no_parts"), "ig5_": ("ig5", "eap")}
+    print(f"{'tokens':>6} " + " ".join(f"{name + ' s':>10}" for name in PASSES) + " "
+          + " ".join(f"{name + ' MB':>11}" for name in PASSES) + " "
+          + " ".join(f"{prefix + 'time x':>13} {prefix + 'mem x':>12}" for prefix in ratios))
     at = {}
     for n_tokens in args.lengths:
         sample = sample_of_length(n_tokens)
-        plain_s, eap_s = time_ratio(model, sample, args.repeats, args.device)
-        plain_mb = peak_in_subprocess("plain", n_tokens, args.device) / 2**20
-        eap_mb = peak_in_subprocess("eap", n_tokens, args.device) / 2**20
-        at[n_tokens] = (eap_s / plain_s, eap_mb / plain_mb)
-        print(f"{n_tokens:>6} {plain_s:>8.3f} {eap_s:>8.3f} {eap_s / plain_s:>7.3f} "
-              f"{plain_mb:>9.1f} {eap_mb:>8.1f} {eap_mb / plain_mb:>6.3f}")
+        seconds = median_seconds(model, sample, args.repeats, args.device)
+        mb = {name: peak_in_subprocess(name, n_tokens, args.device) / 2**20 for name in PASSES}
+        at[n_tokens] = {prefix: (seconds[a] / seconds[b], mb[a] / mb[b])
+                        for prefix, (a, b) in ratios.items()}
+        print(f"{n_tokens:>6} " + " ".join(f"{seconds[name]:>10.3f}" for name in PASSES) + " "
+              + " ".join(f"{mb[name]:>11.1f}" for name in PASSES) + " "
+              + " ".join(f"{t:>13.3f} {m:>12.3f}" for t, m in at[n_tokens].values()))
     key = 512 if 512 in at else args.lengths[0]
-    print(f"time_ratio={at[key][0]:.3f} mem_ratio={at[key][1]:.3f}")
+    print(" ".join(f"{prefix}time_ratio={at[key][prefix][0]:.3f} {prefix}mem_ratio={at[key][prefix][1]:.3f}"
+                   for prefix in ratios))
 
 
 if __name__ == "__main__":
