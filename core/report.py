@@ -33,6 +33,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from core import figures, metrics
+from core.errors import NotFoundError
 from core.settings import MetricSettings
 from core.store import code_version, now
 
@@ -336,14 +337,17 @@ def build_report(cache: "ResultCache", run_key: str, *, post_label: str | None =
                  sections: Sequence[SectionBuilder] = SECTIONS) -> str:
     """The report of one run and post model (None: the first) at `granularity` (None: the run's
     own) under the metric conventions `settings`, at `alphas` (None: every alpha of the run; those
-    with too few questions scored are listed, not drawn). Raises KeyError (RunNotFoundError) for an
-    unknown run or post model and ValueError for a granularity the run cannot show."""
-    graph = cache.graph(run_key, granularity)  # checks the run and the granularity
+    with too few questions scored are listed, not drawn). Raises NotFoundError (a KeyError) for an
+    unknown run, post model or alpha and ValueError for a granularity the run cannot show."""
     runs = cache.runs()
     rows = runs[runs["run_key"] == run_key]
+    if rows.empty:
+        raise NotFoundError(f"no run {run_key!r} in the cache {cache.path}; `python -m core ls` "
+                            f"lists the cached runs")
     if post_label is not None and post_label not in set(rows["post_label"]):
-        raise KeyError(f"run {run_key} has no post-trained model {post_label!r}; its post models "
-                       f"are {list(rows['post_label'])}")
+        raise NotFoundError(f"run {run_key} has no post-trained model {post_label!r}; its post "
+                            f"models are {list(rows['post_label'])}")
+    graph = cache.graph(run_key, granularity)  # checks the granularity
     run = rows.iloc[0] if post_label is None else rows[rows["post_label"] == post_label].iloc[0]
     wanted = list(run["alphas"]) if alphas is None else [_run_alpha(run, a) for a in alphas]
     kept, left_out = [], {}
@@ -368,7 +372,7 @@ def _run_alpha(run: pd.Series, alpha: float) -> float:
     for known in run["alphas"]:
         if math.isclose(known, float(alpha), rel_tol=1e-9):
             return known
-    raise ValueError(f"run {run['run_key']} has no alpha {alpha:g}; its alphas are "
+    raise NotFoundError(f"run {run['run_key']} has no alpha {alpha:g}; its alphas are "
                      f"{', '.join(f'{a:g}' for a in run['alphas'])}")
 
 

@@ -4,6 +4,7 @@ cancel it. Finished results show up on the other pages without a restart."""
 
 import datetime as dt
 import json
+from typing import get_args, get_type_hints
 
 import pandas as pd
 import streamlit as st
@@ -47,18 +48,33 @@ alphas = left.multiselect("Alphas (fraction of the mean answer length scored)", 
 limit = right.number_input("Questions taken from the dataset (0: all)", min_value=0, value=0, step=10,
                            key="compute.limit",
                            help="a first look on a prefix of the dataset; selection then draws from it")
-groups = st.columns(3)
+groups = st.columns(4)
 with groups[0].expander("Selection settings"):
     selection_settings = widgets.settings_widgets(SelectionSettings, "compute.selection")
 with groups[1].expander("Score settings"):
     score = widgets.settings_widgets(ScoreSettings, "compute.score")
 with groups[2].expander("Generation settings"):
     generation = widgets.settings_widgets(GenerationSettings, "compute.generation")
+with groups[3].expander("Where it runs"):
+    # The executor names are RunRequest.executor's Literal type (no page imports core.executors).
+    executor = st.selectbox("Executor", get_args(get_type_hints(jobs.RunRequest)["executor"]),
+                            key="compute.executor",
+                            help="local: in the job's own process; ray: model work sharded over "
+                                 "Ray actors (install requirements-ray.txt). Results are the same.")
+    ray = executor == "ray"
+    ray_address = st.text_input("Ray address", key="compute.ray_address", disabled=not ray,
+                                placeholder="empty: start Ray here (or $RAY_ADDRESS)",
+                                help="auto (a running local cluster) or HOST:PORT")
+    ray_actors = st.number_input("Ray actors", min_value=0, value=0, step=1, disabled=not ray,
+                                 key="compute.ray_actors",
+                                 help="0: one per GPU, or one per CPU where the cluster has no GPU")
 
 try:
     request = jobs.RunRequest(pair=pair, dataset=dataset, alphas=tuple(alphas),
                               selection=selection_settings, score=score, generation=generation,
-                              limit=int(limit), cache=cache_path)
+                              limit=int(limit), cache=cache_path, executor=executor,
+                              ray_address=(ray_address.strip() or None) if ray else None,
+                              ray_actors=int(ray_actors) if ray else 0)
 except (ValueError, SettingsError) as error:
     st.error(f"{error}")
     st.stop()
@@ -82,7 +98,11 @@ def selection_outlook(estimate: dict) -> None:
     if report:
         lead = "With the answers already graded, the selection rules will keep"
     elif len(stored):
-        report = stored.iloc[0]["selection_report"]
+        run = stored.iloc[0]
+        # The stored report, over the run's own columns (a report may lack some of them).
+        report = {"n_candidates": run["n_candidates"], "n_selected": run["n_selected"],
+                  "n_requested": run["settings"]["selection"]["n"], "t_bar": run["t_bar"],
+                  **run["selection_report"]}
         lead = "This run is cached already; its selection kept"
     if not report:
         st.caption(f"Which questions the selection rules keep (jointly correct, length window, "
@@ -90,13 +110,15 @@ def selection_outlook(estimate: dict) -> None:
                    f"once every model's answers are generated and graded, the run's first stages; "
                    f"until then the estimate counts scores for n questions, the most.")
         return
-    removed = report["removed"]
+    window = f", length window {report['window']}" if "window" in report else ""
     st.markdown(f"**Selection:** {lead} **{report['n_selected']}** of {report['n_candidates']} "
-                f"questions (n = {report['n_requested']} asked; T_bar {report['t_bar']:.1f} tokens, "
-                f"length window {report['window']}).")
-    left = report["n_candidates"] - pd.Series(list(removed.values())).cumsum()
-    layout.table(pd.DataFrame({"rule": list(removed), "removed": list(removed.values()),
-                               "left": left.to_list()}), "selection_outlook", hide_index=True)
+                f"questions (n = {report['n_requested']} asked; T_bar {report['t_bar']:.1f} "
+                f"tokens{window}).")
+    removed = report.get("removed", {})
+    if removed:
+        left = report["n_candidates"] - pd.Series(list(removed.values())).cumsum()
+        layout.table(pd.DataFrame({"rule": list(removed), "removed": list(removed.values()),
+                                   "left": left.to_list()}), "selection_outlook", hide_index=True)
 
 
 estimate_col, start_col, _ = st.columns([1, 1, 4])

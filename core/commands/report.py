@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from core.errors import check_output_file
 from core.settings import MetricSettings
 from core.vocab import GRANULARITIES
 
@@ -28,19 +29,11 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
-def check_output(path: Path) -> None:
-    """Refuse, before any work, an output the report cannot be written to."""
-    if path.is_dir():
-        raise ValueError(f"--out {path} is a directory; give a file name, e.g. {path / 'report.html'}")
-    if not path.parent.is_dir():
-        raise ValueError(f"--out {path}: the folder {path.parent} does not exist; create it first")
-
-
 def run(args: argparse.Namespace) -> int:
     from core.query import ResultCache
     from core.report import write_report
 
-    check_output(args.out)
+    check_output_file(args.out, "--out")  # before any work
     settings = MetricSettings.from_namespace(args)
     cache = ResultCache.open(args.cache)
     document = cache.report_html(args.run, post_label=args.post, granularity=args.granularity,
