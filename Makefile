@@ -24,10 +24,11 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 # Headless Chromium for the real-browser test; the test skips (saying why) where this fails.
+# Both are needed: chromium present without chromium-driver still gets the driver.
 browser-deps:
-	@command -v chromium >/dev/null 2>&1 || \
+	@(command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1) || \
 	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || \
-	  echo "Chromium could not be installed: the browser test will be skipped."
+	  echo "Chromium or its driver could not be installed: the browser test will be skipped."
 
 # The demo base model converted to a normal HF folder under cache/ (idempotent).
 demo-model: venv

@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from core.errors import EXPECTED_ERRORS, one_line
+
 # Each module defines register(subparsers), which adds its sub-command and sets `handler`.
 COMMAND_MODULES = (
     "core.commands.score",
@@ -28,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as error:
-        # Expected failures (bad input, unknown model, non-additive model ...) print one clear line.
-        print(f"error: {error}", file=sys.stderr)
+    except EXPECTED_ERRORS as error:
+        # Anything else is a bug, and its traceback is what a bug report needs.
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
 
 

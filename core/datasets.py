@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from core import keys
+from core.errors import InputError, one_line
 
 # Field names the math-evaluation-harness files use, in order of preference.
 QUESTION_FIELDS = ("question", "problem", "Question", "input")
@@ -18,8 +19,8 @@ ANSWER_FIELDS = ("answer", "final_answer", "gt", "target")
 ID_FIELDS = ("id", "idx", "unique_id", "question_id")
 
 
-class DatasetError(ValueError):
-    pass
+class DatasetError(InputError):
+    """A dataset cannot be read; the message names the file (or hub dataset) and line (or row)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,39 +69,53 @@ def reference_from_record(record: dict) -> str | None:
     return None
 
 
-def question_from_record(record: dict, line: int, source: str, question_field: str | None = None,
+def question_from_record(record: dict, position: int, where: str, question_field: str | None = None,
                          answer_field: str | None = None, id_field: str | None = None) -> Question:
+    """The question of one record; `position` (from 0) is its id when it has none, `where` names
+    it in errors (file and line, or hub dataset and row, both counted from 1)."""
+    if not isinstance(record, dict):
+        raise DatasetError(f"{where}: a record must be a JSON object, not {type(record).__name__}")
     q_fields = (question_field,) if question_field else QUESTION_FIELDS
     question = next((record[f] for f in q_fields if record.get(f) not in (None, "")), None)
     if question is None:
-        raise DatasetError(f"{source}, record {line}: no question field (looked for {list(q_fields)})")
+        raise DatasetError(f"{where}: no question field (looked for {list(q_fields)})")
     if answer_field:
         answer = record.get(answer_field)
         reference = reference_from_record({"answer": answer}) if answer is not None else None
     else:
         reference = reference_from_record(record)
     if reference is None:
-        raise DatasetError(f"{source}, record {line}: no reference answer (looked for "
+        raise DatasetError(f"{where}: no reference answer (looked for "
                            f"{[answer_field] if answer_field else list(ANSWER_FIELDS) + ['solution']})")
     i_fields = (id_field,) if id_field else ID_FIELDS
-    qid = next((record[f] for f in i_fields if record.get(f) not in (None, "")), line)
+    qid = next((record[f] for f in i_fields if record.get(f) not in (None, "")), position)
     return Question(str(qid), str(question), str(reference))
 
 
 def read_jsonl(path: str | os.PathLike, name: str | None = None, **fields) -> Dataset:
+    """A JSONL file, one question per line; blank lines are skipped. A question without an id
+    takes its line's position counted from 0 (the ids cached runs were keyed by); errors count
+    lines from 1."""
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"dataset file {path} does not exist")
+        raise DatasetError(f"dataset file {path} does not exist" if not path.exists() else
+                           f"dataset path {path} is not a file; give a .jsonl file")
     questions = []
-    with open(path, encoding="utf-8") as handle:
-        for line, text in enumerate(handle):
+    with open(path, "rb") as handle:
+        for position, raw in enumerate(handle):
+            where = f"{path}, line {position + 1}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DatasetError(f"{where}: not UTF-8 text ({error.reason} at byte "
+                                   f"{error.start})") from None
             if not text.strip():
                 continue
             try:
                 record = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise DatasetError(f"{path}, line {line + 1}: not JSON ({error})") from error
-            questions.append(question_from_record(record, line, str(path), **fields))
+            except (json.JSONDecodeError, RecursionError) as error:
+                raise DatasetError(f"{where}: not a JSON object ({one_line(error)})") from None
+            questions.append(question_from_record(record, position, where, **fields))
     return _checked(Dataset(name or path.stem, f"jsonl:{path}", tuple(questions)))
 
 
@@ -115,7 +130,8 @@ def read_hub(repo_id: str, name: str, config: str | None = None, split: str = "t
         raise DatasetError(f"cannot load hub dataset {repo_id!r} (config {config}, split {split}): "
                            f"{error}. Offline, put a JSONL copy where the config's `jsonl` "
                            f"points.") from error
-    questions = tuple(question_from_record(dict(row), i, repo_id, **fields) for i, row in enumerate(rows))
+    questions = tuple(question_from_record(dict(row), i, f"{repo_id}, row {i + 1}", **fields)
+                      for i, row in enumerate(rows))
     return _checked(Dataset(name, f"hub:{repo_id}:{config or ''}:{split}", questions))
 
 
@@ -125,8 +141,8 @@ def _checked(dataset: Dataset) -> Dataset:
     seen: set[str] = set()
     for q in dataset.questions:
         if q.id in seen:
-            raise DatasetError(f"dataset {dataset.name!r} has the question id {q.id!r} twice; ids "
-                               f"must be unique")
+            raise DatasetError(f"dataset {dataset.name!r} ({dataset.source}) has the question id "
+                               f"{q.id!r} twice; ids must be unique")
         seen.add(q.id)
     return dataset
 
@@ -135,7 +151,7 @@ def load_dataset(name: str, config: dict[str, dict], root: Path, limit: int = 0)
     """A dataset named in the config (its `jsonl` file if present, else its `hub` entry), or a
     path to a JSONL file."""
     if name not in config:
-        if name.endswith(".jsonl") and Path(name).is_file():
+        if name.endswith(".jsonl") or os.sep in name:
             return read_jsonl(name).head(limit)
         raise DatasetError(f"unknown dataset {name!r}; known: {sorted(config)}, or give a path to a "
                            f".jsonl file")

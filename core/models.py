@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
+from core.errors import InputError
 from core.settings import stable_hash
 from core.vocab import DTYPES, DType
 
@@ -15,7 +18,7 @@ def torch_dtype(name: DType):
     import torch
 
     if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} is not one of {list(DTYPES)}")
+        raise InputError(f"dtype {name!r} is not one of {list(DTYPES)}")
     return getattr(torch, name)
 
 
@@ -35,7 +38,7 @@ def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
+        raise InputError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
     return device
 
 
@@ -47,16 +50,20 @@ def load_causal_lm(path_or_id: str, dtype: DType = "float32", device: str = "aut
     """
     from transformers import AutoModelForCausalLM
 
-    if not os.path.isdir(path_or_id) and os.path.exists(path_or_id):
-        raise ValueError(f"model {path_or_id!r} is a file; give the folder that holds config.json "
-                         f"and *.safetensors, or a hub id")
+    if os.path.exists(path_or_id):
+        problem = local_model_problem(Path(path_or_id))
+        if problem is None and not trust_remote_code:
+            problem = remote_code_problem(Path(path_or_id))
+        if problem:
+            raise ModelNotLoadableError(f"cannot load model {path_or_id!r}: {problem}")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path_or_id, dtype=torch_dtype(dtype), use_safetensors=True,
             trust_remote_code=trust_remote_code, revision=revision)
     except OSError as error:
-        raise ValueError(f"cannot load model {path_or_id!r}: it is neither a local folder with "
-                         f"safetensors weights nor a reachable hub id ({error})") from error
+        raise ModelNotLoadableError(f"cannot load model {path_or_id!r}: it is neither a local folder "
+                                    f"with safetensors weights nor a reachable hub id "
+                                    f"({' '.join(str(error).split())})") from error
     model.requires_grad_(False)
     return model.eval().to(resolve_device(device))
 
@@ -69,8 +76,12 @@ SPEC_KINDS = ("hub", "local", "adapter")
 FINGERPRINT_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".jinja")
 
 
-class TokenizerMismatchError(ValueError):
-    """Models compared on the same questions do not share one tokenizer."""
+class TokenizerMismatchError(InputError):
+    """Models compared on the same questions would not be fed the same token ids."""
+
+
+class ModelNotLoadableError(InputError):
+    """A model's files are missing or unsafe; found without loading any weights."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,13 +109,13 @@ class ModelSpec:
 
         if "adapter" in entry:
             if "base" not in entry:
-                raise ValueError(f"model entry {entry}: an adapter needs `base = {{...}}`")
+                raise InputError(f"model entry {entry}: an adapter needs `base = {{...}}`")
             return cls("adapter", local(entry["adapter"]), base=cls.from_config(entry["base"], root))
         if "hub" in entry:
             return cls("hub", entry["hub"], revision=entry.get("revision"))
         if "path" in entry:
             return cls("local", local(entry["path"]))
-        raise ValueError(f"model entry {entry} names no model: give `hub`, `path` or `adapter`")
+        raise InputError(f"model entry {entry} names no model: give `hub`, `path` or `adapter`")
 
     def describe(self) -> dict:
         """JSON-able identity of the spec (without its content fingerprint)."""
@@ -159,7 +170,8 @@ class ModelSpec:
         try:
             return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=False)
         except OSError as error:
-            raise ValueError(f"cannot load the tokenizer of {self} from {source!r}: {error}") from error
+            raise ModelNotLoadableError(f"cannot load the tokenizer of {self} from {source!r}: "
+                                        f"{' '.join(str(error).split())}") from error
 
     def load(self, dtype: DType = "float32", device: str = "auto"):
         """The model in eval mode with frozen weights; an adapter is merged into its base
@@ -169,12 +181,9 @@ class ModelSpec:
         from peft import PeftModel
 
         folder = Path(self.path)
-        if not (folder / "adapter_config.json").exists():
-            raise ValueError(f"adapter folder {folder} has no adapter_config.json; give the folder "
-                             f"written by peft's save_pretrained")
-        if not (folder / "adapter_model.safetensors").exists():
-            raise ValueError(f"adapter folder {folder} has no adapter_model.safetensors; only "
-                             f"safetensors adapters are loaded (a pickled .bin can run code)")
+        problem = adapter_problem(folder)
+        if problem:
+            raise ModelNotLoadableError(f"cannot load {self}: {problem}")
         base = self.base.load(dtype=dtype, device=device)
         model = PeftModel.from_pretrained(base, str(folder), is_trainable=False).merge_and_unload()
         model.requires_grad_(False)
@@ -192,12 +201,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 def hash_folder(folder: str | os.PathLike, file_hash=sha256_file) -> str:
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"model folder {folder} does not exist; give a folder with config.json "
+        raise InputError(f"model folder {folder} does not exist; give a folder with config.json "
                          f"and *.safetensors (or adapter_config.json), or a hub id")
     files = sorted(p for p in folder.iterdir()
                    if p.is_file() and p.suffix in FINGERPRINT_SUFFIXES and not p.name.startswith("."))
     if not files:
-        raise ValueError(f"model folder {folder} holds no weight, config or tokenizer files")
+        raise InputError(f"model folder {folder} holds no weight, config or tokenizer files")
     return stable_hash([[p.name, file_hash(p)] for p in files], length=32)
 
 
@@ -218,7 +227,7 @@ def resolve_hub_commit(repo_id: str, revision: str | None = None) -> str:
     cached = huggingface_hub.try_to_load_from_cache(repo_id, "config.json", revision=revision or "main")
     if isinstance(cached, str):
         return Path(cached).parent.name
-    raise ValueError(f"cannot fingerprint hub model {repo_id!r}"
+    raise InputError(f"cannot fingerprint hub model {repo_id!r}"
                      f"{'@' + revision if revision else ''}: the hub is unreachable and it is not in "
                      f"the local hub cache; download it first (huggingface-cli download {repo_id}) or "
                      f"give a local folder")
@@ -233,20 +242,141 @@ def tokenizer_fingerprint(tokenizer) -> str:
         "class": type(tokenizer).__name__})
 
 
-def check_same_tokenizer(labelled_tokenizers: list[tuple[str, object]]) -> str:
-    """Raise TokenizerMismatchError unless every model uses the same tokenizer; returns its
-    fingerprint. The paired method feeds both models the same prompt ids."""
+def check_same_tokenizer(labelled_tokenizers: list[tuple[str, object]], template=None,
+                         questions: Iterable = ()) -> str:
+    """Raise TokenizerMismatchError unless every model would be fed the same token ids: the same
+    vocabulary, the same ids for every rendered prompt (`template`, a core.templates.PromptTemplate,
+    on each of `questions`, objects with .id and .question), and the same chat template when the
+    prompt template uses it (or no template is given). Special-token maps and pad tokens may differ
+    (RL checkpoints often ship others than their base). Returns the first tokenizer's fingerprint."""
     first_label, first = labelled_tokenizers[0]
-    first_print = tokenizer_fingerprint(first)
+    vocabulary = first.get_vocab()
+    questions = list(questions)
+    first_prompts = [template.render(q.question, first)[1] for q in questions] if template else []
     for label, tokenizer in labelled_tokenizers[1:]:
-        if tokenizer_fingerprint(tokenizer) == first_print:
-            continue
-        vocab_a, vocab_b = first.get_vocab(), tokenizer.get_vocab()
-        differing = sorted(set(vocab_a.items()) ^ set(vocab_b.items()))[:3]
-        detail = (f"vocabularies differ ({len(vocab_a)} vs {len(vocab_b)} tokens; e.g. {differing})"
-                  if differing else "special tokens or chat templates differ")
-        raise TokenizerMismatchError(
-            f"models {first_label!r} and {label!r} have different tokenizers: {detail}. The method "
-            f"compares the models on identical prompt token ids, so a pair or series must share one "
-            f"tokenizer; pick checkpoints of the same model family.")
-    return first_print
+        def refuse(detail: str) -> TokenizerMismatchError:
+            return TokenizerMismatchError(
+                f"models {first_label!r} and {label!r} have different tokenizers: {detail}. "
+                f"The method feeds every model of a pair or series identical prompt ids; pick "
+                f"checkpoints that share a tokenizer.")
+
+        other = tokenizer.get_vocab()
+        if other != vocabulary:
+            differing = sorted(set(vocabulary.items()) ^ set(other.items()))[:3]
+            raise refuse(f"their vocabularies differ ({len(vocabulary)} vs {len(other)} tokens; "
+                         f"e.g. {differing})")
+        if (template is None or template.text is None) and (
+                getattr(first, "chat_template", None) != getattr(tokenizer, "chat_template", None)):
+            used = f"the prompt template {template.name!r} uses it" if template else "it may be used"
+            raise refuse(f"their chat templates differ and {used}")
+        for question, ids in zip(questions, first_prompts):
+            theirs = template.render(question.question, tokenizer)[1]
+            if theirs != ids:
+                at = next((k for k, (a, b) in enumerate(zip(ids, theirs)) if a != b),
+                          min(len(ids), len(theirs)))
+                shown = [seq[at] if at < len(seq) else "end" for seq in (ids, theirs)]
+                raise refuse(f"the prompt of question {question.id!r} becomes {len(ids)} vs "
+                             f"{len(theirs)} ids, first differing at position {at} ({shown[0]} vs "
+                             f"{shown[1]})")
+    return tokenizer_fingerprint(first)
+
+
+# --- Loadable without loading: the files a model needs, checked before any work ---------------
+
+def local_model_problem(folder: Path) -> str | None:
+    """What keeps a local model folder from loading (None: config.json and every safetensors file
+    its index names are there); reads no weights."""
+    if not folder.is_dir():
+        return (f"{folder} is not a folder; give the folder that holds config.json and "
+                f"*.safetensors, or a hub id")
+    if not (folder / "config.json").is_file():
+        return f"the folder {folder} has no config.json"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            return f"its {index.name} is not a safetensors index ({error!r})"
+        missing = [shard for shard in shards if not (folder / shard).is_file()]
+        if missing:
+            return f"{index.name} names {len(shards)} weight files, {len(missing)} missing: {missing[:3]}"
+        return None
+    if (folder / "model.safetensors").is_file():
+        return None
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled:
+        return (f"the folder {folder} holds only pickled weights ({pickled[:3]}), which can run code "
+                f"when loaded; convert them to safetensors")
+    return f"the folder {folder} has no model.safetensors (or model.safetensors.index.json)"
+
+
+def remote_code_problem(folder: Path) -> str | None:
+    """Whether the model in `folder` is of a type transformers does not know, so only its own code
+    (config.json's auto_map) could load it."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        return f"its config.json is not JSON ({error!r})"
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type in CONFIG_MAPPING:
+        return None
+    if isinstance(config, dict) and "auto_map" in config:
+        return (f"its model type {model_type!r} is known only to the code it ships (auto_map in "
+                f"config.json), which is not run without --trust-remote-code")
+    return f"its config.json names the model type {model_type!r}, which transformers does not know"
+
+
+def adapter_problem(folder: Path) -> str | None:
+    """What keeps a LoRA adapter folder from loading (None: its config and safetensors are there)."""
+    if not (folder / "adapter_config.json").is_file():
+        return (f"the adapter folder {folder} has no adapter_config.json; give the folder written by "
+                f"peft's save_pretrained")
+    if not (folder / "adapter_model.safetensors").is_file():
+        return (f"the adapter folder {folder} has no adapter_model.safetensors; only safetensors "
+                f"adapters are loaded (a pickled .bin can run code)")
+    return None
+
+
+def hub_model_problem(repo_id: str, revision: str | None = None) -> str | None:
+    """What keeps a hub model from loading: its file list (asked of the hub when online, else the
+    local hub cache) lacks config.json or safetensors weights. Downloads nothing."""
+    import huggingface_hub
+
+    if not hub_offline():
+        try:
+            files = {s.rfilename for s in huggingface_hub.HfApi().model_info(
+                repo_id, revision=revision).siblings or ()}
+        except Exception:  # noqa: BLE001 - unreachable hub: the local cache below decides
+            files = None
+        if files is not None:
+            if "config.json" not in files:
+                return f"the hub model {repo_id} has no config.json"
+            if not any(name.endswith(".safetensors") for name in files):
+                return f"the hub model {repo_id} has no safetensors weights (pickled ones can run code)"
+            return None
+    cached = huggingface_hub.try_to_load_from_cache(repo_id, "config.json", revision=revision or "main")
+    if not isinstance(cached, str):
+        return (f"the hub model {repo_id} is unreachable and not in the local hub cache; download it "
+                f"first (huggingface-cli download {repo_id}) or give a local folder")
+    return local_model_problem(Path(cached).parent)
+
+
+def model_problem(spec: ModelSpec) -> str | None:
+    """What keeps `spec` (and an adapter's base) from loading, or None."""
+    if spec.kind == "adapter":
+        return adapter_problem(Path(spec.path)) or model_problem(spec.base)
+    if spec.kind == "hub":
+        return hub_model_problem(spec.path, spec.revision)
+    return local_model_problem(Path(spec.path))
+
+
+def check_loadable(labelled_specs: Iterable[tuple[str, ModelSpec]]) -> None:
+    """Raise ModelNotLoadableError naming every model whose files are missing or unsafe, before any
+    of them is loaded (so a bad post model is found before the base generates)."""
+    problems = [f"{label}: {problem}" for label, spec in labelled_specs
+                if (problem := model_problem(spec))]
+    if problems:
+        raise ModelNotLoadableError(f"{len(problems)} model(s) cannot be loaded: "
+                                    + "; ".join(problems))

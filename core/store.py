@@ -21,6 +21,13 @@ Concurrency. DuckDB lets one process open a file read-write OR several open it r
   open it read-only for one query and close it; either side retries while the other holds the file;
 - a transaction commits a complete unit (a sample's scores with its loss and time), so a killed
   writer (kill -9) loses only the unit in flight, which DuckDB rolls back on the next open.
+
+Integrity. Taking the writer lock first checks that the folder is writable, then opens the file
+read-only and checks that every block the database uses lies inside the file (`file_damage`); reads
+check it on their own read-only connection (no writer can change the file meanwhile), once per
+version. Both check the schema: every table with this code's columns and types. A damaged file is
+refused with CacheCorruptError and never opened for writing, so its bytes stay as they were; any
+other DuckDB failure to read or write the file is a CacheError naming it.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from pathlib import Path
 import duckdb
 
 from core import __version__
+from core.errors import CircuitdiffError, check_output_file, one_line
 
 SCHEMA_VERSION = "2"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +53,13 @@ ENV_CACHE = "CIRCUITDIFF_CACHE"
 # Retry a busy file every RETRY_S seconds, for up to this long.
 OPEN_TIMEOUT_S = 30.0
 RETRY_S = 0.02
+# A DuckDB file starts with three 4 KiB headers; block i lies at HEADERS_BYTES + i * block size.
+HEADERS_BYTES = 3 * 4096
+# Words of DuckDB errors that mean the file is damaged.
+_DAMAGE_SIGNS = ("Corrupt", "not a valid DuckDB database", "Could not read enough bytes", "checksum")
+# DuckDB errors that say the file cannot be read or written (others are mistakes in a query).
+_FILE_ERRORS = (duckdb.IOException, duckdb.InternalException, duckdb.SerializationException,
+                duckdb.FatalException)
 
 TABLES = {
     "meta": """key VARCHAR PRIMARY KEY, value VARCHAR""",
@@ -88,16 +103,16 @@ TABLES = {
 }
 
 
-class CacheError(RuntimeError):
+class CacheError(CircuitdiffError, RuntimeError):
     """The cache cannot be used as asked; the message says why and what to do."""
 
 
 class CacheCorruptError(CacheError):
-    pass
+    """The file is damaged or not a circuitdiff cache; it was left untouched."""
 
 
 class CacheBusyError(CacheError):
-    pass
+    """Another process kept the file open past the timeout."""
 
 
 class WriterBusyError(CacheError):
@@ -134,6 +149,49 @@ def code_version() -> str:
     return f"{__version__}+{commit[:12]}" if commit else __version__
 
 
+def file_damage(con: duckdb.DuckDBPyConnection, path: Path) -> str | None:
+    """Why the DuckDB file at `path`, open on `con`, cannot be whole, or None: every block the
+    database uses (its metadata and each table's data, as DuckDB lists them) must lie inside the
+    file. The header's block count cannot serve: DuckDB cuts free blocks off the file's end but
+    keeps counting them."""
+    total, used, block_bytes = fetch_one(
+        con, "SELECT total_blocks, used_blocks, block_size FROM pragma_database_size() "
+             "WHERE database_name = current_database()")
+    in_file = max(path.stat().st_size - HEADERS_BYTES, 0) // block_bytes
+    last = fetch_one(con, "SELECT max(block_id) FROM pragma_metadata_info()")[0]
+    for (table,) in con.execute("SELECT table_name FROM duckdb_tables() "
+                                "WHERE database_name = current_database()").fetchall():
+        data = fetch_one(con, "SELECT max(greatest(block_id, coalesce(list_max(additional_block_ids), "
+                              "-1))) FROM pragma_storage_info(?)", [table])[0]
+        last = max(last if last is not None else -1, data if data is not None else -1)
+    if last is not None and last >= in_file:
+        return (f"block {last} is in use ({used} of {total} blocks of {block_bytes} bytes) but the "
+                f"file holds only {in_file} blocks: it was cut short")
+    return None
+
+
+@functools.cache
+def expected_columns() -> dict[str, list[tuple[str, str]]]:
+    """(name, type) of every column of every table in TABLES, as DuckDB names them."""
+    con = duckdb.connect(":memory:")
+    try:
+        for name, columns in TABLES.items():
+            con.execute(f"CREATE TABLE {name} ({columns})")
+        return _columns(con)
+    finally:
+        con.close()
+
+
+def _columns(con: duckdb.DuckDBPyConnection) -> dict[str, list[tuple[str, str]]]:
+    found: dict[str, list[tuple[str, str]]] = {}
+    for table, column, kind in con.execute(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = 'main' AND table_name IN (SELECT unnest(?)) "
+            "ORDER BY table_name, ordinal_position", [list(TABLES)]).fetchall():
+        found.setdefault(table, []).append((column, kind))
+    return found
+
+
 def _is_lock_conflict(error: Exception) -> bool:
     text = str(error)
     return "lock" in text.lower() and ("Conflicting" in text or "Could not set lock" in text)
@@ -147,6 +205,8 @@ class Store:
         self.lock_path = Path(str(self.path) + ".writer.lock")
         self.version_path = Path(str(self.path) + ".version")
         self._schema_checked = False
+        # The version_token at which the file was last found whole (None: not checked yet).
+        self._checked_token: tuple | None = None
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -189,12 +249,51 @@ class Store:
                             f"{timeout:.0f} s ({error}); wait for it to finish and retry") from error
                     time.sleep(RETRY_S)
                     continue
-                if "not a valid DuckDB database" in str(error) or "Corrupt" in str(error):
-                    raise CacheCorruptError(
-                        f"the cache file {self.path} is not a readable DuckDB database ({error}). "
-                        f"It was left untouched: move it aside (or delete it) to start an empty "
-                        f"cache, then re-import runs with `python -m core import`.") from error
-                raise CacheError(f"cannot open the cache {self.path}: {error}") from error
+                raise self._failure(error, "open") from error
+
+    def _failure(self, error: duckdb.Error, doing: str) -> CacheError:
+        """The CacheError to raise for a DuckDB error while `doing` the file: CacheCorruptError
+        when the file is damaged, else one line naming the file and DuckDB's words."""
+        if any(sign in str(error) for sign in _DAMAGE_SIGNS):
+            return self._corrupt(one_line(error))
+        return CacheError(f"cannot {doing} the cache {self.path}: {one_line(error)}; check the disk "
+                          f"(space, permissions), then retry")
+
+    def _corrupt(self, why: str) -> CacheCorruptError:
+        return CacheCorruptError(
+            f"the cache file {self.path} is damaged ({why}); it was left untouched: move it aside "
+            f"(or restore a copy), then rerun or re-import runs with `python -m core import` into a "
+            f"new cache")
+
+    def check_file(self) -> None:
+        """Raise CacheCorruptError when the file is damaged (see file_damage); opens it read-only,
+        so nothing is written to it."""
+        if not self.exists() or self._checked_token == self.version_token():
+            return
+        con = self._connect(read_only=True, timeout=OPEN_TIMEOUT_S)
+        try:
+            self._check_open_file(con)
+        finally:
+            con.close()
+
+    def _check_open_file(self, con: duckdb.DuckDBPyConnection) -> None:
+        """check_file on an open connection (while it is open, no writer changes the file)."""
+        token = self.version_token()
+        if self._checked_token == token:
+            return
+        try:
+            damage = file_damage(con, self.path)
+        except _FILE_ERRORS as error:
+            raise self._failure(error, "read") from error
+        if damage:
+            raise self._corrupt(damage)
+        self._checked_token = token
+
+    def check_writable(self) -> None:
+        """Raise OutputPathError unless the cache's folder (for the file, its lock, write-ahead log
+        and version files) and the file itself can be written; creates the folder if missing."""
+        check_output_file(self.path, "the cache", f"make its folder writable, or point --cache or "
+                                                  f"{ENV_CACHE} at a writable place")
 
     @contextlib.contextmanager
     def read(self, timeout: float = OPEN_TIMEOUT_S) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -202,11 +301,18 @@ class Store:
         if not self.exists():
             raise CacheError(f"the cache {self.path} does not exist yet; run `python -m core run` "
                              f"or `python -m core import` to fill it")
+        if self.path.is_dir():
+            raise CacheError(f"the cache {self.path} is a folder; give the path of the cache file "
+                             f"(e.g. {self.path / 'circuitdiff.duckdb'})")
         con = self._connect(read_only=True, timeout=timeout)
         try:
-            self._check_schema(con)
-            con.execute("BEGIN TRANSACTION")
-            yield con
+            try:
+                self._check_open_file(con)
+                self._check_schema(con)
+                con.execute("BEGIN TRANSACTION")
+                yield con
+            except _FILE_ERRORS as error:
+                raise self._failure(error, "read") from error
         finally:
             con.close()
 
@@ -215,7 +321,6 @@ class Store:
         """One write transaction: committed as a whole when the block ends, rolled back on error.
         Takes the writer lock for the block unless this process already holds it."""
         with self.writer_lock(wait=True):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             con = self._connect(read_only=False, timeout=timeout)
             try:
                 self._ensure_schema(con)
@@ -223,23 +328,35 @@ class Store:
                 try:
                     yield con
                 except BaseException:
-                    con.execute("ROLLBACK")
+                    # A connection DuckDB invalidated cannot roll back; the next open discards
+                    # the uncommitted work anyway.
+                    with contextlib.suppress(duckdb.Error):
+                        con.execute("ROLLBACK")
                     raise
                 con.execute("COMMIT")
                 # While this connection is open no reader can open the file, so a reader never
                 # sees the new data under the old version.
                 self._bump_version()
+            except _FILE_ERRORS as error:
+                raise self._failure(error, "write") from error
             finally:
                 con.close()
+            # This process wrote the file as it is now, holding the writer lock.
+            self._checked_token = self.version_token()
 
     @contextlib.contextmanager
     def writer_lock(self, wait: bool = False, timeout: float = OPEN_TIMEOUT_S) -> Iterator[None]:
         """Hold the cache's single-writer lock (re-entrant within this Store).
 
-        wait=False fails at once with WriterBusyError when another process holds it."""
+        wait=False fails at once with WriterBusyError when another process holds it. Taking it
+        checks first that the cache can be written and then that the file is not damaged
+        (CacheCorruptError), before anything is written."""
         import filelock
 
         lock = self._lock()
+        first = lock.lock_counter == 0
+        if first:
+            self.check_writable()
         try:
             lock.acquire(timeout=timeout if wait else 0)
         except filelock.Timeout:
@@ -247,6 +364,8 @@ class Store:
                 f"another process is writing to the cache {self.path} (lock {self.lock_path} is "
                 f"held): wait for its run to finish, or cancel it, then retry") from None
         try:
+            if first:
+                self.check_file()
             yield
         finally:
             lock.release()
@@ -267,7 +386,6 @@ class Store:
         import filelock
 
         if not hasattr(self, "_filelock"):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._filelock = filelock.FileLock(str(self.lock_path), is_singleton=False)
         return self._filelock
 
@@ -313,6 +431,14 @@ class Store:
             raise CacheError(f"the cache {self.path} has schema version {found}, this code reads "
                              f"version {SCHEMA_VERSION}; export its runs with the matching code "
                              f"version, or use a new cache file (CIRCUITDIFF_CACHE)")
+        found_columns, expected = _columns(con), expected_columns()
+        for table, columns in expected.items():
+            if found_columns.get(table) != columns:
+                have = found_columns.get(table)
+                difference = (f"the table {table} is missing" if have is None else
+                              f"the table {table} has the columns {have}, schema version "
+                              f"{SCHEMA_VERSION} has {columns}")
+                raise self._corrupt(difference)
         self._schema_checked = True
 
     def schema_version(self) -> str | None:

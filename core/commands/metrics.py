@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from core.commands.score import load_score_file
+from core.errors import InputError
 from core.metrics import compare_models, significant_edges, summarise_model
 from core.settings import MetricSettings
 
@@ -30,7 +31,7 @@ def _aligned(base_ids: list[str], post_ids: list[str], post: np.ndarray, path: P
     """post's samples in the order of base's question ids (the bootstrap pairs them by position)."""
     if len(set(post_ids)) != len(post_ids) or set(base_ids) != set(post_ids):
         only_base, only_post = set(base_ids) - set(post_ids), set(post_ids) - set(base_ids)
-        raise ValueError(f"{path} is not scored on the same questions: {len(only_base)} id(s) only in "
+        raise InputError(f"{path} is not scored on the same questions: {len(only_base)} id(s) only in "
                          f"the base file, {len(only_post)} only in this one, or repeated ids; score "
                          f"both models on the same selected questions")
     position = {sample_id: k for k, sample_id in enumerate(post_ids)}
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.against is not None:
         post, post_graph, post_ids = load_score_file(args.against)
         if post_graph != graph:
-            raise ValueError(f"{args.against} has a {post_graph.n_layers}-layer {post_graph.granularity} "
+            raise InputError(f"{args.against} has a {post_graph.n_layers}-layer {post_graph.granularity} "
                              f"graph and {args.scores} a {graph.n_layers}-layer {graph.granularity} one; "
                              f"compare models of one architecture, scored at one granularity")
         post = _aligned(base_ids, post_ids, post, args.against)

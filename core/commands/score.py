@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
+from core.errors import InputError, check_output_file
 from core.graph import ResidualGraph
 from core.settings import ScoreSettings
 
@@ -27,24 +30,41 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
-def read_samples(path: Path):
-    from core.eap import Sample
+SAMPLE_KEYS = ("id", "prompt_ids", "answer_ids", "t_cut")
 
-    if not path.exists():
-        raise FileNotFoundError(f"samples file {path} does not exist")
+
+def read_samples(path: Path):
+    """The samples of a JSONL file, one per line (blank lines skipped); an error names the file and
+    line (from 1). Token ids and t_cut are taken as written: a string or 1.9 is refused, not cast."""
+    from core.eap import InvalidSampleError, Sample
+
+    if not path.is_file():
+        raise InputError(f"samples file {path} does not exist" if not path.exists() else
+                         f"samples path {path} is not a file; give a .jsonl file")
     samples = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            samples.append(Sample(str(row["id"]), tuple(int(t) for t in row["prompt_ids"]),
-                                  tuple(int(t) for t in row["answer_ids"]), int(row["t_cut"])))
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}:{number}: not a sample line ({error!r}); expected keys id, "
-                             f"prompt_ids, answer_ids, t_cut") from None
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}, line {number}"
+            try:
+                row = json.loads(raw.decode("utf-8")) if raw.strip() else None
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+                raise InputError(f"{where}: not a JSON line ({' '.join(str(error).split())})") from None
+            if row is None:
+                continue
+            if not isinstance(row, dict) or set(SAMPLE_KEYS) - set(row):
+                raise InputError(f"{where}: not a sample; expected an object with keys "
+                                 f"{', '.join(SAMPLE_KEYS)}")
+            for field in ("prompt_ids", "answer_ids"):
+                if not isinstance(row[field], list):
+                    raise InputError(f"{where}: {field} is {type(row[field]).__name__}, not a list "
+                                     f"of token ids")
+            try:
+                samples.append(Sample(str(row["id"]), tuple(row["prompt_ids"]),
+                                      tuple(row["answer_ids"]), row["t_cut"]))
+            except InvalidSampleError as error:
+                raise InputError(f"{where}: {error}") from None
     if not samples:
-        raise ValueError(f"{path} holds no samples")
+        raise InputError(f"{path} holds no samples")
     return samples
 
 
@@ -55,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from core.models import load_causal_lm
 
     settings = ScoreSettings.from_namespace(args)
+    check_output_file(args.out, "--out")
     samples = read_samples(args.samples)
     model = load_causal_lm(args.model, settings.dtype, settings.device, args.trust_remote_code)
     with tqdm(total=len(samples), desc="scoring", unit="sample") as bar:
@@ -67,7 +88,6 @@ def run(args: argparse.Namespace) -> int:
 
 def save_score_file(path: Path, result) -> None:
     """The .npz format read by load_score_file and `python -m core metrics`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     graph = result.graph
     with path.open("wb") as handle:  # a file handle keeps np.savez from appending ".npz"
         np.savez(handle, scores=result.scores, src_names=np.array(graph.src_names),
@@ -77,22 +97,34 @@ def save_score_file(path: Path, result) -> None:
 
 def load_score_file(path: Path) -> tuple[np.ndarray, ResidualGraph, list[str]]:
     """Scores [n, n_src, n_dst], their graph and sample ids from an .npz of `python -m core score`."""
-    if not path.exists():
-        raise FileNotFoundError(f"score file {path} does not exist")
-    with np.load(path, allow_pickle=False) as data:
-        missing = {"scores", "src_names", "dst_names", "real_edge_mask", "sample_ids"} - set(data.files)
-        if missing:
-            raise ValueError(f"{path} lacks {sorted(missing)}; write it with `python -m core score`")
-        scores, sample_ids = data["scores"], [str(i) for i in data["sample_ids"]]
-        src_names, dst_names = tuple(map(str, data["src_names"])), tuple(map(str, data["dst_names"]))
-        mask = data["real_edge_mask"]
+    if not path.is_file():
+        raise InputError(f"score file {path} does not exist" if not path.exists() else
+                         f"score path {path} is not a file; give an .npz of `python -m core score`")
+    not_ours = InputError(f"{path} is not an .npz written by `python -m core score`; score the "
+                          f"samples again to make one")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise not_ours
+        with data:
+            missing = {"scores", "src_names", "dst_names", "real_edge_mask", "sample_ids"} - set(data.files)
+            if missing:
+                raise InputError(f"{path} lacks {sorted(missing)}; write it with `python -m core score`")
+            scores, sample_ids = data["scores"], [str(i) for i in data["sample_ids"]]
+            src_names, dst_names = tuple(map(str, data["src_names"])), tuple(map(str, data["dst_names"]))
+            mask = data["real_edge_mask"]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        if isinstance(error, InputError):
+            raise
+        # Not numpy's own words: they advise allow_pickle=True, which would run code from the file.
+        raise not_ours from None
     n_layers = (len(src_names) - 1) // 2
     granularity = {4 * n_layers + 1: "qkv", 2 * n_layers + 1: "module"}.get(len(dst_names))
     graph = ResidualGraph(max(n_layers, 1), granularity or "qkv")
     if (granularity is None or (src_names, dst_names) != (graph.src_names, graph.dst_names)
             or not np.array_equal(mask, graph.real_edge_mask)):
-        raise ValueError(f"{path}: its node names and edge mask are not those of a residual graph "
+        raise InputError(f"{path}: its node names and edge mask are not those of a residual graph "
                          f"({len(src_names)} sources, {len(dst_names)} slots)")
     if len(sample_ids) != scores.shape[0]:
-        raise ValueError(f"{path} has {scores.shape[0]} score matrices but {len(sample_ids)} sample ids")
+        raise InputError(f"{path} has {scores.shape[0]} score matrices but {len(sample_ids)} sample ids")
     return scores, graph, sample_ids
