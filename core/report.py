@@ -109,10 +109,10 @@ def _table(frame: pd.DataFrame) -> str:
                          float_format=lambda v: f"{v:.4g}")
 
 
-def _interval(value: tuple[float, float] | None, fmt: str = ".4g") -> str:
+def _interval(value: tuple[float, float] | None) -> str:
     if value is None or not all(math.isfinite(v) for v in value):
         return ""
-    return f"[{value[0]:{fmt}}, {value[1]:{fmt}}]"
+    return f"[{value[0]:.4g}, {value[1]:.4g}]"
 
 
 # --- sections -------------------------------------------------------------------------------------
@@ -333,8 +333,7 @@ nav ul { columns: 2; } .note { font-size: .85rem; opacity: .8; }
 
 def build_report(cache: "ResultCache", run_key: str, *, post_label: str | None = None,
                  granularity: str | None = None, settings: MetricSettings = MetricSettings(),
-                 alphas: Sequence[float] | None = None, circuit_k: int = CIRCUIT_K,
-                 sections: Sequence[SectionBuilder] = SECTIONS) -> str:
+                 alphas: Sequence[float] | None = None, circuit_k: int = CIRCUIT_K) -> str:
     """The report of one run and post model (None: the first) at `granularity` (None: the run's
     own) under the metric conventions `settings`, at `alphas` (None: every alpha of the run; those
     with too few questions scored are listed, not drawn). Raises NotFoundError (a KeyError) for an
@@ -362,7 +361,8 @@ def build_report(cache: "ResultCache", run_key: str, *, post_label: str | None =
     ctx = ReportContext(cache=cache, run=run, granularity=graph.granularity, settings=settings,
                         alphas=tuple(kept), left_out=left_out, circuit_k=circuit_k,
                         created_at=now())
-    built = [section for builder in (sections if kept else (settings_and_provenance,))
+    # With no alpha to compare, only the provenance says what the run holds.
+    built = [section for builder in (SECTIONS if kept else (settings_and_provenance,))
              if (section := builder(ctx)) is not None]
     return _document(ctx, built)
 
