@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from core.errors import NotFoundError
 from core.settings import stable_hash
 from core.store import Store, fetch_one
 
@@ -57,8 +58,8 @@ _CONTENT_SQL = """
 """
 
 
-class RunNotFoundError(KeyError):
-    pass
+class RunNotFoundError(NotFoundError):
+    """No run of that key in the cache."""
 
 
 class _SnapshotMoved(Exception):
