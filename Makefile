@@ -34,7 +34,9 @@ browser-deps:
 demo-model: venv
 	$(OFFLINE) $(PY) -m core.demo prepare-base
 
+# Ray is optional for users, not for the suite: its executor's tests run here.
 test: venv demo-model browser-deps
+	$(PY) -m pip install --quiet -r requirements-ray.txt
 	$(OFFLINE) $(PY) -m pytest
 
 # The pipeline on the demo pairs at the paper's four alphas; a rerun does only what is missing.

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from core.datasets import Dataset, load_dataset
+from core.errors import InputError
+from core.executors import EXECUTORS, ExecutorName, split_address
 from core.models import ModelSpec
 from core.settings import (PAPER_ALPHAS, GenerationSettings, ScoreSettings, SelectionSettings,
                            check_alpha)
@@ -66,7 +68,12 @@ class Config:
 @dataclasses.dataclass(frozen=True)
 class RunRequest:
     """What to run. `limit` keeps the first N questions of the dataset (0: all); `cache` is the
-    cache file (None: the default); `config` the config file (None: core/pairs.toml)."""
+    cache file (None: the default); `config` the config file (None: core/pairs.toml).
+
+    Where model work runs (core/executors.py; in no cache key, results do not depend on it):
+    `executor` "local" (this process) or "ray"; for ray, `ray_address` None (start Ray here, or
+    RAY_ADDRESS), "auto" or "HOST:PORT", and `ray_actors` the pool size (0: one per GPU, or per CPU
+    where the cluster has no GPU)."""
 
     pair: str
     dataset: str
@@ -77,6 +84,9 @@ class RunRequest:
     limit: int = 0
     cache: str | None = None
     config: str | None = None
+    executor: ExecutorName = "local"
+    ray_address: str | None = None
+    ray_actors: int = 0
 
     def __post_init__(self) -> None:
         if not self.alphas:
@@ -84,16 +94,33 @@ class RunRequest:
         object.__setattr__(self, "alphas", tuple(sorted({check_alpha(a) for a in self.alphas})))
         if self.limit < 0:
             raise ValueError(f"limit={self.limit} must be 0 (all questions) or positive")
+        self._check_executor()
         # Absolute, so a job started from any working directory writes where it was asked to.
         for name in ("cache", "config"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, str(Path(getattr(self, name)).resolve()))
 
+    def _check_executor(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise InputError(f"executor={self.executor!r} is not one of {list(EXECUTORS)}")
+        if self.executor != "ray" and (self.ray_address is not None or self.ray_actors):
+            raise InputError("a Ray address or actor count applies to the ray executor only: add "
+                             "--executor ray, or drop --ray-address and --ray-actors")
+        if self.ray_address not in (None, "auto"):
+            split_address(self.ray_address)
+        if self.ray_actors < 0:
+            raise InputError(f"ray_actors={self.ray_actors} must be 0 (one per GPU, or per CPU) or "
+                             f"positive")
+        if self.executor == "ray" and self.score.device not in ("auto", "cpu", "cuda"):
+            raise InputError(f"device={self.score.device!r} names one device, but Ray gives each "
+                             f"actor its own: use --device auto (or cpu)")
+
     def as_dict(self) -> dict[str, Any]:
         return {"pair": self.pair, "dataset": self.dataset, "alphas": list(self.alphas),
                 "selection": self.selection.as_dict(), "score": self.score.as_dict(),
                 "generation": self.generation.as_dict(), "limit": self.limit, "cache": self.cache,
-                "config": self.config}
+                "config": self.config, "executor": self.executor, "ray_address": self.ray_address,
+                "ray_actors": self.ray_actors}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunRequest":
@@ -101,7 +128,9 @@ class RunRequest:
                    selection=SelectionSettings.from_dict(data["selection"]),
                    score=ScoreSettings.from_dict(data["score"]),
                    generation=GenerationSettings.from_dict(data["generation"]),
-                   limit=data.get("limit", 0), cache=data.get("cache"), config=data.get("config"))
+                   limit=data.get("limit", 0), cache=data.get("cache"), config=data.get("config"),
+                   executor=data.get("executor", "local"), ray_address=data.get("ray_address"),
+                   ray_actors=data.get("ray_actors", 0))
 
     def to_file(self, path: str | os.PathLike) -> Path:
         """Write the request as JSON (atomically: a reader sees no half-written file)."""

@@ -7,12 +7,16 @@ Stages (core.vocab.STAGES): identify models and data -> generate (per model) -> 
 docs/method.md section 6). Each generation batch, and each scoring batch (a sample's scores with its
 loss and time), commits in one transaction. `plan` asks the run store the same questions and
 reports what the stages would do.
+
+Model work (generation, scoring) runs on the request's executor (core/executors.py): in this process,
+or on Ray actors. Either way the stages cut the same chunks and this process alone commits them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -21,6 +25,7 @@ from typing import Any
 
 from core import keys
 from core.config import ConfigError, ModelEntry, RunRequest, get_dataset, get_pair, load_config
+from core.executors import GenerationJob, make_executor
 from core.migrations import migrate
 from core.models import ModelSpec, check_same_tokenizer
 from core.runstore import RunStore
@@ -44,13 +49,17 @@ class RunSummary:
     t_cuts: dict[float, int]
     # Work done by this call, per stage (0 everywhere on a complete rerun).
     done: dict[str, int]
+    # Model replicas loaded (by the executor: one per model and stage in this process, one per
+    # actor and model on Ray).
     models_loaded: int
     seconds: float
 
 
 class _Runner:
-    def __init__(self, request: RunRequest, progress: Progress | None, log: Callable[[str], None]):
+    def __init__(self, request: RunRequest, progress: Progress | None, log: Callable[[str], None],
+                 executor=None):
         self.request = request
+        self.executor = executor
         self.progress = progress or (lambda stage, done, total: None)
         self.log = log
         self.store = Store(request.cache)
@@ -59,7 +68,6 @@ class _Runner:
         self.pair = get_pair(request.pair, config)
         self.dataset = get_dataset(request.dataset, config, request.limit)
         self.done = dict.fromkeys(STAGES, 0)
-        self.models_loaded = 0
 
     # Identity of models and data, and the prompts (no model weights loaded, nothing written).
     def identify(self) -> None:
@@ -107,8 +115,6 @@ class _Runner:
             self.dataset, self.hasher.take_new())
 
     def generate(self) -> None:
-        from core import generation
-
         settings = self.request.generation
         for entry in self.pair.models:
             missing_keys = set(self.runs.missing_generations(self.generation_keys((entry,))))
@@ -119,30 +125,24 @@ class _Runner:
                 continue
             self.log(f"generate: {entry.label}: {len(missing)} of {len(self.questions)} questions")
             began = time.perf_counter()
-            if settings.gen_backend == "vllm":
-                results = generation.generate_vllm(
-                    entry.spec, self.tokenizer, [self.prompts[q] for q in missing],
-                    self.max_new_tokens, self.template.stop_strings, settings.gen_dtype)
-                self._store_generations(entry.label, missing, results,
-                                        (time.perf_counter() - began) / len(missing), "vllm")
-            else:
-                model = self._load(entry, settings.gen_dtype)
-                self.progress(f"generate {entry.label}", 0, len(missing))
-                step = settings.gen_batch_size
-                for start in range(0, len(missing), step):
-                    chunk = missing[start:start + step]
-                    chunk_began = time.perf_counter()
-                    results = generation.generate_greedy_detailed(
-                        model, self.tokenizer, [self.prompts[q] for q in chunk], self.max_new_tokens,
-                        self.template.stop_strings, batch_size=step)
-                    self._store_generations(entry.label, chunk, results,
-                                            (time.perf_counter() - chunk_began) / len(chunk), "hf")
-                    self.progress(f"generate {entry.label}", start + len(chunk), len(missing))
-                _release(model)
+            job = GenerationJob(entry.spec, self.tokenizer, self.max_new_tokens,
+                                tuple(self.template.stop_strings), settings, self.request.score.device)
+            # vLLM batches a whole shard itself: one chunk per model replica, one commit each.
+            size = (math.ceil(len(missing) / self.executor.replicas)
+                    if settings.gen_backend == "vllm" else settings.gen_batch_size)
+            chunks = [missing[start:start + size] for start in range(0, len(missing), size)]
+            self.progress(f"generate {entry.label}", 0, len(missing))
+            done = 0
+            for index, generated in self.executor.generate(
+                    job, [[self.prompts[q] for q in chunk] for chunk in chunks]):
+                self._store_generations(entry.label, chunks[index], generated)
+                done += len(chunks[index])
+                self.progress(f"generate {entry.label}", done, len(missing))
+            self.executor.release()
             self.runs.write_timing(self.run_key, "generate", len(missing), time.perf_counter() - began)
 
-    def _store_generations(self, label: str, question_ids: list[str], results, seconds: float,
-                           backend: str) -> None:
+    def _store_generations(self, label: str, question_ids: list[str], generated) -> None:
+        seconds, backend = generated.seconds, generated.backend
         self.runs.write_generations([{
             "generation_key": self.generation_key(label, qid), "model_key": self.model_keys[label],
             "question_key": self.questions[qid].key, "dataset_key": self.dataset.key,
@@ -150,7 +150,7 @@ class _Runner:
             "answer_ids": list(result.answer_ids),
             "answer_text": self.tokenizer.decode(list(result.answer_ids), skip_special_tokens=True),
             "finish_reason": result.finish_reason, "seconds": seconds, "backend": backend}
-            for qid, result in zip(question_ids, results)])
+            for qid, result in zip(question_ids, generated.generations)])
         self.done["generate"] += len(question_ids)
 
     def grade(self) -> None:
@@ -224,7 +224,7 @@ class _Runner:
                                   for qid in self.selection.question_ids))
 
     def score(self) -> None:
-        from core.eap import Sample, score_samples
+        from core.eap import Sample
 
         settings = self.request.score
         for entry in self.pair.models:
@@ -234,25 +234,23 @@ class _Runner:
                 continue
             tokens = self.runs.generation_tokens(list(question_of))
             self.log(f"score: {entry.label}: {len(todo)} samples")
-            model = self._load(entry, settings.dtype)
+            chunks = [todo[start:start + settings.batch_size]
+                      for start in range(0, len(todo), settings.batch_size)]
+            samples = [[Sample(question_of[key], tuple(tokens[key][0]), tuple(tokens[key][1]),
+                               min(cut, len(tokens[key][1]))) for key, cut in chunk]
+                       for chunk in chunks]
             self.progress(f"score {entry.label}", 0, len(todo))
             began = time.perf_counter()
-            for start in range(0, len(todo), settings.batch_size):
-                chunk = todo[start:start + settings.batch_size]
-                samples = []
-                for key, cut in chunk:
-                    prompt_ids, answer_ids = tokens[key]
-                    samples.append(Sample(question_of[key], tuple(prompt_ids), tuple(answer_ids),
-                                          min(cut, len(answer_ids))))
-
-                def inner(done: int, total: int, _base: int = start) -> None:
-                    self.progress(f"score {entry.label}", _base + done, len(todo))
-                result = score_samples(model, samples, settings, progress=inner)
+            done = 0
+            for index, result in self.executor.score(entry.spec, settings, samples):
                 if result.graph.n_layers != self.n_layers:
                     raise RuntimeError(f"{entry.label} has {result.graph.n_layers} layers, the base "
                                        f"{self.n_layers}: a pair must share one architecture")
-                self._store_scores(entry.label, chunk, samples, result)
-            _release(model)
+                done += len(chunks[index])
+                # Reported before the commit, so a progress bar shows work the executor finished.
+                self.progress(f"score {entry.label}", done, len(todo))
+                self._store_scores(entry.label, chunks[index], samples[index], result)
+            self.executor.release()
             self.runs.write_timing(self.run_key, "score", len(todo), time.perf_counter() - began)
 
     def _store_scores(self, label, chunk, samples, result) -> None:
@@ -289,28 +287,29 @@ class _Runner:
             self.done["metrics"] += 1
             self.runs.write_timing(self.run_key, "metrics", 1, time.perf_counter() - began)
 
-    def _load(self, entry: ModelEntry, dtype: str):
-        self.models_loaded += 1
-        return entry.spec.load(dtype=dtype, device=self.request.score.device)
-
 
 def run(request: RunRequest, progress: Progress | None = None,
         log: Callable[[str], None] = print) -> RunSummary:
     """Run (or resume) `request`; only missing work is done. Holds the cache's writer lock; a cache
     of an older schema version is migrated first (a copy of it is kept, see migrations.migrate)."""
     began = time.perf_counter()
-    runner = _Runner(request, progress, log)
-    with runner.store.writer_lock(wait=False):
-        migrate(runner.store, log)
-        runner.identify()
-        runner.record_inputs()
-        runner.generate()
-        runner.grade()
-        runner.select()
-        runner.score()
-        runner.metrics()
+    executor = make_executor(request.executor, request.ray_address, request.ray_actors,
+                             request.score.device, log)
+    runner = _Runner(request, progress, log, executor)
+    try:
+        with runner.store.writer_lock(wait=False):
+            migrate(runner.store, log)
+            runner.identify()
+            runner.record_inputs()
+            runner.generate()
+            runner.grade()
+            runner.select()
+            runner.score()
+            runner.metrics()
+    finally:
+        executor.close()
     return RunSummary(runner.run_key, runner.selection.report(), runner.t_cuts, runner.done,
-                      runner.models_loaded, time.perf_counter() - began)
+                      executor.models_loaded, time.perf_counter() - began)
 
 
 def plan(request: RunRequest) -> dict[str, Any]:
@@ -350,18 +349,6 @@ def plan(request: RunRequest) -> dict[str, Any]:
             "models": [e.label for e in models], "missing": missing,
             "seconds": round(missing["generate"] * seconds["generate"]
                              + missing["score"] * seconds["score"], 1)}
-
-
-def _release(model) -> None:
-    """Free a model's memory before the next one is loaded (two 7B models rarely fit together)."""
-    import gc
-
-    import torch
-
-    model.to("meta")
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _architecture(spec: ModelSpec) -> tuple[int, str]:

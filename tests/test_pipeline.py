@@ -523,3 +523,20 @@ def test_request_file_round_trip_and_the_cli_reads_it(world, tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"pair": "tiny"}')
     with pytest.raises(ConfigError, match="bad.json is not a run request"):
         RunRequest.from_file(tmp_path / "bad.json")
+
+
+def test_ray_stays_optional_the_local_executor_never_imports_it():
+    # A fresh process: another test of the session may have imported Ray.
+    check = ("import sys, core.pipeline, core.commands.run, core.jobs\n"
+             "from core.executors import make_executor\n"
+             "make_executor('local').close()\n"
+             "assert 'ray' not in sys.modules, 'the local executor imported ray'\n")
+    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    import tomllib
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pinned = [line for line in (REPO / "requirements-ray.txt").read_text().splitlines()
+              if line and not line.startswith("#")]
+    assert extra["ray"] == pinned, "pyproject's `ray` extra and requirements-ray.txt disagree"

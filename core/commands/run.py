@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from core.executors import EXECUTORS
 from core.settings import PAPER_ALPHAS, GenerationSettings, ScoreSettings, SelectionSettings
 
 
@@ -69,6 +70,15 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
                         help="consider only the first N questions of the dataset (0: all)")
     parser.add_argument("--config", help="pair config file (default: core/pairs.toml)")
     _cache_argument(parser)
+    where = parser.add_argument_group("where model work runs (results do not depend on it)")
+    where.add_argument("--executor", choices=EXECUTORS, default="local",
+                       help="local: this process; ray: Ray actors, one model replica each (one GPU "
+                            "each where the cluster has GPUs); needs requirements-ray.txt")
+    where.add_argument("--ray-address",
+                       help="auto (the cluster this machine belongs to) or HOST:PORT of the head "
+                            "node; default: RAY_ADDRESS, else start Ray on this machine")
+    where.add_argument("--ray-actors", type=int, default=0,
+                       help="Ray actors (model replicas); 0: one per GPU, or per CPU without GPUs")
     for group in (SelectionSettings, ScoreSettings, GenerationSettings):
         group.add_arguments(parser.add_argument_group(group.__name__))
 
@@ -77,9 +87,11 @@ def _request(args: argparse.Namespace):
     from core.config import RunRequest
 
     if args.request is not None:
-        if args.pair or args.dataset or args.cache or args.config:
-            raise ValueError("--request FILE names the pair, dataset, cache and config itself: give "
-                             "it without --pair, --dataset, --cache or --config")
+        if (args.pair or args.dataset or args.cache or args.config or args.executor != "local"
+                or args.ray_address or args.ray_actors):
+            raise ValueError("--request FILE names the pair, dataset, cache, config and executor "
+                             "itself: give it without --pair, --dataset, --cache, --config, "
+                             "--executor, --ray-address or --ray-actors")
         return RunRequest.from_file(args.request)
     if not (args.pair and args.dataset):
         raise ValueError("give --pair and --dataset (or --request FILE)")
@@ -87,7 +99,8 @@ def _request(args: argparse.Namespace):
                       selection=SelectionSettings.from_namespace(args),
                       score=ScoreSettings.from_namespace(args),
                       generation=GenerationSettings.from_namespace(args), limit=args.limit,
-                      cache=args.cache, config=args.config)
+                      cache=args.cache, config=args.config, executor=args.executor,
+                      ray_address=args.ray_address, ray_actors=args.ray_actors)
 
 
 class _Bars:
