@@ -17,12 +17,14 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from core.errors import CircuitdiffError, InputError
 
-class UnsupportedArchitectureError(ValueError):
+
+class UnsupportedArchitectureError(InputError):
     """No adapter knows where this model keeps its residual stream."""
 
 
-class NonAdditiveModelError(RuntimeError):
+class NonAdditiveModelError(CircuitdiffError):
     """The module outputs do not add up to a slot's residual input: edge scores would be meaningless."""
 
 

@@ -27,6 +27,7 @@ import psutil
 
 # Re-exported: the Compute page builds requests and lists what is configured through this module.
 from core.config import ConfigError, RunRequest, configured  # noqa: F401
+from core.errors import CircuitdiffError
 from core.store import REPO_ROOT, Store
 from core.vocab import ACTIVE_JOB_STATES, JobState
 
@@ -37,7 +38,7 @@ REQUEST_SUFFIX = ".request.json"
 _children: dict[str, subprocess.Popen] = {}
 
 
-class JobConflictError(RuntimeError):
+class JobConflictError(CircuitdiffError):
     """A run is already writing to the cache."""
 
 

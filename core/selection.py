@@ -22,13 +22,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from core.errors import InputError
 from core.settings import SelectionSettings, check_alpha
 
 RULES = ("not correct for every model", "mean length outside [floor(beta*T_bar), floor(gamma*T_bar)]",
          "length mismatch above delta", "prompt lengths differ", "not drawn (n reached)")
 
 
-class NoJointlyCorrectError(ValueError):
+class NoJointlyCorrectError(InputError):
     """No question was answered correctly by every model, so nothing can be scored."""
 
 

@@ -23,7 +23,7 @@ import pandas as pd
 
 from core.errors import NotFoundError
 from core.settings import stable_hash
-from core.store import Store, fetch_one
+from core.store import CacheBusyError, Store, fetch_one
 
 # Everything a run's views are read from, per run, in one query: the run row, its models, alphas
 # and selected questions, the scores it references (another run's job can add or share them), the
@@ -82,7 +82,7 @@ def public(method):
                     return method(self, *args, **kwargs)
             except _SnapshotMoved:
                 if attempt == _ATTEMPTS - 1:
-                    raise RuntimeError(f"the cache {self.path} changed during each of "
+                    raise CacheBusyError(f"the cache {self.path} changed during each of "
                                        f"{_ATTEMPTS} attempts to read it; retry") from None
     return wrapper
 
