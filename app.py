@@ -59,6 +59,7 @@ def left_out_lines(left_out: pd.DataFrame) -> str:
 
 sel = layout.page_header("Overview")
 if sel is not None:
+    layout.report_download(sel)
     cache = selection.cache()
     table = cache.metric_table(sel.metrics)
     pooling = cache.pooling()

@@ -100,7 +100,8 @@ def test_overview_shows_table_1_and_diversity(monkeypatch, fixture_cache):
     assert "no multiplicity correction" in captions and "Left out" not in captions
     assert "Diversity rose after post-training in" in markdown(at)
     assert len(charts(at)) == 1
-    assert [b.proto.label for b in at.get("download_button")] == ["Download CSV"] * 2
+    assert [b.proto.label for b in at.main.get("download_button")] == ["Download CSV"] * 2
+    assert [b.proto.label for b in at.sidebar.get("download_button")] == ["Download report"]
 
 
 def test_overview_counts_alphas_with_one_t_cut_once_and_lists_what_it_left_out(monkeypatch, tmp_path):
@@ -465,3 +466,78 @@ def test_change_summary_colours_by_the_papers_direction():
     bar = figures.change_summary(frame, "diversity", expected_sign=1).data[0]
     assert list(bar.x) == ["b", "a"]  # sorted by change
     assert list(bar.marker.color) == [figures.BASE_COLOR, figures.POST_COLOR]
+
+
+# --- Compute: where the user is, what selection will keep, where it runs ----------------------------
+
+def test_compute_opens_on_the_sidebars_pair_and_dataset(monkeypatch, tmp_path):
+    cache = tmp_path / "configured-names.duckdb"
+    # runs named after configured pairs and datasets (the paper's), none of them the first ones
+    build_synthetic_cache(cache, n_pairs=2, n_datasets=2, alphas=(0.1,), n_samples=4,
+                          layer_counts=(2, 2))
+    configured = jobs.configured()
+    first_pair, first_dataset = next(iter(configured["pairs"])), configured["datasets"][0]
+    link = {"pair": "mistral", "dataset": "gsm8k"}
+    assert (first_pair, first_dataset) != tuple(link.values())
+    at = open_app(monkeypatch, cache, "pages/1_Edge_heatmap.py", query=link)
+    at.switch_page("pages/5_Compute.py").run()
+    assert_clean(at, "Compute")
+    assert at.selectbox(key="compute.pair").value == "mistral"
+    assert at.selectbox(key="compute.dataset").value == "gsm8k"
+    # back on a result page, the sidebar still holds the selection
+    at.switch_page("pages/1_Edge_heatmap.py").run()
+    assert at.sidebar.selectbox(key="sel.pair").value == "mistral"
+    # a sidebar pair the config does not declare leaves the first configured one
+    fixture = tmp_path / "fixture.duckdb"
+    build_fixture_cache(fixture)
+    at = open_app(monkeypatch, fixture, "pages/5_Compute.py", query={"pair": "fixture-pair"})
+    assert at.selectbox(key="compute.pair").value == first_pair
+
+
+def test_the_estimate_says_what_the_selection_rules_will_keep(monkeypatch, fixture_cache):
+    removed = {"not correct for every model": 30, "mean length outside [floor(beta*T_bar), "
+               "floor(gamma*T_bar)]": 5, "length mismatch above delta": 3,
+               "prompt lengths differ": 0, "not drawn (n reached)": 2}
+    plan = {"run_key": "abc", "questions": 50, "models": ["base", "post"], "seconds": 10.0,
+            "missing": {"generate": 0, "grade": 0, "select": 1, "score": 40, "metrics": 4},
+            "selection": {"n_candidates": 50, "n_requested": 10, "n_selected": 10, "t_bar": 42.5,
+                          "window": [21, 63], "removed": removed}}
+    monkeypatch.setattr(jobs, "estimate", lambda request: plan)
+    at = open_app(monkeypatch, fixture_cache, "pages/5_Compute.py")
+    next(b for b in at.button if b.label == "Estimate cost").click().run()
+    assert_clean(at, "Compute")
+    assert "will keep **10** of 50 questions" in markdown(at)
+    kept = at.dataframe[1].value
+    assert list(kept["removed"]) == list(removed.values())
+    assert list(kept["left"]) == [20, 15, 12, 12, 10]
+
+    # Before the answers are graded there is no selection to report: the page says why.
+    del plan["selection"]
+    at = open_app(monkeypatch, fixture_cache, "pages/5_Compute.py")
+    next(b for b in at.button if b.label == "Estimate cost").click().run()
+    assert any("generated and graded" in c.value for c in at.caption)
+
+
+def test_the_estimate_of_a_cached_run_shows_its_selection(monkeypatch, fixture_cache):
+    from core.query import ResultCache
+
+    run = ResultCache.open(fixture_cache).runs().iloc[0]
+    plan = {"run_key": run["run_key"], "questions": 12, "models": ["base", "post"], "seconds": 0.0,
+            "missing": {"generate": 0, "grade": 0, "select": 0, "score": 0, "metrics": 0}}
+    monkeypatch.setattr(jobs, "estimate", lambda request: plan)
+    at = open_app(monkeypatch, fixture_cache, "pages/5_Compute.py")
+    next(b for b in at.button if b.label == "Estimate cost").click().run()
+    assert_clean(at, "Compute")
+    assert (f"This run is cached already; its selection kept **{run['n_selected']}** of "
+            f"{run['n_candidates']} questions") in markdown(at)
+
+
+def test_compute_offers_the_executors_of_a_run_request(monkeypatch, fixture_cache):
+    at = open_app(monkeypatch, fixture_cache, "pages/5_Compute.py")
+    assert at.selectbox(key="compute.executor").options == ["local", "ray"]
+    assert at.text_input(key="compute.ray_address").disabled
+    at.selectbox(key="compute.executor").set_value("ray").run()
+    at.text_input(key="compute.ray_address").set_value("not an address").run()
+    assert len(at.error) == 1 and "not an address" in at.error[0].value
+    at.text_input(key="compute.ray_address").set_value("auto").run()
+    assert_clean(at, "Compute")

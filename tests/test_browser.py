@@ -200,7 +200,7 @@ def test_every_page_renders_without_errors(browser, cache_file, tmp_path):
         for path, title in PAGES.items():
             errors = open_page(browser, f"{app.url}/{path}", title)
             assert errors == [], f"page {title!r} shows errors: {errors}"
-            if title not in ("Overview", "Compute"):  # the Overview draws it once app.py calls it
+            if title != "Compute":
                 assert len(_report_buttons(browser)) == 1, f"{title!r} offers no report"
             shot = _save(browser, f"page_{(path or 'overview').lower()}", tmp_path)
             assert shot.stat().st_size > 10_000, f"the screenshot of {title!r} looks empty"
