@@ -141,9 +141,12 @@ def table_1(ctx: ReportContext) -> Section:
     intro = (f"<p>{html.escape(base)} → {html.escape(post)}: each metric (docs/method.md section 6) "
              f"over the n questions scored for both models, with {level} paired-bootstrap "
              f"intervals ({ctx.settings.bootstrap} resamples; none when 0; docs/method.md section "
-             f"7). <em>direction</em>: whether the change goes the way the paper reports for online "
-             f"RL (intensity, complexity and diversity up, kurtosis down); edge_entropy and "
-             f"output_entropy are this project's reconstructions, with no paper claim.</p>")
+             f"7). <em>direction</em>: for a clear change (its interval excludes 0), whether it goes "
+             f"the way the paper reports for online RL (intensity, complexity and diversity up, "
+             f"kurtosis down); 'no clear change' otherwise; edge_entropy and output_entropy are "
+             f"this project's reconstructions, with no paper claim. <em>scale</em>: log_ratio (% "
+             f"change and its interval from log(post/base)) or difference (post - base, where the "
+             f"base is near 0 or the signs differ).</p>")
     return Section("table-1", "Table 1: metrics before and after post-training",
                    intro + _table(table))
 

@@ -48,10 +48,18 @@ def run_demo(cache: str | None = None, log=print):
 
 
 def format_metric_table(table) -> str:
-    """One line per (pair, alpha, metric): base -> post, % change and its interval."""
+    """One line per pooled (pair, T_cut, metric): base -> post, the change on its scale (% from the
+    log-ratio interval, or the difference) with its interval, * where the interval excludes 0, and
+    the paired Wilcoxon p of per-sample metrics (docs/method.md sections 6-7)."""
     lines = []
-    for row in table.sort_values(["pair", "alpha", "metric"]).itertuples():
-        lines.append(f"{row.pair:10s} alpha={row.alpha:<4} {row.metric:28s} {row.base:.4g} -> "
-                     f"{row.post:.4g}  {row.change_pct:+.1f}% [{row.ci_low:+.1f}, {row.ci_high:+.1f}]"
-                     f"  n={row.n}")
+    pooled = table[table["pooled"].astype(bool)]
+    for row in pooled.sort_values(["pair", "alpha", "metric"]).itertuples():
+        if row.scale == "difference":
+            change = f"diff {row.change:+.3g} [{row.change_low:+.3g}, {row.change_high:+.3g}]"
+        else:
+            change = f"{row.change_pct:+.1f}% [{row.ci_low:+.1f}, {row.ci_high:+.1f}]"
+        star = "*" if row.clear_sign else ""
+        wilcoxon = "" if row.wilcoxon_p != row.wilcoxon_p else f"  p={row.wilcoxon_p:.2g}"
+        lines.append(f"{row.pair:10s} alpha={row.alphas:<9} {row.metric:15s} {row.base:.4g} -> "
+                     f"{row.post:.4g}  {change}{star}{wilcoxon}  n={row.n}")
     return "\n".join(lines)
