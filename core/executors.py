@@ -229,8 +229,9 @@ class RayExecutor:
                 result = ray.get(ready)
             except ray.exceptions.RayActorError as error:
                 raise WorkerLostError(f"Ray actor {position} was lost more often than its "
-                                   f"{RAY_MAX_RESTARTS} restarts allow ({error}); look at the Ray "
-                                   f"logs of its node, then rerun: committed work is kept") from None
+                                      f"{RAY_MAX_RESTARTS} restarts allow ({error}); look at the "
+                                      f"Ray logs of its node, then rerun: committed work is "
+                                      f"kept") from None
             if waiting:
                 send(position)
             yield index, result
@@ -277,7 +278,8 @@ class RayExecutor:
                 placed[pending.pop(ref)] = ray.get(ref)
             if pending:
                 self.log(f"ray: {len(pending)} of {size} actors not placed yet (the cluster has "
-                         f"{resources}); they start when a node has room")
+                         f"{resources.get('GPU', 0):g} GPUs, {resources.get('CPU', 0):g} CPUs); "
+                         f"they start when a node has room")
         nodes = collections.Counter(f"{p['node']} ({p['device']})" for p in placed.values())
         self.log("ray: actors on " + ", ".join(f"{n} x {node}" for node, n in nodes.items()))
         return self.pool
