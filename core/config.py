@@ -16,11 +16,11 @@ from typing import Any
 
 from core.datasets import Dataset, load_dataset
 from core.errors import InputError
-from core.executors import EXECUTORS, ExecutorName, split_address
+from core.executors import split_address
 from core.models import ModelSpec
 from core.settings import (PAPER_ALPHAS, GenerationSettings, ScoreSettings, SelectionSettings,
                            check_alpha)
-from core.vocab import Kind
+from core.vocab import EXECUTORS, ExecutorName, Kind
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_PATH = Path(__file__).resolve().parent / "pairs.toml"

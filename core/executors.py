@@ -23,14 +23,13 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal, get_args
+from typing import Any
 
 from core.errors import CircuitdiffError, InputError
 from core.models import ModelSpec, resolve_device
 from core.settings import GenerationSettings, ScoreSettings
+from core.vocab import EXECUTORS, ExecutorName
 
-ExecutorName = Literal["local", "ray"]
-EXECUTORS: tuple[str, ...] = get_args(ExecutorName)
 # Times Ray restarts a lost actor, and retries a chunk whose actor was lost while it ran. A chunk
 # that raises (a bad sample, out of memory) is not retried: the error reaches the driver.
 RAY_MAX_RESTARTS = 3

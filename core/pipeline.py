@@ -25,9 +25,10 @@ from typing import Any
 
 from core import keys
 from core.config import ConfigError, ModelEntry, RunRequest, get_dataset, get_pair, load_config
+from core.errors import InputError
 from core.executors import GenerationJob, make_executor
 from core.migrations import migrate
-from core.models import ModelSpec, check_same_tokenizer
+from core.models import ModelSpec, check_loadable, check_same_tokenizer
 from core.runstore import RunStore
 from core.selection import Candidate, Selection, select_questions, t_cut
 from core.settings import MetricSettings
@@ -73,6 +74,8 @@ class _Runner:
     def identify(self) -> None:
         from core.templates import get_template
 
+        # Every model's files first: a post model that cannot load is found before the base generates.
+        check_loadable([(entry.label, entry.spec) for entry in self.pair.models])
         self.hasher = hasher = _FileHasher(self.runs)
         self.model_keys, self.fingerprints, tokenizers = {}, {}, []
         for entry in self.pair.models:
@@ -80,9 +83,11 @@ class _Runner:
             self.fingerprints[entry.label] = fingerprint
             self.model_keys[entry.label] = keys.model_key(entry.spec.identity(), fingerprint)
             tokenizers.append((entry.label, entry.spec.load_tokenizer()))
-        self.tokenizer_fingerprint = check_same_tokenizer(tokenizers)
-        self.tokenizer = tokenizers[0][1]
         self.template = get_template(self.pair.template)
+        # What must match is what the run feeds both models: the vocabulary and the prompts' ids.
+        self.tokenizer_fingerprint = check_same_tokenizer(tokenizers, self.template,
+                                                          self.dataset.questions)
+        self.tokenizer = tokenizers[0][1]
         self.max_new_tokens = self.request.generation.max_new_tokens or self.pair.max_new_tokens
         self.gen_key = keys.generation_settings_key(self.pair.template, self.max_new_tokens,
                                                     self.request.generation)
@@ -244,7 +249,7 @@ class _Runner:
             done = 0
             for index, result in self.executor.score(entry.spec, settings, samples):
                 if result.graph.n_layers != self.n_layers:
-                    raise RuntimeError(f"{entry.label} has {result.graph.n_layers} layers, the base "
+                    raise InputError(f"{entry.label} has {result.graph.n_layers} layers, the base "
                                        f"{self.n_layers}: a pair must share one architecture")
                 done += len(chunks[index])
                 # Reported before the commit, so a progress bar shows work the executor finished.
@@ -325,6 +330,7 @@ def plan(request: RunRequest) -> dict[str, Any]:
     grade = generate + len(runs.ungraded(keys_))
     state = runs.run_state(runner.run_key)
     select = 1 if state is None else int(bool(set(request.alphas) - set(state.t_cuts)))
+    selection = None  # known once every answer is graded and the run is not cached yet
     if state is None and grade:
         n_selected = min(request.selection.n, len(runner.questions))
         score = n_selected * len(models) * len(request.alphas)
@@ -333,6 +339,7 @@ def plan(request: RunRequest) -> dict[str, Any]:
             runner.choose()  # the selection the select stage will make
             wanted = [item for e in models for item in runner.wanted_scores(e)]
             n_selected = runner.selection.n_selected
+            selection = runner.selection.report()
         else:
             t_cuts = {a: state.t_cuts.get(a, t_cut(a, state.t_bar)) for a in request.alphas}
             wanted = list(dict.fromkeys((key, cut) for _, key in state.samples
@@ -346,7 +353,7 @@ def plan(request: RunRequest) -> dict[str, Any]:
     past = runs.past_seconds(list(runner.model_keys.values()))
     seconds = {stage: past[stage] or DEFAULT_SECONDS[stage] for stage in DEFAULT_SECONDS}
     return {"run_key": runner.run_key, "questions": len(runner.questions),
-            "models": [e.label for e in models], "missing": missing,
+            "models": [e.label for e in models], "missing": missing, "selection": selection,
             "seconds": round(missing["generate"] * seconds["generate"]
                              + missing["score"] * seconds["score"], 1)}
 

@@ -25,6 +25,8 @@ Granularity = Literal["qkv", "module"]
 DType = Literal["float32", "bfloat16", "float16", "float64"]
 # Generation backends.
 Backend = Literal["hf", "vllm"]
+# Where model work runs: in this process, or on Ray actors (core/executors.py).
+ExecutorName = Literal["local", "ray"]
 
 ROLES: tuple[str, ...] = get_args(Role)
 KINDS: tuple[str, ...] = get_args(Kind)
@@ -35,3 +37,4 @@ ACTIVE_JOB_STATES: tuple[str, ...] = ("queued", "running")
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 DTYPES: tuple[str, ...] = get_args(DType)
 BACKENDS: tuple[str, ...] = get_args(Backend)
+EXECUTORS: tuple[str, ...] = get_args(ExecutorName)

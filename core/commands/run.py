@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from core.executors import EXECUTORS
 from core.settings import PAPER_ALPHAS, GenerationSettings, ScoreSettings, SelectionSettings
+from core.vocab import EXECUTORS
 
 
 def register(subparsers) -> None:
