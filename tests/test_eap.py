@@ -196,7 +196,7 @@ def test_measures_equal_their_definitions(architecture):
         loss = nn.functional.cross_entropy(scored, targets)
         (grad,) = torch.autograd.grad(loss, final["h"])
         assert result.logits_slot_grad_norm[i] == pytest.approx(float(grad.norm()), rel=1e-10)
-        assert result.residual_norm[i] == pytest.approx(float(final["h"].norm(dim=-1).mean()), rel=1e-12)
+        assert result.residual_norm[i] == pytest.approx(float(final["h"].detach().norm(dim=-1).mean()), rel=1e-12)
         assert result.loss[i] == pytest.approx(float(loss), rel=1e-12)
 
 
