@@ -123,6 +123,10 @@ def stable_hash(obj: Any, length: int = 16) -> str:
 # Edge-score methods (docs/method.md section 3) and EAP-IG's path baselines.
 SCORE_METHODS = ("eap", "eap-ig")
 IG_BASELINES = ("zero",)
+# Memory plans of the engine (core/eap.py, plan_memory): checkpointing per decoder layer, and where the
+# source buffer lives.
+CHECKPOINTING = ("auto", "off", "layers")
+SOURCE_BUFFERS = ("auto", "device", "host")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +160,16 @@ class ScoreSettings(Settings):
                                    help="also keep each sample's W split by the position group it "
                                         "comes from (first token, rest of the prompt, answer); "
                                         "the parts sum to W")
+    checkpointing: str = setting("auto", choices=CHECKPOINTING, in_key=False,
+                                 help="activation checkpointing per decoder layer (scores unchanged, "
+                                      "about one more forward pass of time): layers, off, or auto "
+                                      "(on when the memory model of core/eap.py says the plain pass "
+                                      "would not fit the free device memory)")
+    source_buffer: str = setting("auto", choices=SOURCE_BUFFERS, in_key=False,
+                                 help="where the source outputs ((2L+1) x tokens x d_model) are kept: "
+                                      "device, host (pinned memory on CUDA; slower), or auto (host "
+                                      "only when they would not fit on the device even with "
+                                      "checkpointing)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -193,6 +207,12 @@ def check_alpha(alpha: float) -> float:
 
 PAPER_ALPHAS = (0.03, 0.1, 0.3, 0.5)
 
+# Metric variants computed from the stored position parts and norms (docs/method.md section 8). No
+# residual-norm variant: W does not change when the residual stream is uniformly rescaled
+# (tests/test_controls_views.py), so W itself is the scale-free score.
+POSITION_VARIANTS = ("all", "no-sink", "answer-only")
+NORMALISATIONS = ("none", "logit-grad")
+
 
 @dataclasses.dataclass(frozen=True)
 class MetricSettings(Settings):
@@ -223,6 +243,15 @@ class MetricSettings(Settings):
     fdr: float = setting(0.05, low=0.0, high=0.5, low_open=True,
                          help="Benjamini-Hochberg false discovery rate of the per-edge tests")
     seed: int = setting(0, low=0, help="seed of the bootstrap resampling")
+    positions: str = setting("all", choices=POSITION_VARIANTS, key_omits_default=True,
+                             help="positions whose scores the metrics use, from the stored position "
+                                  "parts: all (W), no-sink (W without the first token's part) or "
+                                  "answer-only (the answer tokens' part)")
+    normalise: str = setting("none", choices=NORMALISATIONS, key_omits_default=True,
+                             help="none, or logit-grad: each sample's W divided by the norm of the "
+                                  "logits' gradient over its scored positions (the model's "
+                                  "confidence on its own tokens, which every score is "
+                                  "proportional to)")
 
 
 @dataclasses.dataclass(frozen=True)
