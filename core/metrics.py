@@ -608,3 +608,113 @@ def diversity_summary(comparisons: Iterable[GridEntry]) -> pd.DataFrame:
                         "fell_ci_below_zero": int((rows["clear_sign"] < 0).sum()),
                         "mean_change_pct": float(rows["change_pct"].mean()) if len(rows) else math.nan})
     return pd.DataFrame(summary)
+
+
+# --- Controls (docs/method.md section 8) -----------------------------------------------------------
+
+# Which stored position parts (core.eap.POSITION_GROUPS: first token, rest of the prompt, answer)
+# each MetricSettings.positions sums.
+POSITION_PARTS = {"all": (0, 1, 2), "no-sink": (1, 2), "answer-only": (2,)}
+
+
+def score_variant(parts: np.ndarray | None, scores: np.ndarray, logit_grad_norm: np.ndarray | None,
+                  settings: MetricSettings) -> np.ndarray:
+    """The per-sample matrices the metrics read under `settings.positions` and `settings.normalise`:
+    the sum of the chosen position parts ([n, 3, ...]; `scores` itself for all positions), each
+    sample then divided by its logit-gradient norm for normalise=logit-grad. A variant whose inputs
+    were not stored is a ValueError saying so."""
+    if settings.positions != "all":
+        if parts is None:
+            raise ValueError(f"positions={settings.positions} needs the scores' position parts, "
+                             f"which were not stored for these samples")
+        scores = np.asarray(parts)[:, list(POSITION_PARTS[settings.positions])].sum(axis=1)
+    if settings.normalise == "logit-grad":
+        if logit_grad_norm is None:
+            raise ValueError("normalise=logit-grad needs each sample's logit-gradient norm, which "
+                             "was not stored for these samples")
+        norms = np.asarray(logit_grad_norm, dtype=np.float64)
+        if not np.all(norms > 0):
+            raise ValueError("a sample's logit-gradient norm is 0 or missing, so it cannot be "
+                             "divided by it")
+        scores = np.asarray(scores, dtype=np.float64) / norms[:, None, None]
+    return scores
+
+
+DECOMPOSITION_PARTS = ("total", "weights", "tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decomposition:
+    """Every metric's change split into weights and tokens (docs/method.md section 8), from the
+    scores S(scorer, tokens) of one set of questions:
+    total = S(post, post) - S(base, base) = weights + tokens, with
+    weights = S(post, base's tokens) - S(base, base) (same tokens, other weights) and
+    tokens = S(post, post) - S(post, base's tokens) (same weights, other tokens).
+    `symmetric_*`: the other path, through S(base, post's tokens): weights = S(post, post) -
+    S(base, post's tokens), tokens = S(base, post's tokens) - S(base, base); None where those scores
+    were not given. Point values per part (`values[part][metric]`) and paired-bootstrap percentile
+    intervals (`intervals[part][metric]`, None without bootstrap): the same question draws for every
+    matrix, complexity on one grid over all of them, so each replicate also sums exactly."""
+
+    settings: MetricSettings
+    n_samples: int
+    values: dict[str, dict[str, float]]
+    intervals: dict[str, dict[str, tuple[float, float] | None]]
+    complexity_top: float
+
+
+def decompose(base: np.ndarray, post: np.ndarray, post_on_base: np.ndarray, graph: ResidualGraph,
+              settings: MetricSettings = MetricSettings(),
+              base_on_post: np.ndarray | None = None) -> Decomposition:
+    """`Decomposition` of the change base -> post; sample k of every matrix is question k (base and
+    post on their own answers, post_on_base = post scored on base's answer, base_on_post = base
+    scored on post's answer)."""
+    matrices = {"base": base, "post": post, "post_on_base": post_on_base}
+    if base_on_post is not None:
+        matrices["base_on_post"] = base_on_post
+    checked = {name: check_scores(m, graph, f"{name} scores") for name, m in matrices.items()}
+    sizes = {m.shape[0] for m in checked.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"the matrices hold different numbers of samples "
+                         f"({ {k: m.shape[0] for k, m in checked.items()} }); the decomposition "
+                         f"needs every one on the same questions, in the same order")
+    n = sizes.pop()
+    counts = _draw_counts(n, settings)
+    top = _complexity_top(list(checked.values()), graph, settings)
+    values = {name: _values(_pieces(m, graph, settings, top), counts) for name, m in checked.items()}
+    parts = {"total": ("post", "base"), "weights": ("post_on_base", "base"),
+             "tokens": ("post", "post_on_base")}
+    if base_on_post is not None:
+        parts |= {"symmetric_weights": ("post", "base_on_post"),
+                  "symmetric_tokens": ("base_on_post", "base")}
+    points, intervals = {}, {}
+    for part, (minuend, subtrahend) in parts.items():
+        points[part], intervals[part] = {}, {}
+        for name in METRICS:
+            difference = values[minuend][name] - values[subtrahend][name]
+            points[part][name] = float(difference[0])
+            intervals[part][name] = (_interval(difference[1:], settings.ci_level)
+                                     if settings.bootstrap else None)
+    return Decomposition(settings=settings, n_samples=n, values=points, intervals=intervals,
+                         complexity_top=top)
+
+
+def exceeds_null(change: MetricChange, null: MetricChange) -> bool:
+    """Whether a real change exceeds its null model's: the real change is clear (its reported
+    interval excludes 0) and that interval lies wholly beyond the null's point change, on the real
+    change's side. Compared on the % scale where both changes are on it (the null run selects its
+    own questions, so its base value differs a little), else on the difference scale.
+    Why the null's point change and not its interval: the null answers "what does an update of this
+    size do", and its point change is that reference; asking two intervals not to overlap is a test
+    at well below the nominal level (about 0.6% for two 95% intervals) and throws power away. The
+    null's interval is shown beside it for a reader who wants the stricter reading."""
+    sign = change.clear_sign
+    if sign == 0:
+        return False
+    if change.scale == "log_ratio" and null.scale == "log_ratio":
+        interval, reference = change.change_pct_ci, null.change_pct
+    else:
+        interval, reference = change.change_ci, null.change
+    if interval is None or not math.isfinite(reference):
+        return False
+    return interval[0] > reference if sign > 0 else interval[1] < reference

@@ -63,3 +63,108 @@ def test_a_uniformly_rescaled_residual_stream_leaves_w_and_its_metrics_unchanged
     before, after = (metrics.model_metrics(s, graph) for s in (plain.scores, rescaled.scores))
     for name in metrics.METRICS:
         assert after[name] == pytest.approx(before[name], rel=1e-6), name
+
+
+# --- decomposition ---------------------------------------------------------------------------------
+
+def test_the_decomposition_sums_exactly_on_point_values_and_in_every_replicate():
+    rng = np.random.default_rng(0)
+    base, post, post_on_base, base_on_post = (_scores(rng, 12, s) for s in (1.0, 1.4, 1.2, 1.1))
+    result = metrics.decompose(base, post, post_on_base, GRAPH, QUICK, base_on_post=base_on_post)
+    for name in metrics.METRICS:
+        total = result.values["total"][name]
+        assert total == pytest.approx(result.values["weights"][name]
+                                      + result.values["tokens"][name], rel=1e-12, abs=1e-15)
+        assert total == pytest.approx(result.values["symmetric_weights"][name]
+                                      + result.values["symmetric_tokens"][name], rel=1e-12,
+                                      abs=1e-15)
+        assert result.intervals["weights"][name] is not None
+    # The per-sample metrics' total is the comparison's change (same questions and definitions).
+    comparison = metrics.compare_models(base, post, GRAPH, QUICK)
+    assert result.values["total"]["intensity"] == pytest.approx(
+        comparison.metrics["intensity"].change, rel=1e-12)
+
+
+def test_identical_base_and_post_give_zero_in_every_part_and_no_significant_edge():
+    rng = np.random.default_rng(1)
+    base = _scores(rng, 10)
+    result = metrics.decompose(base, base.copy(), base.copy(), GRAPH, QUICK,
+                               base_on_post=base.copy())
+    for part, values in result.values.items():
+        for name, value in values.items():
+            assert value == 0.0, (part, name)
+            assert result.intervals[part][name] == (0.0, 0.0), (part, name)
+    assert metrics.significant_edges(base, base.copy(), GRAPH, QUICK).empty
+
+
+def test_same_tokens_put_the_whole_change_in_the_weight_part():
+    """Post scored on base's tokens that equal its own (both wrote the same answer): tokens part 0."""
+    rng = np.random.default_rng(2)
+    base, post = _scores(rng, 10), _scores(rng, 10, 2.0)
+    result = metrics.decompose(base, post, post.copy(), GRAPH, QUICK)
+    for name in metrics.METRICS:
+        assert result.values["tokens"][name] == 0.0
+        assert result.values["weights"][name] == result.values["total"][name]
+
+
+def test_decomposition_refuses_matrices_of_different_questions():
+    rng = np.random.default_rng(3)
+    with pytest.raises(ValueError, match="same questions"):
+        metrics.decompose(_scores(rng, 5), _scores(rng, 5), _scores(rng, 4), GRAPH, QUICK)
+
+
+# --- position and confidence variants -------------------------------------------------------------
+
+def test_position_variants_are_the_hand_summed_parts():
+    rng = np.random.default_rng(4)
+    parts = np.stack([_scores(rng, 6) for _ in range(3)], axis=1)  # [n, 3, n_src, n_dst]
+    total = parts[:, 0] + parts[:, 1] + parts[:, 2]
+    norms = rng.uniform(0.5, 2.0, size=6)
+    assert np.array_equal(metrics.score_variant(parts, total, norms, MetricSettings()), total)
+    np.testing.assert_array_equal(
+        metrics.score_variant(parts, total, norms, MetricSettings(positions="no-sink")),
+        parts[:, 1] + parts[:, 2])
+    np.testing.assert_array_equal(
+        metrics.score_variant(parts, total, norms, MetricSettings(positions="answer-only")),
+        parts[:, 2])
+    np.testing.assert_allclose(
+        metrics.score_variant(parts, total, norms,
+                              MetricSettings(positions="no-sink", normalise="logit-grad")),
+        (parts[:, 1] + parts[:, 2]) / norms[:, None, None], rtol=1e-15)
+
+
+def test_variants_without_their_stored_inputs_say_what_is_missing():
+    rng = np.random.default_rng(5)
+    total = _scores(rng, 3)
+    with pytest.raises(ValueError, match="position parts"):
+        metrics.score_variant(None, total, None, MetricSettings(positions="answer-only"))
+    with pytest.raises(ValueError, match="logit-gradient norm"):
+        metrics.score_variant(None, total, None, MetricSettings(normalise="logit-grad"))
+
+
+def test_the_variants_stay_out_of_the_metric_key_at_their_defaults():
+    assert "positions" not in MetricSettings().key_dict()
+    assert "normalise" not in MetricSettings().key_dict()
+    assert MetricSettings(positions="no-sink").key() != MetricSettings().key()
+    assert MetricSettings(normalise="logit-grad").key() != MetricSettings().key()
+
+
+# --- null comparison --------------------------------------------------------------------------------
+
+def _change(change: float, low: float, high: float) -> metrics.MetricChange:
+    return metrics.MetricChange(base=1.0, post=1.0 + change, change=change, change_pct=100 * change,
+                                base_ci=None, post_ci=None, change_ci=(low, high),
+                                change_pct_ci=(100 * low, 100 * high), scale="log_ratio",
+                                wilcoxon_p=math.nan)
+
+
+@pytest.mark.parametrize("real, null, expected", [
+    ((0.5, 0.3, 0.7), (0.1, -0.1, 0.3), True),     # interval beyond the null's point change
+    ((0.5, 0.3, 0.7), (0.4, 0.2, 0.6), False),     # the null's change lies inside the interval
+    ((0.5, -0.1, 1.1), (0.0, -0.1, 0.1), False),   # no clear change at all
+    ((-0.5, -0.7, -0.3), (-0.1, -0.3, 0.1), True),  # a clear decrease beyond the null's
+    ((-0.5, -0.7, -0.3), (0.6, 0.4, 0.8), True),   # the null went the other way
+])
+def test_a_change_exceeds_its_null_only_with_its_interval_beyond_the_nulls_point_change(
+        real, null, expected):
+    assert metrics.exceeds_null(_change(*real), _change(*null)) is expected
