@@ -41,6 +41,7 @@ _RUN_ROWS = {
     "run_samples": "SELECT * FROM run_samples WHERE run_key = $run_key",
     "run_alphas": "SELECT * FROM run_alphas WHERE run_key = $run_key",
     "metrics": "SELECT * FROM metrics WHERE run_key = $run_key",
+    "run_controls": "SELECT * FROM run_controls WHERE run_key = $run_key",
     "stage_timings": "SELECT * FROM stage_timings WHERE run_key = $run_key",
     "models": "SELECT * FROM models WHERE model_key IN "
               "(SELECT model_key FROM run_models WHERE run_key = $run_key)",
@@ -119,12 +120,15 @@ def export_run(store: Store, run_key: str, folder: str | os.PathLike) -> dict[st
 
 def _write_vectors(con: duckdb.DuckDBPyConnection, staging: "_Staging", folder: Path,
                    scores) -> list[dict]:
-    """The edge vectors the score rows point to, one file per vector length."""
+    """The edge vectors the score rows point to (totals and position parts), one file per vector
+    length."""
     n_edges = scores.column("n_edges").to_pylist()
     vector_ids = scores.column("vector_id").to_pylist()
+    part_ids = scores.column("part_vector_ids").to_pylist()
     files = []
     for n in sorted(set(n_edges)):
-        ids = [v for v, length in zip(vector_ids, n_edges) if length == n]
+        ids = [i for v, parts, length in zip(vector_ids, part_ids, n_edges) if length == n
+               for i in [v, *(parts or [])]]
         vectors = con.sql(f"SELECT vector_id, edge_scores FROM {vector_table(n)} "
                           f"WHERE vector_id IN (SELECT unnest($ids)) ORDER BY vector_id",
                           params={"ids": ids}).to_arrow_table()
@@ -173,10 +177,19 @@ def _insert_scores(con: duckdb.DuckDBPyConnection, scores, vectors: dict[int, An
         row_of = {v: i for i, v in enumerate(table.column("vector_id").to_pylist())}
         column = table.column("edge_scores").combine_chunks()
         matrix = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, n_edges)
-        group = [r for r in records if r["n_edges"] == n_edges]
-        insert_scores(con, [{k: v for k, v in r.items() if k not in ("vector_id", "n_edges")}
-                            for r in group],
-                      matrix[np.array([row_of[r["vector_id"]] for r in group], dtype=np.int64)])
+        # Rows with and without position parts (and parts of one count) go in separate calls.
+        groups: dict[int, list[dict]] = {}
+        for r in records:
+            if r["n_edges"] == n_edges:
+                groups.setdefault(len(r["part_vector_ids"] or ()), []).append(r)
+        for n_parts, group in sorted(groups.items()):
+            parts = (matrix[np.array([[row_of[i] for i in r["part_vector_ids"]] for r in group],
+                                     dtype=np.int64)] if n_parts else None)
+            insert_scores(con, [{k: v for k, v in r.items()
+                                 if k not in ("vector_id", "n_edges", "part_vector_ids")}
+                                for r in group],
+                          matrix[np.array([row_of[r["vector_id"]] for r in group], dtype=np.int64)],
+                          parts)
 
 
 # The fields of a manifest's file entry and their JSON types.
@@ -345,14 +358,17 @@ class _Staging:
         for n_edges, path in files.items():
             table = vector_table(n_edges)
             found = fetch_one(self.con, f"""
-                SELECT (SELECT count(*) FROM scores s ANTI JOIN {table} v USING (vector_id)
-                        WHERE s.n_edges = ?),
+                SELECT (SELECT count(*) FROM (SELECT vector_id FROM scores WHERE n_edges = $n
+                                              UNION ALL SELECT unnest(part_vector_ids) FROM scores
+                                              WHERE n_edges = $n) s
+                        ANTI JOIN {table} v USING (vector_id)),
                        (SELECT count(*) - count(DISTINCT vector_id) FROM {table}),
                        (SELECT count(*) FROM {table}
-                        WHERE edge_scores IS NULL OR list_count(edge_scores::FLOAT[]) < ?)""",
-                              [n_edges, n_edges])
+                        WHERE edge_scores IS NULL OR list_count(edge_scores::FLOAT[]) < $n)""",
+                              {"n": n_edges})
             if any(found):
-                raise ExportFormatError(f"{path}: {found[0]} scores without a vector, "
+                raise ExportFormatError(f"{path}: {found[0]} scores without a vector (total or "
+                                        f"position part), "
                                         f"{found[1]} repeated vector ids, {found[2]} vectors with "
                                         f"missing values; copy the exported folder again")
 

@@ -17,6 +17,8 @@ def migrate(store: Store, log=print) -> Path | None:
     cache is current (or absent)."""
     with store.writer_lock(wait=False):
         found = store.schema_version()
+        if found == SCHEMA_VERSION and _is_draft_v2(store):
+            found = DRAFT_V2
         if found is None or found == SCHEMA_VERSION:
             return None
         if found not in MIGRATIONS:
@@ -34,6 +36,8 @@ def migrate(store: Store, log=print) -> Path | None:
             con.execute("BEGIN TRANSACTION")
             try:
                 MIGRATIONS[found](con)
+                for name, columns in TABLES.items():  # tables the older version did not have
+                    con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
                 con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [SCHEMA_VERSION])
             except BaseException:
                 con.execute("ROLLBACK")
@@ -91,6 +95,23 @@ def _migrate_v1(con: duckdb.DuckDBPyConnection) -> None:
         con.unregister("_key_map")
 
 
+def _migrate_draft_v2(con: duckdb.DuckDBPyConnection) -> None:
+    """Version 2 as written before controls (never released, but demo caches hold it): scores gain
+    the scorer in their key, position parts and norms (NULL: not computed for these rows)."""
+    _rebuild(con, "scores", "SELECT * FROM scores")
+
+
+def _is_draft_v2(store: Store) -> bool:
+    """Whether a version-2 cache predates controls (its scores have no part_vector_ids)."""
+    con = store._connect(read_only=True, timeout=OPEN_TIMEOUT_S)
+    try:
+        return fetch_one(con, "SELECT count(*) FROM information_schema.columns WHERE table_schema = "
+                              "'main' AND table_name = 'scores' AND column_name = 'part_vector_ids'"
+                         )[0] == 0
+    finally:
+        con.close()
+
+
 def _rebuild(con: duckdb.DuckDBPyConnection, table: str, select_sql: str) -> None:
     """Replace `table` by the rows of `select_sql` under the current schema, refusing to lose any."""
     before = fetch_one(con, f"SELECT count(*) FROM {table}")[0]
@@ -104,5 +125,7 @@ def _rebuild(con: duckdb.DuckDBPyConnection, table: str, select_sql: str) -> Non
     con.execute(f"ALTER TABLE _{table}_next RENAME TO {table}")
 
 
+# The name `migrate` gives a version-2 cache written before controls (its copy: <cache>.v2-draft.bak).
+DRAFT_V2 = "2-draft"
 # Schema version found -> the function that rewrites it to SCHEMA_VERSION inside a transaction.
-MIGRATIONS = {"1": _migrate_v1}
+MIGRATIONS = {"1": _migrate_v1, DRAFT_V2: _migrate_draft_v2}

@@ -127,11 +127,14 @@ class RunStore:
 
     # --- score ------------------------------------------------------------------------------
 
-    def missing_scores(self, wanted: list[tuple[str, int]], score_key: str) -> list[tuple[str, int]]:
-        """The (generation key, T_cut) pairs among `wanted` with no stored scores, in order."""
+    def missing_scores(self, wanted: list[tuple[str, int]], score_key: str,
+                       scorer_key: str) -> list[tuple[str, int]]:
+        """The (generation key, T_cut) pairs among `wanted` with no scores by the model `scorer_key`
+        (the answer's own model, or another one for cross-scoring), in order."""
         have = set(self._rows(
-            "SELECT generation_key, t_cut FROM scores WHERE score_key = ? AND "
-            "generation_key IN (SELECT unnest(?))", [score_key, sorted({key for key, _ in wanted})]))
+            "SELECT generation_key, t_cut FROM scores WHERE score_key = ? AND model_key = ? AND "
+            "generation_key IN (SELECT unnest(?))",
+            [score_key, scorer_key, sorted({key for key, _ in wanted})]))
         return [item for item in wanted if item not in have]
 
     def generation_tokens(self, keys: list[str]) -> dict[str, tuple[list[int], list[int]]]:
@@ -140,14 +143,90 @@ class RunStore:
             "SELECT generation_key, prompt_ids, answer_ids FROM generations "
             "WHERE generation_key IN (SELECT unnest(?))", [list(keys)])}
 
-    def write_scores(self, run_key: str, rows: list[dict], vectors) -> None:
-        """Score rows (without code version and time) with their real-edge vectors, in one
-        transaction that also marks the run updated."""
+    def write_scores(self, run_key: str, rows: list[dict], vectors, parts=None) -> None:
+        """Score rows (without code version and time; model_key is the scorer, so a row of model A
+        on model B's answer is a cross score) with their real-edge vectors [n, n_edges] and
+        optionally their position parts [n, len(POSITION_GROUPS), n_edges] (see
+        store.insert_scores), in one transaction that also marks the run updated."""
         created = now()
         with self.store.write() as con:
             insert_scores(con, [{**row, "code_version": code_version(), "created_at": created}
-                                for row in rows], vectors)
+                                for row in rows], vectors, parts)
             con.execute("UPDATE runs SET updated_at = ? WHERE run_key = ?", [created, run_key])
+
+    # --- controls (docs/method.md section 9) --------------------------------------------------
+
+    def cross_vectors(self, run_key: str, t_cut: int, scorer_label: str,
+                      tokens_label: str) -> tuple[list[str], list[int]]:
+        """S(scorer, tokens): (question ids, vector ids) of the model `scorer_label` scored on the
+        answers of `tokens_label` at `t_cut`, under the run's score settings, in selection order.
+        Labels are the run's model labels ("base" names the base). Only complete questions are
+        given: those with all four scores of the two models (each on its own and on the other's
+        tokens), so every combination of the two labels lists the same questions; with equal
+        labels, a model's own scores. Vectors: store.fetch_vectors(con, n_edges, ids)."""
+        rows = self._score_column(run_key, t_cut, scorer_label, tokens_label, "vector_id")
+        return [q for q, _ in rows], [int(v) for _, v in rows]
+
+    def part_vector_ids(self, run_key: str, t_cut: int, scorer_label: str,
+                        tokens_label: str | None = None) -> tuple[list[str], list[list[int] | None]]:
+        """Like cross_vectors (tokens_label None: the scorer's own answers), with each score's
+        position-part vector ids in core.eap.POSITION_GROUPS order (None where the row was scored
+        without parts)."""
+        rows = self._score_column(run_key, t_cut, scorer_label, tokens_label or scorer_label,
+                                  "part_vector_ids")
+        return [q for q, _ in rows], [None if v is None else [int(i) for i in v] for _, v in rows]
+
+    def _score_column(self, run_key: str, t_cut: int, scorer_label: str, tokens_label: str,
+                      column: str) -> list[tuple]:
+        labels = self._labels(run_key)
+        scorer, tokens = (self._label(labels, run_key, name) for name in (scorer_label, tokens_label))
+        both = sorted({scorer, tokens})
+        return self._rows(f"""
+            SELECT rs.question_id, s.{column} FROM run_samples rs
+            JOIN runs r ON r.run_key = rs.run_key
+            JOIN scores s ON s.generation_key = rs.generation_key AND s.score_key = r.score_key
+                AND s.t_cut = $t_cut AND s.model_key = $scorer_key
+            WHERE rs.run_key = $run_key AND rs.label = $tokens AND rs.question_id IN (
+                SELECT rs2.question_id FROM run_samples rs2
+                JOIN run_models m ON m.run_key = rs2.run_key AND m.label IN (SELECT unnest($both))
+                JOIN scores s2 ON s2.generation_key = rs2.generation_key
+                    AND s2.score_key = r.score_key AND s2.t_cut = $t_cut
+                    AND s2.model_key = m.model_key
+                WHERE rs2.run_key = $run_key AND rs2.label IN (SELECT unnest($both))
+                GROUP BY rs2.question_id HAVING count(*) = $n_combinations)
+            ORDER BY rs.position""",
+            {"run_key": run_key, "t_cut": int(t_cut), "scorer_key": labels[scorer][1],
+             "tokens": tokens, "both": both, "n_combinations": len(both) ** 2})
+
+    def _labels(self, run_key: str) -> dict[str, tuple[str, str]]:
+        return {label: (role, key) for label, role, key in self._rows(
+            "SELECT label, role, model_key FROM run_models WHERE run_key = ?", [run_key])}
+
+    @staticmethod
+    def _label(labels: dict[str, tuple[str, str]], run_key: str, name: str) -> str:
+        if name == "base":
+            name = next((label for label, (role, _) in labels.items() if role == "base"), name)
+        if name not in labels:
+            raise KeyError(f"run {run_key!r} has no model labelled {name!r}; its labels: "
+                           f"{sorted(labels)}")
+        return name
+
+    def controls_of(self, run_key: str) -> list[dict]:
+        """The run's control runs: rows of run_controls (run_key, post_label, control,
+        control_run_key, created_at), by post label and control."""
+        columns = ("run_key", "post_label", "control", "control_run_key", "created_at")
+        return [dict(zip(columns, row)) for row in self._rows(
+            f"SELECT {', '.join(columns)} FROM run_controls WHERE run_key = ? "
+            f"ORDER BY post_label, control", [run_key])]
+
+    def write_control(self, run_key: str, post_label: str, control: str,
+                      control_run_key: str) -> None:
+        """Link the run of a control (a null model vs the base) to the run and post model it
+        controls; an existing link is kept."""
+        with self.store.write() as con:
+            Store.insert_rows(con, "run_controls", [{
+                "run_key": run_key, "post_label": post_label, "control": control,
+                "control_run_key": control_run_key, "created_at": now()}])
 
     def past_seconds(self, model_keys: list[str]) -> dict[str, float | None]:
         """Mean seconds per generated answer and per scored sample of these models so far."""

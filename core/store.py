@@ -5,11 +5,14 @@ Layout (every key is a content hash, recipes in core/keys.py; docs/method.md sec
   a question its text and reference);
 - generations (prompt and answer token ids exactly as generated), keyed by model, question content
   and generation settings, so any dataset holding the question reuses the answer; and grades;
-- scores: one row per (generation, T_cut, score settings) with the sample's loss and time, and its
-  real-edge vector in edge_vectors_<n_edges>, so identical work is shared by every run needing it;
+- scores: one row per (generation, T_cut, score settings, scorer model) with the sample's loss,
+  time and norms, its real-edge vector and its position parts' vectors in edge_vectors_<n_edges>, so
+  identical work is shared by every run needing it; the scorer is the answer's own model, or another
+  model of the run scored on its tokens (cross-scoring);
 - runs, run_models, run_samples, run_alphas: what a run is (pair or series, dataset, settings), the
   questions it selected, T_bar and T_cut per alpha;
 - metrics: the default-convention comparison of each run, post model and alpha;
+- run_controls: the control runs (null models) of a run's post models;
 - stage_timings and code versions.
 
 `core.runstore.RunStore` is the only way a run reads and writes these tables; `core.migrations.migrate`
@@ -89,10 +92,20 @@ TABLES = {
     "run_alphas": """run_key VARCHAR, alpha DOUBLE, t_cut INTEGER, PRIMARY KEY (run_key, alpha)""",
     # The vector of a score row is row `vector_id` of table edge_vectors_<n_edges> (see
     # insert_scores): a fixed-size FLOAT[n] column is read by id several times faster than a list.
+    # model_key is the SCORER's model: the answer's own model, or (cross-scoring) another model of
+    # the run scored on this answer's tokens. part_vector_ids: the vectors, in the same table, of
+    # the position parts in core.eap.POSITION_GROUPS order (NULL where they were not computed);
+    # the norms are the engine's per-sample measures (NULL for rows scored before them).
     "scores": """generation_key VARCHAR, t_cut INTEGER, score_key VARCHAR, model_key VARCHAR,
         dataset_key VARCHAR, question_id VARCHAR, n_edges INTEGER, vector_id BIGINT, loss DOUBLE,
         seconds DOUBLE, n_scored_tokens INTEGER, scored_text VARCHAR, code_version VARCHAR,
-        created_at TIMESTAMP, PRIMARY KEY (generation_key, t_cut, score_key)""",
+        created_at TIMESTAMP, part_vector_ids BIGINT[], logit_grad_norm DOUBLE,
+        logits_slot_grad_norm DOUBLE, residual_norm DOUBLE,
+        PRIMARY KEY (generation_key, t_cut, score_key, model_key)""",
+    # A control of a run's post model (docs/method.md section 9): a null model's comparison with the
+    # base is a run of its own (control_run_key), linked here.
+    "run_controls": """run_key VARCHAR, post_label VARCHAR, control VARCHAR,
+        control_run_key VARCHAR, created_at TIMESTAMP, PRIMARY KEY (run_key, post_label, control)""",
     "metrics": """run_key VARCHAR, post_label VARCHAR, alpha DOUBLE, settings_key VARCHAR,
         settings VARCHAR, comparison VARCHAR, created_at TIMESTAMP,
         PRIMARY KEY (run_key, post_label, alpha, settings_key)""",
@@ -432,6 +445,10 @@ class Store:
                              f"version {SCHEMA_VERSION}; export its runs with the matching code "
                              f"version, or use a new cache file (CIRCUITDIFF_CACHE)")
         found_columns, expected = _columns(con), expected_columns()
+        if "scores" in found_columns and "part_vector_ids" not in dict(found_columns["scores"]):
+            raise CacheError(f"the cache {self.path} was written before controls (its scores have "
+                             f"no scorer key or position parts): run `python -m core migrate "
+                             f"--cache {self.path}` once (it keeps a copy as {self.path}.v2-draft.bak)")
         for table, columns in expected.items():
             if found_columns.get(table) != columns:
                 have = found_columns.get(table)
@@ -476,20 +493,22 @@ def vector_table(n_edges: int) -> str:
     return f"edge_vectors_{int(n_edges)}"
 
 
-def insert_scores(con: duckdb.DuckDBPyConnection, rows: list[dict], vectors) -> None:
-    """Score rows (the `scores` columns but vector_id and n_edges) with their real-edge vectors
-    [len(rows), n_edges], inside a write transaction. Rows whose key exists (in the cache or earlier
-    in `rows`) are skipped."""
+def insert_scores(con: duckdb.DuckDBPyConnection, rows: list[dict], vectors, parts=None) -> None:
+    """Score rows (the `scores` columns but vector_id, n_edges and part_vector_ids) with their
+    real-edge vectors [len(rows), n_edges] and, optionally, their position parts
+    [len(rows), len(POSITION_GROUPS), n_edges], inside a write transaction. A row is keyed by
+    (generation, T_cut, score settings, scorer model); rows whose key exists (in the cache or
+    earlier in `rows`) are skipped. Vector ids are unique within edge_vectors_<n_edges>."""
     import numpy as np
     import pyarrow as pa
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if not rows:
         return
-    keys = [(r["generation_key"], int(r["t_cut"]), r["score_key"]) for r in rows]
+    keys = [(r["generation_key"], int(r["t_cut"]), r["score_key"], r["model_key"]) for r in rows]
     existing = set(con.execute(
-        "SELECT generation_key, t_cut, score_key FROM scores WHERE generation_key IN (SELECT unnest(?))",
-        [sorted({k[0] for k in keys})]).fetchall())
+        "SELECT generation_key, t_cut, score_key, model_key FROM scores "
+        "WHERE generation_key IN (SELECT unnest(?))", [sorted({k[0] for k in keys})]).fetchall())
     keep = []
     for i, key in enumerate(keys):  # the first row of a key repeated within `rows` wins
         if key not in existing:
@@ -498,19 +517,33 @@ def insert_scores(con: duckdb.DuckDBPyConnection, rows: list[dict], vectors) -> 
     if not keep:
         return
     n_edges = vectors.shape[1]
+    n_parts = 0
+    if parts is not None:
+        parts = np.ascontiguousarray(parts, dtype=np.float32)
+        if parts.ndim != 3 or parts.shape[0] != len(rows) or parts.shape[2] != n_edges:
+            raise ValueError(f"position parts of shape {parts.shape} do not match {len(rows)} rows "
+                             f"of {n_edges} edges")
+        n_parts = parts.shape[1]
     table = vector_table(n_edges)
     con.execute(f"CREATE TABLE IF NOT EXISTS {table} (vector_id BIGINT, edge_scores FLOAT[{n_edges}])")
-    first = fetch_one(con, "SELECT coalesce(max(vector_id), -1) + 1 FROM scores")[0]
-    ids = np.arange(first, first + len(keep), dtype=np.int64)
-    incoming = pa.table({"vector_id": ids, "edge_scores": pa.FixedSizeListArray.from_arrays(
-        pa.array(vectors[keep].ravel(), type=pa.float32()), n_edges)})
+    # Past the largest id of any score row (as before parts existed) and of this table (parts).
+    first = fetch_one(con, f"SELECT greatest((SELECT coalesce(max(vector_id), -1) FROM scores), "
+                           f"(SELECT coalesce(max(vector_id), -1) FROM {table})) + 1")[0]
+    # Each kept row takes 1 + n_parts consecutive ids: its total, then its parts in order.
+    ids = first + np.arange(len(keep) * (1 + n_parts), dtype=np.int64).reshape(len(keep), 1 + n_parts)
+    stacked = vectors[keep][:, None, :] if not n_parts else np.concatenate(
+        [vectors[keep][:, None, :], parts[keep]], axis=1)
+    incoming = pa.table({"vector_id": ids.ravel(), "edge_scores": pa.FixedSizeListArray.from_arrays(
+        pa.array(stacked.ravel(), type=pa.float32()), n_edges)})
     con.register("_incoming_vectors", incoming)
     try:
         con.execute(f"INSERT INTO {table} SELECT vector_id, edge_scores FROM _incoming_vectors")
     finally:
         con.unregister("_incoming_vectors")
-    Store.insert_rows(con, "scores", [{**rows[i], "n_edges": n_edges, "vector_id": int(vector_id)}
-                                      for i, vector_id in zip(keep, ids)])
+    Store.insert_rows(con, "scores", [
+        {**rows[i], "n_edges": n_edges, "vector_id": int(row_ids[0]),
+         "part_vector_ids": [int(v) for v in row_ids[1:]] if n_parts else None}
+        for i, row_ids in zip(keep, ids)])
 
 
 def fetch_vectors(con: duckdb.DuckDBPyConnection, n_edges: int, vector_ids: list[int]):

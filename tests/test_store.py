@@ -158,7 +158,8 @@ def test_score_vectors_round_trip_in_order_and_existing_keys_are_kept(tmp_path):
     store = Store(tmp_path / "cache.duckdb")
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((4, 23)).astype(np.float32)
-    rows = [{"generation_key": f"g{i}", "t_cut": 3, "score_key": "s", "loss": 1.0} for i in range(4)]
+    rows = [{"generation_key": f"g{i}", "t_cut": 3, "score_key": "s", "model_key": "m", "loss": 1.0}
+            for i in range(4)]
     with store.write() as con:
         insert_scores(con, rows[:3], vectors[:3])
     with store.write() as con:  # g0..g2 exist: only g3 is added, g0 keeps its first vector
