@@ -621,7 +621,8 @@ def score_variant(parts: np.ndarray | None, scores: np.ndarray, logit_grad_norm:
                   settings: MetricSettings) -> np.ndarray:
     """The per-sample matrices the metrics read under `settings.positions` and `settings.normalise`:
     the sum of the chosen position parts ([n, 3, ...]; `scores` itself for all positions), each
-    sample then divided by its logit-gradient norm for normalise=logit-grad. A variant whose inputs
+    sample then divided by its logit-gradient norm for normalise=logit-grad. Any trailing shape
+    (dense matrices or real-edge vectors). A variant whose inputs
     were not stored is a ValueError saying so."""
     if settings.positions != "all":
         if parts is None:
@@ -636,7 +637,7 @@ def score_variant(parts: np.ndarray | None, scores: np.ndarray, logit_grad_norm:
         if not np.all(norms > 0):
             raise ValueError("a sample's logit-gradient norm is 0 or missing, so it cannot be "
                              "divided by it")
-        scores = np.asarray(scores, dtype=np.float64) / norms[:, None, None]
+        scores = np.asarray(scores, dtype=np.float64) / norms.reshape(-1, *[1] * (np.ndim(scores) - 1))
     return scores
 
 

@@ -66,19 +66,24 @@ _SAMPLE_FIELDS = (("text", "answer_text"), ("correct", "correct"), ("answer", "e
                   ("truncated_text", "scored_text"), ("scored_tokens", "n_scored_tokens"),
                   ("loss", "loss"))
 
-# (t_cut, question) pairs of a run scored for EVERY one of its models, at any of its T_cuts.
+# (t_cut, question) pairs of a run scored for EVERY one of its models, at any of its T_cuts; a
+# model's own scores only (scorer = the answer's model: cross scores are the controls').
 _COMPLETE_SQL = """
     complete AS (
         SELECT s.t_cut, rs.question_id FROM run_samples rs
+        JOIN run_models own ON own.run_key = rs.run_key AND own.label = rs.label
         JOIN scores s ON s.generation_key = rs.generation_key AND s.score_key = $score_key
+                     AND s.model_key = own.model_key
         WHERE rs.run_key = $run_key
           AND s.t_cut IN (SELECT t_cut FROM run_alphas WHERE run_key = $run_key)
         GROUP BY s.t_cut, rs.question_id
         HAVING count(*) = (SELECT count(*) FROM run_models WHERE run_key = $run_key))
 """
-# Joins that keep the score rows of complete questions only (`rs` run_samples, `s` scores).
+# Joins that keep the own score rows of complete questions only (`rs` run_samples, `s` scores).
 _JOIN_COMPLETE = """
+    JOIN run_models own ON own.run_key = rs.run_key AND own.label = rs.label
     JOIN scores s ON s.generation_key = rs.generation_key AND s.score_key = $score_key
+                 AND s.model_key = own.model_key
     JOIN complete c ON c.question_id = rs.question_id AND c.t_cut = s.t_cut
 """
 
@@ -86,6 +91,11 @@ _JOIN_COMPLETE = """
 # Fields that cannot change a result (batch size, device): a difference in them is no reason.
 _NOT_IN_KEY = {cls: {f.name for f in dataclasses.fields(cls) if not f.metadata.get("in_key", True)}
                for cls in (ScoreSettings, SelectionSettings)}
+
+
+def _variant(settings: MetricSettings) -> tuple[str, str]:
+    """The metric settings that change the matrices themselves (docs/method.md section 8)."""
+    return settings.positions, settings.normalise
 
 
 def _settings_difference(settings: dict[str, dict], reference: dict[str, dict]) -> str:
@@ -101,6 +111,25 @@ def _settings_difference(settings: dict[str, dict], reference: dict[str, dict]) 
 class TooFewQuestionsError(ValueError):
     """A view that compares samples was asked for where fewer than MIN_QUESTIONS questions are
     complete for every model of the run; the message says how many and what to do."""
+
+
+class ControlNotComputedError(ValueError):
+    """A controls view or metric variant needs data the run does not hold yet (cross scores, a null
+    run, position parts or norms); the message names the command that computes it."""
+
+
+# The command that computes the controls of a run, for the messages that ask for it.
+CONTROLS_COMMAND = "python -m core run --pair PAIR --dataset DATASET ... --controls cross,perturb"
+# Columns of `decomposition`: per part (total, weights, tokens) its point value and interval.
+DECOMPOSITION_COLUMNS = ("metric", *(f"{part}{suffix}" for part in metrics.DECOMPOSITION_PARTS
+                                     for suffix in ("", "_low", "_high")),
+                         "symmetric_weights", "symmetric_tokens", "n")
+# Columns of `null_comparison`: the real change and each linked null run's change at its nearest
+# T_cut, on the reported scale of each (`change_pct` NaN on the difference scale).
+NULL_COLUMNS = ("metric", "control", "change", "change_low", "change_high", "change_pct",
+                "change_pct_low", "change_pct_high", "scale", "null_change", "null_change_low",
+                "null_change_high", "null_change_pct", "null_scale", "null_alpha", "null_t_cut",
+                "null_n", "exceeds_null", "control_run_key")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +200,9 @@ class ResultCache(SnapshotReader):
             WITH per_question AS (
                 SELECT rs.run_key, s.t_cut, rs.question_id, count(*) AS n FROM run_samples rs
                 JOIN runs r ON r.run_key = rs.run_key
+                JOIN run_models own ON own.run_key = rs.run_key AND own.label = rs.label
                 JOIN scores s ON s.generation_key = rs.generation_key AND s.score_key = r.score_key
+                             AND s.model_key = own.model_key
                 GROUP BY ALL),
             models AS (SELECT run_key, count(*) AS n FROM run_models GROUP BY run_key)
             SELECT q.run_key, q.t_cut, count(*) AS n FROM per_question q
@@ -262,12 +293,25 @@ class ResultCache(SnapshotReader):
 
     @public
     def view(self, run_key: str, alpha: float, *, post_label: str | None = None,
-             granularity: str | None = None) -> PairView:
+             granularity: str | None = None,
+             settings: MetricSettings = MetricSettings()) -> PairView:
         """Base and post matrices of the questions complete at alpha (possibly fewer than
-        MIN_QUESTIONS while a run is being computed), from one snapshot of the cache."""
+        MIN_QUESTIONS while a run is being computed), from one snapshot of the cache, under the
+        metric variant of `settings.positions` and `settings.normalise` (docs/method.md section 8;
+        the other metric settings do not change the matrices)."""
         post = self._label(run_key, post_label)
-        alpha, _ = self._alpha(run_key, alpha)
+        alpha, t_cut = self._alpha(run_key, alpha)
         granularity = self._granularity(run_key, granularity)
+        variant = _variant(settings)
+        if variant != _variant(MetricSettings()):
+            def compute_variant() -> PairView:
+                ids = self.view(run_key, alpha, post_label=post, granularity=granularity).question_ids
+                base = self._label(run_key, BASE_ROLE)
+                matrices = [self._scored(run_key, t_cut, label, label, ids, granularity, settings)
+                            for label in (base, post)]
+                return PairView(self.graph(run_key, granularity), *matrices, ids)
+            return self._cached(run_key, ("view", alpha, post, granularity, variant),
+                                compute_variant)
 
         def compute() -> PairView:
             own = self._run(run_key)["graph"]
@@ -284,10 +328,63 @@ class ResultCache(SnapshotReader):
             return PairView(self.graph(run_key, granularity), base, post_scores, tuple(ids))
         return self._cached(run_key, ("view", alpha, post, granularity), compute)
 
+    def _scored(self, run_key: str, t_cut: int, scorer: str, tokens: str, question_ids,
+                granularity: str, settings: MetricSettings) -> np.ndarray:
+        """Dense matrices [n, n_src, n_dst] (read-only) of the model `scorer` on the answers of
+        `tokens` (a label each; equal labels: a model's own scores) for `question_ids` in order,
+        under the variant of `settings`. ControlNotComputedError where a score, its position parts
+        or its norm is not stored."""
+        run = self._run(run_key)
+        own = run["graph"]
+        con = self._connection()
+        found = {row[0]: row[1:] for row in con.execute("""
+            SELECT rs.question_id, s.vector_id, s.part_vector_ids, s.logit_grad_norm
+            FROM run_samples rs
+            JOIN run_models m ON m.run_key = rs.run_key AND m.label = $scorer
+            JOIN scores s ON s.generation_key = rs.generation_key AND s.score_key = $score_key
+                         AND s.t_cut = $t_cut AND s.model_key = m.model_key
+            WHERE rs.run_key = $run_key AND rs.label = $tokens""",
+            {"run_key": run_key, "scorer": scorer, "tokens": tokens, "t_cut": t_cut,
+             "score_key": run["score_key"]}).fetchall()}
+        missing = [q for q in question_ids if q not in found]
+        if missing:
+            raise ControlNotComputedError(
+                f"run {run_key} holds no scores of {scorer} on {tokens}'s answers at T_cut {t_cut} "
+                f"for {len(missing)} of {len(question_ids)} questions; cross-scoring computes "
+                f"them: `{CONTROLS_COMMAND}`")
+        rows = [found[q] for q in question_ids]
+        edges = fetch_vectors(con, own.n_edges, [row[0] for row in rows])
+        parts = None
+        if settings.positions != "all":
+            if any(row[1] is None for row in rows):
+                raise ControlNotComputedError(
+                    f"run {run_key}'s scores of {scorer} at T_cut {t_cut} were stored without "
+                    f"position parts (scored before they were kept), so positions="
+                    f"{settings.positions} cannot be computed; score the run into a new cache "
+                    f"(CIRCUITDIFF_CACHE=... `python -m core run ...`) to keep them")
+            ids = [int(i) for row in rows for i in row[1]]
+            parts = fetch_vectors(con, own.n_edges, ids).reshape(len(rows), -1, own.n_edges)
+        norms = None
+        if settings.normalise != "none":
+            if any(row[2] is None for row in rows):
+                raise ControlNotComputedError(
+                    f"run {run_key}'s scores of {scorer} at T_cut {t_cut} were stored without "
+                    f"their logit-gradient norms (scored before they were kept), so normalise="
+                    f"{settings.normalise} cannot be computed; score the run into a new cache "
+                    f"to keep them")
+            norms = np.array([row[2] for row in rows], dtype=np.float64)
+        matrices = own.dense(metrics.score_variant(parts, edges, norms, settings))
+        if granularity != own.granularity:
+            matrices = own.to_module(matrices)  # exact (docs/method.md section 2)
+        matrices.flags.writeable = False
+        return matrices
+
     def _compared(self, run_key: str, alpha: float, post_label: str | None,
-                  granularity: str | None) -> PairView:
-        """`view`, checked to hold enough questions to compare the models."""
-        pair = self.view(run_key, alpha, post_label=post_label, granularity=granularity)
+                  granularity: str | None, settings: MetricSettings = MetricSettings()) -> PairView:
+        """`view` under the settings' variant, checked to hold enough questions to compare the
+        models."""
+        pair = self.view(run_key, alpha, post_label=post_label, granularity=granularity,
+                         settings=settings)
         if len(pair.question_ids) < MIN_QUESTIONS:
             raise TooFewQuestionsError(
                 f"only {len(pair.question_ids)} question(s) are scored for every model of run "
@@ -303,37 +400,41 @@ class ResultCache(SnapshotReader):
 
     @public
     def mean_matrices(self, run_key: str, alpha: float, *, post_label: str | None = None,
-                      granularity: str | None = None) -> dict[str, np.ndarray]:
+                      granularity: str | None = None,
+                      settings: MetricSettings = MetricSettings()) -> dict[str, np.ndarray]:
         """Mean |W| and mean W over questions of both models: base_abs, post_abs, base_signed,
-        post_signed, each [n_src, n_dst]."""
+        post_signed, each [n_src, n_dst] (under the settings' positions and normalise variant)."""
         def compute() -> dict[str, np.ndarray]:
-            pair = self._compared(run_key, alpha, post_label, granularity)
+            pair = self._compared(run_key, alpha, post_label, granularity, settings)
             return {"base_abs": np.abs(pair.base).mean(axis=0),
                     "post_abs": np.abs(pair.post).mean(axis=0),
                     "base_signed": pair.base.mean(axis=0), "post_signed": pair.post.mean(axis=0)}
-        return self._cached(run_key, self._view_key("mean", run_key, alpha, post_label, granularity),
-                            compute)
+        return self._cached(run_key, self._view_key("mean", run_key, alpha, post_label, granularity,
+                                                    *_variant(settings)), compute)
 
     @public
     def edge_change(self, run_key: str, alpha: float, measure: str, *,
-                    post_label: str | None = None, granularity: str | None = None) -> np.ndarray:
+                    post_label: str | None = None, granularity: str | None = None,
+                    settings: MetricSettings = MetricSettings()) -> np.ndarray:
         """core.metrics.edge_change of base and post: [n_src, n_dst], NaN at non-edges."""
         def compute() -> np.ndarray:
-            pair = self._compared(run_key, alpha, post_label, granularity)
+            pair = self._compared(run_key, alpha, post_label, granularity, settings)
             return metrics.edge_change(pair.base, pair.post, pair.graph, measure)
         return self._cached(run_key, self._view_key("edge_change", run_key, alpha, post_label,
-                                                    granularity, measure), compute)
+                                                    granularity, measure, *_variant(settings)),
+                            compute)
 
     @public
     def abs_values(self, run_key: str, alpha: float, *, post_label: str | None = None,
-                   granularity: str | None = None) -> dict[str, np.ndarray]:
+                   granularity: str | None = None,
+                   settings: MetricSettings = MetricSettings()) -> dict[str, np.ndarray]:
         """|W| pooled over real edges and questions, 1-D per model: {"base": ..., "post": ...}."""
         def compute() -> dict[str, np.ndarray]:
-            pair = self._compared(run_key, alpha, post_label, granularity)
+            pair = self._compared(run_key, alpha, post_label, granularity, settings)
             return {"base": np.abs(pair.graph.edges(pair.base)).ravel(),
                     "post": np.abs(pair.graph.edges(pair.post)).ravel()}
-        return self._cached(run_key, self._view_key("abs", run_key, alpha, post_label, granularity),
-                            compute)
+        return self._cached(run_key, self._view_key("abs", run_key, alpha, post_label, granularity,
+                                                    *_variant(settings)), compute)
 
     @public
     def edge_across_alphas(self, run_key: str, src: str, dst: str, *,
@@ -389,7 +490,7 @@ class ResultCache(SnapshotReader):
                 stored = self._stored_comparisons(settings.key()).get((run_key, post, alpha))
                 if stored is not None:
                     return stored
-            pair = self._compared(run_key, alpha, post, granularity)
+            pair = self._compared(run_key, alpha, post, granularity, settings)
             return metrics.compare_models(pair.base, pair.post, pair.graph, settings)
         return self._cached(run_key, key, compute)
 
@@ -524,6 +625,114 @@ class ResultCache(SnapshotReader):
         return self._cached(run_key, self._view_key("loss_correlation", run_key, alpha, post_label,
                                                     granularity, settings.key()), compute)
 
+    # --- controls (docs/method.md section 8) ---------------------------------------------------
+
+    @public
+    def decomposition(self, run_key: str, alpha: float, *, post_label: str | None = None,
+                      granularity: str | None = None,
+                      settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
+        """Each metric's change total = weights + tokens (core.metrics.decompose) from the cross
+        scores S(post, base's tokens), with paired-bootstrap intervals (`<part>_low/_high`), the
+        symmetric path's parts through S(base, post's tokens) where those are stored (else NaN),
+        and n. ControlNotComputedError where the cross scores are missing."""
+        post = self._label(run_key, post_label)
+
+        def compute() -> pd.DataFrame:
+            pair = self._compared(run_key, alpha, post, granularity, settings)
+            base = self._label(run_key, BASE_ROLE)
+            _, t_cut = self._alpha(run_key, alpha)
+            cross = [pair.question_ids, pair.graph.granularity, settings]
+            post_on_base = self._scored(run_key, t_cut, post, base, *cross)
+            try:
+                base_on_post = self._scored(run_key, t_cut, base, post, *cross)
+            except ControlNotComputedError:
+                base_on_post = None  # the symmetric path is optional
+            result = metrics.decompose(pair.base, pair.post, post_on_base, pair.graph, settings,
+                                       base_on_post=base_on_post)
+            rows = []
+            for name in METRICS:
+                row = {"metric": name, "n": result.n_samples}
+                for part in metrics.DECOMPOSITION_PARTS:
+                    low, high = result.intervals[part][name] or (math.nan, math.nan)
+                    row |= {part: result.values[part][name], f"{part}_low": low,
+                            f"{part}_high": high}
+                for part in ("symmetric_weights", "symmetric_tokens"):
+                    row[part] = result.values.get(part, {}).get(name, math.nan)
+                rows.append(row)
+            return pd.DataFrame(rows, columns=list(DECOMPOSITION_COLUMNS))
+        return self._cached(run_key, self._view_key("decomposition", run_key, alpha, post,
+                                                    granularity, settings.key()), compute)
+
+    @public
+    def controls(self, run_key: str, post_label: str | None = None) -> pd.DataFrame:
+        """The run's linked control runs of one post model: control ('perturb' | 'seed') and
+        control_run_key, those in this cache only."""
+        post = self._label(run_key, post_label)
+
+        def compute() -> pd.DataFrame:
+            return self._sql("SELECT control, control_run_key FROM run_controls "
+                             "WHERE run_key = $run_key AND post_label = $post ORDER BY control",
+                             {"run_key": run_key, "post": post})
+        table = self._cached(run_key, ("controls", post), compute)
+        known = self._run_keys()
+        return table[[key in known for key in table["control_run_key"]]].reset_index(drop=True)
+
+    @public
+    def null_comparison(self, run_key: str, alpha: float, *, post_label: str | None = None,
+                        granularity: str | None = None,
+                        settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
+        """Each metric's real change beside the change of every linked null run (its own pair run,
+        base vs null model) at the null run's alpha whose T_cut is nearest this alpha's (ties: the
+        nearest alpha), and `exceeds_null` (core.metrics.exceeds_null: the real change is clear and
+        its interval lies beyond the null's point change). ControlNotComputedError where no null
+        run is linked, or none has enough questions."""
+        post = self._label(run_key, post_label)
+        alpha, t_cut = self._alpha(run_key, alpha)
+        linked = self.controls(run_key, post)
+        if linked.empty:
+            raise ControlNotComputedError(
+                f"run {run_key} has no null model run for {post} in this cache; `--controls "
+                f"perturb` (a matched random perturbation of the base) or `--controls seed` adds "
+                f"one: `{CONTROLS_COMMAND}`")
+        # The answer depends on the null runs' content too: their content keys are in the key.
+        scopes = tuple((key, self._scope(key)) for key in linked["control_run_key"])
+
+        def compute() -> pd.DataFrame:
+            real = self.comparison(run_key, alpha, post_label=post, granularity=granularity,
+                                   settings=settings)
+            rows = []
+            for control, null_run in zip(linked["control"], linked["control_run_key"]):
+                null_t_cuts = self._run(null_run)["t_cuts"]
+                null_alpha = min(null_t_cuts, key=lambda a: (abs(null_t_cuts[a] - t_cut),
+                                                            abs(a - alpha)))
+                try:
+                    null = self.comparison(null_run, null_alpha, granularity=granularity,
+                                           settings=settings)
+                except TooFewQuestionsError:
+                    continue
+                for name in METRICS:
+                    m, z = real.metrics[name], null.metrics[name]
+                    change_low, change_high = m.change_ci or (math.nan, math.nan)
+                    pct_low, pct_high = m.change_pct_ci or (math.nan, math.nan)
+                    null_low, null_high = z.change_ci or (math.nan, math.nan)
+                    rows.append({
+                        "metric": name, "control": control, "change": m.change,
+                        "change_low": change_low, "change_high": change_high,
+                        "change_pct": m.change_pct, "change_pct_low": pct_low,
+                        "change_pct_high": pct_high, "scale": m.scale, "null_change": z.change,
+                        "null_change_low": null_low, "null_change_high": null_high,
+                        "null_change_pct": z.change_pct, "null_scale": z.scale,
+                        "null_alpha": null_alpha, "null_t_cut": null_t_cuts[null_alpha],
+                        "null_n": null.n_samples, "exceeds_null": metrics.exceeds_null(m, z),
+                        "control_run_key": null_run})
+            if not rows:
+                raise TooFewQuestionsError(
+                    f"the null run(s) of {run_key} for {post} have fewer than {MIN_QUESTIONS} "
+                    f"questions scored; wait for their job, or rerun `{CONTROLS_COMMAND}`")
+            return pd.DataFrame(rows, columns=list(NULL_COLUMNS))
+        return self._cached(run_key, self._view_key("null", run_key, alpha, post, granularity,
+                                                    settings.key(), scopes), compute)
+
     @public
     def significant_edges(self, run_key: str, alpha: float, *, post_label: str | None = None,
                           granularity: str | None = None,
@@ -531,7 +740,7 @@ class ResultCache(SnapshotReader):
         """core.metrics.significant_edges: edges whose strength changed (paired t-test per edge,
         Benjamini-Hochberg at settings.fdr), largest |relative change| first."""
         def compute() -> pd.DataFrame:
-            pair = self._compared(run_key, alpha, post_label, granularity)
+            pair = self._compared(run_key, alpha, post_label, granularity, settings)
             return metrics.significant_edges(pair.base, pair.post, pair.graph, settings)
         return self._cached(run_key, self._view_key("significant", run_key, alpha, post_label,
                                                     granularity, settings.key()), compute)
@@ -543,7 +752,7 @@ class ResultCache(SnapshotReader):
         """question_id, then base_<metric> and post_<metric> for the metrics that have one value
         per sample (intensity, edge_entropy, kurtosis, output_entropy)."""
         def compute() -> pd.DataFrame:
-            pair = self._compared(run_key, alpha, post_label, granularity)
+            pair = self._compared(run_key, alpha, post_label, granularity, settings)
             frame = pd.DataFrame({"question_id": list(pair.question_ids)})
             for side, scores in ((BASE_ROLE, pair.base), (POST_ROLE, pair.post)):
                 for name, values in metrics.per_sample_metrics(scores, pair.graph, settings).items():
@@ -635,8 +844,9 @@ class ResultCache(SnapshotReader):
         _, alpha, post, granularity = key[:4]
 
         def compute() -> Circuit:
-            pair = self._compared(run_key, alpha, post, granularity)
-            means = self.mean_matrices(run_key, alpha, post_label=post, granularity=granularity)
+            pair = self._compared(run_key, alpha, post, granularity, settings)
+            means = self.mean_matrices(run_key, alpha, post_label=post, granularity=granularity,
+                                       settings=settings)
             tests = self.significant_edges(run_key, alpha, post_label=post, granularity=granularity,
                                            settings=settings)
             metadata = {"run": run_key, "alpha": alpha, "granularity": granularity,

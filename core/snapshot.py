@@ -26,8 +26,9 @@ from core.settings import stable_hash
 from core.store import CacheBusyError, Store, fetch_one
 
 # Everything a run's views are read from, per run, in one query: the run row, its models, alphas
-# and selected questions, the scores it references (another run's job can add or share them), the
-# grades of its answers and its stored metrics.
+# and selected questions, the scores of its answers by any scorer (its own models' and the cross
+# scores; another run's job can add or share them), the grades of its answers, its stored metrics
+# and its linked control runs (whose own content keys the views over them add).
 _CONTENT_SQL = """
     WITH models AS (
         SELECT run_key, list(label || ':' || role || ':' || model_key || ':' || position
@@ -45,9 +46,13 @@ _CONTENT_SQL = """
     graded AS (
         SELECT rs.run_key, count(*) AS n, max(g.created_at) AS last FROM run_samples rs
         JOIN grades g ON g.generation_key = rs.generation_key GROUP BY rs.run_key),
-    stored AS (SELECT run_key, count(*) AS n, max(created_at) AS last FROM metrics GROUP BY run_key)
+    stored AS (SELECT run_key, count(*) AS n, max(created_at) AS last FROM metrics GROUP BY run_key),
+    controls AS (
+        SELECT run_key, list(post_label || ':' || control || ':' || control_run_key
+                             ORDER BY post_label, control) AS controls
+        FROM run_controls GROUP BY run_key)
     SELECT r.run_key, r.updated_at, m.models, a.alphas, sel.n, sc.n, sc.last, g.n, g.last,
-           st.n, st.last
+           st.n, st.last, ct.controls
     FROM runs r
     LEFT JOIN models m ON m.run_key = r.run_key
     LEFT JOIN alphas a ON a.run_key = r.run_key
@@ -55,6 +60,7 @@ _CONTENT_SQL = """
     LEFT JOIN scored sc ON sc.run_key = r.run_key
     LEFT JOIN graded g ON g.run_key = r.run_key
     LEFT JOIN stored st ON st.run_key = r.run_key
+    LEFT JOIN controls ct ON ct.run_key = r.run_key
 """
 
 
