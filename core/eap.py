@@ -22,18 +22,29 @@ extra pass; W is their sum. EAP-IG (method "eap-ig", docs/method.md section 3): 
 averaged over m points alpha = k/m, k = 1..m, on the path from a zero input embedding to the real
 one, each point one forward and one backward pass, and multiplied by the real source outputs (the
 pass at alpha = 1, which is EAP's, records them); with m = 1 it is EAP.
+
+Long answers (ScoreSettings.checkpointing, source_buffer; the memory model is `bytes_per_token`):
+each decoder layer can run under non-reentrant activation checkpointing. The first forward pass
+builds the whole autograd graph, so the gradient hooks it registers on the slot views fire in the one
+backward pass; only the saved activations are dropped and recomputed layer by layer during that
+backward pass. The forward hooks fire again while a layer is recomputed: they then do nothing (the
+sources, the additivity inputs and the slot views belong to the first forward pass; recomputation
+gives the same values). The source buffer can live in host memory (pinned on CUDA), copied to the
+device SOURCE_CHUNK_CHECKPOINTED rows at a time when scored.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from core.adapters import ArchitectureAdapter, NonAdditiveModelError, adapter_for
 from core.graph import QKV, ResidualGraph
@@ -48,6 +59,16 @@ SOURCE_CHUNK = 16
 # layers' worth of gradients is held while the backward pass has already freed far more activations,
 # so the peak does not grow.
 SLOTS_PER_PRODUCT = 16
+# Under checkpointing the backward pass no longer frees more than it holds, so the queue and the
+# converted source rows are kept to one layer's worth.
+SLOTS_PER_PRODUCT_CHECKPOINTED = 4
+SOURCE_CHUNK_CHECKPOINTED = 4
+# Under checkpointing the LM head and loss run on this many answer positions at a time, recomputed in
+# the backward pass: the float32 logits ([positions, vocab]) would otherwise outgrow the whole model.
+LOSS_CHUNK = 1024
+# Share of the free device memory the memory model plans to fill: the rest absorbs the allocator's
+# fragmentation and what the model leaves out.
+MEMORY_HEADROOM = 0.85
 
 
 # Position groups of the parts of W, in order: the first token (the attention sink), the rest of the
@@ -136,6 +157,113 @@ class ScoreResult:
     residual_norm: np.ndarray  # [n_samples]
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs to know of a decoder."""
+
+    n_layers: int
+    d_model: int
+    intermediate: int
+    vocab: int
+    n_params: int
+    dtype_bytes: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ModelShape":
+        config = model.config
+        d_model = model.get_input_embeddings().embedding_dim
+        # GPT-2 names it n_inner, None meaning 4 d.
+        intermediate = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+                        or 4 * d_model)
+        return cls(n_layers=adapter_for(model).n_layers(model), d_model=d_model, intermediate=intermediate, vocab=model.get_output_embeddings().out_features,
+                   n_params=sum(p.numel() for p in model.parameters()),
+                   dtype_bytes=torch.finfo(model.dtype).bits // 8)
+
+
+def layer_activation_bytes(shape: ModelShape) -> int:
+    """Bytes per token that one decoder layer's backward pass needs saved (e: the dtype's bytes; norms
+    compute in float32): per norm a float32 copy of its input and its e-byte output; q/k/v, o, gate/up
+    and down projections save their inputs (d, d, d, i); attention saves q, k and v expanded to all
+    heads and its output (4d; SDPA's flash and memory-efficient kernels keep no T x T matrix); the MLP
+    saves gate and up outputs and the activation (3i)."""
+    e, d, i = shape.dtype_bytes, shape.d_model, shape.intermediate
+    norms = 2 * (4 + e) * d
+    return norms + e * (3 * d + 4 * d + 4 * i)
+
+
+def bytes_per_token(shape: ModelShape, checkpointing: bool, source_on_device: bool) -> int:
+    """Device bytes per scored token, beyond the weights (docs: README, memory model).
+
+    - source buffer: (2L + 1) x d x e, unless it is on the host;
+    - activations: every layer's (L x layer_activation_bytes) without checkpointing; with it, each
+      layer's input (L x d x e) and one layer's activations being recomputed;
+    - slot gradients queued for scoring, stacked once, and the source rows converted to float32 for
+      the product: (2 x slots + rows) x d x 4 (slots, rows: SLOTS_PER_PRODUCT and SOURCE_CHUNK, or
+      their _CHECKPOINTED values);
+    - the loss head without checkpointing: per answer token its e-byte logits and three float32 vocab
+      rows (wide logits, log-softmax, their gradient); with checkpointing it runs on LOSS_CHUNK
+      tokens at a time, a fixed cost (`fixed_bytes`).
+    """
+    e, d, layers = shape.dtype_bytes, shape.d_model, shape.n_layers
+    acc = 8 if e == 8 else 4
+    source = (2 * layers + 1) * d * e if source_on_device else 0
+    if checkpointing:
+        activations = layers * d * e + layer_activation_bytes(shape)
+        scoring = (2 * SLOTS_PER_PRODUCT_CHECKPOINTED + SOURCE_CHUNK_CHECKPOINTED) * d * acc
+        loss_head = 0
+    else:
+        activations = layers * layer_activation_bytes(shape)
+        scoring = (2 * SLOTS_PER_PRODUCT + SOURCE_CHUNK) * d * acc
+        loss_head = shape.vocab * (e + 3 * acc)
+    return source + activations + scoring + loss_head
+
+
+def working_bytes(shape: ModelShape, n_tokens: int, checkpointing: bool, source_on_device: bool) -> int:
+    """The memory model's device bytes for one sample of n_tokens tokens, beyond the weights: per
+    token (`bytes_per_token`), and under checkpointing one chunk of the loss head."""
+    acc = 8 if shape.dtype_bytes == 8 else 4
+    loss_chunk = LOSS_CHUNK * shape.vocab * (shape.dtype_bytes + 3 * acc) if checkpointing else 0
+    return loss_chunk + n_tokens * bytes_per_token(shape, checkpointing, source_on_device)
+
+
+def peak_bytes(shape: ModelShape, n_tokens: int, checkpointing: bool, source_on_device: bool) -> int:
+    """The memory model's device peak: weights and working bytes."""
+    return shape.n_params * shape.dtype_bytes + working_bytes(shape, n_tokens, checkpointing,
+                                                              source_on_device)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    checkpointing: bool
+    source_on_device: bool
+
+
+def plan_memory(shape: ModelShape, n_tokens: int, free_bytes: int | None, checkpointing: str = "auto",
+                source_buffer: str = "auto") -> MemoryPlan:
+    """The settings' choices with "auto" resolved: the cheapest plan whose working bytes fit in
+    MEMORY_HEADROOM of the device memory free with the model loaded (free_bytes None: no limit known,
+    as on the CPU). When nothing fits, the plan that needs least, so the failure names the real limit."""
+    def need(plan: MemoryPlan) -> int:
+        return working_bytes(shape, n_tokens, plan.checkpointing, plan.source_on_device)
+
+    # Cheapest first: checkpointing costs about one more forward pass; the host buffer a copy per use.
+    candidates = [MemoryPlan(c, d) for d in (True, False) for c in (False, True)
+                  if checkpointing in ("auto", "layers" if c else "off")
+                  and source_buffer in ("auto", "device" if d else "host")]
+    for plan in candidates:
+        if free_bytes is None or need(plan) <= MEMORY_HEADROOM * free_bytes:
+            return plan
+    return min(candidates, key=need)
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device; None elsewhere (the memory model then plans no saving)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free
+
+
 def score_samples(model: nn.Module, samples: Sequence[Sample], settings: ScoreSettings = ScoreSettings(),
                   progress: Callable[[int, int], None] | None = None) -> ScoreResult:
     """Edge scores of every sample, in the order given. The model is used as loaded (its dtype and
@@ -154,13 +282,18 @@ def score_samples(model: nn.Module, samples: Sequence[Sample], settings: ScoreSe
     steps = settings.ig_steps if settings.method == "eap-ig" else 1
     # Similar lengths share a batch, to pad little.
     order = sorted(range(len(samples)), key=lambda i: samples[i].n_tokens)
+    shape = ModelShape.of(model)
+    free = free_device_bytes(next(model.parameters()).device)
     with frozen_eval(model), adapter.exact_precision(model):
         for start in range(0, len(order), settings.batch_size):
             index = order[start:start + settings.batch_size]
+            batch = [samples[i] for i in index]
+            plan = plan_memory(shape, len(batch) * max(s.n_tokens for s in batch), free,
+                               settings.checkpointing, settings.source_buffer)
             began = time.perf_counter()
             batch_totals, batch_measures = _score_batch(
-                model, adapter, graph, [samples[i] for i in index], acc_dtype, steps,
-                settings.position_parts, check=start == 0)
+                model, adapter, graph, batch, acc_dtype, steps, settings.position_parts,
+                check=start == 0, plan=plan)
             totals[index] = batch_totals
             for name, values in dataclasses.asdict(batch_measures).items():
                 measures[name][index] = values
@@ -217,30 +350,65 @@ def batch_inputs(samples: Sequence[Sample], device) -> tuple[torch.Tensor, torch
 
 
 def answer_losses(model: nn.Module, hidden: torch.Tensor, targets: list[torch.Tensor],
-                  on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                  on_logits: Callable[[int, torch.Tensor], None] | None = None,
+                  checkpointed: bool = False) -> torch.Tensor:
     """Per-sample mean NLL of the answer tokens, from the final hidden states [B, T, d]. Only the
     loss positions go through the LM head, in float32 (or float64). `on_logits(b, logits)` sees each
-    sample's logits as the loss reads them (to hook their gradient)."""
+    sample's logits as the loss reads them (to hook their gradient; under checkpointing once per
+    chunk). `checkpointed`: the head runs on LOSS_CHUNK positions at a time and its logits are
+    recomputed in the backward pass (the mean is then a sum of chunk sums, rounded differently)."""
     head = model.get_output_embeddings()
-    losses = []
-    for b, (positions, tokens) in enumerate(targets):
-        logits = head(hidden[b, positions])
+
+    def nll(b: int, h: torch.Tensor, tokens: torch.Tensor, reduction: str) -> torch.Tensor:
+        logits = head(h)
         wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if on_logits is not None:
             on_logits(b, wide)
-        losses.append(nn.functional.cross_entropy(wide, tokens))
+        return nn.functional.cross_entropy(wide, tokens, reduction=reduction)
+
+    losses = []
+    for b, (positions, tokens) in enumerate(targets):
+        if not checkpointed:
+            losses.append(nll(b, hidden[b, positions], tokens, "mean"))
+            continue
+        sums = [checkpoint(nll, b, hidden[b, positions[lo:lo + LOSS_CHUNK]], tokens[lo:lo + LOSS_CHUNK],
+                           "sum", use_reentrant=False)
+                for lo in range(0, len(tokens), LOSS_CHUNK)]
+        losses.append(torch.stack(sums).sum() / len(tokens))
     return torch.stack(losses)
 
 
 def forward_loss(model: nn.Module, samples: Sequence[Sample],
-                 on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                 on_logits: Callable[[int, torch.Tensor], None] | None = None,
+                 checkpointed: bool = False) -> torch.Tensor:
     """Per-sample losses of a plain forward pass whose graph reaches back to the embeddings: the
-    baseline the engine's overhead is measured against, and the loss the engine differentiates."""
+    baseline the engine's overhead is measured against, and the loss the engine differentiates.
+    `checkpointed`: each decoder layer and the loss head run under activation checkpointing."""
     device = next(model.parameters()).device
     input_ids, _, targets = batch_inputs(samples, device)
     embeds = model.get_input_embeddings()(input_ids).requires_grad_(True)
-    hidden = model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-    return answer_losses(model, hidden, targets, on_logits)
+    with checkpointed_layers(model, checkpointed):
+        hidden = model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    return answer_losses(model, hidden, targets, on_logits, checkpointed)
+
+
+@contextlib.contextmanager
+def checkpointed_layers(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Run each decoder layer under non-reentrant activation checkpointing: its saved activations are
+    dropped after the forward pass and recomputed in the backward pass. Module hooks stay outside a
+    layer's own pre-hooks (they run once) and inside for its submodules (they run again on
+    recomputation)."""
+    if not enabled:
+        yield
+        return
+    layers = adapter_for(model).layers(model)
+    for layer in layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 @dataclasses.dataclass
@@ -264,14 +432,15 @@ def _non_finite_advice(dtype: torch.dtype) -> str:
 
 def _score_batch(model: nn.Module, adapter: ArchitectureAdapter, graph: ResidualGraph,
                  samples: Sequence[Sample], acc_dtype: torch.dtype, steps: int, position_parts: bool,
-                 check: bool) -> tuple[np.ndarray, _Measures]:
+                 check: bool, plan: MemoryPlan) -> tuple[np.ndarray, _Measures]:
     """Totals [B, groups, n_src, n_dst] (groups: POSITION_GROUPS, or one spanning every position)
     averaged over the path's `steps` points, and the batch's measures."""
     device = next(model.parameters()).device
     _, real, _ = batch_inputs(samples, device)
     groups = ([s.position_groups() for s in samples] if position_parts
               else [((0, s.n_tokens),) for s in samples])
-    recorder = _Recorder(model, adapter, graph, real, groups, acc_dtype, keep_slot_inputs=check)
+    recorder = _Recorder(model, adapter, graph, real, groups, acc_dtype, keep_slot_inputs=check,
+                         plan=plan)
     # The real input (alpha = 1) first: its pass records the source outputs every point multiplies,
     # and the loss and measures; it is exactly EAP's pass.
     alphas = [1.0] + [k / steps for k in range(1, steps)]
@@ -279,7 +448,8 @@ def _score_batch(model: nn.Module, adapter: ArchitectureAdapter, graph: Residual
         for point, alpha in enumerate(alphas):
             at_real_input = point == 0
             recorder.begin_pass(None if at_real_input else alpha)
-            losses = forward_loss(model, samples, recorder.catch_logits if at_real_input else None)
+            losses = forward_loss(model, samples, recorder.catch_logits if at_real_input else None,
+                                  checkpointed=plan.checkpointing)
             if at_real_input:
                 bad = [s.id for s, value in zip(samples, losses.detach()) if not torch.isfinite(value)]
                 if bad:
@@ -288,7 +458,8 @@ def _score_batch(model: nn.Module, adapter: ArchitectureAdapter, graph: Residual
                 if check:
                     recorder.check_additivity(type(model).__name__)
                 real_losses = losses.detach()
-            losses.sum().backward()
+            with recorder.backward_pass():
+                losses.sum().backward()
             recorder.score_pending()
     totals = recorder.totals if steps == 1 else recorder.totals / steps
     totals = totals.cpu().numpy()
@@ -304,12 +475,21 @@ class _Recorder:
 
     def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, graph: ResidualGraph,
                  real: torch.Tensor, groups: list[tuple[tuple[int, int], ...]], acc_dtype: torch.dtype,
-                 keep_slot_inputs: bool) -> None:
+                 keep_slot_inputs: bool, plan: MemoryPlan) -> None:
         self.model, self.adapter, self.graph = model, adapter, graph
         batch, width = real.shape
         d_model = model.get_input_embeddings().embedding_dim
+        self.device = real.device
+        # Pinned host memory makes the copies to and from a CUDA device direct DMA.
         self.sources = torch.empty(batch, graph.n_src, width, d_model, dtype=model.dtype,
-                                   device=real.device)
+                                   device=real.device if plan.source_on_device else "cpu",
+                                   pin_memory=not plan.source_on_device and real.device.type == "cuda")
+        self.slots_per_product = SLOTS_PER_PRODUCT_CHECKPOINTED if plan.checkpointing else SLOTS_PER_PRODUCT
+        self.source_chunk = (SOURCE_CHUNK_CHECKPOINTED if plan.checkpointing or not plan.source_on_device
+                             else SOURCE_CHUNK)
+        # True while the backward pass runs: forward hooks then fire only to recompute a checkpointed
+        # layer, and must neither record again nor insert views.
+        self.in_backward = False
         # Per sample, the non-empty position ranges [t0, t1) summed into each part of the totals.
         self.groups = [[(part, t0, t1) for part, (t0, t1) in enumerate(sample_groups) if t1 > t0]
                        for sample_groups in groups]
@@ -333,9 +513,21 @@ class _Recorder:
     def begin_pass(self, input_scale: float | None) -> None:
         self.input_scale = input_scale
 
+    @contextlib.contextmanager
+    def backward_pass(self) -> Iterator[None]:
+        self.in_backward = True
+        try:
+            yield
+        finally:
+            self.in_backward = False
+
     def catch_logits(self, b: int, logits: torch.Tensor) -> None:
+        if self.in_backward:
+            return
+
         def on_grad(grad):
-            self.logit_grad_sq[b] = grad.to(self.acc_dtype).pow(2).sum()
+            # Summed over the loss head's chunks when it is checkpointed.
+            self.logit_grad_sq[b] += grad.to(self.acc_dtype).pow(2).sum()
         logits.register_hook(on_grad)
 
     def measures(self, losses: torch.Tensor) -> _Measures:
@@ -391,7 +583,7 @@ class _Recorder:
 
     def _capture_source(self, index: int):
         def hook(module, args, output):
-            if self.input_scale is None:
+            if self.input_scale is None and not self.in_backward:
                 out = output[0] if isinstance(output, tuple) else output
                 self.sources[:, index] = out.detach()
         return hook
@@ -402,6 +594,8 @@ class _Recorder:
         """Replace a norm's input by a view: the gradient caught on the view is the branch's alone.
         With `measure`, at the real input, also take the norms of the input and of its gradient."""
         def hook(module, args):
+            if self.in_backward:
+                return None
             hidden = args[0]
             if self.slot_inputs is not None:
                 self.slot_inputs[name] = hidden.detach()
@@ -423,6 +617,8 @@ class _Recorder:
 
     def _keep_attn_input(self, layer: int):
         def hook(module, args):
+            if self.in_backward:
+                return
             self.attn_inputs[layer] = args[0]
             if self.slot_inputs is not None:
                 self.slot_inputs[f"a{layer}"] = args[0].detach()
@@ -430,6 +626,8 @@ class _Recorder:
 
     def _qkv_input_grad(self, layer: int, path: str, norm: nn.Module):
         def hook(module, args):
+            if self.in_backward:
+                return None
             view = args[0].view_as(args[0])
             view.register_hook(lambda grad: self._qkv_arrived(layer, path, norm, grad))
             return (view,) + args[1:]
@@ -443,7 +641,8 @@ class _Recorder:
                 self._qkv_arrived(layer, path, norm, part.to(self.acc_dtype) @ weight.to(self.acc_dtype))
 
         def hook(module, args, output):
-            output.register_hook(on_grad)
+            if not self.in_backward:
+                output.register_hook(on_grad)
         return hook
 
     def _qkv_arrived(self, layer: int, path: str, norm: nn.Module, grad: torch.Tensor) -> None:
@@ -462,7 +661,7 @@ class _Recorder:
     def _score_slots(self, dst: list[int], grads: list[torch.Tensor]) -> None:
         """Queue slot gradients; every SLOTS_PER_PRODUCT slots, score them in one pass."""
         self.pending += list(zip(dst, grads))
-        if len(self.pending) >= SLOTS_PER_PRODUCT:
+        if len(self.pending) >= self.slots_per_product:
             self.score_pending()
 
     def score_pending(self) -> None:
@@ -477,7 +676,8 @@ class _Recorder:
         batch, _, _, d_model = self.sources.shape
         g = torch.stack([grad for _, grad in self.pending], dim=1).reshape(batch, len(dst), -1)
         self.pending = []
-        step = k if self.sources.dtype == self.acc_dtype else SOURCE_CHUNK
+        on_device = self.sources.device == self.device
+        step = k if self.sources.dtype == self.acc_dtype and on_device else self.source_chunk
         # One matrix product per sample and position range, on rows of the buffer whose positions
         # and hidden units are contiguous (row stride T * d): a batched product over the buffer's
         # strided prefix would copy it. Padded positions are outside every range.
@@ -486,7 +686,8 @@ class _Recorder:
                 grad = g[b, :, t0 * d_model:t1 * d_model]
                 for lo in range(0, k, step):
                     hi = min(k, lo + step)
-                    chunk = self.sources[b, lo:hi, t0:t1].reshape(hi - lo, -1).to(self.acc_dtype)
+                    chunk = self.sources[b, lo:hi, t0:t1].to(self.device, self.acc_dtype)
+                    chunk = chunk.reshape(hi - lo, -1)
                     self.totals[b, part, lo:hi, dst] += -(chunk @ grad.T) * self.edge_mask[lo:hi, dst]
 
     # --- additivity -------------------------------------------------------------------------
@@ -499,9 +700,9 @@ class _Recorder:
         for layer in range(self.graph.n_layers):
             slots_after[2 * layer] = f"a{layer}"
             slots_after[2 * layer + 1] = f"m{layer}"
-        running = torch.zeros_like(self.sources[:, 0], dtype=self.acc_dtype)
+        running = torch.zeros_like(self.sources[:, 0], dtype=self.acc_dtype, device=self.device)
         for source in range(self.graph.n_src):
-            running += self.sources[:, source].to(self.acc_dtype) * self.real
+            running += self.sources[:, source].to(self.device, self.acc_dtype) * self.real
             name = slots_after[source]
             actual = self.slot_inputs[name].to(self.acc_dtype) * self.real
             error = (actual - running).norm() / actual.norm().clamp_min(torch.finfo(self.acc_dtype).tiny)
