@@ -64,6 +64,26 @@ def build_fixture_cache(path, metric_settings: MetricSettings = MetricSettings()
                            dataset, (0.1, 0.3), 8, 3, rng, metric_settings)]
 
 
+def build_controls_fixture(path, metric_settings: MetricSettings = MetricSettings()) -> dict[str, str]:
+    """The fixture cache with the controls of its pair (docs/method.md section 8): position parts
+    and norms with every score of the pair, cross scores (each model on the other's answers), and
+    a null run (the pair's base vs a synthetic null model, a weaker change) linked as its 'perturb'
+    control. Returns the run keys by name: pair, series, null."""
+    runs = RunStore(Store(path))
+    rng = np.random.default_rng(1)
+    with runs.store.writer_lock(wait=True):
+        dataset = _dataset("fixture", n_questions=12, rng=rng)
+        pair = _write_run(runs, "fixture-pair", "GRPO", ["synthetic-rl"], dataset, (0.1, 0.3), 8, 2,
+                          rng, metric_settings, controls=True)
+        null = _write_run(runs, "fixture-pair-null", "perturb", ["synthetic-null"], dataset,
+                          (0.1, 0.3), 8, 2, rng, metric_settings, controls=True,
+                          base_label="synthetic-fixture-pair-base", post_strength=0.02)
+        runs.write_control(pair, "synthetic-rl", "perturb", null)
+        series = _write_run(runs, "fixture-series", "GRPO", ["synthetic-grpo", "synthetic-dpo"],
+                            dataset, (0.1, 0.3), 8, 3, rng, metric_settings)
+    return {"pair": pair, "series": series, "null": null}
+
+
 def _dataset(name: str, n_questions: int, rng: np.random.Generator) -> Dataset:
     operands = rng.integers(2, 99, size=(n_questions, 2))
     return Dataset(name, "synthetic", tuple(Question(f"{name}-{i}", f"What is {a} + {b}?", str(a + b))
@@ -72,11 +92,14 @@ def _dataset(name: str, n_questions: int, rng: np.random.Generator) -> Dataset:
 
 def _write_run(runs: RunStore, name: str, algorithm: str, post_labels: list[str], dataset: Dataset,
                alphas, n_samples: int, n_layers: int, rng: np.random.Generator,
-               metric_settings: MetricSettings) -> str:
+               metric_settings: MetricSettings, controls: bool = False,
+               base_label: str | None = None, post_strength: float = 0.2) -> str:
+    """A run; with `controls`, its scores carry position parts and norms, and each post model is
+    also scored on the base's answers and the base on each post model's (cross scores)."""
     graph = ResidualGraph(n_layers, "qkv")
     selection, score, generation = SelectionSettings(n=n_samples), ScoreSettings(), GenerationSettings()
     gen_key = keys.generation_settings_key(TEMPLATE, generation.max_new_tokens, generation)
-    labels = [f"synthetic-{name}-base"] + post_labels
+    labels = [base_label or f"synthetic-{name}-base"] + post_labels
     model_keys = {label: keys.model_key({"kind": "synthetic", "label": label}, str(n_layers))
                   for label in labels}
     kind = "pair" if len(post_labels) == 1 else "series"
@@ -121,21 +144,47 @@ def _write_run(runs: RunStore, name: str, algorithm: str, post_labels: list[str]
     for alpha, t_cut in t_cuts.items():
         # Edge structure shared by the models of a run; the post models are stronger and noisier.
         edge_scale = rng.lognormal(mean=-7.0, sigma=1.5, size=graph.n_edges)
-        edges = {label: _synthetic_edges(edge_scale, len(chosen), rng, strength=1.0 + 0.2 * i)
+        edges = {label: _synthetic_edges(edge_scale, len(chosen), rng,
+                                         strength=1.0 + post_strength * i)
                  for i, label in enumerate(labels)}
-        for label in labels:
+        # (scorer, tokens) -> vectors: own scores, and with controls the cross scores, whose
+        # weights sit between the two models' (each model's strength on the other's tokens).
+        scored = {(label, label): edges[label] for label in labels}
+        if controls:
+            for label in labels[1:]:
+                between = 1.0 + post_strength * labels.index(label) / 2
+                for scorer, tokens in ((label, labels[0]), (labels[0], label)):
+                    scored[scorer, tokens] = _synthetic_edges(edge_scale, len(chosen), rng,
+                                                              strength=between)
+        for (scorer, tokens), vectors in scored.items():
             runs.write_scores(run_key, [{
                 "generation_key": g_key, "t_cut": t_cut, "score_key": score.key(),
-                "model_key": model_keys[label], "dataset_key": dataset.key, "question_id": q.id,
+                "model_key": model_keys[scorer], "dataset_key": dataset.key, "question_id": q.id,
                 "loss": float(rng.uniform(0.5, 2.0)), "seconds": float(rng.uniform(0.5, 2.0)),
                 "n_scored_tokens": t_cut,
-                "scored_text": f"Adding the numbers gives {q.reference}"[:t_cut]}
-                for g_key, q in zip(generation_keys[label], chosen)], edges[label])
+                "scored_text": f"Adding the numbers gives {q.reference}"[:t_cut],
+                **(_synthetic_norms(rng) if controls else {})}
+                for g_key, q in zip(generation_keys[tokens], chosen)], vectors,
+                _synthetic_parts(vectors, rng) if controls else None)
         for label in labels[1:]:
             comparison = metrics.compare_models(graph.dense(edges[labels[0]]),
                                                 graph.dense(edges[label]), graph, metric_settings)
             runs.write_metrics(run_key, label, alpha, metric_settings, comparison.to_dict())
     return run_key
+
+
+def _synthetic_parts(vectors: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Position parts [n, 3, n_edges] (first token, rest of the prompt, answer) summing to
+    `vectors`: random positive shares of each score, the first token's the largest (a sink)."""
+    shares = rng.random((vectors.shape[0], 3, vectors.shape[1])) * np.array([3.0, 1.0, 1.0])[:, None]
+    shares /= shares.sum(axis=1, keepdims=True)
+    return (shares * vectors[:, None, :]).astype(np.float32)
+
+
+def _synthetic_norms(rng: np.random.Generator) -> dict[str, float]:
+    return {"logit_grad_norm": float(rng.uniform(0.1, 1.0)),
+            "logits_slot_grad_norm": float(rng.uniform(0.1, 1.0)),
+            "residual_norm": float(rng.uniform(5.0, 10.0))}
 
 
 def _synthetic_edges(edge_scale: np.ndarray, n: int, rng: np.random.Generator,
