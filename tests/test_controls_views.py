@@ -168,3 +168,94 @@ def _change(change: float, low: float, high: float) -> metrics.MetricChange:
 def test_a_change_exceeds_its_null_only_with_its_interval_beyond_the_nulls_point_change(
         real, null, expected):
     assert metrics.exceeds_null(_change(*real), _change(*null)) is expected
+
+
+# --- the read model over a cache with controls -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def controls_cache(tmp_path_factory):
+    from core.query import ResultCache
+    from core.synthetic import build_controls_fixture
+
+    path = tmp_path_factory.mktemp("controls") / "cache.duckdb"
+    return ResultCache.open(path), build_controls_fixture(path, QUICK)
+
+
+def test_the_decomposition_view_sums_exactly_and_matches_the_comparison(controls_cache):
+    cache, runs = controls_cache
+    table = cache.decomposition(runs["pair"], 0.1, settings=QUICK).set_index("metric")
+    np.testing.assert_allclose(table["total"], table["weights"] + table["tokens"], rtol=1e-12,
+                               atol=1e-15)
+    np.testing.assert_allclose(table["total"], table["symmetric_weights"]
+                               + table["symmetric_tokens"], rtol=1e-12, atol=1e-15)
+    comparison = cache.comparison(runs["pair"], 0.1, settings=QUICK)
+    for name in ("intensity", "edge_entropy", "kurtosis", "diversity", "output_entropy"):
+        assert table.loc[name, "total"] == pytest.approx(comparison.metrics[name].change, rel=1e-9)
+
+
+def test_position_variant_views_equal_the_hand_summed_stored_parts(controls_cache):
+    from core.runstore import RunStore
+    from core.store import fetch_vectors
+
+    cache, runs = controls_cache
+    run_key = runs["pair"]
+    graph = cache.graph(run_key)
+    t_cut = int(cache.runs().set_index("run_key").loc[run_key, "t_cuts"][0])
+    ids, part_ids = RunStore(cache.store).part_vector_ids(run_key, t_cut, "synthetic-rl")
+    with cache.store.read() as con:
+        parts = fetch_vectors(con, graph.n_edges, [i for row in part_ids for i in row])
+    parts = parts.reshape(len(ids), 3, graph.n_edges).astype(np.float64)
+    view = cache.view(run_key, 0.1, settings=MetricSettings(positions="no-sink"))
+    assert list(view.question_ids) == ids
+    np.testing.assert_allclose(view.post, graph.dense(parts[:, 1] + parts[:, 2]), rtol=1e-6,
+                               atol=1e-12)
+    answer = cache.view(run_key, 0.1, settings=MetricSettings(positions="answer-only"))
+    np.testing.assert_array_equal(answer.post, graph.dense(parts[:, 2]))
+    variant = cache.comparison(run_key, 0.1, settings=QUICK.replace(positions="answer-only"))
+    direct = metrics.compare_models(answer.base, answer.post, graph, QUICK.replace(
+        positions="answer-only"))
+    assert variant.metrics["kurtosis"].change == pytest.approx(direct.metrics["kurtosis"].change)
+
+
+def test_the_null_comparison_lists_each_metric_beside_its_null(controls_cache):
+    cache, runs = controls_cache
+    table = cache.null_comparison(runs["pair"], 0.3, settings=QUICK)
+    assert list(table["metric"]) == list(metrics.METRICS)
+    assert set(table["control"]) == {"perturb"}
+    assert set(table["control_run_key"]) == {runs["null"]}
+    real = cache.comparison(runs["pair"], 0.3, settings=QUICK)
+    null = cache.comparison(runs["null"], 0.3, settings=QUICK)
+    for row in table.itertuples():
+        assert row.change == real.metrics[row.metric].change
+        assert row.null_change == null.metrics[row.metric].change
+        assert row.exceeds_null == metrics.exceeds_null(real.metrics[row.metric],
+                                                        null.metrics[row.metric])
+
+
+def test_runs_without_controls_say_which_command_computes_them(controls_cache):
+    from core.query import ControlNotComputedError
+
+    cache, runs = controls_cache
+    with pytest.raises(ControlNotComputedError, match="--controls cross"):
+        cache.decomposition(runs["series"], 0.1, settings=QUICK)
+    with pytest.raises(ControlNotComputedError, match="--controls perturb"):
+        cache.null_comparison(runs["series"], 0.1, settings=QUICK)
+    with pytest.raises(ControlNotComputedError, match="position parts"):
+        cache.comparison(runs["series"], 0.1, settings=QUICK.replace(positions="no-sink"))
+    with pytest.raises(ControlNotComputedError, match="logit-gradient"):
+        cache.comparison(runs["series"], 0.1, settings=QUICK.replace(normalise="logit-grad"))
+
+
+def test_linking_a_control_changes_the_runs_content_key(tmp_path):
+    from core.query import ResultCache
+    from core.runstore import RunStore
+    from core.synthetic import build_fixture_cache
+
+    path = tmp_path / "cache.duckdb"
+    pair, series = build_fixture_cache(path, QUICK)
+    cache = ResultCache.open(path)
+    before = {key: cache.content_key(key) for key in (pair, series)}
+    RunStore(cache.store).write_control(pair, "synthetic-rl", "perturb", series)
+    assert cache.content_key(pair) != before[pair]
+    assert cache.content_key(series) == before[series]
+    assert list(cache.controls(pair)["control_run_key"]) == [series]
