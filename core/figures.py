@@ -187,6 +187,37 @@ def change_summary(frame: pd.DataFrame, metric: str, *, expected_sign: int | Non
     return fig
 
 
+# The controls figure's bars, in order: the change, its two parts (same tokens / same weights) and
+# the null model's change, with their colours.
+CONTROL_BARS = (("total", "change", POST_COLOR), ("weights", "weights part", "#72B7B2"),
+                ("tokens", "tokens part", "#B279A2"), ("null", "null model's change", "#9D9D9D"))
+
+
+def controls_bars(frame: pd.DataFrame) -> go.Figure:
+    """Per metric (one panel each: their units differ), grouped bars of the change post - base, its
+    weights and tokens parts and the null model's change, with their intervals. `frame`: metric,
+    then for each of total, weights, tokens, null the value `<bar>` and `<bar>_low`, `<bar>_high`
+    (NaN where not computed: no bar)."""
+    metrics = list(frame["metric"])
+    fig = make_subplots(rows=1, cols=max(len(metrics), 1), subplot_titles=metrics)
+    for column, (_, row) in enumerate(frame.iterrows(), start=1):
+        for bar, label, color in CONTROL_BARS:
+            value = row.get(bar, np.nan)
+            low, high = row.get(f"{bar}_low", np.nan), row.get(f"{bar}_high", np.nan)
+            error = ({"type": "data", "symmetric": False, "array": [high - value],
+                      "arrayminus": [value - low]} if np.isfinite(low) else None)
+            fig.add_trace(go.Bar(x=[label], y=[value], name=label, marker_color=color,
+                                 error_y=error, legendgroup=bar, showlegend=column == 1,
+                                 hovertemplate=f"{row['metric']} · {label}: %{{y:.3g}}"
+                                               f"<extra></extra>"),
+                          row=1, col=column)
+        fig.add_hline(y=0, line_width=1, line_color="gray", row=1, col=column)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_layout(barmode="group", legend=TOP_LEGEND, margin={"t": 80},
+                      yaxis={"title": "post − base (metric units)"})
+    return fig
+
+
 # --- Circuit graph --------------------------------------------------------------------------------
 
 def _curve(p0: tuple[float, float], p1: tuple[float, float], n: int = 16) -> tuple[np.ndarray, np.ndarray]:

@@ -93,6 +93,15 @@ _NOT_IN_KEY = {cls: {f.name for f in dataclasses.fields(cls) if not f.metadata.g
                for cls in (ScoreSettings, SelectionSettings)}
 
 
+@dataclasses.dataclass(frozen=True)
+class ControlsSummary:
+    """`ResultCache.controls_summary`: the table, and per control not computed (cross, null,
+    positions) the message saying what to run."""
+
+    table: pd.DataFrame
+    missing: dict[str, str]
+
+
 def _variant(settings: MetricSettings) -> tuple[str, str]:
     """The metric settings that change the matrices themselves (docs/method.md section 8)."""
     return settings.positions, settings.normalise
@@ -124,6 +133,13 @@ CONTROLS_COMMAND = "python -m core run --pair PAIR --dataset DATASET ... --contr
 DECOMPOSITION_COLUMNS = ("metric", *(f"{part}{suffix}" for part in metrics.DECOMPOSITION_PARTS
                                      for suffix in ("", "_low", "_high")),
                          "symmetric_weights", "symmetric_tokens", "n")
+# Columns of `controls_summary`'s table: the change on the difference scale (post - base) and its
+# parts, the null's change, the position variants' changes, the loss correlations.
+CONTROLS_COLUMNS = ("metric", "change", "change_low", "change_high", "weights", "weights_low",
+                    "weights_high", "tokens", "tokens_low", "tokens_high", "null", "null_low",
+                    "null_high", "exceeds_null", "no_sink", "answer_only", "loss_rho_base",
+                    "loss_rho_post")
+NULL_MARK_COLUMNS = ("run_key", "post_label", "alpha", "metric", "exceeds_null")
 # Columns of `null_comparison`: the real change and each linked null run's change at its nearest
 # T_cut, on the reported scale of each (`change_pct` NaN on the difference scale).
 NULL_COLUMNS = ("metric", "control", "change", "change_low", "change_high", "change_pct",
@@ -732,6 +748,85 @@ class ResultCache(SnapshotReader):
             return pd.DataFrame(rows, columns=list(NULL_COLUMNS))
         return self._cached(run_key, self._view_key("null", run_key, alpha, post, granularity,
                                                     settings.key(), scopes), compute)
+
+    @public
+    def controls_summary(self, run_key: str, alpha: float, *, post_label: str | None = None,
+                         granularity: str | None = None,
+                         settings: MetricSettings = MetricSettings()) -> ControlsSummary:
+        """The Controls page's one table (CONTROLS_COLUMNS, one row per metric): the change
+        post - base with its interval, its weights and tokens parts (`decomposition`), the first
+        null run's change (`null_comparison`) and whether the change exceeds it, the change under
+        the other position variants (no_sink, answer_only), and the Spearman correlation of each
+        per-sample metric with the loss per model. Columns of a control not computed are NaN, and
+        `missing` says why, naming the command."""
+        post = self._label(run_key, post_label)
+
+        def compute() -> ControlsSummary:
+            scope = {"post_label": post, "granularity": granularity}
+            real = self.comparison(run_key, alpha, **scope, settings=settings)
+            table = pd.DataFrame({"metric": list(METRICS)}).set_index("metric", drop=False)
+            for name, m in real.metrics.items():
+                low, high = m.change_ci or (math.nan, math.nan)
+                table.loc[name, ["change", "change_low", "change_high"]] = m.change, low, high
+            missing: dict[str, str] = {}
+            try:
+                parts = self.decomposition(run_key, alpha, **scope, settings=settings)
+                parts = parts.set_index("metric")
+                for part in ("weights", "tokens"):
+                    for suffix in ("", "_low", "_high"):
+                        table[f"{part}{suffix}"] = parts[f"{part}{suffix}"]
+            except ControlNotComputedError as error:
+                missing["cross"] = str(error)
+            try:
+                null = self.null_comparison(run_key, alpha, **scope, settings=settings)
+                null = null.drop_duplicates("metric").set_index("metric")
+                table["null"] = null["null_change"]
+                table["null_low"], table["null_high"] = (null["null_change_low"],
+                                                         null["null_change_high"])
+                table["exceeds_null"] = null["exceeds_null"]
+            except (ControlNotComputedError, TooFewQuestionsError) as error:
+                missing["null"] = str(error)
+            for positions, column in (("no-sink", "no_sink"), ("answer-only", "answer_only")):
+                if positions == settings.positions:
+                    table[column] = table["change"]
+                    continue
+                try:
+                    variant = self.comparison(run_key, alpha, **scope,
+                                              settings=settings.replace(positions=positions))
+                    table[column] = [variant.metrics[name].change for name in table.index]
+                except ControlNotComputedError as error:
+                    missing["positions"] = str(error)
+            correlation = self.loss_correlation(run_key, alpha, **scope, settings=settings)
+            for role in ROLES:
+                rho = correlation[correlation["model"] == role].set_index("metric")["rho"]
+                table[f"loss_rho_{role}"] = rho
+            return ControlsSummary(table.reindex(columns=list(CONTROLS_COLUMNS))
+                                   .reset_index(drop=True), missing)
+        return self._cached(run_key, self._view_key("controls_summary", run_key, alpha, post,
+                                                    granularity, settings.key()), compute)
+
+    @public
+    def null_marks(self, settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
+        """Every (run, post model, alpha, metric) with a linked null run: whether the change
+        exceeds its null's (`null_comparison`; the first null where there are several must be
+        exceeded by each: `exceeds_null` is their conjunction)."""
+        def compute() -> pd.DataFrame:
+            rows = []
+            for run in self.runs().itertuples():
+                if self.controls(run.run_key, run.post_label).empty:
+                    continue
+                for alpha in run.alphas:
+                    try:
+                        table = self.null_comparison(run.run_key, alpha,
+                                                     post_label=run.post_label, settings=settings)
+                    except (ControlNotComputedError, TooFewQuestionsError):
+                        continue
+                    for metric, exceeds in table.groupby("metric")["exceeds_null"].all().items():
+                        rows.append({"run_key": run.run_key, "post_label": run.post_label,
+                                     "alpha": alpha, "metric": metric,
+                                     "exceeds_null": bool(exceeds)})
+            return pd.DataFrame(rows, columns=list(NULL_MARK_COLUMNS))
+        return self._cached(None, ("null_marks", settings.key()), compute)
 
     @public
     def significant_edges(self, run_key: str, alpha: float, *, post_label: str | None = None,
