@@ -31,6 +31,8 @@ DIRECTION_COLORS = {"as paper": "#2E9E44", "against paper": "#D64545"}
 # from the binning.
 TABLE1_METRICS = ["intensity", "complexity", "edge_entropy", "kurtosis", "diversity"]
 CELL_INDEX = ["pair", "dataset", "post_label", "alphas"]
+# Marks a change that does not exceed its null model's (core.query's null_marks).
+WITHIN_NULL = "◇"
 
 
 def cell(row: pd.Series) -> str:
@@ -49,7 +51,8 @@ def cell(row: pd.Series) -> str:
     interval = f" [{low:{spec}}, {high:{spec}}]" if math.isfinite(low) else ""
     star = "*" if row["clear_sign"] else ""
     test = f" p={row['wilcoxon_p']:.2g}" if math.isfinite(row["wilcoxon_p"]) else ""
-    return f"{values}  {arrow}{text}{interval}{star}{test}"
+    within_null = f" {WITHIN_NULL}" if row.get("exceeds_null") is False else ""
+    return f"{values}  {arrow}{text}{interval}{star}{test}{within_null}"
 
 
 def left_out_lines(left_out: pd.DataFrame) -> str:
@@ -85,6 +88,10 @@ if sel is not None:
                             help="edge_entropy and output_entropy are this project's "
                                  "reconstructions; the paper makes no claim about them")
     long = pooled[pooled["metric"].isin(chosen)]
+    marks = cache.null_marks(sel.metrics)
+    long = long.merge(marks, on=["run_key", "post_label", "alpha", "metric"], how="left")
+    long["exceeds_null"] = long["exceeds_null"].astype(object).where(long["exceeds_null"].notna(),
+                                                                     None)
     shown = long.assign(text=long.apply(cell, axis=1))
     grid = shown.pivot_table(index=CELL_INDEX, columns="metric", values="text", aggfunc="first")
     direction = shown.pivot_table(index=CELL_INDEX, columns="metric", values="direction",
@@ -110,6 +117,13 @@ if sel is not None:
         f"{sel.metrics.bootstrap} bootstrap resamples cannot resolve the far tails a corrected "
         f"interval needs): if nothing had changed, about {tested * (1 - sel.metrics.ci_level):.1f} "
         f"would exclude 0 by chance. Wilcoxon p ({per_sample}) is uncorrected too.")
+    within = int((long["exceeds_null"] == False).sum())  # noqa: E712 (None: no null run)
+    with_null = int(long["exceeds_null"].notna().sum())
+    st.caption(
+        f"{WITHIN_NULL} marks a change that does not exceed its null model's (a matched random "
+        f"perturbation of the base, or a seed null, at the nearest T_cut): {within} of the "
+        f"{with_null} cells with a null run; cells without a mark and without a null run were "
+        f"not controlled (`--controls perturb`). Controls page: the null's change beside each.")
     if len(left_out):
         st.caption(f"Left out: {len(left_out)} cell(s), listed below.")
         with st.expander(f"Cells left out ({len(left_out)})"):

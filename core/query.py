@@ -754,7 +754,9 @@ class ResultCache(SnapshotReader):
                          granularity: str | None = None,
                          settings: MetricSettings = MetricSettings()) -> ControlsSummary:
         """The Controls page's one table (CONTROLS_COLUMNS, one row per metric): the change
-        post - base with its interval, its weights and tokens parts (`decomposition`), the first
+        post - base with its interval (the decomposition's total where cross scores exist: its
+        complexity grid spans them, so the parts add up exactly), its weights and tokens parts
+        (`decomposition`), the first
         null run's change (`null_comparison`) and whether the change exceeds it, the change under
         the other position variants (no_sink, answer_only), and the Spearman correlation of each
         per-sample metric with the loss per model. Columns of a control not computed are NaN, and
@@ -772,9 +774,12 @@ class ResultCache(SnapshotReader):
             try:
                 parts = self.decomposition(run_key, alpha, **scope, settings=settings)
                 parts = parts.set_index("metric")
-                for part in ("weights", "tokens"):
+                # The decomposition's own total: complexity's grid there spans the cross scores
+                # too, so only that total is exactly weights + tokens.
+                for part in ("total", "weights", "tokens"):
                     for suffix in ("", "_low", "_high"):
-                        table[f"{part}{suffix}"] = parts[f"{part}{suffix}"]
+                        column = "change" if part == "total" else part
+                        table[f"{column}{suffix}"] = parts[f"{part}{suffix}"]
             except ControlNotComputedError as error:
                 missing["cross"] = str(error)
             try:

@@ -22,13 +22,14 @@ from streamlit.testing.v1 import AppTest
 from core import figures, jobs
 from core.circuit import build_circuit
 from core.graph import ResidualGraph
-from core.synthetic import build_fixture_cache, build_synthetic_cache
+from core.synthetic import build_controls_fixture, build_fixture_cache, build_synthetic_cache
 
 REPO = Path(__file__).resolve().parent.parent
 APP = str(REPO / "app.py")
 PAGES = {"app.py": "Overview", "pages/1_Edge_heatmap.py": "Edge heatmap",
          "pages/2_Distributions.py": "Distributions", "pages/3_Circuit_graph.py": "Circuit graph",
-         "pages/4_Samples.py": "Samples", "pages/5_Compute.py": "Compute"}
+         "pages/4_Samples.py": "Samples", "pages/5_Compute.py": "Compute",
+         "pages/6_Controls.py": "Controls"}
 RESULT_PAGES = [page for page in PAGES if page != "pages/5_Compute.py"]
 # The fixture: "fixture-pair" (2 layers, one post model) and "fixture-series" (3 layers, post models
 # synthetic-grpo and synthetic-dpo), one dataset, alphas 0.1 and 0.3, 8 questions.
@@ -190,6 +191,51 @@ def test_compute_page_offers_the_configured_pairs(monkeypatch, fixture_cache):
     assert "python -m core run --request request.json" in "\n".join(c.value for c in at.caption)
     assert {b.label for b in at.button} >= {"Estimate cost", "Start"}
     assert "request.json" in [b.proto.label for b in at.get("download_button")]
+
+
+@pytest.fixture(scope="module")
+def controls_cache(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("app-controls") / "controls.duckdb"
+    build_controls_fixture(path)
+    return path
+
+
+def test_controls_page_shows_each_metric_with_its_parts_and_null(monkeypatch, controls_cache):
+    at = open_app(monkeypatch, controls_cache, "pages/6_Controls.py")
+    assert_clean(at, "Controls")
+    table = at.dataframe[0].value
+    assert list(table["metric"]) == ["intensity", "complexity", "edge_entropy", "kurtosis",
+                                     "diversity", "output_entropy"]
+    for column in ("weights", "tokens", "null", "no_sink", "answer_only"):
+        assert table[column].notna().all(), column
+    np.testing.assert_allclose(table["change"], table["weights"] + table["tokens"], rtol=1e-9)
+    assert len(at.info) == 0
+    assert len(charts(at)) == 1
+
+
+def test_controls_page_without_controls_names_the_command(monkeypatch, fixture_cache):
+    at = open_app(monkeypatch, fixture_cache, "pages/6_Controls.py")
+    assert_clean(at, "Controls")
+    assert at.dataframe[0].value["weights"].isna().all()
+    messages = "\n".join(i.value for i in at.info)
+    assert "--controls cross" in messages and "--controls perturb" in messages
+
+
+def test_controls_page_in_read_only_mode(monkeypatch, controls_cache):
+    at = open_app(monkeypatch, controls_cache, "pages/6_Controls.py", read_only=True)
+    assert_clean(at, "Controls")
+    assert len(at.dataframe) >= 1
+
+
+def test_overview_marks_changes_within_their_null(monkeypatch, controls_cache):
+    at = open_app(monkeypatch, controls_cache)
+    assert_clean(at, "Overview")
+    table = at.dataframe[0].value
+    controlled = table[(table["pair"] == "fixture-pair")]
+    uncontrolled = table[(table["pair"] != "fixture-pair")]
+    assert controlled.stack().str.contains("◇").any()
+    assert not uncontrolled.stack().str.contains("◇").any()
+    assert any("does not exceed its null" in c.value for c in at.caption)
 
 
 @pytest.mark.parametrize("page", RESULT_PAGES)

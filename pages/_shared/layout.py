@@ -19,6 +19,7 @@ NAVIGATION = (
     ("pages/2_Distributions.py", "Distributions", ":material/bar_chart:"),
     ("pages/3_Circuit_graph.py", "Circuit graph", ":material/account_tree:"),
     ("pages/4_Samples.py", "Samples", ":material/article:"),
+    ("pages/6_Controls.py", "Controls", ":material/rule:"),
     ("pages/5_Compute.py", "Compute", ":material/play_circle:"),
 )
 COMPUTE_PAGE = "pages/5_Compute.py"
