@@ -222,7 +222,8 @@ def working_bytes(shape: ModelShape, n_tokens: int, checkpointing: bool, source_
     """The memory model's device bytes for one sample of n_tokens tokens, beyond the weights: per
     token (`bytes_per_token`), and under checkpointing one chunk of the loss head."""
     acc = 8 if shape.dtype_bytes == 8 else 4
-    loss_chunk = min(LOSS_CHUNK, n_tokens) * shape.vocab * (shape.dtype_bytes + 3 * acc) if checkpointing else 0
+    loss_chunk = (min(LOSS_CHUNK, n_tokens) * shape.vocab * (shape.dtype_bytes + 3 * acc)
+                  if checkpointing else 0)
     return loss_chunk + n_tokens * bytes_per_token(shape, checkpointing, source_on_device)
 
 
