@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from core.controls import CONTROLS
 from core.datasets import Dataset, load_dataset
 from core.errors import InputError
 from core.executors import split_address
@@ -49,6 +50,8 @@ class PairConfig:
     max_new_tokens: int
     # Layer count the config declares, checked against the model's own config.
     layers: int | None = None
+    # A pair's seed null: a post-training that differs from `posts[0]` only in seed (--controls seed).
+    seed_null: ModelEntry | None = None
 
     @property
     def models(self) -> tuple[ModelEntry, ...]:
@@ -73,7 +76,10 @@ class RunRequest:
     Where model work runs (core/executors.py; in no cache key, results do not depend on it):
     `executor` "local" (this process) or "ray"; for ray, `ray_address` None (start Ray here, or
     RAY_ADDRESS), "auto" or "HOST:PORT", and `ray_actors` the pool size (0: one per GPU, or per CPU
-    where the cluster has no GPU)."""
+    where the cluster has no GPU).
+
+    `controls` (core.controls.CONTROLS; in no run key: each adds its own rows or runs) and
+    `perturb_seed`, the seed of the perturbation null's direction (in the null model's key)."""
 
     pair: str
     dataset: str
@@ -87,6 +93,8 @@ class RunRequest:
     executor: ExecutorName = "local"
     ray_address: str | None = None
     ray_actors: int = 0
+    controls: tuple[str, ...] = ()
+    perturb_seed: int = 0
 
     def __post_init__(self) -> None:
         if not self.alphas:
@@ -95,6 +103,10 @@ class RunRequest:
         if self.limit < 0:
             raise ValueError(f"limit={self.limit} must be 0 (all questions) or positive")
         self._check_executor()
+        unknown = [name for name in self.controls if name not in CONTROLS]
+        if unknown:
+            raise InputError(f"unknown control(s) {unknown}; the controls are {list(CONTROLS)}")
+        object.__setattr__(self, "controls", tuple(c for c in CONTROLS if c in self.controls))
         # Absolute, so a job started from any working directory writes where it was asked to.
         for name in ("cache", "config"):
             if getattr(self, name) is not None:
@@ -120,7 +132,8 @@ class RunRequest:
                 "selection": self.selection.as_dict(), "score": self.score.as_dict(),
                 "generation": self.generation.as_dict(), "limit": self.limit, "cache": self.cache,
                 "config": self.config, "executor": self.executor, "ray_address": self.ray_address,
-                "ray_actors": self.ray_actors}
+                "ray_actors": self.ray_actors, "controls": list(self.controls),
+                "perturb_seed": self.perturb_seed}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunRequest":
@@ -130,7 +143,8 @@ class RunRequest:
                    generation=GenerationSettings.from_dict(data["generation"]),
                    limit=data.get("limit", 0), cache=data.get("cache"), config=data.get("config"),
                    executor=data.get("executor", "local"), ray_address=data.get("ray_address"),
-                   ray_actors=data.get("ray_actors", 0))
+                   ray_actors=data.get("ray_actors", 0), controls=tuple(data.get("controls", ())),
+                   perturb_seed=data.get("perturb_seed", 0))
 
     def to_file(self, path: str | os.PathLike) -> Path:
         """Write the request as JSON (atomically: a reader sees no half-written file)."""
@@ -199,8 +213,17 @@ def get_pair(name: str, config: Config) -> PairConfig:
     if len(set(labels)) != len(labels) or "base" in labels:
         raise ConfigError(f"{kind} {name!r}: model labels {labels} must be distinct and not 'base' "
                           f"({config.path})")
+    seed_null = None
+    if "seed_null" in raw:
+        if kind != "pair":
+            raise ConfigError(f"series {name!r}: `seed_null` belongs to a pair (a post model "
+                              f"trained again with another seed) ({config.path})")
+        seed_null = _entry(raw["seed_null"], f"{name}.seed_null")
+        if seed_null.label in labels:
+            raise ConfigError(f"pair {name!r}: the seed_null label {seed_null.label!r} is taken "
+                              f"({config.path})")
     return PairConfig(name, kind, base, post_entries, raw["template"], int(raw["max_new_tokens"]),
-                      raw.get("layers"))
+                      raw.get("layers"), seed_null)
 
 
 def get_dataset(name: str, config: Config, limit: int = 0) -> Dataset:

@@ -70,7 +70,7 @@ def load_causal_lm(path_or_id: str, dtype: DType = "float32", device: str = "aut
 
 # --- Model specs: what a model is, and a fingerprint of its content ---------------------------
 
-SPEC_KINDS = ("hub", "local", "adapter")
+SPEC_KINDS = ("hub", "local", "adapter", "perturbed")
 # Files of a model folder that determine its outputs (weights, config, tokenizer); hashed for the
 # fingerprint of a local model or adapter.
 FINGERPRINT_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".jinja")
@@ -86,18 +86,30 @@ class ModelNotLoadableError(InputError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A hub id (with optional revision), a local folder, or a LoRA adapter on a base spec."""
+    """A hub id (with optional revision), a local folder, a LoRA adapter on a base spec, or a
+    perturbed base: the null model of docs/method.md section 9, base + R with R matched per weight
+    matrix to (post - base) in Frobenius norm along a direction drawn from `seed` (see
+    `matched_perturbation`); built in memory at load, never written (`path` is empty)."""
 
     kind: str
     path: str
     revision: str | None = None
     base: "ModelSpec | None" = None
+    post: "ModelSpec | None" = None
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in SPEC_KINDS:
             raise ValueError(f"model kind {self.kind!r} is not one of {list(SPEC_KINDS)}")
-        if (self.kind == "adapter") != (self.base is not None):
-            raise ValueError("an adapter spec needs a base model, and only an adapter has one")
+        if (self.kind in ("adapter", "perturbed")) != (self.base is not None):
+            raise ValueError("an adapter or perturbed spec needs a base model, and only they have one")
+        if (self.kind == "perturbed") != (self.post is not None and isinstance(self.seed, int)):
+            raise ValueError("a perturbed spec needs a post model and an integer seed, and only it "
+                             "has them")
+
+    @classmethod
+    def perturbed(cls, base: "ModelSpec", post: "ModelSpec", seed: int) -> "ModelSpec":
+        return cls("perturbed", "", base=base, post=post, seed=seed)
 
     @classmethod
     def from_config(cls, entry: dict, root: Path | None = None) -> "ModelSpec":
@@ -124,6 +136,8 @@ class ModelSpec:
             out["revision"] = self.revision
         if self.base is not None:
             out["base"] = self.base.describe()
+        if self.post is not None:
+            out.update(post=self.post.describe(), seed=self.seed)
         return out
 
     def identity(self) -> dict:
@@ -134,9 +148,13 @@ class ModelSpec:
             out["hub"] = self.path
         if self.base is not None:
             out["base"] = self.base.identity()
+        if self.post is not None:
+            out.update(post=self.post.identity(), seed=self.seed)
         return out
 
     def __str__(self) -> str:
+        if self.kind == "perturbed":
+            return f"{self.base} + a random update matched to {self.post} (seed {self.seed})"
         if self.kind == "adapter":
             return f"{self.base} + adapter {self.path}"
         return f"{self.path}@{self.revision}" if self.revision else self.path
@@ -147,6 +165,9 @@ class ModelSpec:
         """Hub commit of a hub model; hash of the weight, config and tokenizer files of a folder;
         both for an adapter. `file_hash(path) -> hex` lets a caller memoise file hashes."""
         file_hash = file_hash or sha256_file
+        if self.kind == "perturbed":  # its weights follow from both models' and the seed
+            return stable_hash(["perturbed", self.base.fingerprint(file_hash),
+                                self.post.fingerprint(file_hash), self.seed])
         if self.kind == "hub":
             return "hub:" + resolve_hub_commit(self.path, self.revision)
         folder_hash = hash_folder(self.path, file_hash)
@@ -156,6 +177,8 @@ class ModelSpec:
 
     def tokenizer_source(self) -> str:
         """Where the tokenizer lives: an adapter's own folder if it ships one, else its base."""
+        if self.kind == "perturbed":
+            return self.base.tokenizer_source()
         if self.kind == "adapter":
             if (Path(self.path) / "tokenizer_config.json").exists():
                 return self.path
@@ -166,6 +189,8 @@ class ModelSpec:
         from transformers import AutoTokenizer
 
         source = self.tokenizer_source()
+        if self.kind == "perturbed":
+            return self.base.load_tokenizer()
         revision = self.revision if self.kind == "hub" else None
         try:
             return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=False)
@@ -175,7 +200,14 @@ class ModelSpec:
 
     def load(self, dtype: DType = "float32", device: str = "auto"):
         """The model in eval mode with frozen weights; an adapter is merged into its base
-        (merge_and_unload), so scoring sees a plain model of the base's architecture."""
+        (merge_and_unload), so scoring sees a plain model of the base's architecture; a perturbed
+        spec is built from its base and post (the post on the CPU, only while R is drawn)."""
+        if self.kind == "perturbed":
+            model = self.base.load(dtype=dtype, device=device)
+            post = self.post.load(dtype=dtype, device="cpu")
+            matched_perturbation(model, post, self.seed)
+            del post
+            return model
         if self.kind != "adapter":
             return load_causal_lm(self.path, dtype=dtype, device=device, revision=self.revision)
         from peft import PeftModel
@@ -188,6 +220,40 @@ class ModelSpec:
         model = PeftModel.from_pretrained(base, str(folder), is_trainable=False).merge_and_unload()
         model.requires_grad_(False)
         return model.eval()
+
+
+    def weights_root(self) -> "ModelSpec":
+        """The hub or local model whose architecture (and config) this spec has."""
+        return self.base.weights_root() if self.base is not None else self
+
+
+def matched_perturbation(model, post, seed: int) -> dict[str, float]:
+    """Turn `model` (the base) into base + R in place: for every weight matrix (2-D parameter:
+    attention and MLP projections, embeddings and the LM head; tied matrices once), R has the
+    Frobenius norm of (post - base) and a Gaussian direction drawn from (seed, parameter name), in
+    float64. Norm gains and biases (1-D) stay the base's: "a random update of the same size" is
+    defined per matrix (docs/method.md section 9), and a random sign flip of a gain is no update
+    of a trained model's kind. Returns each matrix's ||R||_F."""
+    import torch
+
+    post_parameters = dict(post.named_parameters())
+    norms = {}
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim != 2:
+                continue
+            if name not in post_parameters or post_parameters[name].shape != parameter.shape:
+                raise InputError(f"the post model has no matrix {name} of shape "
+                                 f"{tuple(parameter.shape)}; a null model needs the base's "
+                                 f"architecture")
+            delta = post_parameters[name].detach().cpu().double() - parameter.detach().cpu().double()
+            norm = torch.linalg.matrix_norm(delta)
+            generator = torch.Generator().manual_seed(int(stable_hash([seed, name]), 16) % 2**63)
+            direction = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
+            update = direction * (norm / torch.linalg.matrix_norm(direction))
+            parameter.add_(update.to(device=parameter.device, dtype=parameter.dtype))
+            norms[name] = float(norm)
+    return norms
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -365,6 +431,8 @@ def hub_model_problem(repo_id: str, revision: str | None = None) -> str | None:
 
 def model_problem(spec: ModelSpec) -> str | None:
     """What keeps `spec` (and an adapter's base) from loading, or None."""
+    if spec.kind == "perturbed":
+        return model_problem(spec.base) or model_problem(spec.post)
     if spec.kind == "adapter":
         return adapter_problem(Path(spec.path)) or model_problem(spec.base)
     if spec.kind == "hub":

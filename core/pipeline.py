@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from core import keys
-from core.config import ConfigError, ModelEntry, RunRequest, get_dataset, get_pair, load_config
+from core.config import (ConfigError, ModelEntry, PairConfig, RunRequest, get_dataset, get_pair,
+                         load_config)
+from core.controls import NULL_CONTROLS
 from core.errors import InputError
 from core.executors import GenerationJob, make_executor
 from core.migrations import migrate
@@ -54,11 +56,15 @@ class RunSummary:
     # actor and model on Ray).
     models_loaded: int
     seconds: float
+    # Control runs: "<control>:<post label>" -> the run key of the null model vs the base.
+    control_runs: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class _Runner:
     def __init__(self, request: RunRequest, progress: Progress | None, log: Callable[[str], None],
-                 executor=None):
+                 executor=None, pair: PairConfig | None = None):
+        """`pair`: a pair built here (a control's null model vs the base) instead of the
+        request's configured one."""
         self.request = request
         self.executor = executor
         self.progress = progress or (lambda stage, done, total: None)
@@ -66,9 +72,11 @@ class _Runner:
         self.store = Store(request.cache)
         self.runs = RunStore(self.store)
         config = load_config(request.config)
-        self.pair = get_pair(request.pair, config)
+        self.pair = pair or get_pair(request.pair, config)
         self.dataset = get_dataset(request.dataset, config, request.limit)
-        self.done = dict.fromkeys(STAGES, 0)
+        # Work per stage, and per control ("cross", and each null's run).
+        self.done = dict.fromkeys(STAGES + request.controls, 0)
+        self.control_runs: dict[str, str] = {}
 
     # Identity of models and data, and the prompts (no model weights loaded, nothing written).
     def identify(self) -> None:
@@ -221,53 +229,132 @@ class _Runner:
         self.done["select"] += int(changed)
         return selection
 
-    def wanted_scores(self, entry: ModelEntry) -> list[tuple[str, int]]:
-        """(generation key, T_cut) of every sample the run scores for `entry`, each once (two
-        alphas can cut at the same token)."""
+    def wanted_scores(self, entry: ModelEntry, question_ids=None,
+                      t_cuts: dict[float, int] | None = None) -> list[tuple[str, int]]:
+        """(generation key, T_cut) of every answer of `entry` the run scores, each once (two alphas
+        can cut at the same token); by default the selection's questions and T_cuts."""
+        question_ids = self.selection.question_ids if question_ids is None else question_ids
+        t_cuts = self.t_cuts if t_cuts is None else t_cuts
         return list(dict.fromkeys((self.generation_key(entry.label, qid), cut)
-                                  for cut in self.t_cuts.values()
-                                  for qid in self.selection.question_ids))
+                                  for cut in t_cuts.values() for qid in question_ids))
+
+    def cross_pairs(self) -> list[tuple[ModelEntry, ModelEntry]]:
+        """(scorer, answers) of cross-scoring: each post model on the base's answers and back."""
+        return [pair for post in self.pair.posts
+                for pair in ((post, self.pair.base), (self.pair.base, post))]
 
     def score(self) -> None:
+        for entry in self.pair.models:
+            self._score(entry, entry, "score")
+
+    def cross(self) -> None:
+        """Cross-scoring (docs/method.md section 9): S(post, base tokens) and S(base, post
+        tokens) at the run's T_cuts, stored as score rows of their scorer."""
+        for scorer, tokens in self.cross_pairs():
+            self._score(scorer, tokens, "cross")
+
+    def _score(self, scorer: ModelEntry, tokens: ModelEntry, stage: str) -> None:
+        """Score `scorer` on the selected answers of `tokens` (its own, or cross), in commit-sized
+        chunks through the executor, doing only what the cache lacks."""
         from core.eap import Sample
 
         settings = self.request.score
-        for entry in self.pair.models:
-            question_of = {self.generation_key(entry.label, q): q for q in self.selection.question_ids}
-            todo = self.runs.missing_scores(self.wanted_scores(entry), settings.key())
-            if not todo:
-                continue
-            tokens = self.runs.generation_tokens(list(question_of))
-            self.log(f"score: {entry.label}: {len(todo)} samples")
-            chunks = [todo[start:start + settings.batch_size]
-                      for start in range(0, len(todo), settings.batch_size)]
-            samples = [[Sample(question_of[key], tuple(tokens[key][0]), tuple(tokens[key][1]),
-                               min(cut, len(tokens[key][1]))) for key, cut in chunk]
-                       for chunk in chunks]
-            self.progress(f"score {entry.label}", 0, len(todo))
-            began = time.perf_counter()
-            done = 0
-            for index, result in self.executor.score(entry.spec, settings, samples):
-                if result.graph.n_layers != self.n_layers:
-                    raise InputError(f"{entry.label} has {result.graph.n_layers} layers, the base "
-                                       f"{self.n_layers}: a pair must share one architecture")
-                done += len(chunks[index])
-                # Reported before the commit, so a progress bar shows work the executor finished.
-                self.progress(f"score {entry.label}", done, len(todo))
-                self._store_scores(entry.label, chunks[index], samples[index], result)
-            self.executor.release()
-            self.runs.write_timing(self.run_key, "score", len(todo), time.perf_counter() - began)
+        question_of = {self.generation_key(tokens.label, q): q for q in self.selection.question_ids}
+        todo = self.runs.missing_scores(self.wanted_scores(tokens), settings.key(),
+                                        self.model_keys[scorer.label])
+        if not todo:
+            return
+        name = scorer.label if scorer == tokens else f"{scorer.label} on {tokens.label}'s answers"
+        answers = self.runs.generation_tokens(list(question_of))
+        self.log(f"{stage}: {name}: {len(todo)} samples")
+        chunks = [todo[start:start + settings.batch_size]
+                  for start in range(0, len(todo), settings.batch_size)]
+        samples = [[Sample(question_of[key], tuple(answers[key][0]), tuple(answers[key][1]),
+                           min(cut, len(answers[key][1]))) for key, cut in chunk]
+                   for chunk in chunks]
+        self.progress(f"{stage} {name}", 0, len(todo))
+        began = time.perf_counter()
+        done = 0
+        for index, result in self.executor.score(scorer.spec, settings, samples):
+            if result.graph.n_layers != self.n_layers:
+                raise InputError(f"{scorer.label} has {result.graph.n_layers} layers, the base "
+                                 f"{self.n_layers}: a pair must share one architecture")
+            done += len(chunks[index])
+            # Reported before the commit, so a progress bar shows work the executor finished.
+            self.progress(f"{stage} {name}", done, len(todo))
+            self._store_scores(scorer.label, chunks[index], samples[index], result)
+            self.done[stage] += len(chunks[index])
+        self.executor.release()
+        self.runs.write_timing(self.run_key, stage, len(todo), time.perf_counter() - began)
 
-    def _store_scores(self, label, chunk, samples, result) -> None:
+    def _store_scores(self, scorer_label, chunk, samples, result) -> None:
+        import numpy as np
+
+        graph = result.graph
+        parts = (None if result.position_parts is None else
+                 np.stack([graph.edges(result.position_parts[:, g])
+                           for g in range(result.position_parts.shape[1])], axis=1))
         self.runs.write_scores(self.run_key, [{
             "generation_key": key, "t_cut": cut, "score_key": self.request.score.key(),
-            "model_key": self.model_keys[label], "dataset_key": self.dataset.key,
+            "model_key": self.model_keys[scorer_label], "dataset_key": self.dataset.key,
             "question_id": sample.id, "loss": float(result.loss[i]),
             "seconds": float(result.seconds[i]), "n_scored_tokens": sample.t_cut,
-            "scored_text": self.tokenizer.decode(list(sample.answer_ids[:sample.t_cut]))}
+            "scored_text": self.tokenizer.decode(list(sample.answer_ids[:sample.t_cut])),
+            "logit_grad_norm": float(result.logit_grad_norm[i]),
+            "logits_slot_grad_norm": float(result.logits_slot_grad_norm[i]),
+            "residual_norm": float(result.residual_norm[i])}
             for i, ((key, cut), sample) in enumerate(zip(chunk, samples))],
-            result.graph.edges(result.scores))
-        self.done["score"] += len(chunk)
+            graph.edges(result.scores), parts)
+
+    # --- null models (docs/method.md section 9) ------------------------------------------------
+
+    def null_pairs(self, control: str) -> list[tuple[str, PairConfig]]:
+        """(post label, the pair base vs null model) of a null control, one per post model."""
+        if control == "perturb":
+            nulls = [(post.label, ModelEntry(
+                f"{post.label}-perturb{self.request.perturb_seed}",
+                ModelSpec.perturbed(self.pair.base.spec, post.spec, self.request.perturb_seed),
+                "random perturbation")) for post in self.pair.posts]
+        elif self.pair.seed_null is None:
+            raise InputError(f"--controls seed needs a seed null model: give the pair "
+                             f"{self.pair.name!r} a `seed_null = {{...}}` in its config (a "
+                             f"post-training that differs only in seed)")
+        else:
+            nulls = [(self.pair.posts[0].label, self.pair.seed_null)]
+        return [(label, dataclasses.replace(
+            self.pair, name=f"{self.pair.name}:{control}:{label}", kind="pair", posts=(entry,),
+            seed_null=None)) for label, entry in nulls]
+
+    def null_runner(self, pair: PairConfig) -> "_Runner":
+        request = dataclasses.replace(self.request, controls=())
+        runner = _Runner(request, self.progress, self.log, self.executor, pair=pair)
+        # This run's Store holds the writer lock (re-entrant within one Store only).
+        runner.store, runner.runs = self.store, self.runs
+        return runner
+
+    def null_control(self, control: str) -> None:
+        """Run each null model against the base through every stage, as a pair run of its own,
+        and link it to this run."""
+        for post_label, pair in self.null_pairs(control):
+            self.log(f"{control}: {pair.posts[0].label} vs {pair.base.label} ({pair.posts[0].spec})")
+            runner = self.null_runner(pair)
+            runner.execute()
+            self.runs.write_control(self.run_key, post_label, control, runner.run_key)
+            self.control_runs[f"{control}:{post_label}"] = runner.run_key
+            self.done[control] += sum(runner.done.values())
+
+    def execute(self) -> None:
+        """Every stage, then the request's controls (after metrics: the default comparison never
+        waits for them)."""
+        self.identify()
+        self.record_inputs()
+        self.generate()
+        self.grade()
+        self.select()
+        self.score()
+        self.metrics()
+        for control in self.request.controls:
+            CONTROL_STEPS[control](self)
 
     def wanted_metrics(self) -> list[tuple[str, float]]:
         return [(entry.label, alpha) for entry in self.pair.posts for alpha in self.request.alphas]
@@ -304,25 +391,34 @@ def run(request: RunRequest, progress: Progress | None = None,
     try:
         with runner.store.writer_lock(wait=False):
             migrate(runner.store, log)
-            runner.identify()
-            runner.record_inputs()
-            runner.generate()
-            runner.grade()
-            runner.select()
-            runner.score()
-            runner.metrics()
+            runner.execute()
     finally:
         executor.close()
     return RunSummary(runner.run_key, runner.selection.report(), runner.t_cuts, runner.done,
-                      executor.models_loaded, time.perf_counter() - began)
+                      executor.models_loaded, time.perf_counter() - began, runner.control_runs)
+
+
+# What each control of core.controls.CONTROLS does, given the run's runner after its stages; a
+# new control (e.g. faithfulness) is one entry here and one name there.
+CONTROL_STEPS: dict[str, Callable[[_Runner], None]] = {
+    "cross": _Runner.cross,
+    "perturb": lambda runner: runner.null_control("perturb"),
+    "seed": lambda runner: runner.null_control("seed"),
+}
 
 
 def plan(request: RunRequest) -> dict[str, Any]:
     """Work items missing per stage, as the stages will count them, and rough seconds; asks the run
     store what the stages ask. Loads tokenizers but no model, and writes nothing. Which questions
     are selected is known once every answer is graded; before that, scores are counted for n
-    questions (the most)."""
+    questions (the most). Controls: "cross" is counted like a stage; each null model's run is
+    planned in full under `controls` ("<control>:<post label>" -> its plan)."""
     runner = _Runner(request, None, lambda text: None)
+    return _plan(runner)
+
+
+def _plan(runner: _Runner) -> dict[str, Any]:
+    request = runner.request
     runner.identify()
     runs, models = runner.runs, runner.pair.models
     keys_ = runner.generation_keys()
@@ -331,38 +427,54 @@ def plan(request: RunRequest) -> dict[str, Any]:
     state = runs.run_state(runner.run_key)
     select = 1 if state is None else int(bool(set(request.alphas) - set(state.t_cuts)))
     selection = None  # known once every answer is graded and the run is not cached yet
+    n_cross = len(runner.cross_pairs()) if "cross" in request.controls else 0
     if state is None and grade:
         n_selected = min(request.selection.n, len(runner.questions))
         score = n_selected * len(models) * len(request.alphas)
+        cross = n_selected * n_cross * len(request.alphas)
     else:
         if state is None:
             runner.choose()  # the selection the select stage will make
-            wanted = [item for e in models for item in runner.wanted_scores(e)]
+            question_ids, t_cuts = runner.selection.question_ids, runner.t_cuts
             n_selected = runner.selection.n_selected
             selection = runner.selection.report()
         else:
             t_cuts = {a: state.t_cuts.get(a, t_cut(a, state.t_bar)) for a in request.alphas}
-            wanted = list(dict.fromkeys((key, cut) for _, key in state.samples
-                                        for cut in t_cuts.values()))
+            base = runner.pair.base.label
+            selected = {key for label, key in state.samples if label == base}
+            question_ids = [qid for qid in runner.questions
+                            if runner.generation_key(base, qid) in selected]
             n_selected = state.n_selected
-        score = len(runs.missing_scores(wanted, request.score.key()))
+
+        def missing(scorer: ModelEntry, tokens: ModelEntry) -> int:
+            return len(runs.missing_scores(runner.wanted_scores(tokens, question_ids, t_cuts),
+                                           request.score.key(), runner.model_keys[scorer.label]))
+        score = sum(missing(entry, entry) for entry in models)
+        cross = sum(missing(scorer, tokens) for scorer, tokens in runner.cross_pairs()[:n_cross])
     metrics = (len(runs.missing_metrics(runner.run_key, MetricSettings().key(), runner.wanted_metrics()))
                if n_selected >= 2 else 0)
-    missing = {"generate": generate, "grade": grade, "select": select, "score": score,
-               "metrics": metrics}
+    missing_work = {"generate": generate, "grade": grade, "select": select, "score": score,
+                    "metrics": metrics}
+    if "cross" in request.controls:
+        missing_work["cross"] = cross
     past = runs.past_seconds(list(runner.model_keys.values()))
     seconds = {stage: past[stage] or DEFAULT_SECONDS[stage] for stage in DEFAULT_SECONDS}
+    plans = {f"{control}:{label}": _plan(runner.null_runner(pair))
+             for control in request.controls if control in NULL_CONTROLS
+             for label, pair in runner.null_pairs(control)}
     return {"run_key": runner.run_key, "questions": len(runner.questions),
-            "models": [e.label for e in models], "missing": missing, "selection": selection,
-            "seconds": round(missing["generate"] * seconds["generate"]
-                             + missing["score"] * seconds["score"], 1)}
+            "models": [e.label for e in models], "missing": missing_work, "selection": selection,
+            "seconds": round(missing_work["generate"] * seconds["generate"]
+                             + (score + cross) * seconds["score"]
+                             + sum(p["seconds"] for p in plans.values()), 1),
+            "controls": plans}
 
 
 def _architecture(spec: ModelSpec) -> tuple[int, str]:
     """Layer count and architecture name from the (base) model's config, without loading weights."""
     from transformers import AutoConfig
 
-    root = spec.base if spec.kind == "adapter" else spec
+    root = spec.weights_root()
     try:
         config = AutoConfig.from_pretrained(root.path, revision=root.revision, trust_remote_code=False)
     except OSError as error:

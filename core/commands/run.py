@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from core.controls import CONTROLS
 from core.settings import PAPER_ALPHAS, GenerationSettings, ScoreSettings, SelectionSettings
 from core.vocab import EXECUTORS
 
@@ -79,8 +80,25 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
                             "node; default: RAY_ADDRESS, else start Ray on this machine")
     where.add_argument("--ray-actors", type=int, default=0,
                        help="Ray actors (model replicas); 0: one per GPU, or per CPU without GPUs")
+    controls = parser.add_argument_group("controls (docs/method.md section 9)")
+    controls.add_argument("--controls", type=_control_names, default=(),
+                          help=f"comma-separated, of {', '.join(CONTROLS)}: cross scores each model "
+                               f"on the other's answers; perturb and seed run a null model (a "
+                               f"matched random update of the base; the pair's seed_null) against "
+                               f"the base as a linked run")
+    controls.add_argument("--perturb-seed", type=int, default=0,
+                          help="seed of the perturbation null's random direction")
     for group in (SelectionSettings, ScoreSettings, GenerationSettings):
         group.add_arguments(parser.add_argument_group(group.__name__))
+
+
+def _control_names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in CONTROLS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown control(s) {unknown}; choose from "
+                                         f"{', '.join(CONTROLS)}")
+    return names
 
 
 def _request(args: argparse.Namespace):
@@ -100,7 +118,8 @@ def _request(args: argparse.Namespace):
                       score=ScoreSettings.from_namespace(args),
                       generation=GenerationSettings.from_namespace(args), limit=args.limit,
                       cache=args.cache, config=args.config, executor=args.executor,
-                      ray_address=args.ray_address, ray_actors=args.ray_actors)
+                      ray_address=args.ray_address, ray_actors=args.ray_actors,
+                      controls=args.controls, perturb_seed=args.perturb_seed)
 
 
 class _Bars:
@@ -154,6 +173,8 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"run {summary.run_key}: {summary.selection['n_selected']} questions, T_cut "
           f"{ {a: t for a, t in summary.t_cuts.items()} }; done now: {work}; "
           f"{summary.seconds:.1f} s")
+    for name, run_key in summary.control_runs.items():
+        print(f"control {name}: run {run_key}")
     if reporter:
         reporter.finish("done", f"run {summary.run_key} complete")
     return 0
@@ -169,6 +190,9 @@ def plan_command(args: argparse.Namespace) -> int:
     work = ", ".join(f"{stage} {n}" for stage, n in estimate["missing"].items())
     print(f"run {estimate['run_key']} ({', '.join(estimate['models'])}; {estimate['questions']} "
           f"questions): missing {work}; about {estimate['seconds']:.0f} s")
+    for name, control in estimate["controls"].items():
+        work = ", ".join(f"{stage} {n}" for stage, n in control["missing"].items())
+        print(f"control {name}: run {control['run_key']}: missing {work}")
     return 0
 
 
