@@ -170,8 +170,9 @@ def edge_heatmaps(ctx: ReportContext) -> Section:
              f"99% of the edges; hover for both models' exact means.</p>"]
     graph = ctx.cache.graph(ctx.run_key, ctx.granularity)
     for alpha in ctx.alphas:
-        means = ctx.cache.mean_matrices(ctx.run_key, alpha, **ctx.scope)
-        change = ctx.cache.edge_change(ctx.run_key, alpha, HEATMAP_MEASURE, **ctx.scope)
+        means = ctx.cache.mean_matrices(ctx.run_key, alpha, **ctx.scope, settings=ctx.settings)
+        change = ctx.cache.edge_change(ctx.run_key, alpha, HEATMAP_MEASURE, **ctx.scope,
+                                       settings=ctx.settings)
         fig = figures.change_heatmap(graph, change, means, base, post, HEATMAP_MEASURE)
         parts += [_alpha_heading(alpha, ctx),
                   ctx.figure(fig, f"edge_change_{HEATMAP_MEASURE}_alpha{alpha:g}")]
@@ -185,7 +186,7 @@ def distributions(ctx: ReportContext) -> Section:
              "zeros of non-edges left out); then each per-sample metric across alphas, a violin per "
              "model with the mean and its bootstrap interval.</p>"]
     for alpha in ctx.alphas:
-        values = ctx.cache.abs_values(ctx.run_key, alpha, **ctx.scope)
+        values = ctx.cache.abs_values(ctx.run_key, alpha, **ctx.scope, settings=ctx.settings)
         pooled = {base: values["base"], post: values["post"]}
         parts += [_alpha_heading(alpha, ctx), '<div class="pair">',
                   ctx.figure(figures.abs_histogram(pooled, colors=colors),
@@ -279,7 +280,30 @@ def settings_and_provenance(ctx: ReportContext) -> Section:
 
 
 # Document order. A builder returning None (nothing of its kind computed for the run) is left out.
-SECTIONS: tuple[SectionBuilder, ...] = (table_1, edge_heatmaps, distributions, circuits,
+def controls(ctx: ReportContext) -> Section | None:
+    """The Controls page's table and figure at every alpha where a control (cross scores, a null
+    run or position parts) is computed; None where none is."""
+    parts = ["<p>Each metric's change post - base (metric units) split into weights (post on the "
+             "base's answers - base) and tokens (post - post on the base's answers), which add up "
+             "to it; the null model's change at the nearest T_cut and whether the change exceeds "
+             "it (its interval excludes 0 and lies beyond the null's change); the change without "
+             "the first token's part and from the answer tokens alone; each per-sample metric's "
+             "Spearman correlation with the loss (docs/method.md section 8).</p>"]
+    shown = False
+    for alpha in ctx.alphas:
+        summary = ctx.cache.controls_summary(ctx.run_key, alpha, **ctx.scope, settings=ctx.settings)
+        if len(summary.missing) == 3:
+            continue
+        shown = True
+        parts += [_alpha_heading(alpha, ctx), _table(summary.table),
+                  ctx.figure(figures.controls_bars(summary.table), f"controls_alpha{alpha:g}")]
+        parts += [f"<p>Not computed: {html.escape(message)}</p>"
+                  for message in summary.missing.values()]
+    return Section("controls", "Controls: weights vs tokens, null model, positions",
+                   "\n".join(parts)) if shown else None
+
+
+SECTIONS: tuple[SectionBuilder, ...] = (table_1, controls, edge_heatmaps, distributions, circuits,
                                         settings_and_provenance)
 
 

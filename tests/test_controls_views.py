@@ -259,3 +259,11 @@ def test_linking_a_control_changes_the_runs_content_key(tmp_path):
     assert cache.content_key(pair) != before[pair]
     assert cache.content_key(series) == before[series]
     assert list(cache.controls(pair)["control_run_key"]) == [series]
+
+
+def test_the_report_has_a_controls_section_only_where_a_control_is_computed(controls_cache):
+    cache, runs = controls_cache
+    settings = QUICK.replace(bootstrap=20)
+    assert "Controls: weights vs tokens" in cache.report_html(runs["pair"], settings=settings)
+    assert "Controls: weights vs tokens" not in cache.report_html(runs["series"],
+                                                                  settings=settings)
