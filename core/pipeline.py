@@ -32,7 +32,8 @@ from core.executors import GenerationJob, make_executor
 from core.migrations import migrate
 from core.models import ModelSpec, check_loadable, check_same_tokenizer
 from core.runstore import RunStore
-from core.selection import Candidate, Selection, select_questions, t_cut
+from core.selection import (Candidate, NoJointlyCorrectError, Selection, select_questions,
+                            t_cut)
 from core.settings import MetricSettings
 from core.store import Store
 from core.vocab import STAGES
@@ -338,7 +339,13 @@ class _Runner:
         for post_label, pair in self.null_pairs(control):
             self.log(f"{control}: {pair.posts[0].label} vs {pair.base.label} ({pair.posts[0].spec})")
             runner = self.null_runner(pair)
-            runner.execute()
+            try:
+                runner.execute()
+            except NoJointlyCorrectError as error:
+                # A null that solves nothing the base solves has no comparison to show; the run
+                # itself is complete, so say so and go on.
+                self.log(f"{control}: no control run for {post_label}: {error}")
+                continue
             self.runs.write_control(self.run_key, post_label, control, runner.run_key)
             self.control_runs[f"{control}:{post_label}"] = runner.run_key
             self.done[control] += sum(runner.done.values())
