@@ -34,8 +34,8 @@ if sel is not None:
     widgets.link("heatmap.significant", only_significant)
 
     graph = cache.graph(sel.run_key, sel.granularity)
-    mean = cache.mean_matrices(sel.run_key, sel.alpha, **sel.scope)
-    change = cache.edge_change(sel.run_key, sel.alpha, measure, **sel.scope)
+    mean = cache.mean_matrices(sel.run_key, sel.alpha, **sel.scope, settings=sel.metrics)
+    change = cache.edge_change(sel.run_key, sel.alpha, measure, **sel.scope, settings=sel.metrics)
     if only_significant:
         tests = cache.significant_edges(sel.run_key, sel.alpha, **sel.scope, settings=sel.metrics)
         keep = np.zeros_like(graph.real_edge_mask)

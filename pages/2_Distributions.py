@@ -8,17 +8,19 @@ import streamlit as st
 
 from core import figures
 from core.query import PER_SAMPLE_METRICS
+from core.settings import MetricSettings
 from pages._shared import layout, selection, widgets
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def abs_distribution_figures(path: str, content_key: str, run_key: str, alpha: float,
-                             post_label: str, granularity: str, base_label: str):
+                             post_label: str, granularity: str, base_label: str,
+                             settings: MetricSettings):
     """Histogram and ECDF of |W| over real edges and samples, both models. Cached (by the run's
     content key, so new data make a new entry): plotly figures of 2 x n x n_edges values take a
     while to build, the read model's memo holds only the values."""
     values = selection.cache().abs_values(run_key, alpha, post_label=post_label,
-                                          granularity=granularity)
+                                          granularity=granularity, settings=settings)
     pooled = {base_label: values["base"], post_label: values["post"]}
     colors = {base_label: figures.BASE_COLOR, post_label: figures.POST_COLOR}
     return figures.abs_histogram(pooled, colors=colors), figures.ecdf(pooled, colors=colors)
@@ -32,7 +34,7 @@ if sel is not None:
     st.subheader(f"|W| over real edges and samples, alpha {sel.alpha:g}")
     histogram, ecdf = abs_distribution_figures(str(cache.path), cache.content_key(sel.run_key),
                                                sel.run_key, sel.alpha, sel.post_label,
-                                               sel.granularity, sel.base_label)
+                                               sel.granularity, sel.base_label, sel.metrics)
     left, right = st.columns(2)
     with left:
         layout.plot(histogram, "abs_w_histogram", sel)
