@@ -6,7 +6,12 @@ input loses e times source s's output while the skip connection and every other 
 - edge ablation: Delta[s, d] = L(H_d - e O_s) - L(H_d), e = 1 for the real effect; as e -> 0,
   Delta / e -> W, so the intervention is the one EAP linearises;
 - circuit recovery: keep the top fraction k of real edges by mean |W|, remove every other edge at
-  once, loss L_k; f(k) = (L_empty - L_k) / (L_empty - L_full) and its area over log k.
+  once, loss L_k; f(k) = (L_empty - L_k) / (L_empty - L_full) and its area over log k;
+- base vs post (`compare_recovery`): both models' curves and areas with a bootstrap over questions,
+  paired across the models; a smaller area means a model needs more edges for the same recovery.
+
+On a run of the cache (`read_run_samples`, `run_faithfulness`), the samples are the run's own answers
+of each model, cut at the run's T_cut for one alpha, and each model is loaded from its recorded spec.
 
 Every intervention is one coefficient matrix C[n_src, n_dst]: slot d's branch input becomes
 H_d - sum_s C[s, d] O_s, with O_s the output of source s in that same (intervened) forward pass. Several
@@ -18,7 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator, Sequence
+import json
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,8 +32,11 @@ from torch import nn
 
 from core.adapters import ArchitectureAdapter, adapter_for
 from core.eap import NonFiniteScoreError, Sample, forward_loss, frozen_eval, score_samples
+from core.errors import InputError, NotFoundError
 from core.graph import QKV, ResidualGraph
-from core.settings import ScoreSettings
+from core.models import ModelSpec
+from core.settings import MetricSettings, ScoreSettings
+from core.store import Store
 
 # Kept fractions of real edges for the recovery curve: 0 (every edge removed), then four points per
 # decade from 0.1% to 100% (nothing removed).
@@ -115,14 +124,59 @@ def circuit_recovery(model: nn.Module, samples: Sequence[Sample], graph: Residua
         coefficients[row, ranked[keep:]] = 1.0
     removals = graph.dense(coefficients)
     losses = np.stack([ablated_losses(model, sample, graph, removals, copies) for sample in samples], 1)
-    mean = losses.mean(1)
-    if mean[0] == mean[-1]:
+    f = recovery_f(losses)
+    return RecoveryCurve(fractions, n_kept, losses, f, float(recovery_area(fractions, f)))
+
+
+def recovery_f(losses: np.ndarray) -> np.ndarray:
+    """f(k) from the losses [K, ..., n_samples] (first row: every edge removed, last: none), on their
+    means over the samples: [K, ...]. The ends are x - x = 0 and x / x = 1, exact in floating point."""
+    mean = losses.mean(-1)
+    span = mean[0] - mean[-1]
+    if (span == 0).any():
         raise ValueError("removing every edge leaves the mean loss unchanged, so the recovery f(k) is "
                          "undefined; check the model and samples")
-    f = (mean[0] - mean) / (mean[0] - mean[-1])
+    return (mean[0] - mean) / span
+
+
+def recovery_area(fractions: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """Mean of f [K, ...] over log k on the fractions above 0 (trapezoids): 1 for f = 1 throughout."""
     log_k = np.log(fractions[1:])
-    area = float(np.trapezoid(f[1:], log_k) / (log_k[-1] - log_k[0]))
-    return RecoveryCurve(fractions, n_kept, losses, f, area)
+    return np.trapezoid(f[1:], log_k, axis=0) / (log_k[-1] - log_k[0])
+
+
+def compare_recovery(fractions: np.ndarray, losses: dict[str, np.ndarray], base_label: str,
+                     metric_settings: MetricSettings = MetricSettings()) -> dict:
+    """Each model's recovery curve and area with percentile intervals from a bootstrap over questions,
+    and each other model's area minus the base's. losses: label -> [K, n_questions], the questions in
+    the same order for every model; each replicate draws one set of questions for all models (paired).
+    Replicate count, level and seed are the metrics' (MetricSettings.bootstrap, ci_level, seed)."""
+    shapes = {label: value.shape for label, value in losses.items()}
+    if base_label not in losses or len(set(shapes.values())) != 1:
+        raise ValueError(f"need the base {base_label!r} and losses of one shape [K, n_questions] for "
+                         f"every model; got {shapes}")
+    n_questions = shapes[base_label][1]
+    draws = np.random.default_rng(metric_settings.seed).integers(
+        0, n_questions, size=(metric_settings.bootstrap, n_questions))
+    tails = [(1 - metric_settings.ci_level) / 2, (1 + metric_settings.ci_level) / 2]
+
+    def interval(values: np.ndarray) -> list:
+        return np.quantile(values, tails, axis=-1).tolist()
+
+    models, replicate_areas = {}, {}
+    for label, value in losses.items():
+        f = recovery_f(value)
+        replicate_f = recovery_f(value[:, draws])  # [K, bootstrap]
+        replicate_areas[label] = recovery_area(fractions, replicate_f)
+        models[label] = {"f": f.tolist(), "f_interval": interval(replicate_f),
+                         "area": float(recovery_area(fractions, f)),
+                         "area_interval": interval(replicate_areas[label])}
+    differences = {label: {"difference": models[label]["area"] - models[base_label]["area"],
+                           "interval": interval(replicate_areas[label] - replicate_areas[base_label])}
+                   for label in losses if label != base_label}
+    return {"fractions": np.asarray(fractions).tolist(), "base": base_label,
+            "n_questions": n_questions, "bootstrap": metric_settings.bootstrap,
+            "ci_level": metric_settings.ci_level, "models": models, "area_difference": differences}
 
 
 def stratified_edges(scores: np.ndarray, graph: ResidualGraph, n: int,
@@ -154,7 +208,7 @@ def agreement(w: np.ndarray, delta: np.ndarray) -> dict:
 
 def faithfulness_report(model: nn.Module, samples: Sequence[Sample], settings: ScoreSettings,
                         edges_per_sample: int, seed: int, copies: int = DEFAULT_COPIES) -> dict:
-    """Scores the samples with EAP, ablates edges_per_sample stratified real edges of each sample, and
+    """Scores the samples (EAP or EAP-IG, as the settings say), ablates edges_per_sample stratified real edges of each sample, and
     runs the recovery curve on the samples' mean |W|: everything `python -m core faithfulness` writes."""
     if edges_per_sample < 1:
         raise ValueError(f"edges per sample must be at least 1, got {edges_per_sample}")
@@ -173,13 +227,129 @@ def faithfulness_report(model: nn.Module, samples: Sequence[Sample], settings: S
     stratum = np.array([row["stratum"] for row in rows])
     recovery = circuit_recovery(model, samples, graph, np.abs(result.scores).mean(0), copies=copies)
     return {"granularity": graph.granularity, "dtype": str(model.dtype).removeprefix("torch."),
-            "seed": seed, "n_samples": len(samples), "n_real_edges": graph.n_edges,
+            "method": score_method(settings), "seed": seed, "n_samples": len(samples), "n_real_edges": graph.n_edges,
             "edges_per_sample": min(edges_per_sample, graph.n_edges),
             "loss": dict(zip(result.sample_ids, result.loss.tolist())),
             "agreement": agreement(w, delta),
             "agreement_by_stratum": {name: agreement(w[stratum == name], delta[stratum == name])
                                      for name in ("top", "random") if (stratum == name).any()},
             "edges": rows, "recovery": recovery.to_dict()}
+
+
+def score_method(settings: ScoreSettings) -> dict:
+    """Which scores W are compared with Delta: the method, and EAP-IG's path."""
+    if settings.method == "eap-ig":
+        return {"name": "eap-ig", "ig_steps": settings.ig_steps, "ig_baseline": settings.ig_baseline}
+    return {"name": settings.method}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunModel:
+    """One model of a run with its own answers to the chosen questions, cut at the run's T_cut."""
+
+    label: str
+    role: str
+    spec: ModelSpec
+    fingerprint: str
+    samples: list[Sample]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSamples:
+    run_key: str
+    name: str
+    alpha: float
+    t_cut: int
+    models: list[RunModel]  # the base first, then the post models in the run's order
+
+    @property
+    def question_ids(self) -> list[str]:
+        return [sample.id for sample in self.models[0].samples]
+
+
+def read_run_samples(store: Store, run_key: str, alpha: float, n_questions: int) -> RunSamples:
+    """The first n_questions selected questions of a run (in the run's order), with every model's
+    prompt and answer token ids cut at the run's T_cut for alpha (or the answer's end, if shorter) and
+    each model's recorded spec; read-only."""
+    if n_questions < 1:
+        raise InputError(f"--questions must be at least 1, got {n_questions}")
+    with store.read() as con:
+        rows = con.execute("""
+            SELECT r.name, a.t_cut, rm.label, rm.role, m.spec, m.fingerprint, rs.question_id,
+                   g.prompt_ids, g.answer_ids
+            FROM runs r
+            JOIN run_alphas a ON a.run_key = r.run_key
+            JOIN run_models rm ON rm.run_key = r.run_key
+            JOIN models m ON m.model_key = rm.model_key
+            JOIN run_samples rs ON rs.run_key = r.run_key AND rs.label = rm.label
+            JOIN generations g ON g.generation_key = rs.generation_key
+            WHERE r.run_key = ? AND a.alpha = ?
+            ORDER BY rm.role <> 'base', rm.position, rs.position""", [run_key, alpha]).fetchall()
+        if not rows:
+            alphas = [a for (a,) in con.execute("SELECT alpha FROM run_alphas WHERE run_key = ? "
+                                                "ORDER BY alpha", [run_key]).fetchall()]
+    if not rows:
+        if not alphas:
+            raise NotFoundError(f"the cache {store.path} has no run {run_key!r}; `python -m core ls "
+                                f"--cache {store.path}` lists its runs")
+        raise InputError(f"run {run_key} has no alpha {alpha}; its alphas are {alphas}")
+    by_label: dict[str, list[tuple]] = {}
+    for row in rows:
+        by_label.setdefault(row[2], []).append(row)
+    base_rows = next(iter(by_label.values()))
+    if base_rows[0][3] != "base":
+        raise InputError(f"run {run_key} has no base model; faithfulness compares a base with its posts")
+    question_ids = [row[6] for row in base_rows[:n_questions]]
+    models = []
+    for label, model_rows in by_label.items():
+        answers = {row[6]: row for row in model_rows}
+        missing = [q for q in question_ids if q not in answers]
+        if missing:
+            raise InputError(f"run {run_key}: {label} has no selected answer to questions {missing} "
+                             f"that the base has; the cache is incomplete, rerun the run")
+        name, t_cut, _, role, spec, fingerprint = model_rows[0][:6]
+        models.append(RunModel(label, role, spec_from_description(json.loads(spec), label), fingerprint,
+                               [Sample(q, tuple(answers[q][7]), tuple(answers[q][8]),
+                                       min(t_cut, len(answers[q][8]))) for q in question_ids]))
+    return RunSamples(run_key, rows[0][0], alpha, rows[0][1], models)
+
+
+def spec_from_description(description: dict, label: str) -> ModelSpec:
+    """The ModelSpec whose describe() is `description` (a run's models table keeps it as JSON)."""
+    nested = {name: spec_from_description(description[name], label)
+              for name in ("base", "post") if name in description}
+    try:
+        return ModelSpec(description["kind"], description["path"], description.get("revision"),
+                         seed=description.get("seed"), **nested)
+    except (KeyError, ValueError) as error:
+        raise InputError(f"model {label} of the run has no loadable spec ({description}): {error}; "
+                         f"a synthetic cache holds no models to ablate") from error
+
+
+def run_faithfulness(run: RunSamples, settings: ScoreSettings, edges_per_sample: int, seed: int,
+                     copies: int = DEFAULT_COPIES, log: Callable[[str], None] = print) -> dict:
+    """faithfulness_report of each model of the run on its own answers (one model in memory at a
+    time), and the base vs post comparison of their recovery curves. A model whose files no longer
+    match the fingerprint the run recorded is refused: the run's answers came from other weights."""
+    reports = {}
+    for entry in run.models:
+        found = entry.spec.fingerprint()
+        if found != entry.fingerprint:
+            raise InputError(f"{entry.label} ({entry.spec}) has fingerprint {found}, but run "
+                             f"{run.run_key} recorded {entry.fingerprint}: its files changed since "
+                             f"the run generated its answers; restore them or run the pair again")
+        log(f"{entry.label}: {len(entry.samples)} questions, T_cut {run.t_cut}")
+        model = entry.spec.load(dtype=settings.dtype, device=settings.device)
+        reports[entry.label] = {"role": entry.role, "spec": entry.spec.describe(),
+                                **faithfulness_report(model, entry.samples, settings, edges_per_sample,
+                                                      seed, copies)}
+        del model
+    fractions = np.asarray(next(iter(reports.values()))["recovery"]["fractions"])
+    comparison = compare_recovery(fractions, {label: np.asarray(report["recovery"]["losses"])
+                                              for label, report in reports.items()}, run.models[0].label)
+    return {"run_key": run.run_key, "run_name": run.name, "alpha": run.alpha, "t_cut": run.t_cut,
+            "method": score_method(settings), "questions": run.question_ids, "models": reports,
+            "recovery_comparison": comparison}
 
 
 class _Removal:

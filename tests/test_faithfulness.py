@@ -11,9 +11,21 @@ import torch
 from ablation import ablated_loss, source_outputs
 from core.adapters import adapter_for
 from core.eap import forward_loss, score_samples
-from core.faithfulness import ablated_losses, circuit_recovery, edge_ablation, stratified_edges
+from core import pipeline
+from core.config import RunRequest
+from core.errors import InputError, NotFoundError
+from core.faithfulness import (ablated_losses, circuit_recovery, compare_recovery, edge_ablation,
+                               read_run_samples, recovery_area, recovery_f, run_faithfulness,
+                               stratified_edges)
+from core.generation import generate_greedy
+from core.grading import extract_answer
 from core.graph import ResidualGraph
-from core.settings import ScoreSettings
+from core.models import load_causal_lm
+from core.query import ResultCache
+from core.settings import MetricSettings, ScoreSettings, SelectionSettings
+from core.store import Store
+from core.synthetic import build_tiny_model, tiny_tokenizer
+from core.templates import get_template
 from tiny_models import random_samples, tiny_model
 
 ARCHITECTURES = ("llama", "qwen2", "gpt2")
@@ -201,3 +213,183 @@ def test_cli_refuses_a_directory_as_out_before_loading_anything(tmp_path):
         capture_output=True, text=True)
     assert completed.returncode == 2
     assert completed.stderr.strip().splitlines()[-1].startswith(f"error: --out {tmp_path} is a directory")
+
+
+# --- base vs post recovery --------------------------------------------------------------------
+
+FRACTIONS = np.array([0.0, 0.01, 0.1, 1.0])
+
+
+def recovery_losses(seed, n_questions=7):
+    """[K, n] losses falling from 'every edge removed' to 'none removed', per question."""
+    rng = np.random.default_rng(seed)
+    empty, full = 5 + rng.random(n_questions), 1 + rng.random(n_questions)
+    steps = np.sort(rng.random((len(FRACTIONS) - 2, n_questions)), axis=0)[::-1]
+    return np.vstack([empty, full + steps * (empty - full), full])
+
+
+def test_recovery_ends_are_exact_in_every_bootstrap_replicate():
+    losses = recovery_losses(0)
+    draws = np.random.default_rng(1).integers(0, losses.shape[1], size=(500, losses.shape[1]))
+    f = recovery_f(losses[:, draws])
+    assert f.shape == (len(FRACTIONS), 500)
+    assert (f[0] == 0).all() and (f[-1] == 1).all()
+    assert recovery_area(FRACTIONS, f).shape == (500,)
+
+
+def test_identical_losses_give_a_zero_width_area_difference():
+    losses = recovery_losses(2)
+    comparison = compare_recovery(FRACTIONS, {"base": losses, "post": losses.copy()}, "base")
+    assert comparison["area_difference"]["post"] == {"difference": 0.0, "interval": [0.0, 0.0]}
+    assert comparison["models"]["base"] == comparison["models"]["post"]
+    low, high = comparison["models"]["base"]["area_interval"]
+    assert low < comparison["models"]["base"]["area"] < high, "distinct questions must spread the area"
+    f_low, f_high = comparison["models"]["base"]["f_interval"]
+    assert f_low[0] == f_high[0] == 0 and f_low[-1] == f_high[-1] == 1
+
+
+def test_area_difference_is_paired_over_questions():
+    """A post that keeps each question's full-circuit loss but recovers later than the base needs more
+    edges for the same recovery: a negative area difference whose interval excludes 0, and the point
+    values are the plain curves' areas."""
+    base = recovery_losses(3)
+    post = base.copy()
+    post[1:-1] = base[0] - 0.5 * (base[0] - base[1:-1])  # half the recovery at every inner k
+    settings = MetricSettings(bootstrap=300, seed=4)
+    comparison = compare_recovery(FRACTIONS, {"base": base, "post": post}, "base", settings)
+    assert comparison["bootstrap"] == 300 and comparison["n_questions"] == base.shape[1]
+    for label, losses in (("base", base), ("post", post)):
+        assert comparison["models"][label]["area"] == recovery_area(FRACTIONS, recovery_f(losses))
+    difference = comparison["area_difference"]["post"]
+    assert difference["difference"] == comparison["models"]["post"]["area"] - comparison["models"]["base"]["area"]
+    assert difference["interval"][1] < 0
+    with pytest.raises(ValueError, match="one shape"):
+        compare_recovery(FRACTIONS, {"base": base, "post": post[:, :3]}, "base")
+
+
+# --- run mode: a run of the cache, its models loaded from their recorded specs -------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A cache holding one run of a tiny base and post (float32, qkv) on answers they generated."""
+    root = tmp_path_factory.mktemp("faithfulness_run")
+    tokenizer = tiny_tokenizer()
+    build_tiny_model(root / "base", tokenizer, seed=0)
+    build_tiny_model(root / "post", tokenizer, seed=1, perturb_from=root / "base", perturbation=0.003)
+    questions = [f"What is {a} plus {b}" for a in range(3) for b in range(3)]
+    template = get_template("deepseek-math")
+    prompts = [template.render(q, tokenizer)[1] for q in questions]
+    answers = generate_greedy(load_causal_lm(str(root / "base")), tokenizer, prompts, 12,
+                              template.stop_strings)
+    with open(root / "data.jsonl", "w") as f:
+        for i, (q, a) in enumerate(zip(questions, answers)):
+            reference = extract_answer(tokenizer.decode(a, skip_special_tokens=True))
+            f.write(json.dumps({"id": f"q{i}", "question": q, "answer": reference}) + "\n")
+    (root / "pairs.toml").write_text(f"""
+[pairs.tiny]
+base = {{ path = "{root / 'base'}", label = "tiny-base" }}
+post = {{ path = "{root / 'post'}", label = "tiny-post", algorithm = "GRPO" }}
+template = "deepseek-math"
+max_new_tokens = 12
+
+[datasets.tiny]
+jsonl = "{root / 'data.jsonl'}"
+""")
+    request = RunRequest(pair="tiny", dataset="tiny", alphas=(0.1, 0.5), cache=str(root / "c.duckdb"),
+                         config=str(root / "pairs.toml"),
+                         selection=SelectionSettings(n=6, beta=0.0, gamma=10.0, delta=2.0))
+    summary = pipeline.run(request, log=lambda text: None)
+    return root, summary.run_key
+
+
+def test_run_samples_are_the_runs_own_answers_cut_at_its_t_cut(tiny_run):
+    root, run_key = tiny_run
+    run = read_run_samples(Store(root / "c.duckdb"), run_key, 0.5, 2)
+    assert [m.label for m in run.models] == ["tiny-base", "tiny-post"]
+    assert [m.role for m in run.models] == ["base", "post"]
+    with Store(root / "c.duckdb").read() as con:
+        t_cut = con.execute("SELECT t_cut FROM run_alphas WHERE run_key = ? AND alpha = 0.5",
+                            [run_key]).fetchone()[0]
+        for model in run.models:
+            rows = con.execute("""
+                SELECT rs.question_id, g.prompt_ids, g.answer_ids FROM run_samples rs
+                JOIN generations g USING (generation_key)
+                WHERE rs.run_key = ? AND rs.label = ? ORDER BY rs.position LIMIT 2""",
+                               [run_key, model.label]).fetchall()
+            assert [(s.id, list(s.prompt_ids), list(s.answer_ids), s.t_cut) for s in model.samples] == [
+                (q, p, a, min(t_cut, len(a))) for q, p, a in rows]
+    assert run.t_cut == t_cut and run.question_ids == [s.id for s in run.models[1].samples]
+    assert str(run.models[0].spec) == str(root / "base")
+
+
+def test_run_mode_scores_equal_the_cached_scores_and_compares_recovery(tiny_run):
+    """At the run's own settings, each model's W for the ablated edges are the scores the run stored
+    for those answers: the right tokens, cut at the right place, from the right model."""
+    root, run_key = tiny_run
+    run = read_run_samples(Store(root / "c.duckdb"), run_key, 0.5, 3)
+    report = run_faithfulness(run, ScoreSettings(), edges_per_sample=5, seed=1, log=lambda text: None)
+    cache = ResultCache.open(root / "c.duckdb")
+    graph = cache.graph(run_key)
+    assert report["method"] == {"name": "eap"} and report["questions"] == run.question_ids
+    for label, model_report in report["models"].items():
+        edges, ids = cache.sample_edges(run_key, 0.5, label)
+        stored = dict(zip(ids, graph.dense(edges)))
+        assert len(model_report["edges"]) == 15
+        for row in model_report["edges"]:
+            expected = stored[row["sample_id"]][graph.src_index(row["src"]), graph.dst_index(row["dst"])]
+            assert row["w"] == pytest.approx(float(expected), rel=1e-5, abs=1e-7)
+    comparison = report["recovery_comparison"]
+    assert comparison["base"] == "tiny-base" and comparison["n_questions"] == 3
+    for label in ("tiny-base", "tiny-post"):
+        assert comparison["models"][label]["area"] == pytest.approx(report["models"][label]["recovery"]["area"])
+    assert set(comparison["area_difference"]) == {"tiny-post"}
+
+
+def test_run_mode_with_eap_ig_compares_delta_with_eap_ig_scores(tiny_run, tmp_path):
+    root, run_key = tiny_run
+    out = tmp_path / "ig.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "core", "faithfulness", "--run", run_key, "--alpha", "0.5", "--cache",
+         str(root / "c.duckdb"), "--questions", "2", "--edges", "4", "--method", "eap-ig",
+         "--ig-steps", "3", "--dtype", "float64", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    assert "area tiny-post - tiny-base:" in completed.stdout
+    report = json.loads(out.read_text())
+    assert report["method"] == {"name": "eap-ig", "ig_steps": 3, "ig_baseline": "zero"}
+    run = read_run_samples(Store(root / "c.duckdb"), run_key, 0.5, 2)
+    model = load_causal_lm(str(root / "base"), dtype="float64")
+    settings = ScoreSettings(method="eap-ig", ig_steps=3, dtype="float64")
+    direct = score_samples(model, run.models[0].samples, settings)
+    eap = score_samples(model, run.models[0].samples, ScoreSettings(dtype="float64"))
+    graph = direct.graph
+    base_rows = report["models"]["tiny-base"]["edges"]
+    for row in base_rows:
+        i, s, d = run.question_ids.index(row["sample_id"]), graph.src_index(row["src"]), graph.dst_index(row["dst"])
+        assert row["w"] == pytest.approx(direct.scores[i, s, d], rel=1e-9, abs=1e-12)
+    assert any(row["w"] != pytest.approx(eap.scores[run.question_ids.index(row["sample_id"]),
+                                                     graph.src_index(row["src"]),
+                                                     graph.dst_index(row["dst"])], rel=1e-6)
+               for row in base_rows), "EAP-IG's scores must not be EAP's"
+
+
+def test_run_mode_errors_name_what_is_wrong(tiny_run, tmp_path):
+    root, run_key = tiny_run
+    store = Store(root / "c.duckdb")
+    with pytest.raises(NotFoundError, match="has no run 'nope'.*python -m core ls"):
+        read_run_samples(store, "nope", 0.5, 2)
+    with pytest.raises(InputError, match=r"has no alpha 0.3; its alphas are \[0.1, 0.5\]"):
+        read_run_samples(store, run_key, 0.3, 2)
+    run = read_run_samples(store, run_key, 0.5, 1)
+    changed = root / "changed"
+    build_tiny_model(changed, tiny_tokenizer(), seed=5)
+    moved = type(run)(run.run_key, run.name, run.alpha, run.t_cut, [
+        type(m)(m.label, m.role, type(m.spec)("local", str(changed)), m.fingerprint, m.samples)
+        for m in run.models])
+    with pytest.raises(InputError, match="tiny-base .* files changed since the run"):
+        run_faithfulness(moved, ScoreSettings(), 2, 0, log=lambda text: None)
+    completed = subprocess.run(
+        [sys.executable, "-m", "core", "faithfulness", "--run", run_key, "--model", str(root / "base"),
+         "--edges", "2", "--out", str(tmp_path / "x.json")], capture_output=True, text=True)
+    assert completed.returncode == 2
+    assert completed.stderr.strip().endswith("give either --model with --samples, or --run with --alpha")

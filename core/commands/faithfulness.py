@@ -1,4 +1,4 @@
-"""`python -m core faithfulness`: do EAP scores predict real edge ablation (docs/method.md section 8)?"""
+"""`python -m core faithfulness`: do edge scores predict real edge ablation (docs/method.md section 8)?"""
 
 from __future__ import annotations
 
@@ -7,19 +7,32 @@ import json
 from pathlib import Path
 
 from core.commands.score import read_samples
+from core.errors import InputError, check_output_file
 from core.settings import ScoreSettings
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "faithfulness", help="ablate real edges of samples and compare the effect with EAP scores",
-        description="Scores the samples (the JSONL that `python -m core score` reads) with EAP, then per "
-                    "sample removes --edges real edges one at a time (half the largest by |W|, half "
-                    "drawn at random, seeded), one forward pass each: Delta = L(H_d - O_s) - L(H_d). "
-                    "Writes each edge's src, dst, sample id, W and Delta, the Spearman, Pearson and sign "
-                    "agreement of W with Delta, and the circuit recovery curve f(k) with its area.")
-    parser.add_argument("--model", required=True, help="local folder or hub id (safetensors only)")
-    parser.add_argument("--samples", required=True, type=Path, help="JSONL file of samples")
+        "faithfulness", help="ablate real edges of samples and compare the effect with edge scores",
+        description="Scores samples with EAP (or EAP-IG: --method eap-ig, about --ig-steps times the "
+                    "cost), then per sample removes --edges real edges one at a time (half the largest "
+                    "by |W|, half drawn at random, seeded), one forward pass each: Delta = L(H_d - O_s) "
+                    "- L(H_d). Writes each edge's src, dst, sample id, W and Delta, the Spearman, "
+                    "Pearson and sign agreement of W with Delta, and the circuit recovery curve f(k) "
+                    "with its area. Two modes: --model with --samples (a JSONL that `python -m core "
+                    "score` reads), or --run with --alpha: the run's base and post models on their own "
+                    "answers to the run's first --questions selected questions, cut at the run's T_cut "
+                    "for alpha (models loaded from the specs the run recorded; the cache is only read), "
+                    "plus both models' recovery curves and areas with a bootstrap over questions, "
+                    "paired across the models, and each post's area minus the base's.")
+    parser.add_argument("--model", help="local folder or hub id (safetensors only); with --samples")
+    parser.add_argument("--samples", type=Path, help="JSONL file of samples; with --model")
+    parser.add_argument("--run", help="run key (`python -m core ls` lists them); with --alpha")
+    parser.add_argument("--alpha", type=float, help="with --run: the alpha whose T_cut cuts the answers")
+    parser.add_argument("--cache", help="with --run: cache file (default: $CIRCUITDIFF_CACHE, else "
+                                        "cache/circuitdiff.duckdb)")
+    parser.add_argument("--questions", type=int, default=10,
+                        help="with --run: the run's first N selected questions (default: 10)")
     parser.add_argument("--edges", required=True, type=int,
                         help="real edges ablated per sample (all of them when it exceeds their number)")
     parser.add_argument("--out", required=True, type=Path, help="output JSON file")
@@ -27,32 +40,77 @@ def register(subparsers) -> None:
     parser.add_argument("--copies", type=int, default=8,
                         help="interventions per forward pass, as copies of one sample (memory grows "
                              "with it; results do not depend on it)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default: torch's); 1 can be faster on a busy machine")
     parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow the model's own code from the hub (off by default)")
+                        help="allow the model's own code from the hub (off by default; --model only)")
     ScoreSettings.add_arguments(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    by_samples = args.model is not None or args.samples is not None
+    by_run = args.run is not None or args.alpha is not None
+    if by_samples == by_run or (by_samples and None in (args.model, args.samples)) or (
+            by_run and None in (args.run, args.alpha)):
+        raise InputError("give either --model with --samples, or --run with --alpha")
+    if args.edges < 1 or args.copies < 1:
+        raise InputError(f"--edges ({args.edges}) and --copies ({args.copies}) must be at least 1")
+    check_output_file(args.out, "--out")
+    settings = ScoreSettings.from_namespace(args)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if by_run:
+        report = _run_mode(args, settings)
+    else:
+        report = _samples_mode(args, settings)
+    args.out.write_text(json.dumps(report, indent=1, allow_nan=False))
+    return 0
+
+
+def _samples_mode(args: argparse.Namespace, settings: ScoreSettings) -> dict:
     from core.faithfulness import faithfulness_report
     from core.models import load_causal_lm
 
-    if args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a directory; give the path of the JSON file to write")
-    if args.edges < 1 or args.copies < 1:
-        raise ValueError(f"--edges ({args.edges}) and --copies ({args.copies}) must be at least 1")
-    settings = ScoreSettings.from_namespace(args)
     samples = read_samples(args.samples)
     model = load_causal_lm(args.model, settings.dtype, settings.device, args.trust_remote_code)
     report = faithfulness_report(model, samples, settings, args.edges, args.seed, args.copies)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "samples": str(args.samples), **report},
-                                   indent=1, allow_nan=False))
+    print(f"wrote {report['agreement']['n']} ablated edges of {len(samples)} samples to {args.out}: "
+          f"{_summary(report)}")
+    return {"model": args.model, "samples": str(args.samples), **report}
+
+
+def _run_mode(args: argparse.Namespace, settings: ScoreSettings) -> dict:
+    from core.faithfulness import read_run_samples, run_faithfulness
+    from core.store import Store
+
+    store = Store(args.cache)
+    run = read_run_samples(store, args.run, args.alpha, args.questions)
+    report = run_faithfulness(run, settings, args.edges, args.seed, args.copies)
+    comparison = report["recovery_comparison"]
+    level = f"{comparison['ci_level']:.0%}"
+    print(f"wrote run {run.name} ({run.run_key}) at alpha {run.alpha} (T_cut {run.t_cut}), "
+          f"{len(run.question_ids)} questions, to {args.out}")
+    for label, model_report in report["models"].items():
+        print(f"  {label}: {_summary(model_report)} {_interval(comparison['models'][label]['area_interval'])}")
+    for label, difference in comparison["area_difference"].items():
+        print(f"  area {label} - {comparison['base']}: {difference['difference']:+.3f} "
+              f"{_interval(difference['interval'])} ({level}, {comparison['bootstrap']} replicates "
+              f"over questions)")
+    return {"cache": str(store.path), **report}
+
+
+def _summary(report: dict) -> str:
     agreement = report["agreement"]
-    print(f"wrote {agreement['n']} ablated edges of {len(samples)} samples to {args.out}: spearman "
-          f"{_shown(agreement['spearman'])}, pearson {_shown(agreement['pearson'])}, sign agreement "
-          f"{_shown(agreement['sign_agreement'])}, recovery area {_shown(report['recovery']['area'])}")
-    return 0
+    return (f"spearman {_shown(agreement['spearman'])}, pearson {_shown(agreement['pearson'])}, sign "
+            f"agreement {_shown(agreement['sign_agreement'])}, recovery area "
+            f"{_shown(report['recovery']['area'])}")
+
+
+def _interval(bounds: list[float]) -> str:
+    return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
 
 def _shown(value: float | None) -> str:
