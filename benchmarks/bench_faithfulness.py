@@ -2,12 +2,14 @@
 
 Prints, for each number of copies per pass, the edges ablated per second and that rate times the time
 of one plain forward pass (no gradients) of the sample: edges per forward-pass time, 1.0 meaning an
-ablation costs exactly one plain forward. Then the recovery curve's time in plain forward passes.
-Times are medians of interleaved repeats in this one process; the last line is
-`edges_per_second=<at the most copies> edges_per_forward=<same>`.
+ablation costs exactly one plain forward. Then the recovery curve's time in plain forward passes, and
+the scores' cost: EAP and EAP-IG with --ig-steps m on the same sample, and their ratio (about m is
+expected: m forward + backward passes against one). Times are medians of interleaved repeats in this
+one process; the last line is `edges_per_second=<at the most copies> edges_per_forward=<same>
+eap_ig_over_eap=<ratio>`.
 
 Usage: python benchmarks/bench_faithfulness.py [--layers 4] [--hidden 256] [--tokens 64] [--edges 16]
-       [--copies 1 8] [--repeats 3] [--threads 2] [--device cpu]
+       [--copies 1 8] [--ig-steps 5] [--repeats 3] [--threads 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import time
 import numpy as np
 import torch
 
-from core.eap import Sample, forward_loss, frozen_eval
-from core.faithfulness import circuit_recovery, edge_ablation
+from core.eap import Sample, forward_loss, frozen_eval, score_samples
+from core.faithfulness import RECOVERY_FRACTIONS, circuit_recovery, edge_ablation
 from core.graph import ResidualGraph
+from core.settings import ScoreSettings
 
 
 def random_llama(layers: int, hidden: int, device: str):
@@ -60,6 +63,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--edges", type=int, default=16, help="edges ablated per measurement")
     parser.add_argument("--copies", type=int, nargs="+", default=[1, 8], help="interventions per pass")
+    parser.add_argument("--ig-steps", type=int, default=5, help="EAP-IG's path points, timed against EAP")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -83,6 +87,10 @@ def main() -> None:
                                                                           copies=copies)
     mean_abs = graph.dense(np.random.default_rng(1).random(graph.n_edges))
     methods["recovery"] = lambda: circuit_recovery(model, [sample], graph, mean_abs)
+    eap = ScoreSettings(device=args.device)
+    eap_ig = ScoreSettings(device=args.device, method="eap-ig", ig_steps=args.ig_steps)
+    methods["eap"] = lambda: score_samples(model, [sample], eap)
+    methods["eap-ig"] = lambda: score_samples(model, [sample], eap_ig)
     for method in methods.values():  # warm-up
         method()
     times: dict[str, list[float]] = {name: [] for name in methods}
@@ -100,10 +108,14 @@ def main() -> None:
         spent = median[f"copies={copies}"]
         rate[copies] = len(edges) / spent
         print(f"{copies:>6} {spent:>8.3f} {rate[copies]:>8.1f} {rate[copies] * median['plain']:>13.3f}")
-    print(f"recovery curve (14 fractions): {median['recovery']:.3f} s = "
+    print(f"recovery curve ({len(RECOVERY_FRACTIONS)} fractions): {median['recovery']:.3f} s = "
           f"{median['recovery'] / median['plain']:.1f} plain forwards")
+    ig_ratio = median["eap-ig"] / median["eap"]
+    print(f"scores: eap {median['eap']:.3f} s, eap-ig m={args.ig_steps} {median['eap-ig']:.3f} s "
+          f"({ig_ratio:.2f} x eap)")
     most = max(args.copies)
-    print(f"edges_per_second={rate[most]:.1f} edges_per_forward={rate[most] * median['plain']:.3f}")
+    print(f"edges_per_second={rate[most]:.1f} edges_per_forward={rate[most] * median['plain']:.3f} "
+          f"eap_ig_over_eap={ig_ratio:.2f}")
 
 
 if __name__ == "__main__":
