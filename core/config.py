@@ -14,14 +14,13 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from core.controls import CONTROLS
 from core.datasets import Dataset, load_dataset
 from core.errors import InputError
 from core.executors import split_address
 from core.models import ModelSpec
 from core.settings import (PAPER_ALPHAS, GenerationSettings, ScoreSettings, SelectionSettings,
                            check_alpha)
-from core.vocab import EXECUTORS, ExecutorName, Kind
+from core.vocab import CONTROLS, EXECUTORS, ExecutorName, Kind
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_PATH = Path(__file__).resolve().parent / "pairs.toml"
@@ -78,7 +77,7 @@ class RunRequest:
     RAY_ADDRESS), "auto" or "HOST:PORT", and `ray_actors` the pool size (0: one per GPU, or per CPU
     where the cluster has no GPU).
 
-    `controls` (core.controls.CONTROLS; in no run key: each adds its own rows or runs) and
+    `controls` (core.vocab.CONTROLS; in no run key: each adds its own rows or runs) and
     `perturb_seed`, the seed of the perturbation null's direction (in the null model's key)."""
 
     pair: str

@@ -26,7 +26,6 @@ from typing import Any
 from core import keys
 from core.config import (ConfigError, ModelEntry, PairConfig, RunRequest, get_dataset, get_pair,
                          load_config)
-from core.controls import NULL_CONTROLS
 from core.errors import InputError
 from core.executors import GenerationJob, make_executor
 from core.migrations import migrate
@@ -36,7 +35,7 @@ from core.selection import (Candidate, NoJointlyCorrectError, Selection, select_
                             t_cut)
 from core.settings import MetricSettings
 from core.store import Store
-from core.vocab import STAGES
+from core.vocab import NULL_CONTROLS, STAGES
 
 # Grades committed per transaction (symbolic grading can take seconds per answer).
 GRADE_COMMIT_EVERY = 200
@@ -405,7 +404,7 @@ def run(request: RunRequest, progress: Progress | None = None,
                       executor.models_loaded, time.perf_counter() - began, runner.control_runs)
 
 
-# What each control of core.controls.CONTROLS does, given the run's runner after its stages; a
+# What each control of core.vocab.CONTROLS does, given the run's runner after its stages; a
 # new control (e.g. faithfulness) is one entry here and one name there.
 CONTROL_STEPS: dict[str, Callable[[_Runner], None]] = {
     "cross": _Runner.cross,

@@ -25,6 +25,9 @@ Granularity = Literal["qkv", "module"]
 DType = Literal["float32", "bfloat16", "float16", "float64"]
 # Generation backends.
 Backend = Literal["hf", "vllm"]
+# Controls a run can add (docs/method.md section 8): cross-scoring, and null models run as pairs of
+# their own (a matched random perturbation of the base; a post-training differing only in seed).
+Control = Literal["cross", "perturb", "seed"]
 # Where model work runs: in this process, or on Ray actors (core/executors.py).
 ExecutorName = Literal["local", "ray"]
 
@@ -38,3 +41,5 @@ GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 DTYPES: tuple[str, ...] = get_args(DType)
 BACKENDS: tuple[str, ...] = get_args(Backend)
 EXECUTORS: tuple[str, ...] = get_args(ExecutorName)
+CONTROLS: tuple[str, ...] = get_args(Control)
+NULL_CONTROLS: tuple[str, ...] = ("perturb", "seed")

@@ -9,9 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from core.controls import CONTROLS
 from core.settings import PAPER_ALPHAS, GenerationSettings, ScoreSettings, SelectionSettings
-from core.vocab import EXECUTORS
+from core.vocab import CONTROLS, EXECUTORS
 
 
 def register(subparsers) -> None:
