@@ -33,7 +33,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 # url path -> page title; "" is the default page.
 PAGES = {"": "Overview", "Edge_heatmap": "Edge heatmap", "Distributions": "Distributions",
-         "Circuit_graph": "Circuit graph", "Samples": "Samples", "Compute": "Compute"}
+         "Circuit_graph": "Circuit graph", "Samples": "Samples", "Controls": "Controls",
+         "Compute": "Compute"}
 # The icon ligature is the first line of a link's text, the label the last.
 PAGE_LINKS = '[data-testid="stSidebar"] [data-testid="stPageLink"]'
 ERROR_SELECTOR = '[data-testid="stException"], [data-testid="stAlertContentError"]'
