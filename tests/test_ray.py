@@ -25,10 +25,10 @@ pytestmark = pytest.mark.ray
 
 # Columns that say when or how fast something ran, or at which commit of this repository (other
 # work can be committed between two runs); and the meta row holding the file's birth time.
-TIMING_COLUMNS = {"created_at", "updated_at", "seconds", "git_commit"}
+TIMING_COLUMNS = {"created_at", "updated_at", "seconds", "git_commit", "code_version"}
 # Where a score's vector sits in its edge-vector table follows commit order: vectors are compared
 # by their score's key instead.
-ORDER_COLUMNS = {"vector_id"}
+ORDER_COLUMNS = {"vector_id", "part_vector_ids"}
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +63,14 @@ def cache_tables(path) -> dict[str, list[tuple]]:
                 rows = [row for row in rows if row[0] != "created_at"]
             tables[table] = rows
         for (n_edges,) in con.execute("SELECT DISTINCT n_edges FROM scores").fetchall():
+            # The total's vector and its position parts' vectors, each under its score's key.
             tables[f"edge_vectors_{n_edges}"] = con.execute(
-                f"SELECT s.generation_key, s.t_cut, s.score_key, v.edge_scores FROM scores s "
-                f"JOIN edge_vectors_{n_edges} v USING (vector_id) WHERE s.n_edges = ? ORDER BY 1, 2, 3",
-                [n_edges]).fetchall()
+                f"SELECT s.generation_key, s.t_cut, s.score_key, s.model_key, part.position, "
+                f"v.edge_scores FROM scores s, "
+                f"unnest(list_prepend(s.vector_id, coalesce(s.part_vector_ids, []))) "
+                f"WITH ORDINALITY AS part(id, position) "
+                f"JOIN edge_vectors_{n_edges} v ON v.vector_id = part.id "
+                f"WHERE s.n_edges = ? ORDER BY 1, 2, 3, 4, 5", [n_edges]).fetchall()
     return tables
 
 
