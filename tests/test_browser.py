@@ -146,18 +146,23 @@ def cache_file(tmp_path_factory) -> Path:
 
 def _settled(driver, title: str) -> bool:
     """An error is shown, or: the page's title is drawn, the script is no longer running, and every
-    plotly chart has drawn its SVG."""
+    plotly chart has drawn its SVG. An element that vanishes while it is read means the page is
+    still being redrawn (a page switch replaces the old page's elements): not settled yet."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    if driver.find_elements(By.CSS_SELECTOR, ERROR_SELECTOR):
-        return True  # reported by the caller
-    if title not in [h.text for h in driver.find_elements(By.CSS_SELECTOR, "h1")]:
+    try:
+        if driver.find_elements(By.CSS_SELECTOR, ERROR_SELECTOR):
+            return True  # reported by the caller
+        if title not in [h.text for h in driver.find_elements(By.CSS_SELECTOR, "h1")]:
+            return False
+        if driver.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'):
+            return False
+        charts = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stPlotlyChart"]')
+        drawn = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stPlotlyChart"] .main-svg')
+        return len({c.id for c in charts}) <= len(drawn)
+    except StaleElementReferenceException:
         return False
-    if driver.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'):
-        return False
-    charts = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stPlotlyChart"]')
-    drawn = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stPlotlyChart"] .main-svg')
-    return len({c.id for c in charts}) <= len(drawn)
 
 
 def open_page(driver, url: str, title: str) -> list[str]:
