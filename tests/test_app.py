@@ -22,6 +22,7 @@ from streamlit.testing.v1 import AppTest
 from core import figures, jobs
 from core.circuit import build_circuit
 from core.graph import ResidualGraph
+from random_scores import random_means
 from core.synthetic import build_controls_fixture, build_fixture_cache, build_synthetic_cache
 
 REPO = Path(__file__).resolve().parent.parent
@@ -461,19 +462,10 @@ def test_no_page_imports_a_model_library(fixture_cache):
 
 # --- Figure builders ------------------------------------------------------------------------------
 
-def _means(graph: ResidualGraph, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    shape = (graph.n_src, graph.n_dst)
-    mask = graph.real_edge_mask
-    return {"base_abs": np.where(mask, rng.uniform(0.1, 1.0, shape), 0.0),
-            "post_abs": np.where(mask, rng.uniform(0.1, 1.0, shape), 0.0),
-            "base_signed": np.where(mask, rng.normal(size=shape), 0.0),
-            "post_signed": np.where(mask, rng.normal(size=shape), 0.0)}
-
 
 def test_circuit_figure_uses_one_layout_for_both_models():
     graph = ResidualGraph(4, "qkv")
-    circuit = build_circuit(graph, _means(graph), set(), k=12, by="change",
+    circuit = build_circuit(graph, random_means(graph), set(), k=12, by="change",
                             metadata={"base_label": "base", "post_label": "post", "n_layers": 4})
     fig = figures.circuit_figure(circuit, highlight=circuit.edges["edge"].iloc[0])
     nodes = [t for t in fig.data if t.mode == "markers+text"]
@@ -486,7 +478,7 @@ def test_circuit_figure_uses_one_layout_for_both_models():
 
 def test_change_heatmap_hover_has_both_models_values():
     graph = ResidualGraph(2, "module")
-    means = _means(graph)
+    means = random_means(graph)
     change = np.where(graph.real_edge_mask, 0.5, np.nan)
     change[0, 0] = 40.0  # one outlier does not set the colour range
     fig = figures.change_heatmap(graph, change, means, "base-model", "post-model", "ratio")

@@ -11,16 +11,7 @@ import pytest
 from core.circuit import (EDGE_COLUMNS, JSON_FORMAT, build_circuit, layered_layout,
                           on_input_logits_paths, top_edges)
 from core.graph import ResidualGraph
-
-
-def _means(graph: ResidualGraph, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    shape = (graph.n_src, graph.n_dst)
-    mask = graph.real_edge_mask
-    return {"base_abs": np.where(mask, rng.uniform(0.1, 1.0, shape), 0.0),
-            "post_abs": np.where(mask, rng.uniform(0.1, 1.0, shape), 0.0),
-            "base_signed": np.where(mask, rng.normal(size=shape), 0.0),
-            "post_signed": np.where(mask, rng.normal(size=shape), 0.0)}
+from random_scores import random_means
 
 
 def _only(graph: ResidualGraph, strengths: dict[str, float]) -> dict[str, np.ndarray]:
@@ -35,7 +26,7 @@ def _only(graph: ResidualGraph, strengths: dict[str, float]) -> dict[str, np.nda
 
 def test_top_edges_ranks_by_change_or_strength():
     graph = ResidualGraph(3, "qkv")
-    means = _means(graph)
+    means = random_means(graph)
     src, dst = np.nonzero(graph.real_edge_mask)
     change = np.abs(means["post_abs"] - means["base_abs"])[src, dst]
     strength = np.maximum(means["post_abs"], means["base_abs"])[src, dst]
@@ -84,7 +75,7 @@ def test_circuit_keeps_top_k_before_pruning_and_marks_significant_edges():
 
 def test_graphml_round_trips_through_networkx():
     graph = ResidualGraph(3, "qkv")
-    circuit = build_circuit(graph, _means(graph), {"input->logits"}, k=60, by="strength",
+    circuit = build_circuit(graph, random_means(graph), {"input->logits"}, k=60, by="strength",
                             metadata={"run": "r", "alpha": 0.1, "granularity": "qkv"})
     assert len(circuit.edges) > 0
     read = nx.read_graphml(io.BytesIO(circuit.to_graphml()), force_multigraph=True)
@@ -98,7 +89,7 @@ def test_graphml_round_trips_through_networkx():
 
 def test_json_has_every_edge_with_both_models_scores():
     graph = ResidualGraph(2, "qkv")
-    means = _means(graph)
+    means = random_means(graph)
     means["base_abs"][graph.src_index("input"), graph.dst_index("logits")] = 0.0  # ratio undefined
     circuit = build_circuit(graph, means, set(), k=graph.n_edges, by="change",
                             metadata={"run": "r", "alpha": 0.3, "granularity": "qkv"})
