@@ -189,15 +189,15 @@ def change_summary(frame: pd.DataFrame, metric: str, *, expected_sign: int | Non
 
 # The controls figure's bars, in order: the change, its two parts (same tokens / same weights) and
 # the null model's change, with their colours.
-CONTROL_BARS = (("total", "change", POST_COLOR), ("weights", "weights part", "#72B7B2"),
+CONTROL_BARS = (("change", "change", POST_COLOR), ("weights", "weights part", "#72B7B2"),
                 ("tokens", "tokens part", "#B279A2"), ("null", "null model's change", "#9D9D9D"))
 
 
 def controls_bars(frame: pd.DataFrame) -> go.Figure:
     """Per metric (one panel each: their units differ), grouped bars of the change post - base, its
-    weights and tokens parts and the null model's change, with their intervals. `frame`: metric,
-    then for each of total, weights, tokens, null the value `<bar>` and `<bar>_low`, `<bar>_high`
-    (NaN where not computed: no bar)."""
+    weights and tokens parts and the null model's change, with their intervals. `frame` (the read
+    model's controls table): metric, then for each of change, weights, tokens, null the value
+    `<bar>` and `<bar>_low`, `<bar>_high` (NaN where not computed: no bar)."""
     metrics = list(frame["metric"])
     fig = make_subplots(rows=1, cols=max(len(metrics), 1), subplot_titles=metrics)
     for column, (_, row) in enumerate(frame.iterrows(), start=1):
@@ -213,7 +213,8 @@ def controls_bars(frame: pd.DataFrame) -> go.Figure:
                           row=1, col=column)
         fig.add_hline(y=0, line_width=1, line_color="gray", row=1, col=column)
     fig.update_xaxes(showticklabels=False)
-    fig.update_layout(barmode="group", legend=TOP_LEGEND, margin={"t": 80},
+    # The legend sits above the panels' titles.
+    fig.update_layout(barmode="group", legend={**TOP_LEGEND, "y": 1.14}, margin={"t": 110},
                       yaxis={"title": "post − base (metric units)"})
     return fig
 

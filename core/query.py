@@ -561,8 +561,11 @@ class ResultCache(SnapshotReader):
         selected question scored for every model at that alpha (n_complete == n_selected); alphas
         of a run with the same T_cut counted once, as the first of them (`alphas` names them all,
         e.g. "0.03, 0.1"); and the runs' score and selection settings those of the pooled group:
-        the settings shared by the most such cells (ties: the earliest run's). Metric settings
-        are one argument of every pooled view, so they are identical by construction."""
+        the settings shared by the most such cells (ties: the earliest run's). A null model's run
+        (a control, linked in run_controls) is never pooled: it says what an update of that size
+        does, not what post-training did; the Controls page shows it beside the change it controls.
+        Metric settings are one argument of every pooled view, so they are identical by
+        construction."""
         if self.is_empty():
             return pd.DataFrame(columns=list(POOLING_COLUMNS))
         return self._cached(None, ("pooling",), self._pooling)
@@ -571,6 +574,8 @@ class ResultCache(SnapshotReader):
         runs = self.runs()
         keys = {row.run_key: (row.score_key, row.selection_key) for row in
                 self._sql("SELECT run_key, score_key, selection_key FROM runs").itertuples()}
+        controlling = dict(self._sql("SELECT control_run_key, run_key FROM run_controls")
+                           .itertuples(index=False))
         rows = []
         for run in runs.itertuples():
             same_t_cut: dict[int, list[float]] = {}
@@ -578,7 +583,10 @@ class ResultCache(SnapshotReader):
                 same_t_cut.setdefault(t_cut, []).append(alpha)
             for alpha, t_cut, n_complete in zip(run.alphas, run.t_cuts, run.n_complete):
                 first = same_t_cut[t_cut][0]
-                if n_complete < run.n_selected or run.n_selected < MIN_QUESTIONS:
+                if run.run_key in controlling:
+                    reason = (f"a null model's run, the control of run {controlling[run.run_key]} "
+                              f"(Controls page)")
+                elif n_complete < run.n_selected or run.n_selected < MIN_QUESTIONS:
                     reason = (f"{n_complete} of {run.n_selected} selected questions scored for every "
                               f"model at this alpha")
                 elif alpha != first:

@@ -267,3 +267,26 @@ def test_the_report_has_a_controls_section_only_where_a_control_is_computed(cont
     assert "Controls: weights vs tokens" in cache.report_html(runs["pair"], settings=settings)
     assert "Controls: weights vs tokens" not in cache.report_html(runs["series"],
                                                                   settings=settings)
+
+
+def test_the_controls_figure_draws_every_computed_bar_of_the_summary(controls_cache):
+    from core import figures
+
+    cache, runs = controls_cache
+    table = cache.controls_summary(runs["pair"], 0.3, settings=QUICK).table
+    fig = figures.controls_bars(table)
+    drawn = {(trace.xaxis, trace.name): trace.y[0] for trace in fig.data}
+    for panel, row in enumerate(table.itertuples(), start=1):
+        axis = "x" if panel == 1 else f"x{panel}"
+        for column, label, _ in figures.CONTROL_BARS:
+            assert drawn[(axis, label)] == pytest.approx(getattr(row, column), nan_ok=True)
+    assert {label for _, label in drawn} == {label for _, label, _ in figures.CONTROL_BARS}
+
+
+def test_a_null_models_run_is_never_pooled_in_the_overview(controls_cache):
+    cache, runs = controls_cache
+    pooling = cache.pooling()
+    null_cells = pooling[pooling["run_key"] == runs["null"]]
+    assert len(null_cells) and not null_cells["pooled"].any()
+    assert null_cells["left_out"].str.contains(f"control of run {runs['pair']}").all()
+    assert pooling[pooling["run_key"] == runs["pair"]]["pooled"].any()
