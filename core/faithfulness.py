@@ -36,6 +36,7 @@ from core.errors import InputError, NotFoundError
 from core.graph import QKV, ResidualGraph
 from core.models import ModelSpec
 from core.settings import MetricSettings, ScoreSettings
+from core.runstore import RunStore
 from core.store import Store
 
 # Kept fractions of real edges for the recovery curve: 0 (every edge removed), then four points per
@@ -273,26 +274,14 @@ def read_run_samples(store: Store, run_key: str, alpha: float, n_questions: int)
     each model's recorded spec; read-only."""
     if n_questions < 1:
         raise InputError(f"--questions must be at least 1, got {n_questions}")
-    with store.read() as con:
-        rows = con.execute("""
-            SELECT r.name, a.t_cut, rm.label, rm.role, m.spec, m.fingerprint, rs.question_id,
-                   g.prompt_ids, g.answer_ids
-            FROM runs r
-            JOIN run_alphas a ON a.run_key = r.run_key
-            JOIN run_models rm ON rm.run_key = r.run_key
-            JOIN models m ON m.model_key = rm.model_key
-            JOIN run_samples rs ON rs.run_key = r.run_key AND rs.label = rm.label
-            JOIN generations g ON g.generation_key = rs.generation_key
-            WHERE r.run_key = ? AND a.alpha = ?
-            ORDER BY rm.role <> 'base', rm.position, rs.position""", [run_key, alpha]).fetchall()
-        if not rows:
-            alphas = [a for (a,) in con.execute("SELECT alpha FROM run_alphas WHERE run_key = ? "
-                                                "ORDER BY alpha", [run_key]).fetchall()]
+    runs = RunStore(store)
+    rows = runs.answers_at(run_key, alpha)
     if not rows:
-        if not alphas:
+        state = runs.run_state(run_key)
+        if state is None:
             raise NotFoundError(f"the cache {store.path} has no run {run_key!r}; `python -m core ls "
                                 f"--cache {store.path}` lists its runs")
-        raise InputError(f"run {run_key} has no alpha {alpha}; its alphas are {alphas}")
+        raise InputError(f"run {run_key} has no alpha {alpha}; its alphas are {sorted(state.t_cuts)}")
     by_label: dict[str, list[tuple]] = {}
     for row in rows:
         by_label.setdefault(row[2], []).append(row)
@@ -315,12 +304,9 @@ def read_run_samples(store: Store, run_key: str, alpha: float, n_questions: int)
 
 
 def spec_from_description(description: dict, label: str) -> ModelSpec:
-    """The ModelSpec whose describe() is `description` (a run's models table keeps it as JSON)."""
-    nested = {name: spec_from_description(description[name], label)
-              for name in ("base", "post") if name in description}
+    """The run's recorded spec of model `label`, or an InputError saying why it cannot be loaded."""
     try:
-        return ModelSpec(description["kind"], description["path"], description.get("revision"),
-                         seed=description.get("seed"), **nested)
+        return ModelSpec.from_description(description)
     except (KeyError, ValueError) as error:
         raise InputError(f"model {label} of the run has no loadable spec ({description}): {error}; "
                          f"a synthetic cache holds no models to ablate") from error

@@ -140,6 +140,14 @@ class ModelSpec:
             out.update(post=self.post.describe(), seed=self.seed)
         return out
 
+    @classmethod
+    def from_description(cls, description: dict) -> "ModelSpec":
+        """The spec whose describe() is `description` (a run's models table keeps it as JSON)."""
+        nested = {name: cls.from_description(description[name])
+                  for name in ("base", "post") if name in description}
+        return cls(description["kind"], description["path"], description.get("revision"),
+                   seed=description.get("seed"), **nested)
+
     def identity(self) -> dict:
         """What names the model apart from its content: the hub id of a hub model; nothing for
         a folder (its files' hash is its identity), so a moved checkout keeps its cache keys."""

@@ -968,6 +968,31 @@ class ResultCache(SnapshotReader):
     # --- report ---------------------------------------------------------------------------------
 
     @public
+    def provenance(self, run_key: str) -> dict[str, Any]:
+        """What produced the run, beyond its settings: its models (role, label, algorithm, key,
+        fingerprint, architecture, layers, tokenizer fingerprint, spec) as a DataFrame, the keys
+        and commit of the run, and its dataset record (key, source, content hash, size)."""
+        self._run(run_key)  # an unknown run fails here, naming the command that lists runs
+
+        def compute() -> dict[str, Any]:
+            models = self._sql("""
+                SELECT rm.role, rm.label, rm.algorithm, rm.model_key, m.fingerprint, m.architecture,
+                       m.n_layers, m.tokenizer_fingerprint, m.spec
+                FROM run_models rm LEFT JOIN models m ON m.model_key = rm.model_key
+                WHERE rm.run_key = ? ORDER BY rm.position""", [run_key])
+            row = self._sql("""
+                SELECT r.git_commit, r.gen_key, r.selection_key, r.score_key, d.dataset_key,
+                       d.source, d.content_hash, d.n_questions
+                FROM runs r LEFT JOIN datasets d ON d.dataset_key = r.dataset_key
+                WHERE r.run_key = ?""", [run_key]).iloc[0].to_dict()
+            return {"models": models,
+                    "run": {k: row[k] for k in ("git_commit", "gen_key", "selection_key",
+                                                "score_key")},
+                    "dataset": {k: row[k] for k in ("dataset_key", "source", "content_hash",
+                                                    "n_questions")}}
+        return self._cached(run_key, ("provenance", run_key), compute)
+
+    @public
     def report_html(self, run_key: str, *, post_label: str | None = None,
                     granularity: str | None = None, settings: MetricSettings = MetricSettings(),
                     alphas: Iterable[float] | None = None) -> str:

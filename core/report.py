@@ -235,7 +235,7 @@ def circuits(ctx: ReportContext) -> Section:
 
 def settings_and_provenance(ctx: ReportContext) -> Section:
     run = ctx.run
-    record = _provenance(ctx.cache, ctx.run_key)
+    record = ctx.cache.provenance(ctx.run_key)
     selection_report = run["selection_report"] or {}
     alphas = pd.DataFrame({"alpha": [f"{a:g}" for a in run["alphas"]], "T_cut": run["t_cuts"],
                            "questions scored for every model": run["n_complete"],
@@ -311,30 +311,6 @@ def _facts(facts: dict[str, Any]) -> str:
     rows = "".join(f"<tr><th>{html.escape(name)}</th><td>{html.escape(str(value))}</td></tr>"
                    for name, value in facts.items() if value is not None)
     return f'<table class="facts">{rows}</table>'
-
-
-_PROVENANCE_MODELS_SQL = """
-    SELECT rm.role, rm.label, rm.algorithm, rm.model_key, m.fingerprint, m.architecture,
-           m.n_layers, m.tokenizer_fingerprint, m.spec
-    FROM run_models rm LEFT JOIN models m ON m.model_key = rm.model_key
-    WHERE rm.run_key = ? ORDER BY rm.position"""
-_PROVENANCE_RUN_SQL = """
-    SELECT r.git_commit, r.gen_key, r.selection_key, r.score_key, d.dataset_key, d.source,
-           d.content_hash, d.n_questions
-    FROM runs r LEFT JOIN datasets d ON d.dataset_key = r.dataset_key WHERE r.run_key = ?"""
-
-
-def _provenance(cache: "ResultCache", run_key: str) -> dict[str, Any]:
-    """The run's models (keys, fingerprints, specs) and dataset record, which the read model's views
-    do not carry. Rows keyed by content are written once, so a separate read is consistent."""
-    with cache.store.read() as con:
-        models = con.execute(_PROVENANCE_MODELS_SQL, [run_key]).df()
-        run = con.execute(_PROVENANCE_RUN_SQL, [run_key]).df()
-    row = run.iloc[0].to_dict() if len(run) else {}
-    return {"models": models,
-            "run": {k: row.get(k) for k in ("git_commit", "gen_key", "selection_key", "score_key")},
-            "dataset": {k: row.get(k) for k in ("dataset_key", "source", "content_hash",
-                                                "n_questions")}}
 
 
 # --- the document ---------------------------------------------------------------------------------

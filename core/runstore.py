@@ -143,6 +143,22 @@ class RunStore:
             "SELECT generation_key, prompt_ids, answer_ids FROM generations "
             "WHERE generation_key IN (SELECT unnest(?))", [list(keys)])}
 
+    def answers_at(self, run_key: str, alpha: float) -> list[tuple]:
+        """The run's selected answers at alpha, base first, each model's in the run's order: rows
+        (run name, T_cut, label, role, spec JSON, fingerprint, question id, prompt ids, answer ids);
+        empty for an unknown run or alpha."""
+        return self._rows("""
+            SELECT r.name, a.t_cut, rm.label, rm.role, m.spec, m.fingerprint, rs.question_id,
+                   g.prompt_ids, g.answer_ids
+            FROM runs r
+            JOIN run_alphas a ON a.run_key = r.run_key
+            JOIN run_models rm ON rm.run_key = r.run_key
+            JOIN models m ON m.model_key = rm.model_key
+            JOIN run_samples rs ON rs.run_key = r.run_key AND rs.label = rm.label
+            JOIN generations g ON g.generation_key = rs.generation_key
+            WHERE r.run_key = ? AND a.alpha = ?
+            ORDER BY rm.role <> 'base', rm.position, rs.position""", [run_key, alpha])
+
     def write_scores(self, run_key: str, rows: list[dict], vectors, parts=None) -> None:
         """Score rows (without code version and time; model_key is the scorer, so a row of model A
         on model B's answer is a cross score) with their real-edge vectors [n, n_edges] and
