@@ -15,6 +15,7 @@ import time
 import duckdb
 import numpy as np
 import pytest
+import torch
 
 from core import pipeline
 from core.store import TABLES, Store, fetch_one
@@ -43,8 +44,14 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def reference(world):
-    """The in-process executor's cache, and its summary."""
-    return pipeline.run(request(world, "local.duckdb"), log=quiet)
+    """The in-process executor's cache, and its summary, computed with one thread as each Ray actor
+    is (one CPU each): a float sum's order, and so its last bits, depends on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return pipeline.run(request(world, "local.duckdb"), log=quiet)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def cache_tables(path) -> dict[str, list[tuple]]:
@@ -107,7 +114,13 @@ def test_a_worker_killed_during_scoring_is_replaced_and_the_cache_is_the_same(wo
             actor = ray.get_actor(sorted(ray.util.list_named_actors())[0])
             before = ray.get(actor.describe.remote())
             ray.kill(actor, no_restart=False)
-            seen.append((before, ray.get(actor.describe.remote())))
+            # The kill is asynchronous: a call sent right after it can still reach the old process.
+            deadline = time.monotonic() + 60
+            after = ray.get(actor.describe.remote())
+            while after["pid"] == before["pid"] and time.monotonic() < deadline:
+                time.sleep(0.2)
+                after = ray.get(actor.describe.remote())
+            seen.append((before, after))
     summary = pipeline.run(request(world, "worker-killed.duckdb", executor="ray"),
                            progress=kill_a_worker, log=quiet)
     [(before, after)] = seen
