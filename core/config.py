@@ -35,6 +35,8 @@ class ModelEntry:
     label: str
     spec: ModelSpec
     algorithm: str | None = None
+    # A series' training step of this checkpoint (the trajectory's x axis); the base is step 0.
+    step: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,8 +188,12 @@ def configured(config_path: str | os.PathLike | None = None) -> dict[str, Any]:
 def _entry(raw: dict, where: str) -> ModelEntry:
     if "label" not in raw:
         raise ConfigError(f"{where}: every model needs a `label`")
-    spec_fields = {k: v for k, v in raw.items() if k not in ("label", "algorithm")}
-    return ModelEntry(raw["label"], ModelSpec.from_config(spec_fields, REPO_ROOT), raw.get("algorithm"))
+    spec_fields = {k: v for k, v in raw.items() if k not in ("label", "algorithm", "step")}
+    step = raw.get("step")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
+        raise ConfigError(f"{where}: `step` is a training step, a positive integer; got {step!r}")
+    return ModelEntry(raw["label"], ModelSpec.from_config(spec_fields, REPO_ROOT), raw.get("algorithm"),
+                      step)
 
 
 def get_pair(name: str, config: Config) -> PairConfig:
@@ -207,6 +213,11 @@ def get_pair(name: str, config: Config) -> PairConfig:
             raise ConfigError(f"{kind} {name!r} has no `{key}` ({config.path})")
     base = _entry(raw["base"], f"{name}.base")
     post_entries = tuple(_entry(p, f"{name}.post") for p in posts)
+    steps = [p.step for p in post_entries]
+    if base.step is not None or (any(s is not None for s in steps) and (
+            None in steps or steps != sorted(set(steps)))):
+        raise ConfigError(f"{kind} {name!r}: training steps belong to every post model of a series, "
+                          f"increasing (the base is step 0); got {steps} ({config.path})")
     labels = [base.label] + [p.label for p in post_entries]
     # "base" is how the read model names a run's base model, whatever its label.
     if len(set(labels)) != len(labels) or "base" in labels:

@@ -17,7 +17,7 @@ def migrate(store: Store, log=print) -> Path | None:
     cache is current (or absent)."""
     with store.writer_lock(wait=False):
         found = store.schema_version()
-        if found == SCHEMA_VERSION and _is_draft_v2(store):
+        if found == "2" and _is_draft_v2(store):
             found = DRAFT_V2
         if found is None or found == SCHEMA_VERSION:
             return None
@@ -35,7 +35,10 @@ def migrate(store: Store, log=print) -> Path | None:
         try:
             con.execute("BEGIN TRANSACTION")
             try:
-                MIGRATIONS[found](con)
+                version = found
+                while version != SCHEMA_VERSION:
+                    step, version = MIGRATIONS[version]
+                    step(con)
                 for name, columns in TABLES.items():  # tables the older version did not have
                     con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
                 con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [SCHEMA_VERSION])
@@ -127,5 +130,14 @@ def _rebuild(con: duckdb.DuckDBPyConnection, table: str, select_sql: str) -> Non
 
 # The name `migrate` gives a version-2 cache written before controls (its copy: <cache>.v2-draft.bak).
 DRAFT_V2 = "2-draft"
-# Schema version found -> the function that rewrites it to SCHEMA_VERSION inside a transaction.
-MIGRATIONS = {"1": _migrate_v1, DRAFT_V2: _migrate_draft_v2}
+
+
+def _migrate_v2(con: duckdb.DuckDBPyConnection) -> None:
+    """v3 adds a series' training steps to run_models (NULL for runs made before them) and new
+    tables (faithfulness, token views, user pairs and datasets), which migrate() creates."""
+    con.execute("ALTER TABLE run_models ADD COLUMN IF NOT EXISTS step INTEGER")
+
+
+# Schema version found -> (the function that rewrites it inside the migration's transaction, the
+# version it gives); migrate() follows them up to SCHEMA_VERSION.
+MIGRATIONS = {"1": (_migrate_v1, "2"), DRAFT_V2: (_migrate_draft_v2, "2"), "2": (_migrate_v2, "3")}

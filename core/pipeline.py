@@ -220,7 +220,8 @@ class _Runner:
              "n_candidates": selection.n_candidates, "n_selected": selection.n_selected,
              "t_bar": selection.t_bar, "selection_report": json.dumps(report)},
             [{"label": e.label, "role": "base" if i == 0 else "post",
-              "model_key": self.model_keys[e.label], "algorithm": e.algorithm, "position": i}
+              "model_key": self.model_keys[e.label], "algorithm": e.algorithm, "position": i,
+              "step": e.step}
              for i, e in enumerate(self.pair.models)],
             [{"label": e.label, "question_id": qid, "position": position,
               "generation_key": self.generation_key(e.label, qid)}

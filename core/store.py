@@ -50,7 +50,7 @@ import duckdb
 from core import __version__
 from core.errors import CircuitdiffError, check_output_file, one_line
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_CACHE = "CIRCUITDIFF_CACHE"
 # Retry a busy file every RETRY_S seconds, for up to this long.
@@ -85,8 +85,9 @@ TABLES = {
         selection VARCHAR, score_key VARCHAR, score VARCHAR, n_layers INTEGER, granularity VARCHAR,
         n_candidates INTEGER, n_selected INTEGER, t_bar DOUBLE, selection_report VARCHAR,
         code_version VARCHAR, git_commit VARCHAR, created_at TIMESTAMP, updated_at TIMESTAMP""",
+    # step: a series' training step of the post model (NULL where the series declares none).
     "run_models": """run_key VARCHAR, label VARCHAR, role VARCHAR, model_key VARCHAR,
-        algorithm VARCHAR, position INTEGER, PRIMARY KEY (run_key, label)""",
+        algorithm VARCHAR, position INTEGER, step INTEGER, PRIMARY KEY (run_key, label)""",
     "run_samples": """run_key VARCHAR, label VARCHAR, question_id VARCHAR, position INTEGER,
         generation_key VARCHAR, PRIMARY KEY (run_key, label, question_id)""",
     "run_alphas": """run_key VARCHAR, alpha DOUBLE, t_cut INTEGER, PRIMARY KEY (run_key, alpha)""",
@@ -113,6 +114,23 @@ TABLES = {
         code_version VARCHAR, git_commit VARCHAR, created_at TIMESTAMP,
         PRIMARY KEY (run_key, stage, created_at)""",
     "file_hashes": """path VARCHAR PRIMARY KEY, size BIGINT, mtime_ns BIGINT, sha256 VARCHAR""",
+    # The faithfulness control of one model of a run at one alpha (docs/method.md section 9): the
+    # report of core.faithfulness (edges' W and Delta, agreement, recovery curve) as JSON, keyed by
+    # the score and ablation settings that produced it.
+    "faithfulness": """run_key VARCHAR, alpha DOUBLE, label VARCHAR, settings_key VARCHAR,
+        settings VARCHAR, report VARCHAR, created_at TIMESTAMP,
+        PRIMARY KEY (run_key, alpha, label, settings_key)""",
+    # The token view of one question of a run (docs/method.md section 9): per answer position, each
+    # model's contribution to the edges that changed most, as JSON, computed on demand by a job.
+    "token_views": """run_key VARCHAR, alpha DOUBLE, question_id VARCHAR, settings_key VARCHAR,
+        view VARCHAR, created_at TIMESTAMP, PRIMARY KEY (run_key, alpha, question_id, settings_key)""",
+    # Pairs and series made from the browser (not in pairs.toml): `declaration` is the JSON of what
+    # a pairs.toml entry would hold (base, post or posts, template, max_new_tokens, dataset).
+    "user_pairs": """name VARCHAR PRIMARY KEY, kind VARCHAR, declaration VARCHAR,
+        created_at TIMESTAMP""",
+    # Datasets uploaded from the browser: the validated JSONL itself, and its content hash.
+    "user_datasets": """name VARCHAR PRIMARY KEY, source VARCHAR, sha256 VARCHAR,
+        n_questions INTEGER, rows VARCHAR, created_at TIMESTAMP""",
 }
 
 

@@ -33,7 +33,7 @@ from core.models import (ModelNotLoadableError, ModelSpec, TokenizerMismatchErro
                          check_same_tokenizer)
 from core.query import ResultCache
 from core.runstore import RunStore
-from core.store import CacheCorruptError, Store
+from core.store import SCHEMA_VERSION, CacheCorruptError, Store
 from core.synthetic import build_tiny_model, tiny_tokenizer
 from core.templates import get_template
 
@@ -223,7 +223,7 @@ def test_an_older_schema_version_asks_for_migrate(tmp_path):
     with Store(path).write() as con:
         con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     refused("`ls` on a schema version 1 cache", ["ls", "--cache", str(path)],
-            r"the cache .* has schema version 1, this code reads version 2: run `python -m core "
+            rf"the cache .* has schema version 1, this code reads version {SCHEMA_VERSION}: run `python -m core "
             r"migrate --cache")
 
 
@@ -280,7 +280,7 @@ def test_import_of_an_export_of_another_schema_version(tmp_path):
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "schema_version": "1"}))
     refused("`import` of an export of schema version 1",
             ["import", str(tmp_path / "export"), "--cache", str(tmp_path / "new.duckdb")],
-            r".*manifest\.json: the export has cache schema version '1', this code imports version '2'")
+            rf".*manifest\.json: the export has cache schema version '1', this code imports version '{SCHEMA_VERSION}'")
 
 
 # --- score: samples, output path, model files ------------------------------------------------------

@@ -263,3 +263,35 @@ def test_a_v1_cache_is_refused_until_migrated_then_reads_the_same(tmp_path, caps
     assert metrics_after.equals(metrics)
     assert main(["migrate", "--cache", str(path)]) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_a_v2_cache_migrates_to_v3_gaining_steps_and_the_new_tables(tmp_path):
+    import duckdb
+
+    from core.migrations import migrate
+    from core.store import SCHEMA_VERSION, TABLES, CacheError
+    from core.synthetic import build_fixture_cache
+
+    path = tmp_path / "v2.duckdb"
+    build_fixture_cache(path)
+    runs, views, metrics = read_model(path)
+    con = duckdb.connect(str(path))
+    con.execute("ALTER TABLE run_models DROP COLUMN step")
+    for table in ("faithfulness", "token_views", "user_pairs", "user_datasets"):
+        con.execute(f"DROP TABLE {table}")
+    con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    con.close()
+    with pytest.raises(CacheError, match="schema version 2, this code reads version 3"):
+        ResultCache.open(path).runs()
+
+    assert migrate(Store(path), log=lambda _: None) == Path(f"{path}.v2.bak")
+    assert Store(path).schema_version() == SCHEMA_VERSION == "3"
+    with Store(path).read() as con:
+        assert fetch_one(con, "SELECT count(*) FROM run_models WHERE step IS NOT NULL")[0] == 0
+        tables = {t for t, in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    assert set(TABLES) <= tables
+    runs_after, views_after, metrics_after = read_model(path)
+    assert runs_after.drop(columns="created_at").equals(runs.drop(columns="created_at"))
+    for key, (edges, ids) in views.items():
+        np.testing.assert_array_equal(views_after[key][0], edges)
+    assert metrics_after.equals(metrics)
