@@ -2,12 +2,15 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from core.demo import base, common, evaluate, problems, train
 from core.models import hub_offline
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_committed_problem_files_are_what_the_seeded_generator_writes(tmp_path):
@@ -105,3 +108,10 @@ def test_the_offline_switch_reads_hf_hub_offline_as_huggingface_hub_does(monkeyp
         monkeypatch.setenv("HF_HUB_OFFLINE", value)
     assert hub_offline() is offline
     assert base.hub_offline is hub_offline  # the demo's base model asks the same function
+
+
+def test_the_committed_demo_files_stay_under_25_mb():
+    # The repository carries the demo's adapters and problem set only; weights are built (README).
+    committed = [p for folder in ("cache/demo/adapters", "cache/demo/problems")
+                 for p in (REPO / folder).rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in committed) < 25e6

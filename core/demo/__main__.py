@@ -47,6 +47,13 @@ def _train(args) -> int:
     return 0
 
 
+def _export_steps(args) -> int:
+    from core.demo import train
+
+    train.export_grpo_steps()
+    return 0
+
+
 def _evaluate(args) -> int:
     from core.demo import evaluate
 
@@ -86,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-adapter", default=None,
                    help="GRPO checkpoint of the previous stage to continue from")
     p.set_defaults(handler=_train)
+    p = sub.add_parser("export-steps", help="export the GRPO run's trajectory checkpoints into "
+                                            "cache/demo/adapters/grpo-step-<n>")
+    p.set_defaults(handler=_export_steps)
     p = sub.add_parser("evaluate", help="greedy accuracy of the base and each adapter, with standard "
                                         "errors and exact McNemar tests against the base")
     p.add_argument("--split", choices=("heldout", "validation"), default="heldout")

@@ -7,7 +7,9 @@ import time
 
 from core.demo import common
 
-DEMO_PAIRS = ("demo-grpo", "demo-dpo", "demo-sft")
+# The three pairs, then GRPO's trajectory (a series: its step-12 model is demo-grpo's, whose
+# answers and scores the cache shares).
+DEMO_PAIRS = ("demo-grpo", "demo-dpo", "demo-sft", "demo-grpo-steps")
 DATASET = "demo"
 # The base model rambles to the token cap while GRPO and SFT answer in about 12 tokens, so the
 # length filters of docs/method.md section 5 (made for answers of similar length: pair-mean length

@@ -34,6 +34,9 @@ def explicit_result_pattern(answer: str) -> re.Pattern:
 # Sized for 2 shared CPU cores (a GRPO step of 16 completions takes 1-3 minutes there).
 GRPO_SETTINGS = dict(prompts_per_step=4, generations=4, max_steps=120, save_steps=6,
                      learning_rate=4e-4, correct_reward=1.0, boxed_bonus=0.1, ended_bonus=0.1)
+# Checkpoints of the GRPO run committed besides the kept one (step 12): the trajectory series'
+# steps (each adapter is 4.9 MB; the demo's committed files stay under 25 MB).
+GRPO_TRAJECTORY_STEPS = (6, 18)
 DPO_SETTINGS = dict(prompts=160, samples_per_prompt=4, beta=0.1, max_length=128, batch_size=8)
 SFT_SETTINGS = dict(examples=160, batch_size=16)
 
@@ -252,12 +255,12 @@ def train_sft(log=print) -> Path:
     return output / "final"
 
 
-def export_adapter(source: Path, algorithm: str, log=print) -> Path:
-    """Copy a trained adapter into cache/demo/adapters/<algorithm> with bfloat16 weights."""
+def export_adapter(source: Path, name: str, log=print) -> Path:
+    """Copy a trained adapter into cache/demo/adapters/<name> with bfloat16 weights."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    target = common.ADAPTER_DIR / algorithm
+    target = common.ADAPTER_DIR / name
     target.mkdir(parents=True, exist_ok=True)
     weights = load_file(str(source / "adapter_model.safetensors"))
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in weights.items()},
@@ -267,8 +270,22 @@ def export_adapter(source: Path, algorithm: str, log=print) -> Path:
     config["base_model_name_or_path"] = str(common.BASE_DIR)
     (target / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     size = (target / "adapter_model.safetensors").stat().st_size
-    log(f"adapter {algorithm}: {target} ({size / 1e6:.2f} MB)")
+    log(f"adapter {name}: {target} ({size / 1e6:.2f} MB)")
     return target
+
+
+def export_grpo_steps(log=print) -> list[Path]:
+    """The GRPO run's checkpoints at GRPO_TRAJECTORY_STEPS, exported as cache/demo/adapters/
+    grpo-step-<n>: with the kept checkpoint (the `grpo` adapter) they form the trajectory series
+    demo-grpo-steps. Training is seeded and reproduces its checkpoints bit for bit on CPU, so
+    `train grpo --max-steps <last step>` makes them again."""
+    output = grpo_output(1)
+    missing = [step for step in GRPO_TRAJECTORY_STEPS if not (output / f"checkpoint-{step}").is_dir()]
+    if missing:
+        raise FileNotFoundError(f"GRPO checkpoints {missing} are missing under {output}; run `python -m "
+                                f"core.demo --threads 1 train grpo --max-steps {max(GRPO_TRAJECTORY_STEPS)}`")
+    return [export_adapter(output / f"checkpoint-{step}", f"grpo-step-{step}", log)
+            for step in GRPO_TRAJECTORY_STEPS]
 
 
 def checkpoints(output: Path) -> list[Path]:
