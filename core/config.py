@@ -1,5 +1,6 @@
 """Run configuration: the pairs, series and datasets a run can name (core/pairs.toml or another
-file), and the run request itself, which travels between processes as a JSON file.
+file, and those made from the browser, which the cache keeps: core/user_pairs.py), and the run
+request itself, which travels between processes as a JSON file.
 
 Light on purpose (no torch, no transformers): the dashboard reads `configured()` and builds
 `RunRequest`s through core.jobs.
@@ -14,12 +15,13 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from core.datasets import Dataset, load_dataset
-from core.errors import InputError
+from core.datasets import Dataset, is_path, load_dataset, read_jsonl_bytes
+from core.errors import CircuitdiffError, InputError
 from core.executors import split_address
 from core.models import ModelSpec
-from core.settings import (PAPER_ALPHAS, GenerationSettings, ScoreSettings, SelectionSettings,
-                           check_alpha)
+from core.settings import (PAPER_ALPHAS, FaithfulnessSettings, GenerationSettings, ScoreSettings,
+                           SelectionSettings, check_alpha)
+from core.store import Store, fetch_one
 from core.vocab import CONTROLS, EXECUTORS, ExecutorName, Kind
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -61,12 +63,14 @@ class PairConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """A parsed config file; `path` is the file it came from (named in errors)."""
+    """A parsed config file; `path` is the file it came from (named in errors); `cache` the cache
+    whose pairs and datasets made from the browser it also resolves (None: the default cache)."""
 
     path: Path
     pairs: dict[str, Any]
     series: dict[str, Any]
     datasets: dict[str, Any]
+    cache: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +83,9 @@ class RunRequest:
     RAY_ADDRESS), "auto" or "HOST:PORT", and `ray_actors` the pool size (0: one per GPU, or per CPU
     where the cluster has no GPU).
 
-    `controls` (core.vocab.CONTROLS; in no run key: each adds its own rows or runs) and
-    `perturb_seed`, the seed of the perturbation null's direction (in the null model's key)."""
+    `controls` (core.vocab.CONTROLS; in no run key: each adds its own rows or runs),
+    `perturb_seed`, the seed of the perturbation null's direction (in the null model's key), and
+    `faithfulness`, the settings of the faithfulness control (in its rows' key)."""
 
     pair: str
     dataset: str
@@ -96,6 +101,7 @@ class RunRequest:
     ray_actors: int = 0
     controls: tuple[str, ...] = ()
     perturb_seed: int = 0
+    faithfulness: FaithfulnessSettings = FaithfulnessSettings()
 
     def __post_init__(self) -> None:
         if not self.alphas:
@@ -134,7 +140,7 @@ class RunRequest:
                 "generation": self.generation.as_dict(), "limit": self.limit, "cache": self.cache,
                 "config": self.config, "executor": self.executor, "ray_address": self.ray_address,
                 "ray_actors": self.ray_actors, "controls": list(self.controls),
-                "perturb_seed": self.perturb_seed}
+                "perturb_seed": self.perturb_seed, "faithfulness": self.faithfulness.as_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunRequest":
@@ -145,7 +151,8 @@ class RunRequest:
                    limit=data.get("limit", 0), cache=data.get("cache"), config=data.get("config"),
                    executor=data.get("executor", "local"), ray_address=data.get("ray_address"),
                    ray_actors=data.get("ray_actors", 0), controls=tuple(data.get("controls", ())),
-                   perturb_seed=data.get("perturb_seed", 0))
+                   perturb_seed=data.get("perturb_seed", 0),
+                   faithfulness=FaithfulnessSettings.from_dict(data.get("faithfulness", {})))
 
     def to_file(self, path: str | os.PathLike) -> Path:
         """Write the request as JSON (atomically: a reader sees no half-written file)."""
@@ -168,21 +175,67 @@ class RunRequest:
                               f"one with RunRequest.to_file") from error
 
 
-def load_config(path: str | os.PathLike | None = None) -> Config:
+def load_config(path: str | os.PathLike | None = None,
+                cache: str | os.PathLike | None = None) -> Config:
     path = Path(path) if path else CONFIG_PATH
     try:
         with open(path, "rb") as handle:
             raw = tomllib.load(handle)
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"cannot read the pair config {path}: {error}") from error
-    return Config(path, raw.get("pairs", {}), raw.get("series", {}), raw.get("datasets", {}))
+    return Config(path, raw.get("pairs", {}), raw.get("series", {}), raw.get("datasets", {}),
+                  None if cache is None else str(cache))
 
 
-def configured(config_path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """What the config offers: {"pairs": {name: "pair" | "series"}, "datasets": [names]}."""
-    config = load_config(config_path)
-    return {"pairs": {**dict.fromkeys(config.pairs, "pair"), **dict.fromkeys(config.series, "series")},
-            "datasets": list(config.datasets)}
+def configured(config_path: str | os.PathLike | None = None,
+               cache: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What a run can name: {"pairs": {name: "pair" | "series"}, "datasets": [names]}, the
+    config's first, then those made from the browser that the cache keeps (None: the default
+    cache), which "user_pairs" and "user_datasets" name again."""
+    config = load_config(config_path, cache)
+    user_pairs = {name: kind for name, (kind, _) in user_pair_declarations(cache).items()
+                  if name not in config.pairs and name not in config.series}
+    user_datasets = [name for name in user_dataset_names(cache) if name not in config.datasets]
+    return {"pairs": {**dict.fromkeys(config.pairs, "pair"), **dict.fromkeys(config.series, "series"),
+                      **user_pairs},
+            "datasets": list(config.datasets) + user_datasets,
+            "user_pairs": list(user_pairs), "user_datasets": user_datasets}
+
+
+# --- Pairs and datasets made from the browser, kept in the cache (core/user_pairs.py saves them) ---
+
+def _user_rows(cache: str | os.PathLike | None, sql: str, params: list) -> list[tuple]:
+    """Rows of a table of user-made entries; none where the cache or the table does not exist."""
+    store = Store(cache)
+    if not store.exists():
+        return []
+    with store.read() as con:
+        # An empty database file gets its tables with its first write.
+        if not fetch_one(con, "SELECT count(*) FROM information_schema.tables "
+                              "WHERE table_name = 'user_pairs'")[0]:
+            return []
+        return con.execute(sql, params).fetchall()
+
+
+def user_pair_declarations(cache: str | os.PathLike | None = None) -> dict[str, tuple[Kind, dict]]:
+    """The pairs made from the browser: name -> (kind, what a pairs.toml entry would hold)."""
+    return {name: (kind, json.loads(declaration)) for name, kind, declaration in _user_rows(
+        cache, "SELECT name, kind, declaration FROM user_pairs ORDER BY created_at, name", [])}
+
+
+def user_dataset_names(cache: str | os.PathLike | None = None) -> list[str]:
+    return [name for (name,) in _user_rows(
+        cache, "SELECT name FROM user_datasets ORDER BY created_at, name", [])]
+
+
+def user_dataset(name: str, cache: str | os.PathLike | None = None) -> Dataset | None:
+    """A dataset uploaded from the browser, read from the JSONL text the cache keeps; None where
+    the cache has none of that name."""
+    rows = _user_rows(cache, "SELECT source, rows FROM user_datasets WHERE name = ?", [name])
+    if not rows:
+        return None
+    source, text = rows[0]
+    return read_jsonl_bytes(text.encode("utf-8"), name, f"upload:{source}")
 
 
 def _entry(raw: dict, where: str) -> ModelEntry:
@@ -197,44 +250,63 @@ def _entry(raw: dict, where: str) -> ModelEntry:
 
 
 def get_pair(name: str, config: Config) -> PairConfig:
+    """A pair or series of the config, else one made from the browser that the config's cache
+    keeps."""
     if name in config.pairs:
-        raw, kind = config.pairs[name], "pair"
-        posts = [raw["post"]] if "post" in raw else []
-    elif name in config.series:
-        raw, kind = config.series[name], "series"
-        posts = raw.get("posts", [])
-    else:
+        return pair_from_entry(name, "pair", config.pairs[name], str(config.path))
+    if name in config.series:
+        return pair_from_entry(name, "series", config.series[name], str(config.path))
+    cache = Store(config.cache).path
+    try:
+        user_made, unreadable = user_pair_declarations(config.cache), ""
+    except CircuitdiffError as error:  # a cache that cannot be read holds no pair a run can use
+        user_made, unreadable = {}, f"; its user pairs cannot be read: {error}"
+    if name not in user_made:
         raise ConfigError(f"unknown pair or series {name!r}; known pairs: {sorted(config.pairs)}, "
-                          f"series: {sorted(config.series)} ({config.path})")
+                          f"series: {sorted(config.series)} ({config.path}), pairs made from the "
+                          f"browser: {sorted(user_made)} (the cache {cache}){unreadable}")
+    kind, raw = user_made[name]
+    return pair_from_entry(name, kind, raw, f"made from the browser, in the cache {cache}")
+
+
+def pair_from_entry(name: str, kind: Kind, raw: dict, where: str) -> PairConfig:
+    """The pair or series a config entry declares; `where` names the entry's home in errors."""
+    posts = ([raw["post"]] if "post" in raw else []) if kind == "pair" else raw.get("posts", [])
     if not posts or "base" not in raw:
-        raise ConfigError(f"{kind} {name!r} needs a base and at least one post model ({config.path})")
+        raise ConfigError(f"{kind} {name!r} needs a base and at least one post model ({where})")
     for key in ("template", "max_new_tokens"):
         if key not in raw:
-            raise ConfigError(f"{kind} {name!r} has no `{key}` ({config.path})")
+            raise ConfigError(f"{kind} {name!r} has no `{key}` ({where})")
     base = _entry(raw["base"], f"{name}.base")
     post_entries = tuple(_entry(p, f"{name}.post") for p in posts)
     steps = [p.step for p in post_entries]
     if base.step is not None or (any(s is not None for s in steps) and (
             None in steps or steps != sorted(set(steps)))):
         raise ConfigError(f"{kind} {name!r}: training steps belong to every post model of a series, "
-                          f"increasing (the base is step 0); got {steps} ({config.path})")
+                          f"increasing (the base is step 0); got {steps} ({where})")
     labels = [base.label] + [p.label for p in post_entries]
     # "base" is how the read model names a run's base model, whatever its label.
     if len(set(labels)) != len(labels) or "base" in labels:
         raise ConfigError(f"{kind} {name!r}: model labels {labels} must be distinct and not 'base' "
-                          f"({config.path})")
+                          f"({where})")
     seed_null = None
     if "seed_null" in raw:
         if kind != "pair":
             raise ConfigError(f"series {name!r}: `seed_null` belongs to a pair (a post model "
-                              f"trained again with another seed) ({config.path})")
+                              f"trained again with another seed) ({where})")
         seed_null = _entry(raw["seed_null"], f"{name}.seed_null")
         if seed_null.label in labels:
             raise ConfigError(f"pair {name!r}: the seed_null label {seed_null.label!r} is taken "
-                              f"({config.path})")
+                              f"({where})")
     return PairConfig(name, kind, base, post_entries, raw["template"], int(raw["max_new_tokens"]),
                       raw.get("layers"), seed_null)
 
 
 def get_dataset(name: str, config: Config, limit: int = 0) -> Dataset:
+    """A dataset of the config, a JSONL path, else one uploaded from the browser that the config's
+    cache keeps."""
+    if name not in config.datasets and not is_path(name):
+        uploaded = user_dataset(name, config.cache)
+        if uploaded is not None:
+            return uploaded.head(limit)
     return load_dataset(name, config.datasets, REPO_ROOT, limit=limit)

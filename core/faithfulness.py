@@ -9,9 +9,12 @@ input loses e times source s's output while the skip connection and every other 
   once, loss L_k; f(k) = (L_empty - L_k) / (L_empty - L_full) and its area over log k;
 - base vs post (`compare_recovery`): both models' curves and areas with a bootstrap over questions,
   paired across the models; a smaller area means a model needs more edges for the same recovery.
+  These statistics live in core/faithfulness_stats.py (no torch), so the read model can use them.
 
 On a run of the cache (`read_run_samples`, `run_faithfulness`), the samples are the run's own answers
 of each model, cut at the run's T_cut for one alpha, and each model is loaded from its recorded spec.
+The pipeline's faithfulness control (`--controls faithfulness`) stores `model_faithfulness` of each
+model at each alpha of a run.
 
 Every intervention is one coefficient matrix C[n_src, n_dst]: slot d's branch input becomes
 H_d - sum_s C[s, d] O_s, with O_s the output of source s in that same (intervened) forward pass. Several
@@ -33,15 +36,14 @@ from torch import nn
 from core.adapters import ArchitectureAdapter, adapter_for
 from core.eap import NonFiniteScoreError, Sample, forward_loss, frozen_eval, score_samples
 from core.errors import InputError, NotFoundError
+from core.faithfulness_stats import (RECOVERY_FRACTIONS, agreement, compare_recovery,  # noqa: F401
+                                     recovery_area, recovery_f)
 from core.graph import QKV, ResidualGraph
 from core.models import ModelSpec
-from core.settings import MetricSettings, ScoreSettings
+from core.settings import ScoreSettings
 from core.runstore import RunStore
 from core.store import Store
 
-# Kept fractions of real edges for the recovery curve: 0 (every edge removed), then four points per
-# decade from 0.1% to 100% (nothing removed).
-RECOVERY_FRACTIONS = np.concatenate([[0.0], np.logspace(-3, 0, 13)])
 # Interventions per forward pass (copies of one sample in a batch).
 DEFAULT_COPIES = 8
 
@@ -129,57 +131,6 @@ def circuit_recovery(model: nn.Module, samples: Sequence[Sample], graph: Residua
     return RecoveryCurve(fractions, n_kept, losses, f, float(recovery_area(fractions, f)))
 
 
-def recovery_f(losses: np.ndarray) -> np.ndarray:
-    """f(k) from the losses [K, ..., n_samples] (first row: every edge removed, last: none), on their
-    means over the samples: [K, ...]. The ends are x - x = 0 and x / x = 1, exact in floating point."""
-    mean = losses.mean(-1)
-    span = mean[0] - mean[-1]
-    if (span == 0).any():
-        raise ValueError("removing every edge leaves the mean loss unchanged, so the recovery f(k) is "
-                         "undefined; check the model and samples")
-    return (mean[0] - mean) / span
-
-
-def recovery_area(fractions: np.ndarray, f: np.ndarray) -> np.ndarray:
-    """Mean of f [K, ...] over log k on the fractions above 0 (trapezoids): 1 for f = 1 throughout."""
-    log_k = np.log(fractions[1:])
-    return np.trapezoid(f[1:], log_k, axis=0) / (log_k[-1] - log_k[0])
-
-
-def compare_recovery(fractions: np.ndarray, losses: dict[str, np.ndarray], base_label: str,
-                     metric_settings: MetricSettings = MetricSettings()) -> dict:
-    """Each model's recovery curve and area with percentile intervals from a bootstrap over questions,
-    and each other model's area minus the base's. losses: label -> [K, n_questions], the questions in
-    the same order for every model; each replicate draws one set of questions for all models (paired).
-    Replicate count, level and seed are the metrics' (MetricSettings.bootstrap, ci_level, seed)."""
-    shapes = {label: value.shape for label, value in losses.items()}
-    if base_label not in losses or len(set(shapes.values())) != 1:
-        raise ValueError(f"need the base {base_label!r} and losses of one shape [K, n_questions] for "
-                         f"every model; got {shapes}")
-    n_questions = shapes[base_label][1]
-    draws = np.random.default_rng(metric_settings.seed).integers(
-        0, n_questions, size=(metric_settings.bootstrap, n_questions))
-    tails = [(1 - metric_settings.ci_level) / 2, (1 + metric_settings.ci_level) / 2]
-
-    def interval(values: np.ndarray) -> list:
-        return np.quantile(values, tails, axis=-1).tolist()
-
-    models, replicate_areas = {}, {}
-    for label, value in losses.items():
-        f = recovery_f(value)
-        replicate_f = recovery_f(value[:, draws])  # [K, bootstrap]
-        replicate_areas[label] = recovery_area(fractions, replicate_f)
-        models[label] = {"f": f.tolist(), "f_interval": interval(replicate_f),
-                         "area": float(recovery_area(fractions, f)),
-                         "area_interval": interval(replicate_areas[label])}
-    differences = {label: {"difference": models[label]["area"] - models[base_label]["area"],
-                           "interval": interval(replicate_areas[label] - replicate_areas[base_label])}
-                   for label in losses if label != base_label}
-    return {"fractions": np.asarray(fractions).tolist(), "base": base_label,
-            "n_questions": n_questions, "bootstrap": metric_settings.bootstrap,
-            "ci_level": metric_settings.ci_level, "models": models, "area_difference": differences}
-
-
 def stratified_edges(scores: np.ndarray, graph: ResidualGraph, n: int,
                      rng: np.random.Generator) -> list[tuple[int, int, str]]:
     """(src, dst, stratum) of n real edges of one score matrix: the ceil(n/2) largest by |W| ("top"),
@@ -193,24 +144,11 @@ def stratified_edges(scores: np.ndarray, graph: ResidualGraph, n: int,
             + [(int(src[e]), int(dst[e]), "random") for e in np.sort(drawn)])
 
 
-def agreement(w: np.ndarray, delta: np.ndarray) -> dict:
-    """Spearman and Pearson correlation of W with Delta, and the fraction of edges where their signs
-    agree. A correlation is None where it is undefined (fewer than two edges, or a constant side)."""
-    from scipy import stats
-
-    def defined(correlate) -> float | None:
-        if len(w) < 2 or np.ptp(w) == 0 or np.ptp(delta) == 0:
-            return None
-        return float(correlate(w, delta).statistic)
-
-    return {"n": len(w), "spearman": defined(stats.spearmanr), "pearson": defined(stats.pearsonr),
-            "sign_agreement": float(np.mean(np.sign(w) == np.sign(delta))) if len(w) else None}
-
-
 def faithfulness_report(model: nn.Module, samples: Sequence[Sample], settings: ScoreSettings,
                         edges_per_sample: int, seed: int, copies: int = DEFAULT_COPIES) -> dict:
-    """Scores the samples (EAP or EAP-IG, as the settings say), ablates edges_per_sample stratified real edges of each sample, and
-    runs the recovery curve on the samples' mean |W|: everything `python -m core faithfulness` writes."""
+    """Scores the samples (EAP or EAP-IG, as the settings say), ablates edges_per_sample stratified
+    real edges of each sample, and runs the recovery curve on the samples' mean |W|: everything
+    `python -m core faithfulness` writes."""
     if edges_per_sample < 1:
         raise ValueError(f"edges per sample must be at least 1, got {edges_per_sample}")
     result = score_samples(model, samples, settings)
@@ -228,20 +166,14 @@ def faithfulness_report(model: nn.Module, samples: Sequence[Sample], settings: S
     stratum = np.array([row["stratum"] for row in rows])
     recovery = circuit_recovery(model, samples, graph, np.abs(result.scores).mean(0), copies=copies)
     return {"granularity": graph.granularity, "dtype": str(model.dtype).removeprefix("torch."),
-            "method": score_method(settings), "seed": seed, "n_samples": len(samples), "n_real_edges": graph.n_edges,
+            "method": settings.method_description(), "seed": seed, "n_samples": len(samples),
+            "n_real_edges": graph.n_edges,
             "edges_per_sample": min(edges_per_sample, graph.n_edges),
             "loss": dict(zip(result.sample_ids, result.loss.tolist())),
             "agreement": agreement(w, delta),
             "agreement_by_stratum": {name: agreement(w[stratum == name], delta[stratum == name])
                                      for name in ("top", "random") if (stratum == name).any()},
             "edges": rows, "recovery": recovery.to_dict()}
-
-
-def score_method(settings: ScoreSettings) -> dict:
-    """Which scores W are compared with Delta: the method, and EAP-IG's path."""
-    if settings.method == "eap-ig":
-        return {"name": "eap-ig", "ig_steps": settings.ig_steps, "ig_baseline": settings.ig_baseline}
-    return {"name": settings.method}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +198,9 @@ class RunSamples:
     @property
     def question_ids(self) -> list[str]:
         return [sample.id for sample in self.models[0].samples]
+
+    def model(self, label: str) -> RunModel:
+        return next(entry for entry in self.models if entry.label == label)
 
 
 def read_run_samples(store: Store, run_key: str, alpha: float, n_questions: int) -> RunSamples:
@@ -326,16 +261,23 @@ def run_faithfulness(run: RunSamples, settings: ScoreSettings, edges_per_sample:
                              f"the run generated its answers; restore them or run the pair again")
         log(f"{entry.label}: {len(entry.samples)} questions, T_cut {run.t_cut}")
         model = entry.spec.load(dtype=settings.dtype, device=settings.device)
-        reports[entry.label] = {"role": entry.role, "spec": entry.spec.describe(),
-                                **faithfulness_report(model, entry.samples, settings, edges_per_sample,
-                                                      seed, copies)}
+        reports[entry.label] = model_faithfulness(entry, model, settings, edges_per_sample, seed,
+                                                  copies)
         del model
     fractions = np.asarray(next(iter(reports.values()))["recovery"]["fractions"])
     comparison = compare_recovery(fractions, {label: np.asarray(report["recovery"]["losses"])
                                               for label, report in reports.items()}, run.models[0].label)
     return {"run_key": run.run_key, "run_name": run.name, "alpha": run.alpha, "t_cut": run.t_cut,
-            "method": score_method(settings), "questions": run.question_ids, "models": reports,
-            "recovery_comparison": comparison}
+            "method": settings.method_description(), "questions": run.question_ids,
+            "models": reports, "recovery_comparison": comparison}
+
+
+def model_faithfulness(entry: RunModel, model: nn.Module, settings: ScoreSettings,
+                       edges_per_sample: int, seed: int, copies: int = DEFAULT_COPIES) -> dict:
+    """faithfulness_report of one model of a run on its own answers, with its role and spec: one
+    entry of run_faithfulness's `models`, and what the faithfulness control stores per model."""
+    return {"role": entry.role, "spec": entry.spec.describe(),
+            **faithfulness_report(model, entry.samples, settings, edges_per_sample, seed, copies)}
 
 
 class _Removal:

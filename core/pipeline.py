@@ -5,8 +5,9 @@ no model work and a killed run resumes where its last commit left it.
 Stages (core.vocab.STAGES): identify models and data -> generate (per model) -> grade -> select
 (docs/method.md section 5) -> score (per model, per alpha) -> metrics (default conventions,
 docs/method.md section 6). Each generation batch, and each scoring batch (a sample's scores with its
-loss and time), commits in one transaction. `plan` asks the run store the same questions and
-reports what the stages would do.
+loss and time), commits in one transaction. Then the request's controls (CONTROL_STEPS,
+docs/method.md section 8), each doing only what is missing too. `plan` asks the run store the same
+questions and reports what the stages would do.
 
 Model work (generation, scoring) runs on the request's executor (core/executors.py): in this process,
 or on Ray actors. Either way the stages cut the same chunks and this process alone commits them.
@@ -28,19 +29,25 @@ from core.config import (ConfigError, ModelEntry, PairConfig, RunRequest, get_da
                          load_config)
 from core.errors import InputError
 from core.executors import GenerationJob, make_executor
+from core.faithfulness_stats import RECOVERY_FRACTIONS
+from core.graph import ResidualGraph
 from core.migrations import migrate
 from core.models import ModelSpec, check_loadable, check_same_tokenizer
 from core.runstore import RunStore
 from core.selection import (Candidate, NoJointlyCorrectError, Selection, select_questions,
                             t_cut)
-from core.settings import MetricSettings
+from core.settings import MetricSettings, ScoreSettings
 from core.store import Store
 from core.vocab import NULL_CONTROLS, STAGES
 
 # Grades committed per transaction (symbolic grading can take seconds per answer).
 GRADE_COMMIT_EVERY = 200
-# Seconds per item assumed by `plan` when the cache has no timing of these models yet.
+# Seconds per item assumed by `plan` when the cache has no timing of these models yet ("score": one
+# eap forward + backward pass of a sample; EAP-IG makes ig_steps of them).
 DEFAULT_SECONDS = {"generate": 2.0, "score": 1.0}
+# A forward pass's share of the time of a forward + backward pass, for the faithfulness control's
+# forward-only ablations in `plan`.
+FORWARD_SHARE = 1 / 3
 
 Progress = Callable[[str, int, int], None]
 
@@ -350,6 +357,46 @@ class _Runner:
             self.control_runs[f"{control}:{post_label}"] = runner.run_key
             self.done[control] += sum(runner.done.values())
 
+    # --- faithfulness (docs/method.md section 8) ------------------------------------------------
+
+    def wanted_faithfulness(self) -> list[tuple[float, str]]:
+        return [(alpha, entry.label) for alpha in self.request.alphas for entry in self.pair.models]
+
+    def faithfulness(self) -> None:
+        """The faithfulness control: core.faithfulness.model_faithfulness of each model at each
+        alpha on the run's first questions, under the run's score settings; one model in memory at
+        a time, each (alpha, model) committed as one row."""
+        from core.faithfulness import model_faithfulness, read_run_samples
+
+        settings, score = self.request.faithfulness, self.request.score
+        settings_key = settings.stored_key(score)
+        todo = self.runs.missing_faithfulness(self.run_key, settings_key, self.wanted_faithfulness())
+        if not todo:
+            return
+        self.progress("faithfulness", 0, len(todo))
+        for entry in self.pair.models:
+            alphas = [alpha for alpha, label in todo if label == entry.label]
+            if not alphas:
+                continue
+            self.log(f"faithfulness: {entry.label} at alphas {alphas}: {settings.edges_per_sample} "
+                     f"edges on each of the first {settings.questions} questions, and recovery")
+            # The executor's replica (if any) goes first: two large models rarely fit together.
+            self.executor.release()
+            model = entry.spec.load(dtype=score.dtype, device=score.device)
+            for alpha in alphas:
+                began = time.perf_counter()
+                run = read_run_samples(self.store, self.run_key, alpha, settings.questions)
+                report = model_faithfulness(run.model(entry.label), model, score,
+                                            settings.edges_per_sample, settings.seed, settings.copies)
+                self.runs.write_faithfulness(self.run_key, alpha, entry.label, settings_key,
+                                             settings.stored_settings(score),
+                                             {"t_cut": run.t_cut, "questions": run.question_ids,
+                                              **report})
+                self.runs.write_timing(self.run_key, "faithfulness", 1, time.perf_counter() - began)
+                self.done["faithfulness"] += 1
+                self.progress("faithfulness", self.done["faithfulness"], len(todo))
+            del model
+
     def execute(self) -> None:
         """Every stage, then the request's controls (after metrics: the default comparison never
         waits for them)."""
@@ -411,6 +458,7 @@ CONTROL_STEPS: dict[str, Callable[[_Runner], None]] = {
     "cross": _Runner.cross,
     "perturb": lambda runner: runner.null_control("perturb"),
     "seed": lambda runner: runner.null_control("seed"),
+    "faithfulness": _Runner.faithfulness,
 }
 
 
@@ -418,8 +466,11 @@ def plan(request: RunRequest) -> dict[str, Any]:
     """Work items missing per stage, as the stages will count them, and rough seconds; asks the run
     store what the stages ask. Loads tokenizers but no model, and writes nothing. Which questions
     are selected is known once every answer is graded; before that, scores are counted for n
-    questions (the most). Controls: "cross" is counted like a stage; each null model's run is
-    planned in full under `controls` ("<control>:<post label>" -> its plan)."""
+    questions (the most). Controls: "cross" and "faithfulness" (reports, one per model and alpha)
+    are counted like stages; each null model's run is planned in full under `controls` ("<control>:
+    <post label>" -> its plan). Seconds: each stage's (`stage_seconds`) from these models' past
+    timings per sample, scaled by the passes of the score method (EAP-IG: ig_steps), plus the null
+    runs'."""
     runner = _Runner(request, None, lambda text: None)
     return _plan(runner)
 
@@ -464,17 +515,51 @@ def _plan(runner: _Runner) -> dict[str, Any]:
                     "metrics": metrics}
     if "cross" in request.controls:
         missing_work["cross"] = cross
+    if "faithfulness" in request.controls:
+        missing_work["faithfulness"] = (
+            len(runner.wanted_faithfulness()) if state is None else len(runs.missing_faithfulness(
+                runner.run_key, request.faithfulness.stored_key(request.score),
+                runner.wanted_faithfulness())))
     past = runs.past_seconds(list(runner.model_keys.values()))
-    seconds = {stage: past[stage] or DEFAULT_SECONDS[stage] for stage in DEFAULT_SECONDS}
+    one_pass = _seconds_per_pass(past["score"])
+    per_sample = one_pass * request.score.passes
+    stage_seconds = {"generate": generate * (past["generate"] or DEFAULT_SECONDS["generate"]),
+                     "score": score * per_sample, "cross": cross * per_sample}
+    if "faithfulness" in request.controls:
+        stage_seconds["faithfulness"] = (missing_work["faithfulness"]
+                                         * min(request.faithfulness.questions, n_selected)
+                                         * _faithfulness_passes(runner) * one_pass)
     plans = {f"{control}:{label}": _plan(runner.null_runner(pair))
              for control in request.controls if control in NULL_CONTROLS
              for label, pair in runner.null_pairs(control)}
     return {"run_key": runner.run_key, "questions": len(runner.questions),
             "models": [e.label for e in models], "missing": missing_work, "selection": selection,
-            "seconds": round(missing_work["generate"] * seconds["generate"]
-                             + (score + cross) * seconds["score"]
+            "seconds": round(sum(stage_seconds.values())
                              + sum(p["seconds"] for p in plans.values()), 1),
+            "stage_seconds": {stage: round(value, 1) for stage, value in stage_seconds.items()},
             "controls": plans}
+
+
+def _seconds_per_pass(scored: list[tuple[dict, float, int]]) -> float:
+    """Seconds of one eap pass (forward + backward) of a sample: the models' past scoring time per
+    sample, each score key's divided by its method's passes; DEFAULT_SECONDS where none is known."""
+    known = [(seconds, n, settings) for settings, seconds, n in scored if seconds is not None]
+    if not known:
+        return DEFAULT_SECONDS["score"]
+    method_fields = ("method", "ig_steps", "ig_baseline")
+    total = sum(seconds * n / ScoreSettings(**{k: settings[k] for k in method_fields
+                                               if k in settings}).passes
+                for seconds, n, settings in known)
+    return total / sum(n for _, n, _ in known)
+
+
+def _faithfulness_passes(runner: _Runner) -> float:
+    """One question's faithfulness work in eap passes: scoring it (the method's passes), then one
+    forward pass per ablated edge, one clean, and one per recovery fraction."""
+    request = runner.request
+    n_edges = ResidualGraph(runner.n_layers, request.score.granularity).n_edges
+    forward = min(request.faithfulness.edges_per_sample, n_edges) + 1 + len(RECOVERY_FRACTIONS)
+    return request.score.passes + FORWARD_SHARE * forward
 
 
 def _architecture(spec: ModelSpec) -> tuple[int, str]:

@@ -244,14 +244,39 @@ class RunStore:
                 "run_key": run_key, "post_label": post_label, "control": control,
                 "control_run_key": control_run_key, "created_at": now()}])
 
-    def past_seconds(self, model_keys: list[str]) -> dict[str, float | None]:
-        """Mean seconds per generated answer and per scored sample of these models so far."""
+    def write_faithfulness(self, run_key: str, alpha: float, label: str, settings_key: str,
+                           settings: dict, report: dict) -> None:
+        """One model's faithfulness report at one alpha of a run (the faithfulness control), in one
+        transaction that also marks the run updated (so the read model's views of it refresh)."""
+        created = now()
+        with self.store.write() as con:
+            Store.insert_rows(con, "faithfulness", [{
+                "run_key": run_key, "alpha": alpha, "label": label, "settings_key": settings_key,
+                "settings": json.dumps(settings), "report": json.dumps(report, allow_nan=False),
+                "created_at": created}])
+            con.execute("UPDATE runs SET updated_at = ? WHERE run_key = ?", [created, run_key])
+
+    def missing_faithfulness(self, run_key: str, settings_key: str,
+                             wanted: list[tuple[float, str]]) -> list[tuple[float, str]]:
+        """The (alpha, label) pairs among `wanted` without a stored faithfulness report."""
+        have = set(self._rows("SELECT alpha, label FROM faithfulness WHERE run_key = ? AND "
+                              "settings_key = ?", [run_key, settings_key]))
+        return [item for item in wanted if item not in have]
+
+    def past_seconds(self, model_keys: list[str]) -> dict:
+        """Mean seconds per generated answer of these models so far (None: none yet), and per
+        scored sample by the score settings they were scored under: (settings dict, mean seconds,
+        samples) for each score key, the settings of a run that used it."""
         generate = self._rows("SELECT avg(seconds) FROM generations WHERE model_key IN "
                               "(SELECT unnest(?))", [list(model_keys)])
-        score = self._rows("SELECT avg(seconds) FROM scores WHERE model_key IN (SELECT unnest(?))",
+        score = self._rows("""
+            SELECT r.score, avg(s.seconds), count(*) FROM scores s
+            JOIN (SELECT score_key, any_value(score) AS score FROM runs GROUP BY score_key) r
+                ON r.score_key = s.score_key
+            WHERE s.model_key IN (SELECT unnest(?)) GROUP BY r.score_key, r.score""",
                            [list(model_keys)])
         return {"generate": generate[0][0] if generate else None,
-                "score": score[0][0] if score else None}
+                "score": [(json.loads(settings), seconds, n) for settings, seconds, n in score]}
 
     # --- metrics and timings ----------------------------------------------------------------
 

@@ -38,6 +38,9 @@ class Settings:
     """Base of all settings groups. Subclasses are frozen dataclasses of `setting(...)` fields."""
 
     group: ClassVar[str] = "settings"
+    # Prepended to each field's CLI flag and argparse dest, where a field's name alone would collide
+    # with another group's on one command line (e.g. two `seed`s).
+    flag_prefix: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -68,20 +71,22 @@ class Settings:
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
+            dest = cls.flag_prefix.replace("-", "_") + f.name
+            flag = "--" + dest.replace("_", "-")
             kind = type(f.default)
             if kind is bool:
-                parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                     default=f.default, help=f.metadata["help"])
             else:
-                parser.add_argument(flag, dest=f.name, type=kind, default=f.default,
+                parser.add_argument(flag, dest=dest, type=kind, default=f.default,
                                     choices=f.metadata["choices"],
                                     help=f"{f.metadata['help']} (default: {f.default})")
 
     @classmethod
     def from_namespace(cls, namespace: argparse.Namespace):
-        return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)
-                      if hasattr(namespace, f.name)})
+        prefix = cls.flag_prefix.replace("-", "_")
+        return cls(**{f.name: getattr(namespace, prefix + f.name) for f in dataclasses.fields(cls)
+                      if hasattr(namespace, prefix + f.name)})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):
@@ -181,6 +186,17 @@ class ScoreSettings(Settings):
                                         f"to method 'eap-ig'; set method='eap-ig' (--method eap-ig) "
                                         f"or leave {name} at its default {default!r}.")
 
+    @property
+    def passes(self) -> int:
+        """Forward + backward passes per sample, in units of eap's one: the cost `plan` counts."""
+        return self.ig_steps if self.method == "eap-ig" else 1
+
+    def method_description(self) -> dict[str, Any]:
+        """Which scores W are: the method, and EAP-IG's path (what faithfulness reports record)."""
+        if self.method == "eap-ig":
+            return {"name": self.method, "ig_steps": self.ig_steps, "ig_baseline": self.ig_baseline}
+        return {"name": self.method}
+
 
 @dataclasses.dataclass(frozen=True)
 class SelectionSettings(Settings):
@@ -195,6 +211,35 @@ class SelectionSettings(Settings):
                            help="drop a question if |T_base-T_post| / mean(T_base,T_post) > delta")
     n: int = setting(100, low=1, help="questions drawn (the same for both models)")
     seed: int = setting(42, low=0, help="seed of the random draw of questions")
+
+
+@dataclasses.dataclass(frozen=True)
+class FaithfulnessSettings(Settings):
+    """The faithfulness control of a run (`--controls faithfulness`, docs/method.md section 8): per
+    model and alpha, real edge ablation of stratified edges and the circuit recovery curve on the
+    run's first `questions` selected questions, scored under the run's own score settings."""
+
+    group: ClassVar[str] = "faithfulness"
+    flag_prefix: ClassVar[str] = "faith-"
+    questions: int = setting(10, low=1, help="the run's first N selected questions (fewer when the "
+                                             "run selected fewer)")
+    edges_per_sample: int = setting(16, low=1,
+                                    help="real edges ablated one at a time per question: half the "
+                                         "largest by |W|, half drawn at random (all of them when it "
+                                         "exceeds their number)")
+    seed: int = setting(0, low=0, help="seed of the random half of the ablated edges")
+    copies: int = setting(8, low=1, in_key=False,
+                          help="interventions per forward pass, as copies of one question (memory "
+                               "grows with it; results do not depend on it)")
+
+    def stored_key(self, score: ScoreSettings) -> str:
+        """The `settings_key` of the faithfulness table: these settings and the scores' (the run's
+        score settings, whose method gives the W compared with Delta)."""
+        return stable_hash({"group": self.group, **self.key_dict(), "score": score.key()})
+
+    def stored_settings(self, score: ScoreSettings) -> dict[str, Any]:
+        """The `settings` column beside `stored_key`."""
+        return {"faithfulness": self.as_dict(), "score": score.as_dict()}
 
 
 def check_alpha(alpha: float) -> float:

@@ -25,9 +25,10 @@ Granularity = Literal["qkv", "module"]
 DType = Literal["float32", "bfloat16", "float16", "float64"]
 # Generation backends.
 Backend = Literal["hf", "vllm"]
-# Controls a run can add (docs/method.md section 8): cross-scoring, and null models run as pairs of
-# their own (a matched random perturbation of the base; a post-training differing only in seed).
-Control = Literal["cross", "perturb", "seed"]
+# Controls a run can add (docs/method.md section 8): cross-scoring, null models run as pairs of
+# their own (a matched random perturbation of the base; a post-training differing only in seed), and
+# faithfulness (real edge ablation and circuit recovery of each model against its scores).
+Control = Literal["cross", "perturb", "seed", "faithfulness"]
 # Where model work runs: in this process, or on Ray actors (core/executors.py).
 ExecutorName = Literal["local", "ray"]
 

@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from core.settings import PAPER_ALPHAS, GenerationSettings, ScoreSettings, SelectionSettings
+from core.settings import (PAPER_ALPHAS, FaithfulnessSettings, GenerationSettings, ScoreSettings,
+                           SelectionSettings)
 from core.vocab import CONTROLS, EXECUTORS
 
 
@@ -79,14 +80,16 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
                             "node; default: RAY_ADDRESS, else start Ray on this machine")
     where.add_argument("--ray-actors", type=int, default=0,
                        help="Ray actors (model replicas); 0: one per GPU, or per CPU without GPUs")
-    controls = parser.add_argument_group("controls (docs/method.md section 9)")
+    controls = parser.add_argument_group("controls (docs/method.md section 8)")
     controls.add_argument("--controls", type=_control_names, default=(),
                           help=f"comma-separated, of {', '.join(CONTROLS)}: cross scores each model "
                                f"on the other's answers; perturb and seed run a null model (a "
                                f"matched random update of the base; the pair's seed_null) against "
-                               f"the base as a linked run")
+                               f"the base as a linked run; faithfulness ablates real edges of each "
+                               f"model at each alpha and compares the effect with W (--faith-*)")
     controls.add_argument("--perturb-seed", type=int, default=0,
                           help="seed of the perturbation null's random direction")
+    FaithfulnessSettings.add_arguments(controls)
     for group in (SelectionSettings, ScoreSettings, GenerationSettings):
         group.add_arguments(parser.add_argument_group(group.__name__))
 
@@ -118,7 +121,8 @@ def _request(args: argparse.Namespace):
                       generation=GenerationSettings.from_namespace(args), limit=args.limit,
                       cache=args.cache, config=args.config, executor=args.executor,
                       ray_address=args.ray_address, ray_actors=args.ray_actors,
-                      controls=args.controls, perturb_seed=args.perturb_seed)
+                      controls=args.controls, perturb_seed=args.perturb_seed,
+                      faithfulness=FaithfulnessSettings.from_namespace(args))
 
 
 class _Bars:
