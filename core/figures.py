@@ -15,6 +15,7 @@ from plotly.subplots import make_subplots
 
 from core.circuit import Circuit, node_of_slot
 from core.graph import ResidualGraph
+from core.trajectory import step_column
 
 BASE_COLOR = "#4C78A8"
 POST_COLOR = "#F58518"
@@ -216,6 +217,69 @@ def controls_bars(frame: pd.DataFrame) -> go.Figure:
     # The legend sits above the panels' titles.
     fig.update_layout(barmode="group", legend={**TOP_LEGEND, "y": 1.14}, margin={"t": 110},
                       yaxis={"title": "post − base (metric units)"})
+    return fig
+
+
+# --- Trajectory of a series -----------------------------------------------------------------------
+
+# The interval band: the post model's colour, translucent, so the line reads on it in both themes.
+BAND_COLOR = "rgba(245, 133, 24, 0.25)"
+# Lines of the consistent edges: ten mid-tone colours (readable on light and dark), then dashed.
+EDGE_LINE_COLORS = ("#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#EECA3B",
+                    "#9D755D", "#FF9DA6", "#9D9D9D")
+
+
+def trajectory_metrics_figure(frame: pd.DataFrame, *, x_title: str = "training step",
+                              columns: int = 3) -> go.Figure:
+    """Each metric's change post - base over the steps of a series, one panel per metric (their
+    units differ). `frame` (the read model's trajectory_metrics): step, post_label, metric, value,
+    low, high, significant. The line runs from the base (step 0, change 0) through the
+    checkpoints; the band is the interval; a filled marker where it excludes 0, hollow elsewhere."""
+    names = list(dict.fromkeys(frame["metric"]))
+    rows = max(-(-len(names) // columns), 1)
+    fig = make_subplots(rows=rows, cols=columns, subplot_titles=names, horizontal_spacing=0.07,
+                        vertical_spacing=0.16)
+    for i, name in enumerate(names):
+        row, col = i // columns + 1, i % columns + 1
+        part = frame[frame["metric"] == name].sort_values("step")
+        band = part.dropna(subset=["low", "high"])
+        fig.add_trace(go.Scatter(
+            x=[*band["step"], *band["step"][::-1]], y=[*band["high"], *band["low"][::-1]],
+            fill="toself", fillcolor=BAND_COLOR, line={"width": 0}, hoverinfo="skip",
+            name="interval", legendgroup="interval", showlegend=i == 0), row=row, col=col)
+        fig.add_trace(go.Scatter(
+            x=part["step"], y=part["value"], mode="lines+markers", name="change post − base",
+            legendgroup="change", showlegend=i == 0, line={"color": POST_COLOR, "width": 2},
+            marker={"color": POST_COLOR, "size": 8,
+                    "symbol": ["circle" if s else "circle-open" for s in part["significant"]]},
+            customdata=part[["low", "high", "post_label"]].to_numpy(),
+            hovertemplate=(f"{name} · %{{customdata[2]}} (step %{{x}})<br>change %{{y:.4g}} "
+                           "[%{customdata[0]:.4g}, %{customdata[1]:.4g}]<extra></extra>")),
+            row=row, col=col)
+        fig.add_hline(y=0, line_width=1, line_color="gray", row=row, col=col)
+    fig.update_xaxes(title_text=x_title, row=rows)
+    # The legend sits above the panels' titles.
+    fig.update_layout(height=280 * rows + 120, legend={**TOP_LEGEND, "y": 1.0 + 0.3 / rows},
+                      margin={"t": 100})
+    return fig
+
+
+def consistent_edge_lines(frame: pd.DataFrame, steps: list[int], measure: str, *,
+                          x_title: str = "training step") -> go.Figure:
+    """The change of each edge of `frame` (the read model's consistent_edges: edge, and the change
+    at each of `steps` in core.trajectory.step_column(step)) over the steps, from 0 at the base
+    (step 0): one line per edge, in the table's order."""
+    fig = go.Figure()
+    for i, row in enumerate(frame.to_dict("records")):
+        fig.add_trace(go.Scatter(
+            x=[0, *steps], y=[0.0, *(row[step_column(step)] for step in steps)],
+            mode="lines+markers", name=row["edge"],
+            line={"color": EDGE_LINE_COLORS[i % len(EDGE_LINE_COLORS)],
+                  "dash": "dash" if i // len(EDGE_LINE_COLORS) % 2 else "solid", "width": 2},
+            hovertemplate=f"{row['edge']}<br>step %{{x}}: %{{y:.4g}}<extra></extra>"))
+    fig.add_hline(y=0, line_width=1, line_color="gray")
+    fig.update_layout(xaxis={"title": x_title}, yaxis={"title": f"edge change ({measure})"},
+                      legend={"title": {"text": "edge"}}, margin={"t": 30})
     return fig
 
 

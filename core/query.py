@@ -27,8 +27,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import metrics
+from core import metrics, trajectory
 from core.circuit import Circuit, build_circuit
+from core.errors import NotFoundError
+from core.faithfulness_stats import agreement, compare_recovery
 from core.graph import ResidualGraph
 from core.settings import MetricSettings, ScoreSettings, SelectionSettings
 from core.snapshot import SnapshotReader, public
@@ -117,6 +119,13 @@ def _settings_difference(settings: dict[str, dict], reference: dict[str, dict]) 
     return "settings differ from the pooled runs': " + ", ".join(differences)
 
 
+def _method_label(settings: ScoreSettings) -> str:
+    """A scoring method as the views name it: "eap", or "eap-ig (5 steps, zero baseline)"."""
+    if settings.method == "eap-ig":
+        return f"eap-ig ({settings.ig_steps} steps, {settings.ig_baseline} baseline)"
+    return settings.method
+
+
 class TooFewQuestionsError(ValueError):
     """A view that compares samples was asked for where fewer than MIN_QUESTIONS questions are
     complete for every model of the run; the message says how many and what to do."""
@@ -146,6 +155,26 @@ NULL_COLUMNS = ("metric", "control", "change", "change_low", "change_high", "cha
                 "change_pct_low", "change_pct_high", "scale", "null_change", "null_change_low",
                 "null_change_high", "null_change_pct", "null_scale", "null_alpha", "null_t_cut",
                 "null_n", "exceeds_null", "control_run_key")
+# The command that computes the faithfulness control, for the messages that ask for it.
+FAITHFULNESS_COMMAND = ("python -m core run --pair PAIR --dataset DATASET ... --controls "
+                        "faithfulness")
+# Columns of the faithfulness views (docs/method.md section 8), one model per `label`.
+FAITHFULNESS_EDGE_COLUMNS = ("label", "role", "sample_id", "src", "dst", "stratum", "w", "delta")
+FAITHFULNESS_AGREEMENT_COLUMNS = ("label", "role", "stratum", "n", "spearman", "pearson",
+                                  "sign_agreement")
+AGREEMENT_STRATA = ("all", "top", "random")
+RECOVERY_CURVE_COLUMNS = ("label", "role", "fraction", "n_kept", "f", "low", "high")
+RECOVERY_AREA_COLUMNS = ("label", "role", "area", "low", "high")
+# The role of `recovery_areas`' row of the post's area minus the base's.
+AREA_DIFFERENCE = "post - base"
+METHOD_RUN_COLUMNS = ("run_key", "method", "ig_steps", "dtype", "alphas", "n_selected",
+                      "created_at")
+# Columns of `method_agreement`: per other-method run, rows of kind "edges" (per model, the Spearman
+# correlation of the two methods' mean |W| over the real edges) and "metric" (per metric, both
+# changes post - base, their clear signs and whether their signs agree).
+METHOD_AGREEMENT_COLUMNS = ("other_run_key", "method", "other_method", "kind", "name", "role",
+                            "spearman", "n", "change", "other_change", "clear_sign",
+                            "other_clear_sign", "agrees")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -841,6 +870,240 @@ class ResultCache(SnapshotReader):
             return pd.DataFrame(rows, columns=list(NULL_MARK_COLUMNS))
         return self._cached(None, ("null_marks", settings.key()), compute)
 
+    # --- faithfulness and method agreement (docs/method.md section 8) --------------------------
+
+    def _faithfulness(self, run_key: str) -> dict[float, dict[str, dict]]:
+        """The run's stored faithfulness reports, alpha -> label -> report: at each alpha those of
+        the most recently written settings that hold the base and at least one post model."""
+        def load() -> dict[float, dict[str, dict]]:
+            table = self._sql("SELECT alpha, label, settings_key, report, created_at "
+                              "FROM faithfulness WHERE run_key = ?", [run_key])
+            groups: dict[tuple, dict[str, tuple]] = {}
+            for row in table.itertuples():
+                groups.setdefault((float(row.alpha), row.settings_key), {})[row.label] = (
+                    row.created_at, row.report)
+            base = self._run(run_key)["base"]
+            chosen = {}
+            for (alpha, _), reports in sorted(groups.items(), key=lambda item: max(
+                    created for created, _ in item[1].values())):
+                if base in reports and len(reports) > 1:
+                    chosen[alpha] = {label: json.loads(text) for label, (_, text) in reports.items()}
+            return chosen
+        return self._cached(run_key, ("faithfulness",), load)
+
+    def _faithfulness_pair(self, run_key: str, alpha: float,
+                           post_label: str | None) -> tuple[float, str, str, dict, dict]:
+        """(the run's alpha, base label, post label, base report, post report); NotFoundError
+        naming what is absent (the run, alpha or model, or the control at this alpha)."""
+        try:
+            post = self._label(run_key, post_label)
+            alpha = self._alpha(run_key, alpha)[0]
+        except NotFoundError:
+            raise
+        except KeyError as error:
+            raise NotFoundError(error.args[0]) from None
+        base = self._run(run_key)["base"]
+        reports = self._faithfulness(run_key).get(alpha, {})
+        if base not in reports or post not in reports:
+            computed = ", ".join(f"{a:g}" for a in self.faithfulness_alphas(run_key)) or "none"
+            raise NotFoundError(f"run {run_key} holds no faithfulness control of {base} and {post} "
+                                f"at alpha {alpha:g} (alphas with it: {computed}); "
+                                f"`{FAITHFULNESS_COMMAND}` computes it")
+        return alpha, base, post, reports[base], reports[post]
+
+    @public
+    def faithfulness_alphas(self, run_key: str) -> list[float]:
+        """The run's alphas with a stored faithfulness control (base and a post model); empty
+        where none is (FAITHFULNESS_COMMAND computes it)."""
+        return sorted(self._faithfulness(run_key))
+
+    @public
+    def faithfulness_edges(self, run_key: str, alpha: float, *,
+                           post_label: str | None = None) -> pd.DataFrame:
+        """Every ablated edge of the base and the post model (FAITHFULNESS_EDGE_COLUMNS): its
+        question, stratum ("top" by |W| or "random"), score W and real effect Delta."""
+        alpha, base, post, base_report, post_report = self._faithfulness_pair(run_key, alpha,
+                                                                              post_label)
+
+        def compute() -> pd.DataFrame:
+            rows = [{"label": label, "role": report["role"], **edge}
+                    for label, report in ((base, base_report), (post, post_report))
+                    for edge in report["edges"]]
+            return pd.DataFrame(rows, columns=list(FAITHFULNESS_EDGE_COLUMNS))
+        return self._cached(run_key, ("faithfulness_edges", alpha, post), compute)
+
+    @public
+    def faithfulness_agreement(self, run_key: str, alpha: float, *,
+                               post_label: str | None = None) -> pd.DataFrame:
+        """Per model and stratum (AGREEMENT_STRATA: all edges, the top half by |W|, the random
+        half) the Spearman and Pearson correlation of W with Delta and the fraction of edges with
+        the same sign; NaN where undefined (n = 0 for a stratum with no edge)."""
+        alpha, base, post, base_report, post_report = self._faithfulness_pair(run_key, alpha,
+                                                                              post_label)
+
+        def compute() -> pd.DataFrame:
+            rows = []
+            for label, report in ((base, base_report), (post, post_report)):
+                found = {"all": report["agreement"], **report["agreement_by_stratum"]}
+                for stratum in AGREEMENT_STRATA:
+                    values = found.get(stratum, {"n": 0})
+                    rows.append({"label": label, "role": report["role"], "stratum": stratum,
+                                 **{name: math.nan if values.get(name) is None else values[name]
+                                    for name in FAITHFULNESS_AGREEMENT_COLUMNS[3:]}})
+            return pd.DataFrame(rows, columns=list(FAITHFULNESS_AGREEMENT_COLUMNS))
+        return self._cached(run_key, ("faithfulness_agreement", alpha, post), compute)
+
+    def _recovery(self, run_key: str, alpha: float, post_label: str | None,
+                  settings: MetricSettings) -> tuple[str, str, dict, list[int]]:
+        """(base label, post label, core.faithfulness_stats.compare_recovery of both models from
+        their stored losses, the real edges kept at each fraction); the bootstrap over questions
+        is paired and takes the settings' replicate count, level and seed."""
+        alpha, base, post, base_report, post_report = self._faithfulness_pair(run_key, alpha,
+                                                                              post_label)
+
+        def compute() -> dict:
+            if base_report["questions"] != post_report["questions"]:
+                raise RuntimeError(f"internal: the faithfulness reports of {base} and {post} at "
+                                   f"alpha {alpha:g} hold different questions")
+            losses = {label: np.asarray(report["recovery"]["losses"], dtype=np.float64)
+                      for label, report in ((base, base_report), (post, post_report))}
+            return compare_recovery(np.asarray(base_report["recovery"]["fractions"]), losses,
+                                    base, settings)
+        comparison = self._cached(run_key, ("recovery", alpha, post, settings.key()), compute)
+        return base, post, comparison, base_report["recovery"]["n_kept"]
+
+    @public
+    def recovery_curves(self, run_key: str, alpha: float, *, post_label: str | None = None,
+                        settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
+        """Circuit recovery f(k) of the base and post model at each kept fraction k of real edges
+        (RECOVERY_CURVE_COLUMNS; k = 0 first, where f = 0, and k = 1 last, where f = 1), with its
+        interval from a bootstrap over questions (NaN with bootstrap 0)."""
+        base, post, comparison, n_kept = self._recovery(run_key, alpha, post_label, settings)
+        frames = []
+        for label, role in ((base, BASE_ROLE), (post, POST_ROLE)):
+            model = comparison["models"][label]
+            low, high = model["f_interval"] or ([math.nan] * len(model["f"]),) * 2
+            frames.append(pd.DataFrame({"label": label, "role": role,
+                                        "fraction": comparison["fractions"], "n_kept": n_kept,
+                                        "f": model["f"], "low": low, "high": high}))
+        return pd.concat(frames, ignore_index=True)[list(RECOVERY_CURVE_COLUMNS)]
+
+    @public
+    def recovery_areas(self, run_key: str, alpha: float, *, post_label: str | None = None,
+                       settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
+        """The area of each model's recovery curve over log k with its bootstrap interval, and a
+        last row of role AREA_DIFFERENCE: the post's area minus the base's with its paired
+        interval (each replicate draws one set of questions for both models). NaN intervals with
+        bootstrap 0."""
+        base, post, comparison, _ = self._recovery(run_key, alpha, post_label, settings)
+        rows = []
+        for label, role in ((base, BASE_ROLE), (post, POST_ROLE)):
+            model = comparison["models"][label]
+            low, high = model["area_interval"] or (math.nan, math.nan)
+            rows.append({"label": label, "role": role, "area": model["area"], "low": low,
+                         "high": high})
+        difference = comparison["area_difference"][post]
+        low, high = difference["interval"] or (math.nan, math.nan)
+        rows.append({"label": f"{post} - {base}", "role": AREA_DIFFERENCE,
+                     "area": difference["difference"], "low": low, "high": high})
+        return pd.DataFrame(rows, columns=list(RECOVERY_AREA_COLUMNS))
+
+    @public
+    def method_runs(self, run_key: str) -> pd.DataFrame:
+        """The runs of the same pair or series, models, dataset, generation, selection and
+        granularity as this run but another scoring method (ScoreSettings.method, or EAP-IG's
+        steps or baseline), oldest first (METHOD_RUN_COLUMNS; `method` e.g. "eap", "eap-ig (5 steps, zero
+        baseline)")."""
+        self._run(run_key)  # an unknown run fails here
+
+        def compute() -> pd.DataFrame:
+            table = self._sql("""
+                WITH models AS (
+                    SELECT run_key, list(label || ':' || model_key ORDER BY label) AS models
+                    FROM run_models GROUP BY run_key)
+                SELECT r.run_key, r.score, r.n_selected, r.created_at,
+                       (SELECT list(alpha ORDER BY alpha) FROM run_alphas a
+                        WHERE a.run_key = r.run_key) AS alphas,
+                       r.run_key = $run_key AS own
+                FROM runs r JOIN runs me ON me.run_key = $run_key
+                JOIN models m ON m.run_key = r.run_key JOIN models mm ON mm.run_key = me.run_key
+                WHERE r.name = me.name AND r.kind = me.kind AND r.dataset_key = me.dataset_key
+                  AND r.gen_key = me.gen_key AND r.selection_key = me.selection_key
+                  AND r.granularity = me.granularity AND m.models = mm.models
+                ORDER BY r.created_at, r.run_key""", {"run_key": run_key})
+            settings = [json.loads(score) for score in table["score"]]
+            methods = [ScoreSettings.method_of(score) for score in settings]
+            own = next(method for method, is_own in zip(methods, table["own"]) if is_own)
+            rows = [{"run_key": row.run_key, "method": _method_label(method),
+                     "ig_steps": method.ig_steps if method.method == "eap-ig" else math.nan,
+                     "dtype": score.get("dtype"), "alphas": [float(a) for a in row.alphas],
+                     "n_selected": row.n_selected, "created_at": row.created_at}
+                    for row, method, score in zip(table.itertuples(), methods, settings)
+                    if method.method_description() != own.method_description()]
+            return pd.DataFrame(rows, columns=list(METHOD_RUN_COLUMNS))
+        # Another run can appear at any time: the answer is keyed by every run's content.
+        return self._cached(None, ("method_runs", run_key), compute)
+
+    @public
+    def method_agreement(self, run_key: str, alpha: float, *, post_label: str | None = None,
+                         settings: MetricSettings = MetricSettings()) -> pd.DataFrame | None:
+        """How far this run's scoring method agrees with another's on the same answers (the
+        `method_runs` that hold this alpha): per model, the Spearman correlation of the two
+        methods' mean |W| over real edges; per metric of `comparison`, both changes and whether
+        their signs agree (METHOD_AGREEMENT_COLUMNS). None where no other-method run holds this
+        alpha; TooFewQuestionsError where none has enough questions scored."""
+        post = self._label(run_key, post_label)
+        alpha = self._alpha(run_key, alpha)[0]
+        others = self.method_runs(run_key)
+        others = others[[any(math.isclose(a, alpha, rel_tol=1e-9) for a in alphas)
+                         for alphas in others["alphas"]]]
+        if others.empty:
+            return None
+        base = self._label(run_key, BASE_ROLE)
+        method = _method_label(ScoreSettings.method_of(json.loads(fetch_one(
+            self._connection(), "SELECT score FROM runs WHERE run_key = ?", [run_key])[0])))
+        scopes = tuple((key, self._scope(key)) for key in others["run_key"])
+
+        def compute() -> pd.DataFrame:
+            graph = self.graph(run_key)
+            own = self.comparison(run_key, alpha, post_label=post, settings=settings)
+            means = self.mean_matrices(run_key, alpha, post_label=post)
+            rows = []
+            for other in others.itertuples():
+                try:
+                    theirs = self.comparison(other.run_key, alpha, post_label=post,
+                                             settings=settings)
+                    their_means = self.mean_matrices(other.run_key, alpha, post_label=post)
+                except TooFewQuestionsError:
+                    continue
+                common = {"other_run_key": other.run_key, "method": method,
+                          "other_method": other.method}
+                for label, role in ((base, BASE_ROLE), (post, POST_ROLE)):
+                    rho = agreement(graph.edges(means[f"{role}_abs"]),
+                                    graph.edges(their_means[f"{role}_abs"]))["spearman"]
+                    rows.append({**common, "kind": "edges", "name": label, "role": role,
+                                 "spearman": math.nan if rho is None else rho,
+                                 "n": graph.n_edges})
+                for name in METRICS:
+                    mine, other_change = own.metrics[name], theirs.metrics[name]
+                    rows.append({**common, "kind": "metric", "name": name,
+                                 "n": min(own.n_samples, theirs.n_samples),
+                                 "change": mine.change, "other_change": other_change.change,
+                                 "clear_sign": mine.clear_sign,
+                                 "other_clear_sign": other_change.clear_sign,
+                                 "agrees": bool(np.sign(mine.change) == np.sign(other_change.change))
+                                 if np.isfinite([mine.change, other_change.change]).all()
+                                 else pd.NA})
+            if not rows:
+                raise TooFewQuestionsError(
+                    f"the runs of {run_key}'s pair under another scoring method have fewer than "
+                    f"{MIN_QUESTIONS} questions scored at alpha {alpha:g}; wait for their job")
+            table = pd.DataFrame(rows, columns=list(METHOD_AGREEMENT_COLUMNS))
+            table["agrees"] = table["agrees"].astype("boolean")
+            return table
+        return self._cached(run_key, ("method_agreement", alpha, post, settings.key(), scopes),
+                            compute)
+
     @public
     def significant_edges(self, run_key: str, alpha: float, *, post_label: str | None = None,
                           granularity: str | None = None,
@@ -942,6 +1205,20 @@ class ResultCache(SnapshotReader):
     # --- circuit --------------------------------------------------------------------------------
 
     @public
+    def token_view(self, run_key: str, alpha: float, question_id: str, *,
+                   post_label: str | None = None) -> dict | None:
+        """The stored token view of one question for the base and the post model (core/tokens.py;
+        the newest where several k were computed), or None. Not memoised: a job adds views without
+        changing the run's content key."""
+        post = self._label(run_key, post_label)
+        alpha, _ = self._alpha(run_key, alpha)
+        stored = self._sql("SELECT view FROM token_views WHERE run_key = ? AND alpha = ? AND "
+                           "question_id = ? ORDER BY created_at DESC",
+                           [run_key, alpha, question_id])
+        views = (json.loads(text) for text in stored["view"])
+        return next((view for view in views if view["post_label"] == post), None)
+
+    @public
     def circuit(self, run_key: str, alpha: float, *, k: int, by: str = "change",
                 post_label: str | None = None, granularity: str | None = None,
                 settings: MetricSettings = MetricSettings()) -> Circuit:
@@ -964,6 +1241,96 @@ class ResultCache(SnapshotReader):
             return build_circuit(pair.graph, means, set(tests["edge"]), k=k, by=by,
                                  metadata=metadata)
         return self._cached(run_key, key, compute)
+
+    # --- trajectory of a series (docs/method.md section 7, core/trajectory.py) ---------------------
+
+    @public
+    def series_runs(self) -> pd.DataFrame:
+        """Runs that are series: run_key, name, dataset, n_steps, post_labels and steps (each post
+        model's training step, in order) and `declared` (whether pairs.toml gave the steps; else
+        they are the positions 1..n)."""
+        if self.is_empty():
+            return pd.DataFrame(columns=list(trajectory.SERIES_COLUMNS))
+
+        def compute() -> pd.DataFrame:
+            table = self._sql("""
+                SELECT r.run_key, r.name, r.dataset_name AS dataset FROM runs r
+                WHERE r.kind = $series ORDER BY r.created_at, r.run_key""",
+                              {"series": trajectory.SERIES_KIND})
+            found = [self._checkpoints(key) for key in table["run_key"]]
+            table["n_steps"] = [len(steps) for steps, _ in found]
+            table["post_labels"] = [[label for label, _ in steps] for steps, _ in found]
+            table["steps"] = [[step for _, step in steps] for steps, _ in found]
+            table["declared"] = [declared for _, declared in found]
+            return table[list(trajectory.SERIES_COLUMNS)]
+        return self._cached(None, ("series_runs",), compute)
+
+    def _checkpoints(self, run_key: str) -> tuple[list[tuple[str, int]], bool]:
+        """core.trajectory.checkpoints of a run: (label, step) per post model, whether declared."""
+        def load() -> tuple[list[tuple[str, int]], bool]:
+            con = self._connection()
+            name, kind = fetch_one(con, "SELECT name, kind FROM runs WHERE run_key = ?", [run_key])
+            posts = con.execute("SELECT label, step FROM run_models WHERE run_key = ? AND role = ? "
+                                "ORDER BY position", [run_key, POST_ROLE]).fetchall()
+            return trajectory.checkpoints(run_key, name, kind, [tuple(row) for row in posts])
+        return self._cached(run_key, ("checkpoints",), load)
+
+    def _checkpoint(self, run_key: str, step: int) -> str:
+        """The label of the run's post model at `step`."""
+        steps, _ = self._checkpoints(run_key)
+        for label, known in steps:
+            if known == step:
+                return label
+        raise NotFoundError(f"run {run_key} has no checkpoint at step {step}; its steps are "
+                            f"{[known for _, known in steps]}")
+
+    @public
+    def trajectory_metrics(self, run_key: str, alpha: float, *, granularity: str | None = None,
+                           settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
+        """core.trajectory.TRAJECTORY_COLUMNS: each metric's change post - base (metric units)
+        with its paired interval at every step of a series (`comparison` of each post model), the
+        base as step 0 with change 0. InputError for a pair run."""
+        steps, _ = self._checkpoints(run_key)
+
+        def compute() -> pd.DataFrame:
+            comparisons = [self.comparison(run_key, alpha, post_label=label,
+                                           granularity=granularity, settings=settings)
+                           for label, _ in steps]
+            return trajectory.metric_rows(steps, self._label(run_key, BASE_ROLE), comparisons)
+        return self._cached(run_key, ("trajectory_metrics", self._alpha(run_key, alpha)[0],
+                                      self._granularity(run_key, granularity), settings.key()),
+                            compute)
+
+    @public
+    def trajectory_change(self, run_key: str, alpha: float, step: int, *,
+                          measure: str = "normalised", granularity: str | None = None,
+                          settings: MetricSettings = MetricSettings()
+                          ) -> tuple[ResidualGraph, np.ndarray, dict[str, np.ndarray]]:
+        """(graph, edge_change, mean_matrices) of the series' post model at `step` against the
+        base: what figures.change_heatmap draws."""
+        scope = {"post_label": self._checkpoint(run_key, step), "granularity": granularity,
+                 "settings": settings}
+        return (self.graph(run_key, granularity),
+                self.edge_change(run_key, alpha, measure, **scope),
+                self.mean_matrices(run_key, alpha, **scope))
+
+    @public
+    def consistent_edges(self, run_key: str, alpha: float, *, k: int = 20,
+                         measure: str = "normalised", granularity: str | None = None,
+                         settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
+        """core.trajectory.consistent_edges: the k edges whose change (`edge_change` in `measure`)
+        grows most consistently over the series' steps, with the change at each step."""
+        steps, _ = self._checkpoints(run_key)
+
+        def compute() -> pd.DataFrame:
+            changes = np.stack([self.edge_change(run_key, alpha, measure, post_label=label,
+                                                 granularity=granularity, settings=settings)
+                                for label, _ in steps])
+            return trajectory.consistent_edges(self.graph(run_key, granularity),
+                                               [step for _, step in steps], changes, int(k))
+        return self._cached(run_key, ("consistent_edges", self._alpha(run_key, alpha)[0],
+                                      self._granularity(run_key, granularity), int(k), measure,
+                                      *_variant(settings)), compute)
 
     # --- report ---------------------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 """Synthetic result caches, written through core/store.py exactly as the pipeline writes a real run.
 
 - `build_fixture_cache`: small (2 pairs, 1 dataset, 2 alphas, 8 samples, 2-3 layers) for tests.
+- `build_trajectory_fixture`: the fixture cache and a series with training steps whose planted edges
+  change more at every step (the trajectory views' known answer).
 - `build_synthetic_cache`: the paper's grid (4 pairs x 3 datasets x 4 alphas x 2 models x 100
   samples, 28-32 layers: some 36 M scores) for benchmarks.
 
@@ -84,6 +86,33 @@ def build_controls_fixture(path, metric_settings: MetricSettings = MetricSetting
     return {"pair": pair, "series": series, "null": null}
 
 
+# The trajectory fixture's checkpoints (training steps; unevenly spaced, as checkpoints often are)
+# and its planted edges: the factor on each model's scores, base first. Every other edge changes
+# by sampling noise only.
+TRAJECTORY_STEPS = (100, 200, 400)
+# A step changes a planted edge's strength by 2-2.5x: several times the noise of a mean of 8 samples.
+PLANTED_EDGES = {"input->a2<v>": (1.0, 2.5, 6.0, 15.0), "a0->m1": (1.0, 2.0, 5.0, 12.0),
+                 "m0->logits": (1.0, 0.4, 0.16, 0.06)}
+
+
+def build_trajectory_fixture(path, metric_settings: MetricSettings = MetricSettings()
+                             ) -> dict[str, str]:
+    """`build_fixture_cache`, and the series "fixture-steps" (3 layers, alphas 0.1 and 0.3, 8
+    samples) of a base and checkpoints at TRAJECTORY_STEPS: the PLANTED_EDGES, the run's strongest
+    edges, grow (or weaken) at every step; the others move by noise only. Returns the run keys by
+    name: pair, series, steps."""
+    pair, series = build_fixture_cache(path, metric_settings)
+    runs = RunStore(Store(path))
+    rng = np.random.default_rng(1)  # the fixture's dataset again
+    with runs.store.writer_lock(wait=True):
+        dataset = _dataset("fixture", n_questions=12, rng=rng)
+        steps = _write_run(runs, "fixture-steps", "GRPO",
+                           [f"synthetic-step-{step}" for step in TRAJECTORY_STEPS], dataset,
+                           (0.1, 0.3), 8, 3, rng, metric_settings, post_strength=0.0,
+                           steps=TRAJECTORY_STEPS, planted=PLANTED_EDGES)
+    return {"pair": pair, "series": series, "steps": steps}
+
+
 def _dataset(name: str, n_questions: int, rng: np.random.Generator) -> Dataset:
     operands = rng.integers(2, 99, size=(n_questions, 2))
     return Dataset(name, "synthetic", tuple(Question(f"{name}-{i}", f"What is {a} + {b}?", str(a + b))
@@ -93,9 +122,12 @@ def _dataset(name: str, n_questions: int, rng: np.random.Generator) -> Dataset:
 def _write_run(runs: RunStore, name: str, algorithm: str, post_labels: list[str], dataset: Dataset,
                alphas, n_samples: int, n_layers: int, rng: np.random.Generator,
                metric_settings: MetricSettings, controls: bool = False,
-               base_label: str | None = None, post_strength: float = 0.2) -> str:
+               base_label: str | None = None, post_strength: float = 0.2, steps=None,
+               planted: dict[str, tuple[float, ...]] | None = None) -> str:
     """A run; with `controls`, its scores carry position parts and norms, and each post model is
-    also scored on the base's answers and the base on each post model's (cross scores)."""
+    also scored on the base's answers and the base on each post model's (cross scores). `steps`:
+    the post models' training steps. `planted`: edge name -> a factor per model (base first) on
+    that edge's scores, the edge made as strong as the run's strongest."""
     graph = ResidualGraph(n_layers, "qkv")
     selection, score, generation = SelectionSettings(n=n_samples), ScoreSettings(), GenerationSettings()
     gen_key = keys.generation_settings_key(TEMPLATE, generation.max_new_tokens, generation)
@@ -135,7 +167,9 @@ def _write_run(runs: RunStore, name: str, algorithm: str, post_labels: list[str]
          "n_candidates": len(dataset.questions), "n_selected": len(chosen), "t_bar": t_bar,
          "selection_report": json.dumps({"synthetic": True})},
         [{"label": label, "role": "base" if i == 0 else "post", "model_key": model_keys[label],
-          "algorithm": None if i == 0 else algorithm, "position": i} for i, label in enumerate(labels)],
+          "algorithm": None if i == 0 else algorithm, "position": i,
+          "step": None if i == 0 or steps is None else steps[i - 1]}
+         for i, label in enumerate(labels)],
         [{"label": label, "question_id": q.id, "position": position, "generation_key": g_key}
          for label in labels
          for position, (g_key, q) in enumerate(zip(generation_keys[label], chosen))],
@@ -144,9 +178,14 @@ def _write_run(runs: RunStore, name: str, algorithm: str, post_labels: list[str]
     for alpha, t_cut in t_cuts.items():
         # Edge structure shared by the models of a run; the post models are stronger and noisier.
         edge_scale = rng.lognormal(mean=-7.0, sigma=1.5, size=graph.n_edges)
+        planted_index = [graph.edge_names.index(name) for name in planted or {}]
+        edge_scale[planted_index] = edge_scale.max()
         edges = {label: _synthetic_edges(edge_scale, len(chosen), rng,
                                          strength=1.0 + post_strength * i)
                  for i, label in enumerate(labels)}
+        for index, factors in zip(planted_index, (planted or {}).values()):
+            for label, factor in zip(labels, factors):
+                edges[label][:, index] *= factor
         # (scorer, tokens) -> vectors: own scores, and with controls the cross scores, whose
         # weights sit between the two models' (each model's strength on the other's tokens).
         scored = {(label, label): edges[label] for label in labels}
