@@ -6,8 +6,10 @@ holds, not by its name.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from core import keys
@@ -92,6 +94,30 @@ def question_from_record(record: dict, position: int, where: str, question_field
     return Question(str(qid), str(question), str(reference))
 
 
+def question_from_line(raw: bytes, position: int, where: str, **fields) -> Question | None:
+    """The question on one JSONL line (None: a blank line); `position` (from 0) is its id when it
+    has none, `where` names the line in errors."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{where}: not UTF-8 text ({error.reason} at byte "
+                           f"{error.start})") from None
+    if not text.strip():
+        return None
+    try:
+        record = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise DatasetError(f"{where}: not a JSON object ({one_line(error)})") from None
+    return question_from_record(record, position, where, **fields)
+
+
+def _questions(lines: Iterable[bytes], where: str, **fields) -> tuple[Question, ...]:
+    """The questions of JSONL lines, raising at the first bad one; `where` names the file."""
+    return tuple(question for position, raw in enumerate(lines)
+                 if (question := question_from_line(raw, position, f"{where}, line {position + 1}",
+                                                    **fields)) is not None)
+
+
 def read_jsonl(path: str | os.PathLike, name: str | None = None, **fields) -> Dataset:
     """A JSONL file, one question per line; blank lines are skipped. A question without an id
     takes its line's position counted from 0 (the ids cached runs were keyed by); errors count
@@ -100,23 +126,16 @@ def read_jsonl(path: str | os.PathLike, name: str | None = None, **fields) -> Da
     if not path.is_file():
         raise DatasetError(f"dataset file {path} does not exist" if not path.exists() else
                            f"dataset path {path} is not a file; give a .jsonl file")
-    questions = []
     with open(path, "rb") as handle:
-        for position, raw in enumerate(handle):
-            where = f"{path}, line {position + 1}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DatasetError(f"{where}: not UTF-8 text ({error.reason} at byte "
-                                   f"{error.start})") from None
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except (json.JSONDecodeError, RecursionError) as error:
-                raise DatasetError(f"{where}: not a JSON object ({one_line(error)})") from None
-            questions.append(question_from_record(record, position, where, **fields))
-    return _checked(Dataset(name or path.stem, f"jsonl:{path}", tuple(questions)))
+        questions = _questions(handle, str(path), **fields)
+    return _checked(Dataset(name or path.stem, f"jsonl:{path}", questions))
+
+
+def read_jsonl_bytes(data: bytes, name: str, source: str) -> Dataset:
+    """JSONL held in memory (an uploaded file, as the cache keeps it), read as read_jsonl reads a
+    file (BytesIO cuts lines where a file does, so ids and line numbers agree); `source` names it
+    in errors and in the dataset's provenance."""
+    return _checked(Dataset(name, source, _questions(io.BytesIO(data), source)))
 
 
 def read_hub(repo_id: str, name: str, config: str | None = None, split: str = "test",
@@ -147,11 +166,16 @@ def _checked(dataset: Dataset) -> Dataset:
     return dataset
 
 
+def is_path(name: str) -> bool:
+    """Whether a dataset name is a path to a JSONL file rather than a name."""
+    return name.endswith(".jsonl") or os.sep in name
+
+
 def load_dataset(name: str, config: dict[str, dict], root: Path, limit: int = 0) -> Dataset:
     """A dataset named in the config (its `jsonl` file if present, else its `hub` entry), or a
     path to a JSONL file."""
     if name not in config:
-        if name.endswith(".jsonl") or os.sep in name:
+        if is_path(name):
             return read_jsonl(name).head(limit)
         raise DatasetError(f"unknown dataset {name!r}; known: {sorted(config)}, or give a path to a "
                            f".jsonl file")
