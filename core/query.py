@@ -41,6 +41,10 @@ from core.vocab import GRANULARITIES, ROLES
 from core.circuit import RANK_BY  # noqa: F401
 from core.metrics import EDGE_MEASURES, METRICS, PAPER_DIRECTION, PER_SAMPLE_METRICS  # noqa: F401
 from core.snapshot import RunNotFoundError  # noqa: F401
+# The Compute page's "New pair": declare, check (in a child process) and save a pair made there.
+from core.user_pairs import (MAX_DATASET_BYTES, MODEL_SOURCES, TEMPLATE_NAMES,  # noqa: F401
+                             ProblemsError, Upload, check_new_pair, model_declaration,
+                             pair_declaration, save_user_pair)
 
 BASE_ROLE, POST_ROLE = ROLES
 # Every view comparing samples needs pairs of them (diversity correlates pairs; the bootstrap and
