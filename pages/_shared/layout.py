@@ -18,6 +18,7 @@ NAVIGATION = (
     ("pages/1_Edge_heatmap.py", "Edge heatmap", ":material/grid_on:"),
     ("pages/2_Distributions.py", "Distributions", ":material/bar_chart:"),
     ("pages/3_Circuit_graph.py", "Circuit graph", ":material/account_tree:"),
+    ("pages/8_Trajectory.py", "Trajectory", ":material/timeline:"),
     ("pages/4_Samples.py", "Samples", ":material/article:"),
     ("pages/6_Controls.py", "Controls", ":material/rule:"),
     ("pages/5_Compute.py", "Compute", ":material/play_circle:"),

@@ -1,0 +1,102 @@
+"""Trajectory: a series (a base and checkpoints along its post-training) over training steps. Each
+metric's change post - base at every step with its interval, the edge-change heatmap at the step a
+slider picks, and the edges whose change grows most consistently over the steps (docs/method.md
+section 7, "Trajectory")."""
+
+import streamlit as st
+
+from core import figures
+from core.query import EDGE_MEASURES
+from pages._shared import layout, selection, widgets
+
+HOW_TO_COMPUTE = (
+    "A series is a base and several checkpoints of its post-training: a `[series.NAME]` entry in "
+    "core/pairs.toml whose `posts` list each checkpoint with its training step (`step = 200`, "
+    "increasing; the base is step 0). Compute it like a pair: `python -m core run --pair NAME "
+    "--dataset DATASET ...` (or on the Compute page).")
+MEASURE_HELP = ("normalised (the default here): mean|W_post| - mean|W_base| over the base's mean |W| "
+                "of all edges, one scale for every edge and step, so weak edges do not dominate the "
+                "ranking; ratio: relative to the edge's own base strength; difference: in |W| units")
+
+series = selection.cache().series_runs()
+if not series.empty and selection.sidebar_choice("pair") is None:
+    # Nothing chosen yet in this session or link: open on the first series, not the first pair.
+    first = series.iloc[0]
+    st.session_state.update({"sel.pair": first["name"], "sel.dataset": first["dataset"],
+                             "sel.run": first["run_key"]})
+
+sel = layout.page_header("Trajectory",
+                         links=("trajectory.step", "trajectory.measure", "trajectory.k"))
+if series.empty:
+    st.info(f"No series in this cache yet. {HOW_TO_COMPUTE}", icon=":material/info:")
+elif sel is not None:
+    layout.report_download(sel)
+    if sel.run_key not in set(series["run_key"]):
+        st.info(f"The sidebar's run, **{sel.pair}**, compares one post model with its base; this "
+                f"page shows a series. Pick one:", icon=":material/info:")
+        for row in series.itertuples():
+            st.button(f"{row.name} · {row.dataset} · {row.n_steps} checkpoints",
+                      key=f"trajectory.pick.{row.run_key}", on_click=st.session_state.update,
+                      args=({"sel.pair": row.name, "sel.dataset": row.dataset,
+                             "sel.run": row.run_key},))
+        st.stop()
+    layout.require_pairs(sel)
+    cache = selection.cache()
+    run = series.set_index("run_key").loc[sel.run_key]
+    steps, labels = list(run["steps"]), dict(zip(run["steps"], run["post_labels"]))
+    x_title = "training step" if run["declared"] else "checkpoint (series order)"
+    if not run["declared"]:
+        st.caption(f"{sel.pair} declares no training steps (pairs.toml `step`): its post models "
+                   f"are shown in the series' order as checkpoints 1..{len(steps)}.")
+    st.caption(f"Every checkpoint of {sel.pair} against the base {sel.base_label} at alpha "
+               f"{sel.alpha:g}; the sidebar's post model does not apply here.")
+
+    st.subheader("Metrics over training steps")
+    metrics = cache.trajectory_metrics(sel.run_key, sel.alpha, granularity=sel.granularity,
+                                       settings=sel.metrics)
+    layout.plot(figures.trajectory_metrics_figure(metrics, x_title=x_title),
+                "trajectory_metrics", sel)
+    st.caption(f"Each panel: the metric's change post − base (metric units; the base is step 0), "
+               f"its {sel.metrics.ci_level:.0%} paired-bootstrap interval as the band, a filled "
+               f"marker where the interval excludes 0.")
+    with st.expander("Table"):
+        layout.table(metrics, "trajectory_metrics", hide_index=True)
+
+    st.subheader("Edge change at a step")
+    left, right = st.columns([3, 2])
+    widgets.linked("trajectory.step", steps, int)
+    widgets.linked("trajectory.measure", EDGE_MEASURES)
+    if st.session_state.get("trajectory.step") not in steps:  # first visit, or another series'
+        st.session_state["trajectory.step"] = steps[-1]
+    st.session_state.setdefault("trajectory.measure", "normalised")
+    step = left.select_slider("Step", steps, key="trajectory.step",
+                              format_func=lambda s: f"{s} · {labels[s]}")
+    measure = right.radio("Change measure", EDGE_MEASURES, horizontal=True,
+                          key="trajectory.measure", help=MEASURE_HELP)
+    widgets.link("trajectory.step", step)
+    widgets.link("trajectory.measure", measure)
+    graph, change, means = cache.trajectory_change(sel.run_key, sel.alpha, step, measure=measure,
+                                                   granularity=sel.granularity,
+                                                   settings=sel.metrics)
+    layout.plot(figures.change_heatmap(
+        graph, change, means, sel.base_label, labels[step], measure,
+        title=f"edge-strength change ({measure}) at step {step}: {sel.base_label} → "
+              f"{labels[step]}"), f"trajectory_edge_change_step{step}_{measure}", sel)
+
+    st.subheader("Edges whose change grows most consistently")
+    most = min(50, graph.n_edges)
+    widgets.linked("trajectory.k", range(1, most + 1), int)
+    if not 1 <= st.session_state.get("trajectory.k", 0) <= most:
+        st.session_state["trajectory.k"] = min(10, most)
+    k = st.slider("Edges shown", 1, most, key="trajectory.k")
+    widgets.link("trajectory.k", k)
+    edges = cache.consistent_edges(sel.run_key, sel.alpha, k=k, measure=measure,
+                                   granularity=sel.granularity, settings=sel.metrics)
+    layout.plot(figures.consistent_edge_lines(edges, steps, measure, x_title=x_title),
+                "trajectory_consistent_edges", sel)
+    layout.table(edges, "trajectory_consistent_edges", hide_index=True)
+    st.caption(f"Score = monotony × the change at the last step ({measure}). Monotony: Kendall's "
+               f"tau-b of the change against the step, the base (step 0, change 0) included: 1 "
+               f"when the change rises at every step, −1 when it falls at every step. The score is "
+               f"high for an edge that moves away from the base at every step in the direction it "
+               f"ends up, and ends far; a change that wanders scores near 0 or below.")
