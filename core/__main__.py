@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "core.commands.run",
     "core.commands.faithfulness",
     "core.commands.report",
+    "core.commands.tokens",
 )
 
 

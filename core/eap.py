@@ -18,7 +18,8 @@ positions only.
 
 Position parts: the sum over positions t is taken as three sums over contiguous position groups
 (first token, rest of the prompt, answer), each its own product, so W's parts by group come at no
-extra pass; W is their sum. EAP-IG (method "eap-ig", docs/method.md section 3): the gradients are
+extra pass; W is their sum. The token view splits the answer group further, one group per answer
+position (`score_samples(answer_positions=True)`): the same products over narrower ranges. EAP-IG (method "eap-ig", docs/method.md section 3): the gradients are
 averaged over m points alpha = k/m, k = 1..m, on the path from a zero input embedding to the real
 one, each point one forward and one backward pass, and multiplied by the real source outputs (the
 pass at alpha = 1, which is EAP's, records them); with m = 1 it is EAP.
@@ -132,6 +133,12 @@ class Sample:
         prompt = len(self.prompt_ids)
         return (0, 1), (1, prompt), (prompt, self.n_tokens)
 
+    def answer_position_groups(self) -> tuple[tuple[int, int], ...]:
+        """`position_groups` with the answer group split into its positions: the first token, the
+        rest of the prompt, then one group per answer token fed as input (t_cut - 1 of them)."""
+        first, prompt_rest, (start, end) = self.position_groups()
+        return (first, prompt_rest, *((t, t + 1) for t in range(start, end)))
+
 
 @dataclasses.dataclass(frozen=True)
 class ScoreResult:
@@ -141,7 +148,8 @@ class ScoreResult:
     graph: ResidualGraph
     scores: np.ndarray  # [n_samples, n_src, n_dst]
     # [n_samples, len(POSITION_GROUPS), n_src, n_dst], summing to scores over axis 1; None when
-    # ScoreSettings.position_parts is off.
+    # ScoreSettings.position_parts is off. With `score_samples(answer_positions=True)`, the groups
+    # of Sample.answer_position_groups, zero-padded to the longest answer.
     position_parts: np.ndarray | None
     loss: np.ndarray  # [n_samples]
     sample_ids: list[str]
@@ -266,16 +274,28 @@ def free_device_bytes(device: torch.device) -> int | None:
 
 
 def score_samples(model: nn.Module, samples: Sequence[Sample], settings: ScoreSettings = ScoreSettings(),
-                  progress: Callable[[int, int], None] | None = None) -> ScoreResult:
+                  progress: Callable[[int, int], None] | None = None,
+                  answer_positions: bool = False) -> ScoreResult:
     """Edge scores of every sample, in the order given. The model is used as loaded (its dtype and
-    device); `settings.dtype` and `settings.device` are for the loader."""
+    device); `settings.dtype` and `settings.device` are for the loader. `answer_positions`: the
+    parts of W are those of Sample.answer_position_groups (each answer position apart; the token
+    view), whatever settings.position_parts says."""
     if not samples:
         raise ValueError("no samples to score: the selection is empty")
     check_vocabulary(model, samples)
     adapter = adapter_for(model)
     graph = ResidualGraph(adapter.n_layers(model), settings.granularity)
     acc_dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
-    n_groups = len(POSITION_GROUPS) if settings.position_parts else 1
+
+    def groups_of(sample: Sample) -> tuple[tuple[int, int], ...]:
+        if answer_positions:
+            return sample.answer_position_groups()
+        return sample.position_groups() if settings.position_parts else ((0, sample.n_tokens),)
+
+    groups = [groups_of(s) for s in samples]
+    n_groups = max(len(g) for g in groups)
+    # Empty ranges pad a shorter answer's groups: their parts stay zero.
+    groups = [g + ((0, 0),) * (n_groups - len(g)) for g in groups]
     totals = np.zeros((len(samples), n_groups, graph.n_src, graph.n_dst),
                       dtype=np.float64 if acc_dtype == torch.float64 else np.float32)
     measures = {f.name: np.zeros(len(samples)) for f in dataclasses.fields(_Measures)}
@@ -293,7 +313,7 @@ def score_samples(model: nn.Module, samples: Sequence[Sample], settings: ScoreSe
                                settings.checkpointing, settings.source_buffer)
             began = time.perf_counter()
             batch_totals, batch_measures = _score_batch(
-                model, adapter, graph, batch, acc_dtype, steps, settings.position_parts,
+                model, adapter, graph, batch, acc_dtype, steps, [groups[i] for i in index],
                 check=start == 0, plan=plan)
             totals[index] = batch_totals
             for name, values in dataclasses.asdict(batch_measures).items():
@@ -301,7 +321,8 @@ def score_samples(model: nn.Module, samples: Sequence[Sample], settings: ScoreSe
             seconds[index] = (time.perf_counter() - began) / len(index)
             if progress is not None:
                 progress(min(start + settings.batch_size, len(order)), len(order))
-    return ScoreResult(graph, totals.sum(axis=1), totals if settings.position_parts else None,
+    return ScoreResult(graph, totals.sum(axis=1),
+                       totals if settings.position_parts or answer_positions else None,
                        sample_ids=[s.id for s in samples], seconds=seconds, **measures)
 
 
@@ -432,14 +453,13 @@ def _non_finite_advice(dtype: torch.dtype) -> str:
 
 
 def _score_batch(model: nn.Module, adapter: ArchitectureAdapter, graph: ResidualGraph,
-                 samples: Sequence[Sample], acc_dtype: torch.dtype, steps: int, position_parts: bool,
-                 check: bool, plan: MemoryPlan) -> tuple[np.ndarray, _Measures]:
-    """Totals [B, groups, n_src, n_dst] (groups: POSITION_GROUPS, or one spanning every position)
-    averaged over the path's `steps` points, and the batch's measures."""
+                 samples: Sequence[Sample], acc_dtype: torch.dtype, steps: int,
+                 groups: list[tuple[tuple[int, int], ...]], check: bool,
+                 plan: MemoryPlan) -> tuple[np.ndarray, _Measures]:
+    """Totals [B, groups, n_src, n_dst] (per sample, its position ranges [t0, t1), as many for every
+    sample) averaged over the path's `steps` points, and the batch's measures."""
     device = next(model.parameters()).device
     _, real, _ = batch_inputs(samples, device)
-    groups = ([s.position_groups() for s in samples] if position_parts
-              else [((0, s.n_tokens),) for s in samples])
     recorder = _Recorder(model, adapter, graph, real, groups, acc_dtype, keep_slot_inputs=check,
                          plan=plan)
     # The real input (alpha = 1) first: its pass records the source outputs every point multiplies,

@@ -28,6 +28,7 @@ import psutil
 # Re-exported: the Compute page builds requests and lists what is configured through this module.
 from core.config import ConfigError, RunRequest, configured  # noqa: F401
 from core.errors import CircuitdiffError
+from core.settings import stable_hash
 from core.store import REPO_ROOT, Store
 from core.vocab import ACTIVE_JOB_STATES, JobState
 
@@ -136,13 +137,19 @@ def _alive(job_id: str, pid: int | None, pid_created: float | None = None) -> bo
         return True
 
 
-def _to_status(data: dict) -> JobStatus:
+def _checked_state(data: dict) -> tuple[JobState, str]:
+    """A status file's state and message; an active job whose process is gone has failed."""
     state = data.get("state", "failed")
     message = data.get("message", "")
     if state in ACTIVE and not _alive(data["job_id"], data.get("pid"), data.get("pid_created")):
         state = "failed"
-        message = message or (f"the run process ended without reporting a result; see its log "
+        message = message or (f"the job's process ended without reporting a result; see its log "
                               f"{data.get('log_path')}")
+    return state, message
+
+
+def _to_status(data: dict) -> JobStatus:
+    state, message = _checked_state(data)
     return JobStatus(job_id=data["job_id"], request=RunRequest.from_dict(data["request"]), state=state,
                      stage=data.get("stage", ""), done=int(data.get("done", 0)),
                      total=int(data.get("total", 0)), eta_seconds=data.get("eta_seconds"),
@@ -187,17 +194,23 @@ def start(request: RunRequest) -> str:
                  done=0, total=0, eta_seconds=None, message="", started_at=time.time(),
                  log_path=str(log_path))
     request_path = request.to_file(path.with_name(job_id + REQUEST_SUFFIX))
-    command = [sys.executable, "-m", "core", "run", "--request", str(request_path), "--job-id", job_id]
-    with open(log_path, "ab") as log:
-        child = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
+    _spawn(job_id, path, ["run", "--request", str(request_path), "--job-id", job_id])
+    return job_id
+
+
+def _spawn(job_id: str, path: Path, arguments: list[str]) -> None:
+    """`python -m core <arguments>` detached (its own session), its output into the job's log, its
+    pid into the job's status file at `path`."""
+    with open(path.with_suffix(".log"), "ab") as log:
+        child = subprocess.Popen([sys.executable, "-m", "core", *arguments], cwd=REPO_ROOT,
+                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True)
     _children[job_id] = child
     try:
         created = psutil.Process(child.pid).create_time()
     except psutil.NoSuchProcess:
         created = None  # it ended already: the status file or the reaped child tells the rest
     write_status(path, pid=child.pid, pid_created=created)
-    return job_id
 
 
 def cancel(job_id: str, cache=None, wait_s: float = 10.0) -> JobStatus:
@@ -221,6 +234,82 @@ def cancel(job_id: str, cache=None, wait_s: float = 10.0) -> JobStatus:
         write_status(_status_path(job_id, cache), state="cancelled",
                      message="cancelled; completed work is kept and a rerun resumes from it")
     return status(job_id, cache)
+
+
+# --- token views (core/tokens.py): one question's per-token contributions, on demand ------------
+
+# Edges a token view shows by default, the most changed first (the page and `python -m core tokens`).
+TOKEN_VIEW_EDGES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenViewJob:
+    """A token-view job: what it computes, and its progress as its status file has it."""
+
+    job_id: str
+    run_key: str
+    alpha: float
+    question_id: str
+    post_label: str
+    k: int
+    state: JobState
+    stage: str
+    done: int
+    total: int
+    message: str
+    started_at: float
+    log_path: str | None = None
+
+
+def token_view_status_path(job_id: str, cache=None) -> Path:
+    """Token-view jobs keep their status files apart from runs' (`list_jobs` lists runs only)."""
+    return jobs_dir(cache) / "token_views" / f"{job_id}.json"
+
+
+def _token_view_job_id(run_key: str, alpha: float, question_id: str, post_label: str) -> str:
+    # One job per question and model pair: its id finds it again, and a second start is a duplicate.
+    return "tokens-" + stable_hash([run_key, float(alpha), question_id, post_label], length=12)
+
+
+def token_view_job(cache, run_key: str, alpha: float, question_id: str,
+                   post_label: str) -> TokenViewJob | None:
+    """The latest token-view job of this question and post model, or None if none was started."""
+    job_id = _token_view_job_id(run_key, alpha, question_id, post_label)
+    data = _read_json(token_view_status_path(job_id, cache))
+    if data is None:
+        return None
+    state, message = _checked_state(data)
+    return TokenViewJob(job_id=job_id, run_key=data["run_key"], alpha=data["alpha"],
+                        question_id=data["question_id"], post_label=data["post_label"], k=data["k"],
+                        state=state, stage=data.get("stage", ""), done=int(data.get("done", 0)),
+                        total=int(data.get("total", 0)), message=message,
+                        started_at=data.get("started_at", 0.0), log_path=data.get("log_path"))
+
+
+def start_token_view(cache, run_key: str, alpha: float, question_id: str, post_label: str,
+                     k: int) -> str:
+    """Start `python -m core tokens` for one question of a run in a detached process; returns its
+    job id. Refused (JobConflictError) while the same view is being computed, or while another
+    process holds the cache's writer lock (the job holds it too, to be sure it can write)."""
+    job_id = _token_view_job_id(run_key, alpha, question_id, post_label)
+    running = token_view_job(cache, run_key, alpha, question_id, post_label)
+    if running is not None and running.state in ACTIVE:
+        raise JobConflictError(f"the token view of question {question_id} ({post_label}, alpha "
+                               f"{alpha:g}) is being computed already (job {job_id}, "
+                               f"{running.state}); wait for it to finish")
+    store = Store(cache)
+    if store.writer_active():
+        raise JobConflictError(f"another process is writing to the cache {store.path} (its writer "
+                               f"lock is held); wait for its run to finish, then compute the view")
+    path = token_view_status_path(job_id, cache)
+    write_status(path, job_id=job_id, run_key=run_key, alpha=float(alpha), question_id=question_id,
+                 post_label=post_label, k=int(k), state="queued", stage="starting", done=0, total=0,
+                 message="", started_at=time.time(), log_path=str(path.with_suffix(".log")),
+                 pid=None, pid_created=None)
+    _spawn(job_id, path, ["tokens", "--cache", str(store.path), "--run", run_key, "--alpha",
+                          repr(float(alpha)), "--question", question_id, "--post", post_label,
+                          "--k", str(int(k)), "--job-id", job_id])
+    return job_id
 
 
 def estimate(request: RunRequest, timeout_s: float = 600.0) -> dict[str, Any]:
