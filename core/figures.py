@@ -229,6 +229,13 @@ EDGE_LINE_COLORS = ("#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B27
                     "#9D755D", "#FF9DA6", "#9D9D9D")
 
 
+def _step_axis(steps) -> dict:
+    """An x axis ticked at the base (0) and each checkpoint's step, while they are few enough to
+    label (no half steps between checkpoints 1..n)."""
+    ticks = sorted({0, *(int(step) for step in steps)})
+    return {"tickmode": "array", "tickvals": ticks} if len(ticks) <= 12 else {}
+
+
 def trajectory_metrics_figure(frame: pd.DataFrame, *, x_title: str = "training step",
                               columns: int = 3) -> go.Figure:
     """Each metric's change post - base over the steps of a series, one panel per metric (their
@@ -245,7 +252,7 @@ def trajectory_metrics_figure(frame: pd.DataFrame, *, x_title: str = "training s
         band = part.dropna(subset=["low", "high"])
         fig.add_trace(go.Scatter(
             x=[*band["step"], *band["step"][::-1]], y=[*band["high"], *band["low"][::-1]],
-            fill="toself", fillcolor=BAND_COLOR, line={"width": 0}, hoverinfo="skip",
+            mode="lines", fill="toself", fillcolor=BAND_COLOR, line={"width": 0}, hoverinfo="skip",
             name="interval", legendgroup="interval", showlegend=i == 0), row=row, col=col)
         fig.add_trace(go.Scatter(
             x=part["step"], y=part["value"], mode="lines+markers", name="change post − base",
@@ -257,6 +264,7 @@ def trajectory_metrics_figure(frame: pd.DataFrame, *, x_title: str = "training s
                            "[%{customdata[0]:.4g}, %{customdata[1]:.4g}]<extra></extra>")),
             row=row, col=col)
         fig.add_hline(y=0, line_width=1, line_color="gray", row=row, col=col)
+    fig.update_xaxes(**_step_axis(frame["step"]))
     fig.update_xaxes(title_text=x_title, row=rows)
     # The legend sits above the panels' titles.
     fig.update_layout(height=280 * rows + 120, legend={**TOP_LEGEND, "y": 1.0 + 0.3 / rows},
@@ -278,7 +286,8 @@ def consistent_edge_lines(frame: pd.DataFrame, steps: list[int], measure: str, *
                   "dash": "dash" if i // len(EDGE_LINE_COLORS) % 2 else "solid", "width": 2},
             hovertemplate=f"{row['edge']}<br>step %{{x}}: %{{y:.4g}}<extra></extra>"))
     fig.add_hline(y=0, line_width=1, line_color="gray")
-    fig.update_layout(xaxis={"title": x_title}, yaxis={"title": f"edge change ({measure})"},
+    fig.update_layout(xaxis={"title": x_title, **_step_axis(steps)},
+                      yaxis={"title": f"edge change ({measure})"},
                       legend={"title": {"text": "edge"}}, margin={"t": 30})
     return fig
 

@@ -19,7 +19,7 @@ from core.graph import ResidualGraph
 from core.metrics import Comparison
 from core.vocab import KINDS
 
-PAIR_KIND, SERIES_KIND = KINDS
+_, SERIES_KIND = KINDS  # pair, series
 SERIES_COLUMNS = ("run_key", "name", "dataset", "n_steps", "post_labels", "steps", "declared")
 TRAJECTORY_COLUMNS = ("step", "post_label", "metric", "value", "low", "high", "significant")
 # consistent_edges: after src, dst, edge come the change at each checkpoint (`step_column`), then

@@ -27,9 +27,12 @@ if not series.empty and selection.sidebar_choice("pair") is None:
 
 sel = layout.page_header("Trajectory",
                          links=("trajectory.step", "trajectory.measure", "trajectory.k"))
-if series.empty:
+if sel is None:
+    if series.empty:
+        st.caption(HOW_TO_COMPUTE)  # under the empty cache's message
+elif series.empty:
     st.info(f"No series in this cache yet. {HOW_TO_COMPUTE}", icon=":material/info:")
-elif sel is not None:
+else:
     layout.report_download(sel)
     if sel.run_key not in set(series["run_key"]):
         st.info(f"The sidebar's run, **{sel.pair}**, compares one post model with its base; this "

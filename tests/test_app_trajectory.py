@@ -95,9 +95,9 @@ def test_read_only_mode(monkeypatch, trajectory_cache):
 def test_an_empty_cache_says_how_to_compute_a_series(monkeypatch, tmp_path):
     at = open_app(monkeypatch, tmp_path / "missing.duckdb", PAGE)
     assert_clean(at, "Trajectory")
-    messages = "\n".join(i.value for i in at.info)
-    assert "holds no runs" in messages
-    assert "python -m core run --pair NAME" in messages and "`step = 200`" in messages
+    (info,) = at.info  # the empty cache's, as on every page; then how to compute a series
+    assert "holds no runs" in info.value
+    assert "python -m core run --pair NAME" in captions(at) and "`step = 200`" in captions(at)
 
 
 def test_a_cache_without_a_series_says_how_to_compute_one(monkeypatch, tmp_path):
