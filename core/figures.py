@@ -292,6 +292,163 @@ def consistent_edge_lines(frame: pd.DataFrame, steps: list[int], measure: str, *
     return fig
 
 
+# --- Faithfulness and the token view (docs/method.md section 9) ----------------------------------
+
+# Ablated edges by stratum: the largest by |W| and the random draw; both read on light and dark.
+STRATUM_COLORS = {"top": "#E45756", "random": "#9D9D9D"}
+STRATUM_NAMES = {"top": "top by |W|", "random": "drawn at random"}
+# Token axes name every token up to this many; longer answers show positions (tokens on hover).
+MAX_TOKEN_TICKS = 60
+
+
+def _signed_log(values, linear: float) -> np.ndarray:
+    """asinh(x / linear): linear within about ±linear, sign-preserving log10-like beyond it."""
+    return np.arcsinh(np.asarray(values, dtype=np.float64) / linear)
+
+
+def _signed_log_axis(values: np.ndarray) -> tuple[float, dict]:
+    """The linear width of `_signed_log` for these values (their 5% quantile of nonzero |x|, so
+    most points sit on the log part) and an axis of ticks at 0 and ±powers of ten from ten times
+    that width on (closer ones would crowd 0), labelled with the values themselves."""
+    magnitudes = np.abs(values[np.isfinite(values) & (values != 0)])
+    if magnitudes.size == 0:
+        return 1.0, {}
+    linear = float(np.quantile(magnitudes, 0.05))
+    low, high = int(np.ceil(np.log10(linear))) + 1, int(np.ceil(np.log10(magnitudes.max())))
+    exponents = list(range(low, high + 1))[::max(1, -(-(high - low + 1) // 6))]
+    ticks = [0.0] + [sign * 10.0 ** e for e in exponents for sign in (1, -1)]
+    return linear, {"tickmode": "array", "tickvals": _signed_log(ticks, linear).tolist(),
+                    "ticktext": ["0" if t == 0 else f"{'−' if t < 0 else ''}1e{int(round(np.log10(abs(t))))}"
+                                 for t in ticks]}
+
+
+def _agreement_title(label: str, row: pd.Series | None) -> str:
+    if row is None:
+        return label
+
+    def shown(value) -> str:
+        return "undefined" if pd.isna(value) else f"{value:.2f}"
+    return (f"{label}<br>Spearman {shown(row['spearman'])} · Pearson {shown(row['pearson'])} · "
+            f"same sign {shown(row['sign_agreement'])} (n {int(row['n'])})")
+
+
+def faithfulness_scatter(edges: pd.DataFrame, agreement: pd.DataFrame) -> go.Figure:
+    """W against the real ablation effect Delta of every ablated edge, one panel per model (base
+    first), coloured by stratum, both axes on one sign-preserving log scale (asinh) so that the
+    diagonal Delta = W is the line of perfect agreement. `edges`: label, sample_id, src, dst,
+    stratum, w, delta (the read model's faithfulness_edges); `agreement` (faithfulness_agreement)
+    puts each model's correlations over all its edges in its panel title."""
+    labels = list(dict.fromkeys(edges["label"]))
+    overall = {row["label"]: row for _, row in agreement[agreement["stratum"] == "all"].iterrows()}
+    values = edges[["w", "delta"]].to_numpy(dtype=np.float64).ravel()
+    linear, axis = _signed_log_axis(values)
+    fig = make_subplots(rows=1, cols=max(len(labels), 1), horizontal_spacing=0.08,
+                        subplot_titles=[_agreement_title(label, overall.get(label)) for label in labels])
+    span = float(np.abs(_signed_log(values[np.isfinite(values)], linear)).max()) if values.size else 1.0
+    for col, label in enumerate(labels, start=1):
+        part = edges[edges["label"] == label]
+        for stratum, color in STRATUM_COLORS.items():
+            chosen = part[part["stratum"] == stratum]
+            if chosen.empty:
+                continue
+            fig.add_trace(go.Scatter(
+                x=_signed_log(chosen["w"], linear), y=_signed_log(chosen["delta"], linear),
+                mode="markers", name=STRATUM_NAMES[stratum], legendgroup=stratum,
+                showlegend=col == 1, marker={"color": color, "size": 6, "opacity": 0.75},
+                customdata=chosen[["sample_id", "src", "dst", "w", "delta"]].to_numpy(dtype=object),
+                hovertemplate=("%{customdata[1]} → %{customdata[2]} · %{customdata[0]}<br>"
+                               "W %{customdata[3]:.4g}<br>Δ %{customdata[4]:.4g}<extra>"
+                               f"{label}</extra>")), row=1, col=col)
+        fig.add_trace(go.Scatter(x=[-span, span], y=[-span, span], mode="lines", name="Δ = W",
+                                 legendgroup="diagonal", showlegend=col == 1, hoverinfo="skip",
+                                 line={"color": "gray", "dash": "dash", "width": 1}), row=1, col=col)
+    fig.update_xaxes(title_text="W (edge score)", tickangle=0, **axis)
+    fig.update_yaxes(title_text="Δ = L(edge removed) − L", **axis)
+    fig.update_annotations(font_size=13)
+    # The legend sits above the panels' two-line titles.
+    fig.update_layout(height=500, legend={**TOP_LEGEND, "y": 1.2}, margin={"t": 130})
+    return fig
+
+
+def _translucent(color: str, alpha: float) -> str:
+    red, green, blue = (int(color[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({red}, {green}, {blue}, {alpha})"
+
+
+def recovery_figure(curves: pd.DataFrame, areas: pd.DataFrame | None = None) -> go.Figure:
+    """Circuit recovery f(k) of each model over the kept fraction k of real edges (log axis; k = 0,
+    where f = 0 by definition, cannot sit on it), with its interval as a band. `curves`: label,
+    role, fraction, n_kept, f, low, high (the read model's recovery_curves); `areas`
+    (recovery_areas) adds each model's area to its legend entry."""
+    area_of = {} if areas is None else dict(zip(areas["label"], areas["area"]))
+    fig = go.Figure()
+    for label in dict.fromkeys(curves["label"]):
+        part = curves[(curves["label"] == label) & (curves["fraction"] > 0)]
+        color = BASE_COLOR if part["role"].iloc[0] == "base" else POST_COLOR
+        band = part.dropna(subset=["low", "high"])
+        if not band.empty:
+            fig.add_trace(go.Scatter(
+                x=[*band["fraction"], *band["fraction"][::-1]], y=[*band["high"], *band["low"][::-1]],
+                fill="toself", fillcolor=_translucent(color, 0.2), line={"width": 0},
+                hoverinfo="skip", legendgroup=label, showlegend=False))
+        name = label if label not in area_of else f"{label} (area {area_of[label]:.3f})"
+        fig.add_trace(go.Scatter(
+            x=part["fraction"], y=part["f"], mode="lines+markers", name=name, legendgroup=label,
+            line={"color": color, "width": 2}, marker={"color": color, "size": 6},
+            customdata=part[["n_kept", "low", "high"]].to_numpy(dtype=np.float64),
+            hovertemplate=("k %{x:.3g} (%{customdata[0]:.0f} edges kept)<br>f %{y:.3f} "
+                           "[%{customdata[1]:.3f}, %{customdata[2]:.3f}]<extra>" + label
+                           + "</extra>")))
+    for level in (0.0, 1.0):
+        fig.add_hline(y=level, line_width=1, line_color="gray", line_dash="dot")
+    fig.update_layout(xaxis={"type": "log", "title": "kept fraction k of real edges (log scale)"},
+                      yaxis={"title": "recovery f(k)"}, legend=TOP_LEGEND, margin={"t": 70})
+    return fig
+
+
+def _token_text(token: str) -> str:
+    """A token piece as an axis label: its whitespace made visible."""
+    return token.replace("\n", "⏎").replace(" ", "␣") or "∅"
+
+
+def token_view_figure(view: dict) -> go.Figure:
+    """Which answer tokens carry the change: per model (one heatmap each, base first), the term of
+    each answer token fed as input in each chosen edge's W (rows: the edges, most changed first;
+    columns: the tokens), on one diverging scale centred at 0 for all models. `view`: a stored
+    token view (core/tokens.py; the read model's token_view)."""
+    edges = [f"{e['src']} → {e['dst']}" for e in view["edges"]]
+    models = view["models"]
+    values = np.concatenate([np.ravel(m["contributions"]) for m in models] or [np.zeros(0)])
+    bound = symmetric_range(values)
+    titles = [f"{m['label']} ({m['role']}): {len(m['tokens'])} answer tokens, T_cut {m['t_cut']}"
+              for m in models]
+    fig = make_subplots(rows=len(models), cols=1, subplot_titles=titles, vertical_spacing=0.18)
+    for row, model in enumerate(models, start=1):
+        tokens = [_token_text(t) for t in model["tokens"]]
+        positions = list(range(len(tokens)))
+        z = np.array(model["contributions"], dtype=np.float64).reshape(len(edges), len(tokens))
+        prompt = np.array(model["first_token"]) + np.array(model["prompt_rest"])
+        custom = np.empty(z.shape + (4,), dtype=object)
+        custom[..., 0] = np.array(tokens, dtype=object)[None, :] if tokens else ""
+        custom[..., 1] = np.array(model["w"])[:, None]
+        custom[..., 2] = prompt[:, None]
+        custom[..., 3] = np.array(edges, dtype=object)[:, None]
+        fig.add_trace(go.Heatmap(
+            z=z, x=positions, y=list(range(len(edges))), customdata=custom, colorscale=DIVERGING,
+            zmid=0.0, zmin=-bound, zmax=bound, showscale=row == 1,
+            colorbar={"title": {"text": "term of W", "side": "right"}},
+            hovertemplate=("%{customdata[3]} · token %{x} %{customdata[0]}<br>term %{z:.4g}<br>"
+                           "W %{customdata[1]:.4g} (prompt's part %{customdata[2]:.4g})"
+                           f"<extra>{model['label']}</extra>")), row=row, col=1)
+        ticks = ({"tickmode": "array", "tickvals": positions, "ticktext": tokens, "tickangle": -60}
+                 if len(tokens) <= MAX_TOKEN_TICKS else {"title_text": "answer position"})
+        fig.update_xaxes(row=row, col=1, **ticks)
+        fig.update_yaxes(row=row, col=1, tickmode="array", tickvals=list(range(len(edges))),
+                         ticktext=edges, autorange="reversed")
+    fig.update_layout(height=len(models) * (24 * len(edges) + 190), margin={"t": 50, "b": 40})
+    return fig
+
+
 # --- Circuit graph --------------------------------------------------------------------------------
 
 def _curve(p0: tuple[float, float], p1: tuple[float, float], n: int = 16) -> tuple[np.ndarray, np.ndarray]:

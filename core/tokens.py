@@ -110,7 +110,7 @@ def compute_token_view(store: Store, run_key: str, alpha: float, question_id: st
     graph = cache.graph(run_key)
     chosen = [(graph.src_index(e["src"]), graph.dst_index(e["dst"])) for e in edges]
     run = read_run_samples(store, run_key, info.alpha, info.n_selected)
-    entries = [entry for entry in run.models if entry.role == "base" or entry.label == info.post_label]
+    entries = [run.models[0], run.model(info.post_label)]  # the base first
     samples = [_question_sample(entry, question_id, run_key) for entry in entries]
     report = progress or (lambda stage, done, total: None)
     models = []

@@ -6,7 +6,7 @@ import html
 import pandas as pd
 import streamlit as st
 
-from core import figures
+from core import figures, jobs
 from core.query import PER_SAMPLE_METRICS
 from pages._shared import layout, selection, widgets
 
@@ -30,6 +30,75 @@ def verdict(correct) -> str:
     if pd.isna(correct):
         return "not graded"
     return ":green[:material/check_circle: correct]" if bool(correct) else ":red[:material/cancel: wrong]"
+
+
+def token_view_command(sel: selection.Selection, question_id: str) -> str:
+    return (f"python -m core tokens --run {sel.run_key} --alpha {sel.alpha:g} --question "
+            f"{question_id} --post {sel.post_label}")
+
+
+def token_job_panel(sel: selection.Selection, question_id: str) -> None:
+    """The token-view job of this question: its progress while it runs, its error if it failed;
+    when a job this session watched finishes, the page reruns to show the stored view."""
+    job = jobs.token_view_job(str(selection.cache().path), sel.run_key, sel.alpha, question_id,
+                              sel.post_label)
+    if job is None:
+        return
+    watched = st.session_state.get("samples.token_job") == job.job_id
+    if job.state in jobs.ACTIVE:
+        st.session_state["samples.token_job"] = job.job_id
+        fraction = job.done / job.total if job.total else 0.0
+        st.progress(min(max(fraction, 0.0), 1.0),
+                    text=f"token view ({job.k} edges): {job.stage or 'starting'}, {job.done}/"
+                         f"{job.total}")
+    elif job.state == "failed":
+        st.error(f"The token view could not be computed: {job.message}")
+        if job.log_path:
+            st.caption(f"log: {job.log_path}")
+    elif job.state == "done" and watched:
+        del st.session_state["samples.token_job"]
+        st.rerun()
+
+
+def token_view_section(sel: selection.Selection, question_id: str) -> None:
+    """The question's stored token view; outside read-only mode, a button that computes it (a job)
+    with the job's progress."""
+    st.subheader("Which answer tokens carry the change")
+    view = selection.cache().token_view(sel.run_key, sel.alpha, question_id,
+                                        post_label=sel.post_label)
+    if view is not None:
+        layout.plot(figures.token_view_figure(view), f"token_view_{question_id}", sel)
+        st.caption(f"The {len(view['edges'])} edges whose mean |W| changed most from the base to "
+                   f"{view['post_label']} (mean |W| difference over this run's questions at alpha "
+                   f"{view['alpha']:g}), rows in that order; per model, on its own answer, each "
+                   f"answer token's term of the edge's W on this question (the residual stream at "
+                   f"that token; the prompt's part is on hover; the terms and the prompt's part "
+                   f"sum to W). Scores: {view['score']['name']}, {view['score']['dtype']}.")
+    if selection.read_only():
+        if view is None:
+            st.caption(f"No token view is stored for this question; `{token_view_command(sel, question_id)}` "
+                       f"computes one.")
+        return
+    job = jobs.token_view_job(str(selection.cache().path), sel.run_key, sel.alpha, question_id,
+                              sel.post_label)
+    running = job is not None and job.state in jobs.ACTIVE
+    left, right = st.columns([1, 4])
+    k = left.number_input("Edges shown", min_value=1, max_value=64, value=jobs.TOKEN_VIEW_EDGES,
+                          step=1, key="samples.token_edges")
+    right.caption(f"Scores this question again for both models with each answer position apart "
+                  f"(a job: it loads each model once; `{token_view_command(sel, question_id)}` "
+                  f"does the same).")
+    if right.button("Compute again" if view is not None else "Compute the token view",
+                    icon=":material/play_arrow:", key="samples.token_start", disabled=running):
+        try:
+            jobs.start_token_view(str(selection.cache().path), sel.run_key, sel.alpha, question_id,
+                                  sel.post_label, int(k))
+        except jobs.JobConflictError as error:
+            st.error(str(error))
+        else:
+            running = True
+    # While the job runs, its panel alone refreshes every 2 s.
+    st.fragment(token_job_panel, run_every=2.0 if running else None)(sel, question_id)
 
 
 sel = layout.page_header("Samples", links=("samples.question",))
@@ -75,6 +144,8 @@ if sel is not None:
         st.markdown("**Per-sample metrics of this question**")
         layout.table(pd.DataFrame([row[["question_id", *metric_names]]]),
                      f"sample_{question_id}_metrics", hide_index=True)
+
+    token_view_section(sel, question_id)
 
     st.subheader("All selected questions")
     overview = table[["question_id", "base_correct", "post_correct", "base_answer_len",

@@ -21,6 +21,7 @@ NAVIGATION = (
     ("pages/8_Trajectory.py", "Trajectory", ":material/timeline:"),
     ("pages/4_Samples.py", "Samples", ":material/article:"),
     ("pages/6_Controls.py", "Controls", ":material/rule:"),
+    ("pages/7_Faithfulness.py", "Faithfulness", ":material/fact_check:"),
     ("pages/5_Compute.py", "Compute", ":material/play_circle:"),
 )
 COMPUTE_PAGE = "pages/5_Compute.py"
