@@ -546,9 +546,7 @@ def _seconds_per_pass(scored: list[tuple[dict, float, int]]) -> float:
     known = [(seconds, n, settings) for settings, seconds, n in scored if seconds is not None]
     if not known:
         return DEFAULT_SECONDS["score"]
-    method_fields = ("method", "ig_steps", "ig_baseline")
-    total = sum(seconds * n / ScoreSettings(**{k: settings[k] for k in method_fields
-                                               if k in settings}).passes
+    total = sum(seconds * n / ScoreSettings.method_of(settings).passes
                 for seconds, n, settings in known)
     return total / sum(n for _, n, _ in known)
 

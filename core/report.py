@@ -303,8 +303,56 @@ def controls(ctx: ReportContext) -> Section | None:
                    "\n".join(parts)) if shown else None
 
 
-SECTIONS: tuple[SectionBuilder, ...] = (table_1, controls, edge_heatmaps, distributions, circuits,
-                                        settings_and_provenance)
+def faithfulness(ctx: ReportContext) -> Section | None:
+    """At every alpha of the report with a stored faithfulness control, the agreement of W with the
+    real ablation effect Delta per model, and the recovery areas with their intervals; where the
+    pair was also scored with another method, how the two methods agree. None where neither is
+    computed."""
+    base, post = ctx.labels
+    wanted = sorted({*ctx.alphas, *ctx.left_out})
+    computed = set(ctx.cache.faithfulness_alphas(ctx.run_key))
+    parts = [f"<p>Do the scores predict real edge removal (docs/method.md section 8)? Per model, "
+             f"edges of each question were removed one at a time (half the largest by |W|, half at "
+             f"random): the Spearman and Pearson correlation of W with the loss change Delta, and "
+             f"the fraction of edges where their signs agree. Circuit recovery keeps the top "
+             f"fraction k of real edges by mean |W| and removes the rest; the area of f(k) over "
+             f"log k is 1 for a perfect circuit at every k (negative where partial circuits are "
+             f"worse than none), with {ctx.settings.ci_level:.0%} intervals from a bootstrap over "
+             f"questions, paired for the difference {post} - {base}.</p>"]
+    shown = False
+    for alpha in wanted:
+        scope = {"post_label": post}
+        agreement = areas = methods = None
+        if alpha in computed:
+            try:
+                agreement = ctx.cache.faithfulness_agreement(ctx.run_key, alpha, **scope)
+                areas = ctx.cache.recovery_areas(ctx.run_key, alpha, **scope, settings=ctx.settings)
+            except NotFoundError:  # computed for another post model of the series only
+                pass
+        try:
+            methods = ctx.cache.method_agreement(ctx.run_key, alpha, **scope, settings=ctx.settings)
+        except ValueError:  # the other method's run has too few questions scored yet
+            pass
+        if agreement is None and methods is None:
+            continue
+        shown = True
+        parts.append(_alpha_heading(alpha, ctx))
+        if agreement is not None:
+            areas.insert(3, "interval", [_interval((low, high))
+                                         for low, high in zip(areas["low"], areas["high"])])
+            parts += ["<h4>W vs Delta</h4>", _table(agreement.drop(columns=["role"])),
+                      "<h4>Recovery areas</h4>", _table(areas.drop(columns=["low", "high"]))]
+        if methods is not None:
+            parts += ["<h4>Another scoring method on the same answers</h4>",
+                      "<p>Spearman correlation of the two methods' mean |W| over real edges per "
+                      "model, and each metric's change post - base under both (agrees: the same "
+                      "sign).</p>", _table(methods)]
+    return Section("faithfulness", "Faithfulness: scores vs real ablation",
+                   "\n".join(parts)) if shown else None
+
+
+SECTIONS: tuple[SectionBuilder, ...] = (table_1, controls, faithfulness, edge_heatmaps,
+                                        distributions, circuits, settings_and_provenance)
 
 
 def _facts(facts: dict[str, Any]) -> str:

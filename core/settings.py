@@ -191,6 +191,13 @@ class ScoreSettings(Settings):
         """Forward + backward passes per sample, in units of eap's one: the cost `plan` counts."""
         return self.ig_steps if self.method == "eap-ig" else 1
 
+    @classmethod
+    def method_of(cls, record: dict[str, Any]) -> "ScoreSettings":
+        """Settings holding only the method fields of a stored score settings record (a run's
+        `score` column; records from before EAP-IG have none: eap)."""
+        return cls(**{name: record[name] for name in ("method", "ig_steps", "ig_baseline")
+                      if name in record})
+
     def method_description(self) -> dict[str, Any]:
         """Which scores W are: the method, and EAP-IG's path (what faithfulness reports record)."""
         if self.method == "eap-ig":

@@ -3,28 +3,55 @@ plan's count of it, and the agreement of two scoring methods on the same pair (d
 section 8), on the tiny pair of tests/test_pipeline.py."""
 
 import json
+import types
 
 import numpy as np
 import pytest
 
-from core import pipeline
+from core import pipeline, report
+from core.__main__ import main
+from core.config import RunRequest
 from core.errors import NotFoundError
 from core.faithfulness import read_run_samples, run_faithfulness
+from core.faithfulness_stats import RECOVERY_FRACTIONS
+from core.graph import ResidualGraph
 from core.models import ModelSpec
-from core.query import ResultCache
+from core.query import AREA_DIFFERENCE, METRICS, ResultCache
 from core.settings import FaithfulnessSettings, MetricSettings, ScoreSettings
 from core.store import Store
 from test_pipeline import ALPHAS, quiet, request, world  # noqa: F401 (world: a fixture)
 
 FAITH = FaithfulnessSettings(questions=3, edges_per_sample=4, seed=5, copies=4)
+LABELS = ("tiny-base", "tiny-post")
 
 
 @pytest.fixture(scope="module")
-def faith_run(world):  # noqa: F811
-    """A run of the tiny pair with the faithfulness control, and its summary."""
+def faith(world):  # noqa: F811
+    """A run of the tiny pair, then the same run with the faithfulness control; the read model
+    opened between the two (so its memo has seen the run without the control)."""
+    path = world / "faith.duckdb"
+    plain = pipeline.run(request(world, "faith.duckdb"), log=quiet)
+    cache = ResultCache.open(path)
+    before = cache.faithfulness_alphas(plain.run_key)
     summary = pipeline.run(request(world, "faith.duckdb", controls=("faithfulness",),
                                    faithfulness=FAITH), log=quiet)
-    return world / "faith.duckdb", summary
+    assert summary.run_key == plain.run_key  # a control is in no run key
+    return types.SimpleNamespace(path=path, summary=summary, run_key=summary.run_key, cache=cache,
+                                 before=before)
+
+
+@pytest.fixture(scope="module")
+def methods(world):  # noqa: F811
+    """One cache holding the tiny pair scored with eap (every alpha) and with eap-ig at one or two
+    steps (alpha 0.5 only)."""
+    runs = {}
+    for name, score in (("eap", ScoreSettings()),
+                        ("ig1", ScoreSettings(method="eap-ig", ig_steps=1)),
+                        ("ig2", ScoreSettings(method="eap-ig", ig_steps=2))):
+        alphas = ALPHAS if name == "eap" else (0.5,)
+        runs[name] = pipeline.run(request(world, "methods.duckdb", score=score, alphas=alphas),
+                                  log=quiet).run_key
+    return ResultCache.open(world / "methods.duckdb"), runs
 
 
 def stored_rows(path, run_key):
@@ -33,19 +60,18 @@ def stored_rows(path, run_key):
                            "WHERE run_key = ? ORDER BY alpha, label", [run_key]).fetchall()
 
 
-def test_one_row_per_alpha_and_model_and_a_rerun_does_nothing(world, faith_run, monkeypatch):  # noqa: F811
-    path, summary = faith_run
-    rows = stored_rows(path, summary.run_key)
-    labels = ["tiny-base", "tiny-post"]
-    assert [(alpha, label) for alpha, label, *_ in rows] == [(a, l) for a in ALPHAS for l in labels]
-    assert summary.done["faithfulness"] == len(ALPHAS) * 2
+def test_one_row_per_alpha_and_model_and_a_rerun_does_nothing(world, faith, monkeypatch):  # noqa: F811
+    rows = stored_rows(faith.path, faith.run_key)
+    assert [(alpha, label) for alpha, label, *_ in rows] == [(a, l) for a in ALPHAS for l in LABELS]
+    assert faith.summary.done["faithfulness"] == len(ALPHAS) * 2
+    assert faith.summary.done["score"] == 0  # the control adds rows, never scores
     assert {key for _, _, key, _, _ in rows} == {FAITH.stored_key(ScoreSettings())}
     settings = json.loads(rows[0][3])
     assert settings["faithfulness"] == FAITH.as_dict() and settings["score"]["method"] == "eap"
-    n = min(FAITH.questions, summary.selection["n_selected"])
+    n = min(FAITH.questions, faith.summary.selection["n_selected"])
     for alpha, label, _, _, text in rows:
         report = json.loads(text)
-        assert report["t_cut"] == summary.t_cuts[alpha] and len(report["questions"]) == n
+        assert report["t_cut"] == faith.summary.t_cuts[alpha] and len(report["questions"]) == n
         assert report["role"] == ("base" if label == "tiny-base" else "post")
         assert len(report["edges"]) == n * FAITH.edges_per_sample
 
@@ -55,3 +81,168 @@ def test_one_row_per_alpha_and_model_and_a_rerun_does_nothing(world, faith_run, 
     again = pipeline.run(request(world, "faith.duckdb", controls=("faithfulness",),
                                  faithfulness=FAITH), log=quiet)
     assert set(again.done.values()) == {0}
+
+
+def test_other_settings_add_rows_of_their_own_and_copies_are_in_no_key():
+    assert FAITH.replace(copies=1).stored_key(ScoreSettings()) == FAITH.stored_key(ScoreSettings())
+    keys = {FAITH.stored_key(ScoreSettings()), FAITH.replace(seed=6).stored_key(ScoreSettings()),
+            FAITH.replace(edges_per_sample=5).stored_key(ScoreSettings()),
+            FAITH.replace(questions=2).stored_key(ScoreSettings()),
+            FAITH.stored_key(ScoreSettings(method="eap-ig", ig_steps=2))}
+    assert len(keys) == 5
+
+
+def test_views_hold_what_core_faithfulness_computes_on_the_same_samples_edges_and_seed(faith):
+    cache, run_key = faith.cache, faith.run_key
+    assert faith.before == [] and cache.faithfulness_alphas(run_key) == list(ALPHAS)
+    direct = run_faithfulness(read_run_samples(Store(faith.path), run_key, 0.5, FAITH.questions),
+                              ScoreSettings(), FAITH.edges_per_sample, FAITH.seed, FAITH.copies,
+                              log=quiet)
+    edges = cache.faithfulness_edges(run_key, 0.5)
+    for label in LABELS:
+        expected = direct["models"][label]["edges"]
+        found = edges[edges["label"] == label].drop(columns=["label", "role"]).to_dict("records")
+        assert [row.keys() for row in found] == [row.keys() for row in expected]
+        for row, want in zip(found, expected, strict=True):
+            assert {k: row[k] for k in ("sample_id", "src", "dst", "stratum")} == \
+                {k: want[k] for k in ("sample_id", "src", "dst", "stratum")}
+            assert row["w"] == pytest.approx(want["w"], rel=1e-9, abs=1e-12)
+            assert row["delta"] == pytest.approx(want["delta"], rel=1e-9, abs=1e-12)
+    agreement = cache.faithfulness_agreement(run_key, 0.5).set_index(["label", "stratum"])
+    assert list(agreement.index.get_level_values("stratum")) == ["all", "top", "random"] * 2
+    for label in LABELS:
+        want = direct["models"][label]["agreement"]
+        got = agreement.loc[(label, "all")]
+        assert got["n"] == want["n"] == len(direct["questions"]) * FAITH.edges_per_sample
+        for name in ("spearman", "pearson", "sign_agreement"):
+            assert got[name] == pytest.approx(want[name], rel=1e-9)
+            assert -1 <= got[name] <= 1
+    comparison = direct["recovery_comparison"]
+    areas = cache.recovery_areas(run_key, 0.5).set_index("role")
+    assert list(areas.index) == ["base", "post", AREA_DIFFERENCE]
+    for role, label in zip(("base", "post"), LABELS):
+        assert areas.loc[role, "area"] == pytest.approx(comparison["models"][label]["area"],
+                                                        rel=1e-9)
+        assert [areas.loc[role, "low"], areas.loc[role, "high"]] == pytest.approx(
+            comparison["models"][label]["area_interval"], rel=1e-9)
+    difference = comparison["area_difference"]["tiny-post"]
+    assert areas.loc[AREA_DIFFERENCE, "area"] == pytest.approx(difference["difference"], rel=1e-9)
+    assert areas.loc[AREA_DIFFERENCE, "label"] == "tiny-post - tiny-base"
+    curves = cache.recovery_curves(run_key, 0.5)
+    assert len(curves) == 2 * len(RECOVERY_FRACTIONS)
+    for label in LABELS:
+        curve = curves[curves["label"] == label]
+        np.testing.assert_allclose(curve["f"], comparison["models"][label]["f"], rtol=1e-9)
+        np.testing.assert_allclose(curve["fraction"], RECOVERY_FRACTIONS)
+        assert curve["f"].iloc[0] == 0 and curve["f"].iloc[-1] == 1
+        assert (curve["low"] <= curve["high"]).all()
+
+
+def test_recovery_without_bootstrap_has_nan_intervals(faith):
+    none = MetricSettings(bootstrap=0)
+    areas = faith.cache.recovery_areas(faith.run_key, 0.1, settings=none)
+    assert areas[["low", "high"]].isna().all().all() and areas["area"].notna().all()
+    assert faith.cache.recovery_curves(faith.run_key, 0.1, settings=none)["low"].isna().all()
+
+
+def test_absent_runs_alphas_models_and_controls_are_not_found_errors(faith, methods):
+    cache, run_key = faith.cache, faith.run_key
+    for view in (cache.faithfulness_edges, cache.faithfulness_agreement, cache.recovery_curves,
+                 cache.recovery_areas):
+        with pytest.raises(NotFoundError, match="no run 'nope'"):
+            view("nope", 0.5)
+        with pytest.raises(NotFoundError, match=r"has no alpha 0.3; its alphas are \[0.1, 0.5\]"):
+            view(run_key, 0.3)
+        with pytest.raises(NotFoundError, match="has no model 'nobody'"):
+            view(run_key, 0.5, post_label="nobody")
+    with pytest.raises(NotFoundError, match="no run 'nope'"):
+        cache.faithfulness_alphas("nope")
+    other, runs = methods
+    assert other.faithfulness_alphas(runs["eap"]) == []
+    with pytest.raises(NotFoundError, match="holds no faithfulness control .* --controls faithfulness"):
+        other.recovery_areas(runs["eap"], 0.5)
+
+
+def test_method_agreement_finds_the_other_method_runs_of_the_same_pair(methods, faith):
+    cache, runs = methods
+    listed = cache.method_runs(runs["eap"])
+    assert list(listed["run_key"]) == [runs["ig1"], runs["ig2"]]
+    assert list(listed["method"]) == ["eap-ig (1 steps, zero baseline)",
+                                      "eap-ig (2 steps, zero baseline)"]
+    assert list(cache.method_runs(runs["ig2"])["run_key"]) == [runs["eap"], runs["ig1"]]
+    assert cache.method_agreement(runs["eap"], 0.1) is None  # no other method at alpha 0.1
+    assert faith.cache.method_agreement(faith.run_key, 0.5) is None  # no other run at all
+    table = cache.method_agreement(runs["eap"], 0.5)
+    edges, changes = table[table["kind"] == "edges"], table[table["kind"] == "metric"]
+    assert len(edges) == 2 * 2 and len(changes) == 2 * len(METRICS)
+    assert edges["spearman"].between(-1, 1).all()
+    assert set(changes["agrees"].dropna()) <= {True, False}
+    # EAP-IG with one step is EAP (gradients at the real input): rank correlation 1, every change
+    # the same.
+    one = table[table["other_run_key"] == runs["ig1"]]
+    assert one[one["kind"] == "edges"]["spearman"].to_numpy() == pytest.approx(1, abs=1e-9)
+    same = one[one["kind"] == "metric"]
+    np.testing.assert_allclose(same["change"], same["other_change"], rtol=1e-4, atol=1e-9)
+    assert same["agrees"].all()
+    two = table[(table["other_run_key"] == runs["ig2"]) & (table["kind"] == "edges")]
+    assert (two["spearman"] < 1 - 1e-9).all(), "two IG steps are not EAP"
+
+
+def test_plan_counts_the_faithfulness_rows_and_their_seconds(world, faith):  # noqa: F811
+    fresh = request(world, "plan-faith.duckdb", controls=("faithfulness",), faithfulness=FAITH)
+    planned = pipeline.plan(fresh)
+    assert planned["missing"]["faithfulness"] == len(ALPHAS) * 2
+    n_questions = min(FAITH.questions, 6)  # before grading: n questions, the most
+    n_edges = ResidualGraph(2, "qkv").n_edges
+    passes = 1 + pipeline.FORWARD_SHARE * (min(FAITH.edges_per_sample, n_edges) + 1
+                                           + len(RECOVERY_FRACTIONS))
+    assert planned["stage_seconds"]["faithfulness"] == pytest.approx(
+        len(ALPHAS) * 2 * n_questions * passes * pipeline.DEFAULT_SECONDS["score"], abs=0.1)
+    assert "faithfulness" not in pipeline.plan(request(world, "plan-faith.duckdb"))["missing"]
+    done = request(world, "faith.duckdb", controls=("faithfulness",), faithfulness=FAITH)
+    again = pipeline.plan(done)
+    assert again["missing"]["faithfulness"] == 0 and again["stage_seconds"]["faithfulness"] == 0
+    more = pipeline.plan(request(world, "faith.duckdb", controls=("faithfulness",),
+                                 faithfulness=FAITH.replace(seed=9)))
+    assert more["missing"]["faithfulness"] == len(ALPHAS) * 2
+
+
+def test_plan_seconds_of_scoring_scale_with_eap_ig_steps(world):  # noqa: F811
+    eap = pipeline.plan(request(world, "plan-ig.duckdb"))
+    ig = pipeline.plan(request(world, "plan-ig.duckdb",
+                               score=ScoreSettings(method="eap-ig", ig_steps=4)))
+    assert eap["missing"]["score"] == ig["missing"]["score"] > 0
+    assert ig["stage_seconds"]["score"] == pytest.approx(4 * eap["stage_seconds"]["score"])
+    # Past timings count per eap pass: an EAP-IG sample of 4 steps that took 4 s is 1 s a pass.
+    eap_record, ig_record = ScoreSettings().as_dict(), ScoreSettings(method="eap-ig",
+                                                                     ig_steps=4).as_dict()
+    assert pipeline._seconds_per_pass([(eap_record, 1.0, 10), (ig_record, 4.0, 30)]) == 1.0
+    assert pipeline._seconds_per_pass([]) == pipeline.DEFAULT_SECONDS["score"]
+
+
+def test_cli_flags_and_request_files_carry_the_settings(world, faith, tmp_path, capsys):  # noqa: F811
+    flags = ["--pair", "tiny", "--dataset", "tiny", "--alpha", *map(str, ALPHAS), "--n", "6",
+             "--beta", "0", "--gamma", "10", "--delta", "2", "--config", str(world / "pairs.toml"),
+             "--cache", str(faith.path), "--controls", "faithfulness", "--faith-questions", "3",
+             "--faith-edges-per-sample", "4", "--faith-seed", "5"]
+    assert main(["plan", *flags, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["missing"]["faithfulness"] == 0
+    assert main(["plan", *flags[:-1], "6", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["missing"]["faithfulness"] == len(ALPHAS) * 2
+    asked = request(world, "faith.duckdb", controls=("faithfulness",), faithfulness=FAITH)
+    assert RunRequest.from_file(asked.to_file(tmp_path / "request.json")) == asked
+
+
+def test_the_report_has_a_faithfulness_section_where_computed(faith, methods, monkeypatch):
+    text = faith.cache.report_html(faith.run_key, alphas=[0.5])
+    assert 'id="faithfulness"' in text and "W vs Delta" in text and "Recovery areas" in text
+    assert "tiny-post - tiny-base" in text and "Another scoring method" not in text
+    cache, runs = methods
+    text = cache.report_html(runs["ig2"], alphas=[0.5])
+    assert 'id="faithfulness"' in text and "Another scoring method" in text
+    assert "Recovery areas" not in text
+    # At alpha 0.1 (T_cut 1) the controls section fails on its own (the answer-only part of a
+    # one-token cut is all zero); this test is about the faithfulness section.
+    monkeypatch.setattr(report, "SECTIONS", tuple(b for b in report.SECTIONS
+                                                  if b is not report.controls))
+    assert 'id="faithfulness"' not in cache.report_html(runs["eap"], alphas=[0.1])
