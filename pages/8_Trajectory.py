@@ -18,33 +18,37 @@ MEASURE_HELP = ("normalised (the default here): mean|W_post| - mean|W_base| over
                 "of all edges, one scale for every edge and step, so weak edges do not dominate the "
                 "ranking; ratio: relative to the edge's own base strength; difference: in |W| units")
 
-series = selection.cache().series_runs()
+
+def series_choice(row) -> dict[str, str]:
+    """The sidebar's widget state that selects the series run `row` (of series_runs)."""
+    return {"sel.pair": row.name, "sel.dataset": row.dataset, "sel.run": row.run_key}
+
+
+cache = selection.cache()
+series = cache.series_runs()
 if not series.empty and selection.sidebar_choice("pair") is None:
     # Nothing chosen yet in this session or link: open on the first series, not the first pair.
-    first = series.iloc[0]
-    st.session_state.update({"sel.pair": first["name"], "sel.dataset": first["dataset"],
-                             "sel.run": first["run_key"]})
+    st.session_state.update(series_choice(next(series.itertuples())))
 
 sel = layout.page_header("Trajectory",
                          links=("trajectory.step", "trajectory.measure", "trajectory.k"))
 if sel is None:
     if series.empty:
         st.caption(HOW_TO_COMPUTE)  # under the empty cache's message
-elif series.empty:
-    st.info(f"No series in this cache yet. {HOW_TO_COMPUTE}", icon=":material/info:")
 else:
-    layout.report_download(sel)
+    layout.report_download(sel)  # the sidebar's run, as on every result page
+    if series.empty:
+        st.info(f"No series in this cache yet. {HOW_TO_COMPUTE}", icon=":material/info:")
+        st.stop()
     if sel.run_key not in set(series["run_key"]):
         st.info(f"The sidebar's run, **{sel.pair}**, compares one post model with its base; this "
                 f"page shows a series. Pick one:", icon=":material/info:")
         for row in series.itertuples():
             st.button(f"{row.name} · {row.dataset} · {row.n_steps} checkpoints",
                       key=f"trajectory.pick.{row.run_key}", on_click=st.session_state.update,
-                      args=({"sel.pair": row.name, "sel.dataset": row.dataset,
-                             "sel.run": row.run_key},))
+                      args=(series_choice(row),))
         st.stop()
     layout.require_pairs(sel)
-    cache = selection.cache()
     run = series.set_index("run_key").loc[sel.run_key]
     steps, labels = list(run["steps"]), dict(zip(run["steps"], run["post_labels"]))
     x_title = "training step" if run["declared"] else "checkpoint (series order)"

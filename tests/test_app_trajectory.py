@@ -108,3 +108,4 @@ def test_a_cache_without_a_series_says_how_to_compute_one(monkeypatch, tmp_path)
     assert_clean(at, "Trajectory")
     (info,) = at.info
     assert "No series in this cache" in info.value and "[series.NAME]" in info.value
+    assert [b.proto.label for b in at.sidebar.get("download_button")] == ["Download report"]
