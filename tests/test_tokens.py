@@ -116,3 +116,11 @@ def test_the_command_names_an_unknown_question_and_releases_the_cache(tiny_run, 
     assert status == 2
     assert f"run {run_key} has no selected question 'nope'" in capsys.readouterr().err
     assert not Store(root / "c.duckdb").writer_active()
+
+
+def test_a_token_view_is_refused_while_another_process_writes(tmp_path):
+    store = Store(tmp_path / "c.duckdb")
+    with store.writer_lock():
+        with pytest.raises(jobs.JobConflictError, match="writer lock is held"):
+            jobs.start_token_view(str(store.path), "run", 0.1, "q1", "post", 3)
+    assert jobs.token_view_job(str(store.path), "run", 0.1, "q1", "post") is None
