@@ -3,12 +3,13 @@ plan's count of it, and the agreement of two scoring methods on the same pair (d
 section 8), on the tiny pair of tests/test_pipeline.py."""
 
 import json
+import shutil
 import types
 
 import numpy as np
 import pytest
 
-from core import pipeline, report
+from core import pipeline
 from core.__main__ import main
 from core.config import RunRequest
 from core.errors import NotFoundError
@@ -23,17 +24,27 @@ from test_pipeline import ALPHAS, quiet, request, world  # noqa: F401 (world: a 
 
 FAITH = FaithfulnessSettings(questions=3, edges_per_sample=4, seed=5, copies=4)
 LABELS = ("tiny-base", "tiny-post")
+# The first 6 questions of the tiny dataset: half the generation of test_pipeline's runs.
+LIMIT = 6
+
+
+def ask(world, cache_name, **changes):  # noqa: F811
+    return request(world, cache_name, limit=LIMIT, **changes)
 
 
 @pytest.fixture(scope="module")
 def faith(world):  # noqa: F811
     """A run of the tiny pair, then the same run with the faithfulness control; the read model
-    opened between the two (so its memo has seen the run without the control)."""
+    opened between the two (so its memo has seen the run without the control), and what it showed
+    then."""
     path = world / "faith.duckdb"
-    plain = pipeline.run(request(world, "faith.duckdb"), log=quiet)
+    plain = pipeline.run(ask(world, "faith.duckdb"), log=quiet)
     cache = ResultCache.open(path)
-    before = cache.faithfulness_alphas(plain.run_key)
-    summary = pipeline.run(request(world, "faith.duckdb", controls=("faithfulness",),
+    before = types.SimpleNamespace(alphas=cache.faithfulness_alphas(plain.run_key),
+                                   report=cache.report_html(plain.run_key, alphas=[0.5]))
+    with pytest.raises(NotFoundError, match="holds no faithfulness control .* --controls faithfulness"):
+        cache.recovery_areas(plain.run_key, 0.5)
+    summary = pipeline.run(ask(world, "faith.duckdb", controls=("faithfulness",),
                                    faithfulness=FAITH), log=quiet)
     assert summary.run_key == plain.run_key  # a control is in no run key
     return types.SimpleNamespace(path=path, summary=summary, run_key=summary.run_key, cache=cache,
@@ -41,17 +52,17 @@ def faith(world):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def methods(world):  # noqa: F811
-    """One cache holding the tiny pair scored with eap (every alpha) and with eap-ig at one or two
-    steps (alpha 0.5 only)."""
-    runs = {}
-    for name, score in (("eap", ScoreSettings()),
-                        ("ig1", ScoreSettings(method="eap-ig", ig_steps=1)),
-                        ("ig2", ScoreSettings(method="eap-ig", ig_steps=2))):
-        alphas = ALPHAS if name == "eap" else (0.5,)
-        runs[name] = pipeline.run(request(world, "methods.duckdb", score=score, alphas=alphas),
+def methods(world, faith):  # noqa: F811
+    """A copy of the faithfulness run's cache (its answers and eap scores reused) with the same
+    pair also scored with eap-ig at one and at two steps (alpha 0.5 only)."""
+    path = world / "methods.duckdb"
+    shutil.copy(faith.path, path)
+    runs = {"eap": faith.run_key}
+    for name, steps in (("ig1", 1), ("ig2", 2)):
+        score = ScoreSettings(method="eap-ig", ig_steps=steps)
+        runs[name] = pipeline.run(ask(world, "methods.duckdb", score=score, alphas=(0.5,)),
                                   log=quiet).run_key
-    return ResultCache.open(world / "methods.duckdb"), runs
+    return ResultCache.open(path), runs
 
 
 def stored_rows(path, run_key):
@@ -78,7 +89,7 @@ def test_one_row_per_alpha_and_model_and_a_rerun_does_nothing(world, faith, monk
     def no_loading(*args, **kwargs):
         raise AssertionError("a complete rerun must not load a model")
     monkeypatch.setattr(ModelSpec, "load", no_loading)
-    again = pipeline.run(request(world, "faith.duckdb", controls=("faithfulness",),
+    again = pipeline.run(ask(world, "faith.duckdb", controls=("faithfulness",),
                                  faithfulness=FAITH), log=quiet)
     assert set(again.done.values()) == {0}
 
@@ -94,7 +105,7 @@ def test_other_settings_add_rows_of_their_own_and_copies_are_in_no_key():
 
 def test_views_hold_what_core_faithfulness_computes_on_the_same_samples_edges_and_seed(faith):
     cache, run_key = faith.cache, faith.run_key
-    assert faith.before == [] and cache.faithfulness_alphas(run_key) == list(ALPHAS)
+    assert faith.before.alphas == [] and cache.faithfulness_alphas(run_key) == list(ALPHAS)
     direct = run_faithfulness(read_run_samples(Store(faith.path), run_key, 0.5, FAITH.questions),
                               ScoreSettings(), FAITH.edges_per_sample, FAITH.seed, FAITH.copies,
                               log=quiet)
@@ -158,9 +169,9 @@ def test_absent_runs_alphas_models_and_controls_are_not_found_errors(faith, meth
     with pytest.raises(NotFoundError, match="no run 'nope'"):
         cache.faithfulness_alphas("nope")
     other, runs = methods
-    assert other.faithfulness_alphas(runs["eap"]) == []
+    assert other.faithfulness_alphas(runs["ig2"]) == []
     with pytest.raises(NotFoundError, match="holds no faithfulness control .* --controls faithfulness"):
-        other.recovery_areas(runs["eap"], 0.5)
+        other.faithfulness_edges(runs["ig2"], 0.5)
 
 
 def test_method_agreement_finds_the_other_method_runs_of_the_same_pair(methods, faith):
@@ -189,27 +200,27 @@ def test_method_agreement_finds_the_other_method_runs_of_the_same_pair(methods, 
 
 
 def test_plan_counts_the_faithfulness_rows_and_their_seconds(world, faith):  # noqa: F811
-    fresh = request(world, "plan-faith.duckdb", controls=("faithfulness",), faithfulness=FAITH)
+    fresh = ask(world, "plan-faith.duckdb", controls=("faithfulness",), faithfulness=FAITH)
     planned = pipeline.plan(fresh)
     assert planned["missing"]["faithfulness"] == len(ALPHAS) * 2
-    n_questions = min(FAITH.questions, 6)  # before grading: n questions, the most
+    n_questions = min(FAITH.questions, LIMIT)  # before grading: n questions, the most
     n_edges = ResidualGraph(2, "qkv").n_edges
     passes = 1 + pipeline.FORWARD_SHARE * (min(FAITH.edges_per_sample, n_edges) + 1
                                            + len(RECOVERY_FRACTIONS))
     assert planned["stage_seconds"]["faithfulness"] == pytest.approx(
         len(ALPHAS) * 2 * n_questions * passes * pipeline.DEFAULT_SECONDS["score"], abs=0.1)
-    assert "faithfulness" not in pipeline.plan(request(world, "plan-faith.duckdb"))["missing"]
-    done = request(world, "faith.duckdb", controls=("faithfulness",), faithfulness=FAITH)
+    assert "faithfulness" not in pipeline.plan(ask(world, "plan-faith.duckdb"))["missing"]
+    done = ask(world, "faith.duckdb", controls=("faithfulness",), faithfulness=FAITH)
     again = pipeline.plan(done)
     assert again["missing"]["faithfulness"] == 0 and again["stage_seconds"]["faithfulness"] == 0
-    more = pipeline.plan(request(world, "faith.duckdb", controls=("faithfulness",),
+    more = pipeline.plan(ask(world, "faith.duckdb", controls=("faithfulness",),
                                  faithfulness=FAITH.replace(seed=9)))
     assert more["missing"]["faithfulness"] == len(ALPHAS) * 2
 
 
 def test_plan_seconds_of_scoring_scale_with_eap_ig_steps(world):  # noqa: F811
-    eap = pipeline.plan(request(world, "plan-ig.duckdb"))
-    ig = pipeline.plan(request(world, "plan-ig.duckdb",
+    eap = pipeline.plan(ask(world, "plan-ig.duckdb"))
+    ig = pipeline.plan(ask(world, "plan-ig.duckdb",
                                score=ScoreSettings(method="eap-ig", ig_steps=4)))
     assert eap["missing"]["score"] == ig["missing"]["score"] > 0
     assert ig["stage_seconds"]["score"] == pytest.approx(4 * eap["stage_seconds"]["score"])
@@ -222,18 +233,20 @@ def test_plan_seconds_of_scoring_scale_with_eap_ig_steps(world):  # noqa: F811
 
 def test_cli_flags_and_request_files_carry_the_settings(world, faith, tmp_path, capsys):  # noqa: F811
     flags = ["--pair", "tiny", "--dataset", "tiny", "--alpha", *map(str, ALPHAS), "--n", "6",
-             "--beta", "0", "--gamma", "10", "--delta", "2", "--config", str(world / "pairs.toml"),
+             "--limit", str(LIMIT), "--beta", "0", "--gamma", "10", "--delta", "2",
+             "--config", str(world / "pairs.toml"),
              "--cache", str(faith.path), "--controls", "faithfulness", "--faith-questions", "3",
              "--faith-edges-per-sample", "4", "--faith-seed", "5"]
     assert main(["plan", *flags, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["missing"]["faithfulness"] == 0
     assert main(["plan", *flags[:-1], "6", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["missing"]["faithfulness"] == len(ALPHAS) * 2
-    asked = request(world, "faith.duckdb", controls=("faithfulness",), faithfulness=FAITH)
+    asked = ask(world, "faith.duckdb", controls=("faithfulness",), faithfulness=FAITH)
     assert RunRequest.from_file(asked.to_file(tmp_path / "request.json")) == asked
 
 
-def test_the_report_has_a_faithfulness_section_where_computed(faith, methods, monkeypatch):
+def test_the_report_has_a_faithfulness_section_where_computed(faith, methods):
+    assert 'id="faithfulness"' not in faith.before.report
     text = faith.cache.report_html(faith.run_key, alphas=[0.5])
     assert 'id="faithfulness"' in text and "W vs Delta" in text and "Recovery areas" in text
     assert "tiny-post - tiny-base" in text and "Another scoring method" not in text
@@ -241,8 +254,3 @@ def test_the_report_has_a_faithfulness_section_where_computed(faith, methods, mo
     text = cache.report_html(runs["ig2"], alphas=[0.5])
     assert 'id="faithfulness"' in text and "Another scoring method" in text
     assert "Recovery areas" not in text
-    # At alpha 0.1 (T_cut 1) the controls section fails on its own (the answer-only part of a
-    # one-token cut is all zero); this test is about the faithfulness section.
-    monkeypatch.setattr(report, "SECTIONS", tuple(b for b in report.SECTIONS
-                                                  if b is not report.controls))
-    assert 'id="faithfulness"' not in cache.report_html(runs["eap"], alphas=[0.1])
