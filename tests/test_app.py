@@ -29,8 +29,9 @@ REPO = Path(__file__).resolve().parent.parent
 APP = str(REPO / "app.py")
 PAGES = {"app.py": "Overview", "pages/1_Edge_heatmap.py": "Edge heatmap",
          "pages/2_Distributions.py": "Distributions", "pages/3_Circuit_graph.py": "Circuit graph",
-         "pages/4_Samples.py": "Samples", "pages/5_Compute.py": "Compute",
-         "pages/6_Controls.py": "Controls"}
+         "pages/8_Trajectory.py": "Trajectory", "pages/4_Samples.py": "Samples",
+         "pages/5_Compute.py": "Compute", "pages/6_Controls.py": "Controls",
+         "pages/7_Faithfulness.py": "Faithfulness"}
 RESULT_PAGES = [page for page in PAGES if page != "pages/5_Compute.py"]
 # The fixture: "fixture-pair" (2 layers, one post model) and "fixture-series" (3 layers, post models
 # synthetic-grpo and synthetic-dpo), one dataset, alphas 0.1 and 0.3, 8 questions.
