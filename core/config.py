@@ -238,7 +238,8 @@ def user_dataset(name: str, cache: str | os.PathLike | None = None) -> Dataset |
     return read_jsonl_bytes(text.encode("utf-8"), name, f"upload:{source}")
 
 
-def _entry(raw: dict, where: str) -> ModelEntry:
+def model_entry(raw: dict, where: str) -> ModelEntry:
+    """One model of a config entry; `where` names it in errors."""
     if "label" not in raw:
         raise ConfigError(f"{where}: every model needs a `label`")
     spec_fields = {k: v for k, v in raw.items() if k not in ("label", "algorithm", "step")}
@@ -277,8 +278,8 @@ def pair_from_entry(name: str, kind: Kind, raw: dict, where: str) -> PairConfig:
     for key in ("template", "max_new_tokens"):
         if key not in raw:
             raise ConfigError(f"{kind} {name!r} has no `{key}` ({where})")
-    base = _entry(raw["base"], f"{name}.base")
-    post_entries = tuple(_entry(p, f"{name}.post") for p in posts)
+    base = model_entry(raw["base"], f"{name}.base")
+    post_entries = tuple(model_entry(p, f"{name}.post") for p in posts)
     steps = [p.step for p in post_entries]
     if base.step is not None or (any(s is not None for s in steps) and (
             None in steps or steps != sorted(set(steps)))):
@@ -294,7 +295,7 @@ def pair_from_entry(name: str, kind: Kind, raw: dict, where: str) -> PairConfig:
         if kind != "pair":
             raise ConfigError(f"series {name!r}: `seed_null` belongs to a pair (a post model "
                               f"trained again with another seed) ({where})")
-        seed_null = _entry(raw["seed_null"], f"{name}.seed_null")
+        seed_null = model_entry(raw["seed_null"], f"{name}.seed_null")
         if seed_null.label in labels:
             raise ConfigError(f"pair {name!r}: the seed_null label {seed_null.label!r} is taken "
                               f"({where})")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from core.config import (Config, ConfigError, PairConfig, configured, get_dataset, load_config,
-                         pair_from_entry)
+                         model_entry, pair_from_entry)
 from core.datasets import Dataset, DatasetError, is_path, question_from_line, read_jsonl_bytes
 from core.errors import InputError
 from core.models import check_same_tokenizer, model_problem
@@ -164,9 +164,13 @@ def dataset_problems(name: str, upload: Upload, config: Config) -> tuple[Dataset
     return read_jsonl_bytes(upload.data, name, f"upload:{upload.filename}"), []
 
 
+# What each location of a model entry holds, as the form names it.
+LOCATION_NAMES = {"hub": "hub id", "path": "folder", "adapter": "adapter folder"}
+
+
 def _blank_locations(entry: dict, role: str) -> list[str]:
     """A message for each hub id or folder of a model entry left empty."""
-    blank = [f"{role}: give its {key}" for key in ("hub", "path", "adapter")
+    blank = [f"{role}: give its {what}" for key, what in LOCATION_NAMES.items()
              if key in entry and not str(entry[key]).strip()]
     if isinstance(entry.get("base"), dict):
         blank += _blank_locations(entry["base"], f"{role}'s adapter base")
@@ -174,9 +178,10 @@ def _blank_locations(entry: dict, role: str) -> list[str]:
 
 
 def declaration_problems(name: str, declaration: dict, config: Config,
-                         new_dataset: Dataset | None = None) -> tuple[PairConfig | None, list[str]]:
+                         uploading: bool = False) -> tuple[PairConfig | None, list[str]]:
     """The pair (None where it cannot be built) and every problem of its declaration: the name,
-    template, token limit, dataset, model entries and labels."""
+    template, token limit, dataset (configured, or `uploading`: the upload's own problems are
+    dataset_problems'), model entries and labels."""
     offered = configured(config.path, config.cache)
     declared = list(config.pairs) + list(config.series)
     problems = name_problems(name, "pair", declared, offered["user_pairs"], config)
@@ -188,9 +193,9 @@ def declaration_problems(name: str, declaration: dict, config: Config,
         problems.append(f"max_new_tokens = {limit!r}: give the answer token limit, a positive "
                         f"integer")
     dataset = declaration.get("dataset")
-    known = offered["datasets"] + ([new_dataset.name] if new_dataset is not None else [])
-    if dataset not in known:
-        problems.append(f"dataset {dataset!r} is neither configured nor uploaded; known: {known}")
+    if not uploading and dataset not in offered["datasets"]:
+        problems.append(f"dataset {dataset!r} is neither configured nor uploaded; known: "
+                        f"{offered['datasets']}")
     blank = [message for role in ("base", "post")
              for message in _blank_locations(declaration.get(role) or {}, f"{role} model")]
     if blank:
@@ -202,10 +207,21 @@ def declaration_problems(name: str, declaration: dict, config: Config,
     return pair, problems
 
 
-def file_problems(pair: PairConfig) -> list[str]:
-    """Each model whose files are missing or unsafe (not safetensors), read without loading."""
-    return [f"{entry.label}: {problem}" for entry in pair.models
-            if (problem := model_problem(entry.spec))]
+def file_problems(declaration: dict) -> list[str]:
+    """Each model whose files are missing or unsafe (not safetensors), read without loading; an
+    entry that names no model is declaration_problems' to report."""
+    problems = []
+    for role in ("base", "post"):
+        raw = declaration.get(role)
+        if not isinstance(raw, dict) or _blank_locations(raw, role):
+            continue
+        try:
+            entry = model_entry(raw, f"{role} model")
+        except (ConfigError, InputError, ValueError):
+            continue
+        if problem := model_problem(entry.spec):
+            problems.append(f"{entry.label}: {problem}")
+    return problems
 
 
 def architecture_problems(pair: PairConfig) -> list[str]:
@@ -259,13 +275,11 @@ def check_pair(name: str, declaration: dict, *, upload: Upload | None = None,
     config = load_config(config_path, cache)
     new_dataset, problems = (dataset_problems(declaration.get("dataset", ""), upload, config)
                              if upload is not None else (None, []))
-    pair, found = declaration_problems(name, declaration, config, new_dataset)
-    problems += found
-    if pair is None:
+    pair, found = declaration_problems(name, declaration, config, upload is not None)
+    missing = file_problems(declaration)
+    problems += found + missing
+    if pair is None or missing:  # the rest reads the models' files
         return problems
-    missing = file_problems(pair)
-    if missing:  # the rest reads the models' files
-        return problems + missing
     problems += architecture_problems(pair)
     if found or (upload is not None and new_dataset is None):
         return problems  # the prompts need a known template and a readable dataset
@@ -315,8 +329,8 @@ def save_user_pair(name: str, declaration: dict, *, upload: Upload | None = None
         config = load_config(config_path, cache)
         dataset, problems = (dataset_problems(declaration.get("dataset", ""), upload, config)
                              if upload is not None else (None, []))
-        pair, found = declaration_problems(name, declaration, config, dataset)
-        problems += found + (file_problems(pair) if pair is not None else [])
+        problems += declaration_problems(name, declaration, config, upload is not None)[1]
+        problems += file_problems(declaration)
         if problems:
             raise ProblemsError(problems)
         created = now()

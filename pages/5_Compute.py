@@ -1,6 +1,8 @@
 """Compute: pick a pair or series, a dataset, alphas and settings, see the estimated cost, start a job
 that runs in its own process (it survives page reloads and dashboard restarts), watch its stages,
-cancel it. Finished results show up on the other pages without a restart."""
+cancel it. Finished results show up on the other pages without a restart. "New pair" makes a pair
+from models on this machine or the hub and a configured or uploaded dataset, checked before it is
+saved in the cache (not in core/pairs.toml), then picked like the declared ones."""
 
 import datetime as dt
 import json
@@ -9,7 +11,7 @@ from typing import get_args, get_type_hints
 import pandas as pd
 import streamlit as st
 
-from core import jobs
+from core import jobs, query
 from core.settings import (PAPER_ALPHAS, GenerationSettings, ScoreSettings, SelectionSettings,
                            SettingsError)
 from pages._shared import layout, selection, widgets
@@ -22,14 +24,11 @@ if selection.read_only():  # the page list leaves it out; an old link lands here
 
 cache_path = str(selection.cache().path)
 try:
-    config = jobs.configured()
-except jobs.ConfigError as error:
+    config = jobs.configured(cache=cache_path)
+except (jobs.ConfigError, jobs.CircuitdiffError) as error:
     st.error(str(error))
     st.stop()
 pairs, datasets = config["pairs"], config["datasets"]
-if not pairs or not datasets:
-    st.info("No pair or dataset is configured: add them to core/pairs.toml.")
-    st.stop()
 selection.keep_selection()
 # Open on the sidebar's pair and dataset where the config has them: the run the user is looking at,
 # on data this machine has (the first configured ones may need the hub).
@@ -37,10 +36,121 @@ for key, name, options in (("compute.pair", "pair", pairs), ("compute.dataset", 
     chosen = selection.sidebar_choice(name)
     if key not in st.session_state and chosen in options:
         st.session_state[key] = chosen
+# A pair saved by the last run of this page: open on it.
+saved = st.session_state.pop("new.saved", None)
+if saved is not None:
+    st.session_state["compute.pair"], st.session_state["compute.dataset"] = saved
+    st.success(f"Saved the pair **{saved[0]}** in the cache {cache_path}, with the dataset "
+               f"**{saved[1]}**; it is picked below.", icon=":material/check_circle:")
+
+SOURCE_LABELS = {"hub": "hub id", "folder": "local folder", "adapter": "LoRA adapter folder"}
+
+
+def model_inputs(role: str, key: str, pair_base: dict | None = None) -> dict:
+    """One model of the new pair, in the current container, as a pairs.toml entry; an adapter's
+    base defaults to `pair_base` (the post model on the pair's base)."""
+    st.markdown(f"**{role}**")
+    source = st.radio("From", query.MODEL_SOURCES, key=f"{key}.source", horizontal=True,
+                      format_func=SOURCE_LABELS.get)
+    location = st.text_input(SOURCE_LABELS[source].capitalize(), key=f"{key}.location",
+                             placeholder={"hub": "org/name", "folder": "/path/to/model",
+                                          "adapter": "/path/to/adapter"}[source],
+                             help="a folder with config.json and *.safetensors (an adapter: "
+                                  "adapter_config.json and adapter_model.safetensors); relative "
+                                  "folders are taken from the repository root")
+    revision = st.text_input("Revision", key=f"{key}.revision", placeholder="main",
+                             help="a branch, tag or commit") if source == "hub" else ""
+    adapter_base = st.text_input(
+        "Adapter's base (hub id or folder)", key=f"{key}.adapter_base",
+        placeholder="empty: the pair's base model" if pair_base else "org/name or /path",
+    ) if source == "adapter" else ""
+    label = st.text_input("Label", key=f"{key}.label", placeholder="empty: the model's name",
+                          help="how the pages name this model")
+    algorithm = st.text_input("Post-training algorithm", key=f"{key}.algorithm",
+                              placeholder="e.g. GRPO") if pair_base is not None else ""
+    return query.model_declaration(source, location, label, revision=revision,
+                                   adapter_base=adapter_base or pair_base or "", algorithm=algorithm)
+
+
+def new_pair_form() -> None:
+    """Name, base and post model, template, token limit and dataset of a new pair; Check lists
+    every problem (run in a child process: it reads configs and tokenizers), Save checks again and
+    saves the pair in the cache."""
+    name = st.text_input("Name of the new pair", key="new.name", placeholder="my-pair",
+                         help="letters, digits, '.', '_' and '-'; not a name core/pairs.toml has")
+    base_column, post_column = st.columns(2)
+    with base_column:
+        base = model_inputs("Base model", "new.base")
+    with post_column:
+        post = model_inputs("Post-trained model", "new.post", pair_base=base)
+    template_column, tokens_column, source_column = st.columns(3)
+    template = template_column.selectbox("Prompt template", query.TEMPLATE_NAMES, key="new.template",
+                                         help="how a question becomes a prompt (core/templates.py)")
+    max_new_tokens = tokens_column.number_input("Answer token limit", min_value=1, value=512,
+                                                step=64, key="new.max_new_tokens")
+    upload = None
+    if source_column.radio("Dataset", ["configured", "upload"], key="new.dataset_source",
+                           horizontal=True) == "configured":
+        dataset = st.selectbox("Configured dataset", datasets, key="new.dataset")
+    else:
+        file = st.file_uploader(
+            "JSONL file, one question per line", type=["jsonl"], key="new.upload",
+            max_upload_size=query.MAX_DATASET_BYTES // 2**20,
+            help="fields as the math-evaluation-harness files have them: question (or problem), "
+                 "answer (or solution with a \\boxed{} answer), and an optional id")
+        dataset = st.text_input("Dataset name", key="new.upload_name",
+                                placeholder=file.name.removesuffix(".jsonl") if file else "my-set")
+        if file is not None:
+            dataset = dataset.strip() or file.name.removesuffix(".jsonl")
+            upload = query.Upload(file.name, file.getvalue())
+    declaration = query.pair_declaration(base, post, template, int(max_new_tokens), dataset)
+    arguments = dict(upload=upload, cache=cache_path)
+    # What was checked: the result shows until an input changes.
+    checked = json.dumps([name, declaration, upload and upload.filename,
+                          upload and len(upload.data)], sort_keys=True)
+    check_column, save_column, _ = st.columns([1, 1, 4])
+    if check_column.button("Check", icon=":material/fact_check:", key="new.check"):
+        with st.spinner("Reading the models' configs and tokenizers ..."):
+            st.session_state["new.problems"] = (checked, query.check_new_pair(
+                name.strip(), declaration, **arguments))
+    if save_column.button("Save", type="primary", icon=":material/save:", key="new.save"):
+        with st.spinner("Checking, then saving ..."):
+            problems = query.check_new_pair(name.strip(), declaration, **arguments)
+            if not problems:
+                try:
+                    query.save_user_pair(name.strip(), declaration, **arguments)
+                except query.ProblemsError as error:
+                    problems = error.problems
+                except jobs.CircuitdiffError as error:  # a run holds the cache's writer lock
+                    problems = [str(error)]
+                else:
+                    st.session_state["new.saved"] = (name.strip(), dataset)
+                    st.session_state.pop("new.problems", None)
+                    st.rerun()
+            st.session_state["new.problems"] = (checked, problems)
+    checked_for, problems = st.session_state.get("new.problems", (None, None))
+    if problems is not None and checked_for == checked:
+        if problems:
+            # Paths and globs are shown as written, not as Markdown.
+            st.error(f"**{len(problems)} problem(s)** to fix before saving:\n\n" + "\n".join(
+                f"- {problem}".replace("*", "\\*").replace("$", "\\$") for problem in problems))
+        else:
+            st.success("No problem found: the models load, their architecture is supported and "
+                       "they share a tokenizer on this dataset's prompts. Save to pick the pair.")
+
+
+with st.expander("New pair: models on this machine or the hub, a configured or uploaded dataset",
+                 icon=":material/add_circle:"):
+    new_pair_form()
+if not pairs or not datasets:
+    st.info("No pair or dataset is configured yet: make one above, or add them to core/pairs.toml.")
+    st.stop()
 
 left, right = st.columns(2)
 pair = left.selectbox("Model pair or series", list(pairs), key="compute.pair",
-                      format_func=lambda name: f"{name} ({pairs[name]})")
+                      format_func=lambda name: f"{name} ({pairs[name]}"
+                                               + (", made here)" if name in config["user_pairs"]
+                                                  else ")"))
 dataset = right.selectbox("Dataset", datasets, key="compute.dataset")
 alphas = left.multiselect("Alphas (fraction of the mean answer length scored)", list(PAPER_ALPHAS),
                           default=list(PAPER_ALPHAS), key="compute.alphas",

@@ -2,8 +2,9 @@
 chromium-driver, `make browser-deps`) driven by selenium opens every page on a fixture cache, waits
 until the script has finished and every plotly figure is drawn, finds no error element, and saves a
 screenshot. It also opens the HTML report (core/report.py) as a file with the network blocked and
-finds every figure drawn, downloads the report from the dashboard's button, and checks that the
-Compute page opens on the sidebar's pair and dataset.
+finds every figure drawn, downloads the report from the dashboard's button, checks that the
+Compute page opens on the sidebar's pair and dataset, and makes a new pair of tiny local models in
+the browser, computes it and finds it on the Overview.
 
 Skipped, with the reason, only where Chromium or its driver is not installed. Environment knobs:
 - CIRCUITDIFF_SCREENSHOTS=<dir>: also save the screenshots there (how docs/*.png are made);
@@ -25,6 +26,7 @@ import pytest
 
 from core.query import ResultCache
 from core.synthetic import build_fixture_cache, build_synthetic_cache
+from test_pipeline import world  # noqa: F401 - the tiny models and data of the New pair test
 
 pytestmark = pytest.mark.browser
 
@@ -344,5 +346,117 @@ def test_compute_opens_on_the_sidebars_pair_and_dataset(browser, tmp_path):
         WebDriverWait(browser, PAGE_TIMEOUT_S, poll_frequency=0.5).until(
             lambda d: _settled(d, "Edge heatmap"))
         assert (shown("Model pair or series"), shown("Dataset")) == (pair, dataset)
+    finally:
+        app.stop()
+
+
+# --- A new pair, made in the browser ---------------------------------------------------------------
+
+def _compute_page_text(driver) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, '[data-testid="stMain"]').text
+
+
+def _after(driver, action, done, timeout: float = PAGE_TIMEOUT_S) -> None:
+    """Do `action` (a rerun of the page follows), then wait until `done(driver)` holds and the
+    page has settled again. A replaced element means the rerun is still drawing."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    action()
+    time.sleep(0.5)  # the rerun starts after the browser sends the widget's value
+
+    def ready(d) -> bool:
+        try:
+            return done(d) and _settled(d, "Compute")
+        except StaleElementReferenceException:
+            return False
+    WebDriverWait(driver, timeout, poll_frequency=0.5).until(ready)
+
+
+def _element(driver, by: str, selector: str, index: int = 0):
+    """The `index`-th element the selector finds, once it is drawn."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, PAGE_TIMEOUT_S, poll_frequency=0.2).until(
+        lambda d: (found := d.find_elements(by, selector)) and len(found) > index
+        and found[index])
+
+
+def _fill(driver, label: str, text: str, index: int = 0) -> None:
+    """Type `text` into the `index`-th text or number input labelled `label`, and commit it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    selector = f'input[aria-label="{label}"]'
+
+    def type_it():
+        box = _element(driver, By.CSS_SELECTOR, selector, index)
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(text, Keys.ENTER)
+    _after(driver, type_it, lambda d: _element(d, By.CSS_SELECTOR, selector, index)
+           .get_attribute("value") == text)
+
+
+def _click(driver, by: str, selector: str, index: int = 0, done=lambda d: True,
+           timeout: float = PAGE_TIMEOUT_S) -> None:
+    _after(driver, lambda: _element(driver, by, selector, index).click(), done, timeout)
+
+
+def _shown(by: str, selector: str, count: int = 1):
+    """Done once `count` elements match (0: once none does)."""
+    return lambda d: len(d.find_elements(by, selector)) == count
+
+
+def _button(label: str) -> str:
+    """XPath of a button by its text (its icon ligature is a line of its own)."""
+    return f'//button[.//p[normalize-space(.)="{label}"]]'
+
+
+def test_a_pair_made_in_the_browser_is_computed_and_shown_on_the_overview(browser, world,
+                                                                         tmp_path):
+    """On an empty cache: New pair from two tiny local folders and an uploaded JSONL, Save, Start
+    with few alphas, wait for the job, and find the run on the Overview."""
+    from selenium.webdriver.common.by import By
+
+    # The world's tiny models under names that make distinct labels (a label may not be "base").
+    for role in ("base", "post"):
+        (tmp_path / f"tiny-{role}").symlink_to(world / role)
+    cache = tmp_path / "made-here.duckdb"
+    app = Dashboard(cache, tmp_path / "dashboard.log")
+    try:
+        assert open_page(browser, f"{app.url}/Compute", "Compute") == []
+        _click(browser, By.CSS_SELECTOR, '[data-testid="stExpander"] summary',
+               done=_shown(By.CSS_SELECTOR, 'input[aria-label="Name of the new pair"]'))
+        _fill(browser, "Name of the new pair", "made-here")
+        radio = '//label[@data-testid="stRadioOption"][normalize-space(.)="{}"]'
+        for index, role in enumerate(("base", "post")):
+            _click(browser, By.XPATH, radio.format("local folder"), index,
+                   _shown(By.CSS_SELECTOR, 'input[aria-label="Local folder"]', index + 1))
+            _fill(browser, "Local folder", str(tmp_path / f"tiny-{role}"), index)
+        _fill(browser, "Answer token limit", "12")
+        _click(browser, By.XPATH, radio.format("upload"),
+               done=_shown(By.CSS_SELECTOR, 'input[type="file"]'))
+        _after(browser, lambda: _element(browser, By.CSS_SELECTOR, 'input[type="file"]')
+               .send_keys(str(world / "data.jsonl")),
+               lambda d: "data.jsonl" in _compute_page_text(d))
+        _click(browser, By.XPATH, _button("Save"), timeout=300,
+               done=lambda d: "Saved the pair" in _compute_page_text(d))
+        assert _element(browser, By.CSS_SELECTOR, 'input[aria-label="Model pair or series"]') \
+            .get_attribute("value") == "made-here (pair, made here)"
+        # One alpha is enough here: the paper's largest.
+        for alpha in ("0.03", "0.1", "0.3"):
+            remove = f'button[aria-label="Remove {alpha}"]'
+            _click(browser, By.CSS_SELECTOR, remove, done=_shown(By.CSS_SELECTOR, remove, 0))
+        _click(browser, By.XPATH, _button("Start"), timeout=600, done=lambda d: any(
+            state in _compute_page_text(d) for state in (" · done · ", " · failed · ")))
+        assert " · done · " in _compute_page_text(browser), _compute_page_text(browser)
+
+        assert open_page(browser, f"{app.url}/", "Overview") == []
+        text = browser.find_element(By.CSS_SELECTOR, '[data-testid="stMain"]').text
+        assert "made-here · data · tiny-base → tiny-post" in text
+        assert "Pooled: 1 run(s)" in text
+        _save(browser, "made_here_overview", tmp_path)
     finally:
         app.stop()

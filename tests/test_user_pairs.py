@@ -88,7 +88,7 @@ def test_every_problem_of_a_pair_at_once(world):
     assert "must be distinct" in labels
     (blank,) = check_pair("new", declaration(world, post=model_declaration("folder", "", "p")),
                           config_path=str(world / "pairs.toml"), cache=str(world / "none.duckdb"))
-    assert blank == "post model: give its path"
+    assert blank == "post model: give its folder"
 
 
 def test_models_that_cannot_be_used_are_named(world, tmp_path):
