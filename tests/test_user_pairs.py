@@ -36,6 +36,21 @@ def problems_of_upload(world, data: bytes, name="upload") -> list[str]:
     return problems
 
 
+def test_model_declarations_speak_the_pairs_toml_vocabulary(tmp_path):
+    hub = model_declaration("hub", " org/model-7b ", revision="v1.0", algorithm="GRPO")
+    assert hub == {"hub": "org/model-7b", "revision": "v1.0", "label": "model-7b",
+                   "algorithm": "GRPO"}
+    base = model_declaration("folder", str(tmp_path / "base"), "my-base")
+    assert base == {"path": str(tmp_path / "base"), "label": "my-base"}
+    # An adapter on the pair's base (its label dropped), or on a hub id or folder given as text.
+    on_base = model_declaration("adapter", str(tmp_path / "lora") + "/", adapter_base=base)
+    assert on_base == {"adapter": str(tmp_path / "lora"), "base": {"path": str(tmp_path / "base")},
+                       "label": "lora"}
+    assert model_declaration("adapter", "a", adapter_base="org/base")["base"] == {"hub": "org/base"}
+    assert model_declaration("adapter", "a", adapter_base=str(tmp_path))["base"] == {
+        "path": str(tmp_path)}
+
+
 def test_each_bad_line_of_an_upload_is_one_message_with_its_line(world):
     lines = [{"id": "a", "question": "What is 1 plus 1", "answer": "2"},
              {"id": "b", "answer": "3"},                                   # no question
