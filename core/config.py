@@ -191,15 +191,20 @@ def configured(config_path: str | os.PathLike | None = None,
                cache: str | os.PathLike | None = None) -> dict[str, Any]:
     """What a run can name: {"pairs": {name: "pair" | "series"}, "datasets": [names]}, the
     config's first, then those made from the browser that the cache keeps (None: the default
-    cache), which "user_pairs" and "user_datasets" name again."""
+    cache), which "user_pairs" and "user_datasets" name again; "cache_problem" says why the
+    cache's could not be read (None: they were)."""
     config = load_config(config_path, cache)
-    user_pairs = {name: kind for name, (kind, _) in user_pair_declarations(cache).items()
+    try:
+        made, made_datasets, problem = user_pair_declarations(cache), user_dataset_names(cache), None
+    except CircuitdiffError as error:  # e.g. an older schema, which a run migrates first
+        made, made_datasets, problem = {}, [], str(error)
+    user_pairs = {name: kind for name, (kind, _) in made.items()
                   if name not in config.pairs and name not in config.series}
-    user_datasets = [name for name in user_dataset_names(cache) if name not in config.datasets]
+    user_datasets = [name for name in made_datasets if name not in config.datasets]
     return {"pairs": {**dict.fromkeys(config.pairs, "pair"), **dict.fromkeys(config.series, "series"),
                       **user_pairs},
             "datasets": list(config.datasets) + user_datasets,
-            "user_pairs": list(user_pairs), "user_datasets": user_datasets}
+            "user_pairs": list(user_pairs), "user_datasets": user_datasets, "cache_problem": problem}
 
 
 # --- Pairs and datasets made from the browser, kept in the cache (core/user_pairs.py saves them) ---

@@ -25,10 +25,12 @@ if selection.read_only():  # the page list leaves it out; an old link lands here
 cache_path = str(selection.cache().path)
 try:
     config = jobs.configured(cache=cache_path)
-except (jobs.ConfigError, jobs.CircuitdiffError) as error:
+except jobs.ConfigError as error:
     st.error(str(error))
     st.stop()
 pairs, datasets = config["pairs"], config["datasets"]
+if config["cache_problem"]:
+    st.warning(f"Pairs and datasets made here cannot be listed: {config['cache_problem']}")
 selection.keep_selection()
 # Open on the sidebar's pair and dataset where the config has them: the run the user is looking at,
 # on data this machine has (the first configured ones may need the hub).

@@ -159,6 +159,17 @@ def test_save_lists_and_resolves_the_pair_and_its_uploaded_dataset(world, tmp_pa
         get_pair("mine", load_config(config_path, tmp_path / "other.duckdb"))
 
 
+def test_a_cache_that_cannot_be_read_lists_only_the_declared_pairs(world, tmp_path):
+    import duckdb
+
+    other = tmp_path / "other.duckdb"
+    duckdb.connect(str(other)).execute("CREATE TABLE t (a INTEGER)").close()
+    offered = configured(world / "pairs.toml", other)
+    assert list(offered["pairs"]) == ["tiny", "wrong-layers", "mismatch", "tiny-series"]
+    assert offered["user_pairs"] == [] and "not a circuitdiff cache" in offered["cache_problem"]
+    assert configured(world / "pairs.toml", tmp_path / "none.duckdb")["cache_problem"] is None
+
+
 def test_save_waits_for_no_run(world, tmp_path):
     cache = str(tmp_path / "busy.duckdb")
     with Store(cache).writer_lock():
