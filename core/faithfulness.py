@@ -36,7 +36,7 @@ from torch import nn
 from core.adapters import ArchitectureAdapter, adapter_for
 from core.eap import NonFiniteScoreError, Sample, forward_loss, frozen_eval, score_samples
 from core.errors import InputError, NotFoundError
-from core.faithfulness_stats import (RECOVERY_FRACTIONS, agreement, compare_recovery,  # noqa: F401
+from core.faithfulness_stats import (RECOVERY_FRACTIONS, agreement, compare_recovery,
                                      recovery_area, recovery_f)
 from core.graph import QKV, ResidualGraph
 from core.models import ModelSpec

@@ -524,7 +524,9 @@ def _plan(runner: _Runner) -> dict[str, Any]:
     one_pass = _seconds_per_pass(past["score"])
     per_sample = one_pass * request.score.passes
     stage_seconds = {"generate": generate * (past["generate"] or DEFAULT_SECONDS["generate"]),
-                     "score": score * per_sample, "cross": cross * per_sample}
+                     "score": score * per_sample}
+    if "cross" in request.controls:
+        stage_seconds["cross"] = cross * per_sample
     if "faithfulness" in request.controls:
         stage_seconds["faithfulness"] = (missing_work["faithfulness"]
                                          * min(request.faithfulness.questions, n_selected)

@@ -95,7 +95,9 @@ def test_cli_writes_one_self_contained_file_with_every_section_and_figure(fixtur
     text = out.read_text()
     document = Document(text)
     assert document.sections == list(SECTION_IDS)
-    assert len(SECTIONS) == len(SECTION_IDS) + 1  # controls: only where computed (test_controls_views)
+    # controls and faithfulness: only where computed (test_controls_views,
+    # test_faithfulness_control)
+    assert len(SECTIONS) == len(SECTION_IDS) + 2
     n_alphas = len(series["alphas"])
     assert len(document.figures) == FIGURES_PER_ALPHA * n_alphas + 4
     assert len(set(document.figures)) == len(document.figures)  # ids the browser can tell apart
