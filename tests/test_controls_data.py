@@ -161,6 +161,11 @@ def test_a_cache_written_before_controls_is_migrated_in_place_of_refused(tmp_pat
     con.execute("DROP TABLE scores")
     con.execute("DROP TABLE run_controls")
     con.execute("ALTER TABLE old_scores RENAME TO scores")
+    # ...and without what version 3 added.
+    con.execute("ALTER TABLE run_models DROP COLUMN step")
+    for table in ("faithfulness", "token_views", "user_pairs", "user_datasets"):
+        con.execute(f"DROP TABLE {table}")
+    con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     rows = con.execute("SELECT count(*) FROM scores").fetchone()[0]
     con.close()
     with pytest.raises(Exception, match="python -m core migrate"):
