@@ -42,6 +42,8 @@ _RUN_ROWS = {
     "run_alphas": "SELECT * FROM run_alphas WHERE run_key = $run_key",
     "metrics": "SELECT * FROM metrics WHERE run_key = $run_key",
     "run_controls": "SELECT * FROM run_controls WHERE run_key = $run_key",
+    "faithfulness": "SELECT * FROM faithfulness WHERE run_key = $run_key",
+    "token_views": "SELECT * FROM token_views WHERE run_key = $run_key",
     "stage_timings": "SELECT * FROM stage_timings WHERE run_key = $run_key",
     "models": "SELECT * FROM models WHERE model_key IN "
               "(SELECT model_key FROM run_models WHERE run_key = $run_key)",

@@ -410,3 +410,25 @@ def test_arbitrary_bytes_as_a_parquet_file_are_refused_clearly(exported, target,
     copy_export(exported, folder)
     replace_file(folder, name, content)
     _import_leaves_cache_unchanged(target, folder)
+
+
+def test_a_runs_faithfulness_and_token_views_travel_with_it(source, tmp_path):
+    import datetime
+
+    path, (pair, _) = source
+    copy = tmp_path / "source.duckdb"
+    shutil.copy(path, copy)
+    now = datetime.datetime(2026, 12, 2)
+    with Store(copy).write() as con:
+        Store.insert_rows(con, "faithfulness", [{"run_key": pair, "alpha": 0.5, "label": "base",
+                                                 "settings_key": "s", "settings": "{}",
+                                                 "report": '{"edges": []}', "created_at": now}])
+        Store.insert_rows(con, "token_views", [{"run_key": pair, "alpha": 0.5,
+                                                "question_id": "q0", "settings_key": "s",
+                                                "view": "{}", "created_at": now}])
+    export_run(Store(copy), pair, tmp_path / "export")
+    import_run(Store(tmp_path / "imported.duckdb"), tmp_path / "export")
+    with Store(tmp_path / "imported.duckdb").read() as con:
+        assert con.execute("SELECT run_key, label, report FROM faithfulness").fetchall() == [
+            (pair, "base", '{"edges": []}')]
+        assert con.execute("SELECT question_id FROM token_views").fetchall() == [("q0",)]
