@@ -33,10 +33,10 @@ pytestmark = pytest.mark.browser
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-# url path -> page title; "" is the default page.
+# url path -> page title, in the sidebar's order; "" is the default page.
 PAGES = {"": "Overview", "Edge_heatmap": "Edge heatmap", "Distributions": "Distributions",
-         "Circuit_graph": "Circuit graph", "Samples": "Samples", "Controls": "Controls",
-         "Compute": "Compute"}
+         "Circuit_graph": "Circuit graph", "Trajectory": "Trajectory", "Samples": "Samples",
+         "Controls": "Controls", "Faithfulness": "Faithfulness", "Compute": "Compute"}
 # The icon ligature is the first line of a link's text, the label the last.
 PAGE_LINKS = '[data-testid="stSidebar"] [data-testid="stPageLink"]'
 ERROR_SELECTOR = '[data-testid="stException"], [data-testid="stAlertContentError"]'
@@ -335,7 +335,7 @@ def test_compute_opens_on_the_sidebars_pair_and_dataset(browser, tmp_path):
         WebDriverWait(browser, PAGE_TIMEOUT_S, poll_frequency=0.5).until(
             lambda d: _settled(d, "Compute"))
         def shown(label: str) -> str:
-            return browser.find_element(By.CSS_SELECTOR, f'input[aria-label="{label}"]') \
+            return _element(browser, By.CSS_SELECTOR, f'input[aria-label="{label}"]') \
                 .get_attribute("value")
 
         assert shown("Model pair or series") == f"{pair} (pair)"
