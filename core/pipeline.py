@@ -78,7 +78,7 @@ class _Runner:
         self.log = log
         self.store = Store(request.cache)
         self.runs = RunStore(self.store)
-        config = load_config(request.config)
+        config = load_config(request.config, request.cache)
         self.pair = pair or get_pair(request.pair, config)
         self.dataset = get_dataset(request.dataset, config, request.limit)
         # Work per stage, and per control ("cross", and each null's run).

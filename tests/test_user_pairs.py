@@ -180,9 +180,8 @@ def test_save_waits_for_no_run(world, tmp_path):
 
 def test_a_run_on_a_user_pair_reuses_the_declared_pairs_work(world, tmp_path, monkeypatch):
     cache = tmp_path / "run.duckdb"
-    # The pipeline reads user pairs from the default cache (it loads the config without the
-    # request's cache), which is what a job started from the dashboard inherits.
-    monkeypatch.setenv(ENV_CACHE, str(cache))
+    # The run reads user pairs from the cache its request names, not the default one.
+    monkeypatch.setenv(ENV_CACHE, str(tmp_path / "elsewhere.duckdb"))
     common = dict(alphas=ALPHAS, selection=SELECTION, cache=str(cache),
                   config=str(world / "pairs.toml"))
     declared = pipeline.run(RunRequest(pair="tiny", dataset="tiny", **common), log=quiet)
