@@ -186,6 +186,15 @@ class RunModel:
     fingerprint: str
     samples: list[Sample]
 
+    def load(self, run_key: str, settings: ScoreSettings) -> nn.Module:
+        """The model, refused when its files changed since run `run_key` generated its answers."""
+        found = self.spec.fingerprint()
+        if found != self.fingerprint:
+            raise InputError(f"{self.label} ({self.spec}) has fingerprint {found}, but run {run_key} "
+                             f"recorded {self.fingerprint}: its files changed since the run generated "
+                             f"its answers; restore them or run the pair again")
+        return self.spec.load(dtype=settings.dtype, device=settings.device)
+
 
 @dataclasses.dataclass(frozen=True)
 class RunSamples:
@@ -254,13 +263,8 @@ def run_faithfulness(run: RunSamples, settings: ScoreSettings, edges_per_sample:
     match the fingerprint the run recorded is refused: the run's answers came from other weights."""
     reports = {}
     for entry in run.models:
-        found = entry.spec.fingerprint()
-        if found != entry.fingerprint:
-            raise InputError(f"{entry.label} ({entry.spec}) has fingerprint {found}, but run "
-                             f"{run.run_key} recorded {entry.fingerprint}: its files changed since "
-                             f"the run generated its answers; restore them or run the pair again")
+        model = entry.load(run.run_key, settings)
         log(f"{entry.label}: {len(entry.samples)} questions, T_cut {run.t_cut}")
-        model = entry.spec.load(dtype=settings.dtype, device=settings.device)
         reports[entry.label] = model_faithfulness(entry, model, settings, edges_per_sample, seed,
                                                   copies)
         del model

@@ -116,7 +116,7 @@ def compute_token_view(store: Store, run_key: str, alpha: float, question_id: st
     models = []
     for step, (entry, sample) in enumerate(zip(entries, samples)):
         report(f"load {entry.label}", 2 * step, STEPS)
-        model = _load_recorded(entry, run_key, settings)
+        model = entry.load(run_key, settings)
         tokenizer = entry.spec.load_tokenizer()
         report(f"score {entry.label}", 2 * step + 1, STEPS)
         log(f"{entry.label}: question {question_id}, T_cut {sample.t_cut}")
@@ -137,16 +137,6 @@ def compute_token_view(store: Store, run_key: str, alpha: float, question_id: st
             "score": {"granularity": settings.granularity, "dtype": settings.dtype,
                       **settings.method_description()},
             "edges": edges, "models": models}
-
-
-def _load_recorded(entry: RunModel, run_key: str, settings: ScoreSettings):
-    """The model of a run entry, refused when its files changed since the run generated its answers."""
-    found = entry.spec.fingerprint()
-    if found != entry.fingerprint:
-        raise InputError(f"{entry.label} ({entry.spec}) has fingerprint {found}, but run {run_key} "
-                         f"recorded {entry.fingerprint}: its files changed since the run generated "
-                         f"its answers; restore them or run the pair again")
-    return entry.spec.load(dtype=settings.dtype, device=settings.device)
 
 
 def write_token_view(store: Store, view: dict) -> None:
