@@ -364,7 +364,15 @@ def _after(driver, action, done, timeout: float = PAGE_TIMEOUT_S) -> None:
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    action()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            action()
+            break
+        except StaleElementReferenceException:  # found, then replaced by a rerun: find it again
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
     time.sleep(0.5)  # the rerun starts after the browser sends the widget's value
 
     def ready(d) -> bool:
