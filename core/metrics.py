@@ -85,6 +85,10 @@ NO_CLEAR_CHANGE = "no clear change"
 
 # --- Input checks ---------------------------------------------------------------------------------
 
+
+class AllZeroSampleError(ValueError):
+    """A sample's matrix is all zero (e.g. a position part with no positions at this T_cut)."""
+
 def check_scores(scores: np.ndarray, graph: ResidualGraph, name: str = "scores") -> np.ndarray:
     """The scores as float64 [n, n_src, n_dst], or a clear error saying what is wrong."""
     scores = np.asarray(scores)
@@ -105,7 +109,7 @@ def check_scores(scores: np.ndarray, graph: ResidualGraph, name: str = "scores")
                          f"the matrices do not match the graph's real-edge mask")
     empty = np.nonzero(~np.any(scores, axis=(1, 2)))[0]
     if empty.size:
-        raise ValueError(f"{name}: sample(s) {empty[:10].tolist()} are all zero, so their kurtosis "
+        raise AllZeroSampleError(f"{name}: sample(s) {empty[:10].tolist()} are all zero, so their kurtosis "
                          f"and correlations are undefined; drop them")
     return scores
 

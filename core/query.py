@@ -39,7 +39,8 @@ from core.vocab import GRANULARITIES, ROLES
 
 # Re-exported for the pages, which may import only this module of the read side.
 from core.circuit import RANK_BY  # noqa: F401
-from core.metrics import EDGE_MEASURES, METRICS, PAPER_DIRECTION, PER_SAMPLE_METRICS  # noqa: F401
+from core.metrics import (EDGE_MEASURES, METRICS, PAPER_DIRECTION, PER_SAMPLE_METRICS,  # noqa: F401
+                          AllZeroSampleError)
 from core.snapshot import RunNotFoundError  # noqa: F401
 # The Compute page's "New pair": declare, check (in a child process) and save a pair made there.
 from core.user_pairs import (MAX_DATASET_BYTES, MODEL_SOURCES, TEMPLATE_NAMES,  # noqa: F401
@@ -812,6 +813,7 @@ class ResultCache(SnapshotReader):
                 low, high = m.change_ci or (math.nan, math.nan)
                 table.loc[name, ["change", "change_low", "change_high"]] = m.change, low, high
             missing: dict[str, str] = {}
+            _, t_cut = self._alpha(run_key, alpha)
             try:
                 parts = self.decomposition(run_key, alpha, **scope, settings=settings)
                 parts = parts.set_index("metric")
@@ -842,6 +844,10 @@ class ResultCache(SnapshotReader):
                     table[column] = [variant.metrics[name].change for name in table.index]
                 except ControlNotComputedError as error:
                     missing["positions"] = str(error)
+                except AllZeroSampleError:
+                    # At T_cut 1 the one scored token is predicted from the prompt: no answer part.
+                    missing["positions"] = (f"the {positions} part is zero at T_cut {t_cut} for "
+                                            f"some questions; it is defined from T_cut 2 on")
             correlation = self.loss_correlation(run_key, alpha, **scope, settings=settings)
             for role in ROLES:
                 rho = correlation[correlation["model"] == role].set_index("metric")["rho"]

@@ -290,3 +290,24 @@ def test_a_null_models_run_is_never_pooled_in_the_overview(controls_cache):
     assert len(null_cells) and not null_cells["pooled"].any()
     assert null_cells["left_out"].str.contains(f"control of run {runs['pair']}").all()
     assert pooling[pooling["run_key"] == runs["pair"]]["pooled"].any()
+
+
+def test_a_position_part_that_is_all_zero_is_listed_as_missing_not_raised(tmp_path, monkeypatch):
+    # At T_cut 1 the one scored token is predicted from the prompt, so the answer-only part is zero.
+    from core.metrics import AllZeroSampleError
+    from core.query import ResultCache
+    from core.synthetic import build_controls_fixture
+
+    path = tmp_path / "cache.duckdb"
+    runs = build_controls_fixture(path, QUICK)
+    cache = ResultCache.open(path)
+    real = ResultCache.comparison
+
+    def comparison(self, run_key, alpha, *, settings=QUICK, **scope):
+        if settings.positions == "answer-only":
+            raise AllZeroSampleError("base scores: sample(s) [0] are all zero")
+        return real(self, run_key, alpha, settings=settings, **scope)
+    monkeypatch.setattr(ResultCache, "comparison", comparison)
+    summary = cache.controls_summary(runs["pair"], 0.1, settings=QUICK)
+    assert "answer-only part is zero at T_cut" in summary.missing["positions"]
+    assert summary.table["answer_only"].isna().all() and summary.table["no_sink"].notna().all()
