@@ -292,7 +292,7 @@ def consistent_edge_lines(frame: pd.DataFrame, steps: list[int], measure: str, *
     return fig
 
 
-# --- Faithfulness and the token view (docs/method.md section 9) ----------------------------------
+# --- Faithfulness and the token view (docs/method.md section 8) ----------------------------------
 
 # Ablated edges by stratum: the largest by |W| and the random draw; both read on light and dark.
 STRATUM_COLORS = {"top": "#E45756", "random": "#9D9D9D"}

@@ -87,7 +87,7 @@ class ModelNotLoadableError(InputError):
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """A hub id (with optional revision), a local folder, a LoRA adapter on a base spec, or a
-    perturbed base: the null model of docs/method.md section 9, base + R with R matched per weight
+    perturbed base: the null model of docs/method.md section 8, base + R with R matched per weight
     matrix to (post - base) in Frobenius norm along a direction drawn from `seed` (see
     `matched_perturbation`); built in memory at load, never written (`path` is empty)."""
 
@@ -240,7 +240,7 @@ def matched_perturbation(model, post, seed: int) -> dict[str, float]:
     attention and MLP projections, embeddings and the LM head; tied matrices once), R has the
     Frobenius norm of (post - base) and a Gaussian direction drawn from (seed, parameter name), in
     float64. Norm gains and biases (1-D) stay the base's: "a random update of the same size" is
-    defined per matrix (docs/method.md section 9), and a random sign flip of a gain is no update
+    defined per matrix (docs/method.md section 8), and a random sign flip of a gain is no update
     of a trained model's kind. Returns each matrix's ||R||_F."""
     import torch
 

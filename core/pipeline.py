@@ -256,7 +256,7 @@ class _Runner:
             self._score(entry, entry, "score")
 
     def cross(self) -> None:
-        """Cross-scoring (docs/method.md section 9): S(post, base tokens) and S(base, post
+        """Cross-scoring (docs/method.md section 8): S(post, base tokens) and S(base, post
         tokens) at the run's T_cuts, stored as score rows of their scorer."""
         for scorer, tokens in self.cross_pairs():
             self._score(scorer, tokens, "cross")
@@ -314,7 +314,7 @@ class _Runner:
             for i, ((key, cut), sample) in enumerate(zip(chunk, samples))],
             graph.edges(result.scores), parts)
 
-    # --- null models (docs/method.md section 9) ------------------------------------------------
+    # --- null models (docs/method.md section 8) ------------------------------------------------
 
     def null_pairs(self, control: str) -> list[tuple[str, PairConfig]]:
         """(post label, the pair base vs null model) of a null control, one per post model."""

@@ -170,7 +170,7 @@ class RunStore:
                                 for row in rows], vectors, parts)
             con.execute("UPDATE runs SET updated_at = ? WHERE run_key = ?", [created, run_key])
 
-    # --- controls (docs/method.md section 9) --------------------------------------------------
+    # --- controls (docs/method.md section 8) --------------------------------------------------
 
     def cross_vectors(self, run_key: str, t_cut: int, scorer_label: str,
                       tokens_label: str) -> tuple[list[str], list[int]]:

@@ -103,7 +103,7 @@ TABLES = {
         created_at TIMESTAMP, part_vector_ids BIGINT[], logit_grad_norm DOUBLE,
         logits_slot_grad_norm DOUBLE, residual_norm DOUBLE,
         PRIMARY KEY (generation_key, t_cut, score_key, model_key)""",
-    # A control of a run's post model (docs/method.md section 9): a null model's comparison with the
+    # A control of a run's post model (docs/method.md section 8): a null model's comparison with the
     # base is a run of its own (control_run_key), linked here.
     "run_controls": """run_key VARCHAR, post_label VARCHAR, control VARCHAR,
         control_run_key VARCHAR, created_at TIMESTAMP, PRIMARY KEY (run_key, post_label, control)""",
@@ -114,13 +114,13 @@ TABLES = {
         code_version VARCHAR, git_commit VARCHAR, created_at TIMESTAMP,
         PRIMARY KEY (run_key, stage, created_at)""",
     "file_hashes": """path VARCHAR PRIMARY KEY, size BIGINT, mtime_ns BIGINT, sha256 VARCHAR""",
-    # The faithfulness control of one model of a run at one alpha (docs/method.md section 9): the
+    # The faithfulness control of one model of a run at one alpha (docs/method.md section 8): the
     # report of core.faithfulness (edges' W and Delta, agreement, recovery curve) as JSON, keyed by
     # the score and ablation settings that produced it.
     "faithfulness": """run_key VARCHAR, alpha DOUBLE, label VARCHAR, settings_key VARCHAR,
         settings VARCHAR, report VARCHAR, created_at TIMESTAMP,
         PRIMARY KEY (run_key, alpha, label, settings_key)""",
-    # The token view of one question of a run (docs/method.md section 9): per answer position, each
+    # The token view of one question of a run (docs/method.md section 8): per answer position, each
     # model's contribution to the edges that changed most, as JSON, computed on demand by a job.
     "token_views": """run_key VARCHAR, alpha DOUBLE, question_id VARCHAR, settings_key VARCHAR,
         view VARCHAR, created_at TIMESTAMP, PRIMARY KEY (run_key, alpha, question_id, settings_key)""",

@@ -1,4 +1,4 @@
-"""The token view (docs/method.md section 9): for one question of a run, which answer tokens carry the
+"""The token view (docs/method.md section 8): for one question of a run, which answer tokens carry the
 change of the edges that changed most.
 
 W[s, d] = -sum_t O_s[t] . G_d[t] is a sum over positions. For the k edges whose mean |W| changed most

@@ -1,4 +1,4 @@
-"""Faithfulness: do the edge scores predict real ablation? (docs/method.md section 9). For the selected
+"""Faithfulness: do the edge scores predict real ablation? (docs/method.md section 8). For the selected
 run, post model and alpha: each model's score W against the real effect Delta of removing the edge
 (scatter and correlations), the circuit recovery curves f(k) with their intervals and areas, and, where
 the same pair was also scored with another method, how far the two methods agree. What is not

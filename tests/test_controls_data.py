@@ -1,4 +1,4 @@
-"""Controls, the data side (docs/method.md section 9): cross scores keyed by their scorer, position
+"""Controls, the data side (docs/method.md section 8): cross scores keyed by their scorer, position
 parts and norms stored with every score, control runs linked in run_controls; their export and
 import, the migration of a pre-controls cache, and (with tiny real models) the pipeline's
 cross-scoring and null models."""

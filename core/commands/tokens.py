@@ -1,4 +1,4 @@
-"""`python -m core tokens`: the token view of one question of a run (docs/method.md section 9)."""
+"""`python -m core tokens`: the token view of one question of a run (docs/method.md section 8)."""
 
 from __future__ import annotations
 
