@@ -1,4 +1,5 @@
-# Two entry points: `make demo` (install, build the embedded demo, open the dashboard) and
+# Two entry points: `make demo` (install, start building the embedded demo in the background, serve
+# the dashboard at once: it shows the demo job's progress and each run as it lands) and
 # `make test` (install into .venv/, run the whole suite offline). Everything else is a step of those.
 PYTHON ?= python3.11
 VENV := .venv
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha256
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PORT ?= 8501
 
-.PHONY: venv test demo demo-model demo-run dashboard browser-deps bench clean-cache
+.PHONY: venv test demo demo-model demo-run demo-start dashboard browser-deps bench clean-cache
 
 venv: $(STAMP)
 
@@ -46,7 +47,11 @@ demo-run: demo-model
 dashboard: venv
 	$(OFFLINE) $(PY) -m streamlit run app.py --server.port $(PORT) --server.headless true
 
-demo: demo-run dashboard
+# demo-run as a background job (refused, without stopping `make demo`, while one is running).
+demo-start: demo-model
+	-$(OFFLINE) $(PY) -m core.demo start
+
+demo: demo-start dashboard
 
 bench: venv
 	$(PY) benchmarks/bench_eap.py

@@ -12,6 +12,7 @@ refuses early, with a clear message, when one is running.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import os
 import signal
@@ -177,17 +178,8 @@ def list_jobs(cache=None) -> list[JobStatus]:
 
 def start(request: RunRequest) -> str:
     """Start `request` in a detached process; returns its job id."""
-    store = Store(request.cache)
-    for job in list_jobs(request.cache):
-        if job.state in ACTIVE:
-            same = ("the same run" if job.request == request
-                    else f"run {job.request.pair}/{job.request.dataset}")
-            raise JobConflictError(f"job {job.job_id} ({same}) is still {job.state}; wait for it to "
-                                   f"finish or cancel it before starting another")
-    if store.writer_active():
-        raise JobConflictError(f"another process is writing to the cache {store.path} (its writer "
-                               f"lock is held); wait for it to finish before starting a run")
-    job_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    _refuse_while_busy(request.cache, "a run", request)
+    job_id = _new_job_id()
     path = _status_path(job_id, request.cache)
     log_path = path.with_suffix(".log")
     write_status(path, job_id=job_id, request=request.as_dict(), state="queued", stage="starting",
@@ -198,11 +190,36 @@ def start(request: RunRequest) -> str:
     return job_id
 
 
-def _spawn(job_id: str, path: Path, arguments: list[str]) -> None:
-    """`python -m core <arguments>` detached (its own session), its output into the job's log, its
-    pid into the job's status file at `path`."""
+def _new_job_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def _refuse_while_busy(cache, starting: str, request: RunRequest | None = None) -> Store:
+    """Raises JobConflictError while a run or demo job of the cache is active, or another process
+    holds its writer lock; returns the cache's store. `starting`: what the caller starts."""
+    for job in list_jobs(cache):
+        if job.state in ACTIVE:
+            same = ("the same run" if job.request == request
+                    else f"run {job.request.pair}/{job.request.dataset}")
+            raise JobConflictError(f"job {job.job_id} ({same}) is still {job.state}; wait for it to "
+                                   f"finish or cancel it before starting {starting}")
+    for job in demo_jobs(cache):
+        if job.state in ACTIVE:
+            raise JobConflictError(f"the demo job {job.job_id} is still {job.state} (stage "
+                                   f"{job.stage or 'starting'}); wait for it to finish before "
+                                   f"starting {starting}")
+    store = Store(cache)
+    if store.writer_active():
+        raise JobConflictError(f"another process is writing to the cache {store.path} (its writer "
+                               f"lock is held); wait for it to finish before starting {starting}")
+    return store
+
+
+def _spawn(job_id: str, path: Path, arguments: list[str], module: str = "core") -> None:
+    """`python -m <module> <arguments>` detached (its own session), its output into the job's log,
+    its pid into the job's status file at `path`."""
     with open(path.with_suffix(".log"), "ab") as log:
-        child = subprocess.Popen([sys.executable, "-m", "core", *arguments], cwd=REPO_ROOT,
+        child = subprocess.Popen([sys.executable, "-m", module, *arguments], cwd=REPO_ROOT,
                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  start_new_session=True)
     _children[job_id] = child
@@ -234,6 +251,81 @@ def cancel(job_id: str, cache=None, wait_s: float = 10.0) -> JobStatus:
         write_status(_status_path(job_id, cache), state="cancelled",
                      message="cancelled; completed work is kept and a rerun resumes from it")
     return status(job_id, cache)
+
+
+
+# --- the demo's runs (core/demo/run.py) as one background job, and what the pages' banner shows --
+
+# The module whose `run --cache FILE --job-id ID` computes the demo (tests put a cheap stand-in here).
+DEMO_MODULE = "core.demo"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobProgress:
+    """A demo job, or a run job as the pages' banner shows it."""
+
+    job_id: str
+    label: str
+    state: JobState
+    stage: str
+    done: int
+    total: int
+    eta_seconds: float | None
+    message: str
+    started_at: float
+    log_path: str | None = None
+
+
+def demo_status_path(job_id: str, cache=None) -> Path:
+    """Demo jobs keep their status files apart from runs' (`list_jobs` lists runs only)."""
+    return jobs_dir(cache) / "demo" / f"{job_id}.json"
+
+
+def demo_jobs(cache=None) -> list[JobProgress]:
+    """Every demo job of the cache, newest first."""
+    found = [_read_json(p) for p in (jobs_dir(cache) / "demo").glob("*.json")]
+    demos = []
+    for data in found:
+        if data and "job_id" in data:
+            state, message = _checked_state(data)
+            demos.append(JobProgress(
+                job_id=data["job_id"], label="demo", state=state, stage=data.get("stage", ""),
+                done=int(data.get("done", 0)), total=int(data.get("total", 0)),
+                eta_seconds=data.get("eta_seconds"), message=message,
+                started_at=data.get("started_at", 0.0), log_path=data.get("log_path")))
+    return sorted(demos, key=lambda job: job.started_at, reverse=True)
+
+
+def active_jobs(cache=None) -> list[JobProgress]:
+    """The demo and run jobs still queued or running, newest first."""
+    runs = [JobProgress(job_id=j.job_id, label=f"run {j.request.pair}/{j.request.dataset}",
+                        state=j.state, stage=j.stage, done=j.done, total=j.total,
+                        eta_seconds=j.eta_seconds, message=j.message, started_at=j.started_at,
+                        log_path=j.log_path)
+            for j in list_jobs(cache)]
+    return sorted((j for j in runs + demo_jobs(cache) if j.state in ACTIVE),
+                  key=lambda job: job.started_at, reverse=True)
+
+
+def start_demo(cache=None) -> str:
+    """Start the demo's runs (`python -m core.demo run`) in a detached process; returns its job id.
+    Refused (JobConflictError) while a demo or run job is active or the cache's writer lock is
+    held."""
+    store = _refuse_while_busy(cache, "the demo")
+    job_id = _new_job_id()
+    path = demo_status_path(job_id, cache)
+    write_status(path, job_id=job_id, state="queued", stage="starting", done=0, total=0,
+                 eta_seconds=None, message="", started_at=time.time(),
+                 log_path=str(path.with_suffix(".log")), pid=None, pid_created=None)
+    _spawn(job_id, path, ["run", "--cache", str(store.path), "--job-id", job_id], module=DEMO_MODULE)
+    return job_id
+
+
+def format_duration(seconds: float | None) -> str:
+    """An ETA as H:MM:SS, or "unknown"."""
+    if seconds is None or seconds != seconds:
+        return "unknown"
+    return str(dt.timedelta(seconds=int(seconds)))
 
 
 # --- token views (core/tokens.py): one question's per-token contributions, on demand ------------

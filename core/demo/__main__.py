@@ -8,6 +8,7 @@ from pathlib import Path
 
 from core.demo.base import SOURCES
 from core.demo import common
+from core.errors import CircuitdiffError
 
 
 def _prepare_base(args) -> int:
@@ -66,9 +67,33 @@ def _evaluate(args) -> int:
 
 
 def _run(args) -> int:
+    from core import jobs
     from core.demo.run import format_metric_table, run_demo
 
-    print(format_metric_table(run_demo(cache=args.cache)))
+    reporter = (jobs.JobReporter(jobs.demo_status_path(args.job_id, args.cache)) if args.job_id
+                else None)
+    try:
+        if reporter:
+            reporter.running()
+        table = run_demo(cache=args.cache, progress=reporter.progress if reporter else None)
+    except BaseException as error:
+        if reporter:
+            reporter.finish("failed", f"{type(error).__name__}: {error}")
+        raise
+    print(format_metric_table(table))
+    if reporter:
+        reporter.finish("done", "demo complete")
+    return 0
+
+
+def _start(args) -> int:
+    from core import jobs
+    from core.demo.run import require_adapters
+
+    require_adapters()
+    job_id = jobs.start_demo(args.cache)
+    print(f"demo job {job_id} started in the background; its log: "
+          f"{jobs.demo_status_path(job_id, args.cache).with_suffix('.log')}")
     return 0
 
 
@@ -105,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_evaluate)
     p = sub.add_parser("run", help="the pipeline on the demo pairs at the paper's alphas")
     p.add_argument("--cache", default=None, help="cache file (default: the project's cache)")
+    p.add_argument("--job-id", help=argparse.SUPPRESS)
     p.set_defaults(handler=_run)
+    p = sub.add_parser("start", help="`run` as a background job whose progress the dashboard shows; "
+                                     "refused while one is running")
+    p.add_argument("--cache", default=None, help="cache file (default: the project's cache)")
+    p.set_defaults(handler=_start)
     return parser
 
 
@@ -114,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     common.THREADS = args.threads
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError, CircuitdiffError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

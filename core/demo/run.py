@@ -19,18 +19,25 @@ DATASET = "demo"
 DEMO_SELECTION = dict(beta=0.0, gamma=10.0, delta=2.0)
 
 
-def run_demo(cache: str | None = None, log=print):
+def require_adapters() -> None:
+    """Raises FileNotFoundError naming the first demo adapter that is missing."""
+    for algorithm in common.ALGORITHMS:
+        if not (common.ADAPTER_DIR / algorithm / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(f"adapter {common.ADAPTER_DIR / algorithm} is missing; it is "
+                                    f"committed with the repository, or run `python -m core.demo "
+                                    f"train {algorithm}`")
+
+
+def run_demo(cache: str | None = None, log=print, progress=None):
+    """The demo's runs, one pair after the other; `progress(stage, done, total)` hears each pair's
+    pipeline progress with stage "<pair>: <pipeline stage>"."""
     from core import pipeline
     from core.config import RunRequest
     from core.query import ResultCache
     from core.settings import PAPER_ALPHAS, GenerationSettings, SelectionSettings
 
     common.setup_torch()
-    for algorithm in common.ALGORITHMS:
-        if not (common.ADAPTER_DIR / algorithm / "adapter_model.safetensors").is_file():
-            raise FileNotFoundError(f"adapter {common.ADAPTER_DIR / algorithm} is missing; it is "
-                                    f"committed with the repository, or run `python -m core.demo "
-                                    f"train {algorithm}`")
+    require_adapters()
     began = time.monotonic()
     run_keys = []
     for pair in DEMO_PAIRS:
@@ -39,7 +46,9 @@ def run_demo(cache: str | None = None, log=print):
             pair=pair, dataset=DATASET, alphas=PAPER_ALPHAS, cache=cache,
             selection=SelectionSettings(**DEMO_SELECTION),
             generation=GenerationSettings(max_new_tokens=common.MAX_NEW_TOKENS))
-        summary = pipeline.run(request, log=log)
+        pair_progress = None if progress is None else (
+            lambda stage, done, total, pair=pair: progress(f"{pair}: {stage}", done, total))
+        summary = pipeline.run(request, progress=pair_progress, log=log)
         run_keys.append(summary.run_key)
         work = ", ".join(f"{stage} {n}" for stage, n in summary.done.items())
         log(f"{pair}: run {summary.run_key}, {summary.selection['n_selected']} questions, "

@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from core import jobs
 from pages._shared.selection import Selection, cache, read_only, sidebar
 
 # Every page, in order: (script, label, icon). Streamlit's own list is switched off
@@ -28,7 +29,8 @@ COMPUTE_PAGE = "pages/5_Compute.py"
 
 
 def page_setup(title: str) -> None:
-    """Wide layout, the browser tab's title and the page list in the sidebar."""
+    """Wide layout, the browser tab's title, the page list in the sidebar and, while demo or run
+    jobs are active, a banner with their progress."""
     st.set_page_config(page_title=f"{title} · circuitdiff", page_icon=":material/difference:",
                        layout="wide")
     for script, label, icon in NAVIGATION:
@@ -38,6 +40,11 @@ def page_setup(title: str) -> None:
     if read_only():
         st.sidebar.caption("Read-only mode: Compute is hidden.")
     st.sidebar.divider()
+    active = jobs.active_jobs(cache().path)
+    # While a job is active the banner alone refreshes every 2 s; the whole page reruns when a
+    # job's stage changes or a job ends, so that what the job stored shows up.
+    st.session_state["_job_stages"] = _stages(active)
+    st.fragment(job_banner, run_every=2.0 if active else None)()
 
 
 def page_header(title: str, links: tuple[str, ...] = ()) -> Selection | None:
@@ -55,6 +62,21 @@ def page_header(title: str, links: tuple[str, ...] = ()) -> Selection | None:
         return None
     st.caption(sel.title)
     return sel
+
+
+def _stages(active: list[jobs.JobProgress]) -> dict[str, str]:
+    return {job.job_id: job.stage for job in active}
+
+
+def job_banner() -> None:
+    """A line per active demo or run job: its stage, progress and ETA."""
+    active = jobs.active_jobs(cache().path)
+    if _stages(active) != st.session_state.get("_job_stages"):
+        st.rerun()
+    for job in active:
+        st.info(f"**{job.label}** is computing ({job.state}): stage {job.stage or 'starting'}, "
+                f"{job.done}/{job.total} · ETA {jobs.format_duration(job.eta_seconds)}. Results "
+                f"appear as each run lands.", icon=":material/hourglass_top:")
 
 
 def report_download(sel: Selection) -> None:
