@@ -208,6 +208,12 @@ def _refuse_while_busy(cache, starting: str, request: RunRequest | None = None) 
             raise JobConflictError(f"the demo job {job.job_id} is still {job.state} (stage "
                                    f"{job.stage or 'starting'}); wait for it to finish before "
                                    f"starting {starting}")
+    return _refuse_while_writing(cache, starting)
+
+
+def _refuse_while_writing(cache, starting: str) -> Store:
+    """Raises JobConflictError while another process holds the cache's writer lock; returns the
+    cache's store."""
     store = Store(cache)
     if store.writer_active():
         raise JobConflictError(f"another process is writing to the cache {store.path} (its writer "
@@ -389,10 +395,7 @@ def start_token_view(cache, run_key: str, alpha: float, question_id: str, post_l
         raise JobConflictError(f"the token view of question {question_id} ({post_label}, alpha "
                                f"{alpha:g}) is being computed already (job {job_id}, "
                                f"{running.state}); wait for it to finish")
-    store = Store(cache)
-    if store.writer_active():
-        raise JobConflictError(f"another process is writing to the cache {store.path} (its writer "
-                               f"lock is held); wait for its run to finish, then compute the view")
+    store = _refuse_while_writing(cache, "the token view")
     path = token_view_status_path(job_id, cache)
     write_status(path, job_id=job_id, run_key=run_key, alpha=float(alpha), question_id=question_id,
                  post_label=post_label, k=int(k), state="queued", stage="starting", done=0, total=0,

@@ -245,7 +245,7 @@ if estimate is not None and estimated_for == request_json:
     if "error" in estimate:
         st.error(f"Cannot estimate this run: {estimate['error']}")
     else:
-        st.markdown(f"**Estimated cost:** about **{dt.timedelta(seconds=int(estimate['seconds']))}** "
+        st.markdown(f"**Estimated cost:** about **{jobs.format_duration(estimate['seconds'])}** "
                     f"of model time for {estimate['questions']} questions and models "
                     f"{', '.join(estimate['models'])} (run `{estimate['run_key']}`); work still "
                     f"missing per stage:")
@@ -262,12 +262,6 @@ if start_col.button("Start", type="primary", icon=":material/play_arrow:", key="
     else:
         st.success(f"Started job {job_id}. It runs in its own process: reloading or closing this "
                    f"page does not stop it.")
-
-
-def _duration(seconds) -> str:
-    if seconds is None or pd.isna(seconds):
-        return "unknown"
-    return str(dt.timedelta(seconds=int(seconds)))
 
 
 def job_panel() -> None:
@@ -290,7 +284,7 @@ def job_panel() -> None:
                 fraction = job.done / job.total if job.total else 0.0
                 st.progress(min(max(fraction, 0.0), 1.0),
                             text=f"stage {job.stage or 'starting'}: {job.done}/{job.total} · ETA "
-                                 f"{_duration(job.eta_seconds)}")
+                                 f"{jobs.format_duration(job.eta_seconds)}")
             if job.message:
                 st.caption(job.message)
             if job.log_path:
