@@ -32,6 +32,8 @@ from core.errors import CircuitdiffError
 from core.settings import stable_hash
 from core.store import REPO_ROOT, Store
 from core.vocab import ACTIVE_JOB_STATES, JobState
+# Re-exported: the Compute page offers a run's controls through this module.
+from core.vocab import CONTROLS  # noqa: F401
 
 ACTIVE = ACTIVE_JOB_STATES
 REQUEST_SUFFIX = ".request.json"

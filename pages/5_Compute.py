@@ -12,8 +12,8 @@ import pandas as pd
 import streamlit as st
 
 from core import jobs, query
-from core.settings import (PAPER_ALPHAS, GenerationSettings, ScoreSettings, SelectionSettings,
-                           SettingsError)
+from core.settings import (PAPER_ALPHAS, FaithfulnessSettings, GenerationSettings, ScoreSettings,
+                           SelectionSettings, SettingsError)
 from pages._shared import layout, selection, widgets
 
 layout.page_setup("Compute")
@@ -160,14 +160,22 @@ alphas = left.multiselect("Alphas (fraction of the mean answer length scored)", 
 limit = right.number_input("Questions taken from the dataset (0: all)", min_value=0, value=0, step=10,
                            key="compute.limit",
                            help="a first look on a prefix of the dataset; selection then draws from it")
-groups = st.columns(4)
+groups = st.columns(5)
 with groups[0].expander("Selection settings"):
     selection_settings = widgets.settings_widgets(SelectionSettings, "compute.selection")
 with groups[1].expander("Score settings"):
     score = widgets.settings_widgets(ScoreSettings, "compute.score")
 with groups[2].expander("Generation settings"):
     generation = widgets.settings_widgets(GenerationSettings, "compute.generation")
-with groups[3].expander("Where it runs"):
+with groups[3].expander("Controls"):
+    controls = st.multiselect(
+        "Controls", list(jobs.CONTROLS), key="compute.controls",
+        help="docs/method.md section 8. cross: each model scored on the other's answers (weights vs "
+             "tokens); perturb: a matched random update of the base as a null model; seed: the "
+             "pair's seed_null, if declared; faithfulness: real edge ablation and circuit recovery")
+    faithfulness = (widgets.settings_widgets(FaithfulnessSettings, "compute.faithfulness")
+                    if "faithfulness" in controls else FaithfulnessSettings())
+with groups[4].expander("Where it runs"):
     # The executor names are RunRequest.executor's Literal type (no page imports core.executors).
     executor = st.selectbox("Executor", get_args(get_type_hints(jobs.RunRequest)["executor"]),
                             key="compute.executor",
@@ -185,6 +193,7 @@ try:
     request = jobs.RunRequest(pair=pair, dataset=dataset, alphas=tuple(alphas),
                               selection=selection_settings, score=score, generation=generation,
                               limit=int(limit), cache=cache_path, executor=executor,
+                              controls=tuple(controls), faithfulness=faithfulness,
                               ray_address=(ray_address.strip() or None) if ray else None,
                               ray_actors=int(ray_actors) if ray else 0)
 except (ValueError, SettingsError) as error:

@@ -25,9 +25,8 @@ if sel is not None:
             f"and compares the loss change Delta with the score W, and keeps the top edges by mean "
             f"|W| to see how much of the loss they recover. Compute it with `{command}` (the "
             f"`...` being this run's own settings, so only the control is computed; `--faith-"
-            f"questions`, `--faith-edges-per-sample` and `--faith-seed` size it). From the "
-            f"**Compute** page: download the run's request.json, add `\"controls\": "
-            f"[\"faithfulness\"]` to it and run `python -m core run --request request.json`.",
+            f"questions`, `--faith-edges-per-sample` and `--faith-seed` size it), or on the "
+            f"**Compute** page: this run's settings with *faithfulness* chosen under Controls.",
             icon=":material/info:")
         st.stop()
     if not any(math.isclose(sel.alpha, alpha, rel_tol=1e-9) for alpha in alphas):

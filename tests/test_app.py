@@ -580,3 +580,15 @@ def test_compute_offers_the_executors_of_a_run_request(monkeypatch, fixture_cach
     assert len(at.error) == 1 and "not an address" in at.error[0].value
     at.text_input(key="compute.ray_address").set_value("auto").run()
     assert_clean(at, "Compute")
+
+
+def test_compute_starts_a_run_with_the_chosen_controls(monkeypatch, fixture_cache):
+    started = []
+    monkeypatch.setattr(jobs, "start", lambda request: started.append(request) or "job-1")
+    at = open_app(monkeypatch, fixture_cache, "pages/5_Compute.py")
+    at.multiselect(key="compute.controls").set_value(["cross", "faithfulness"]).run()
+    at.number_input(key="compute.faithfulness.questions").set_value(4).run()
+    next(b for b in at.button if b.label == "Start").click().run()
+    [request] = started
+    assert request.controls == ("cross", "faithfulness")
+    assert request.faithfulness.questions == 4
