@@ -592,3 +592,18 @@ def test_compute_starts_a_run_with_the_chosen_controls(monkeypatch, fixture_cach
     [request] = started
     assert request.controls == ("cross", "faithfulness")
     assert request.faithfulness.questions == 4
+
+
+def test_the_sidebar_lists_pairs_in_declared_order_so_the_demo_opens_on_grpo(monkeypatch, tmp_path):
+    # The fixture's runs renamed as two demo pairs: alphabetically demo-dpo would come first.
+    import duckdb
+
+    path = tmp_path / "demo-names.duckdb"
+    build_fixture_cache(path)
+    con = duckdb.connect(str(path))
+    con.execute("UPDATE runs SET name = CASE name WHEN 'fixture-pair' THEN 'demo-grpo' "
+                "ELSE 'demo-dpo' END")
+    con.close()
+    at = open_app(monkeypatch, path, "pages/1_Edge_heatmap.py")
+    assert at.selectbox(key="sel.pair").options == ["demo-grpo", "demo-dpo"]
+    assert at.selectbox(key="sel.pair").value == "demo-grpo"

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import pandas as pd
 import streamlit as st
 
+from core import jobs
 from core.query import ResultCache
 from core.settings import MetricSettings
 from pages._shared import widgets
@@ -135,6 +136,19 @@ def _same_alpha(a: float, b: Any) -> bool:
         return False
 
 
+def _declared_order() -> list[str]:
+    """The pairs and series in the order pairs.toml declares them, then those made here; read once
+    per browser session (it opens the config and the cache). The sidebar lists a cache's pairs in
+    this order, so its default is the first declared pair with results (the demo's GRPO pair)."""
+    if "_declared_pairs" not in st.session_state:
+        try:
+            order = list(jobs.configured(cache=str(cache().path))["pairs"])
+        except jobs.ConfigError:
+            order = []  # a broken pairs.toml: plain alphabetical order (Compute says what is wrong)
+        st.session_state["_declared_pairs"] = order
+    return st.session_state["_declared_pairs"]
+
+
 def sidebar(page_keys: tuple[str, ...] = ()) -> Selection | None:
     """The sidebar's selection (None on an empty cache), mirrored into the URL's query string so a
     link reopens the same view; `page_keys` are the page's own URL parameters, kept there."""
@@ -145,7 +159,10 @@ def sidebar(page_keys: tuple[str, ...] = ()) -> Selection | None:
         st.sidebar.caption(f"Cache: {cache().path} (empty)")
         return None
     st.sidebar.header("Selection")
-    pair = _choose("Model pair or series", "pair", sorted(table["pair"].unique()))
+    order = _declared_order()
+    pair = _choose("Model pair or series", "pair", sorted(
+        table["pair"].unique(), key=lambda name: (order.index(name) if name in order else len(order),
+                                                  name)))
     rows = table[table["pair"] == pair]
     dataset = _choose("Dataset", "dataset", sorted(rows["dataset"].unique()))
     rows = rows[rows["dataset"] == dataset]
