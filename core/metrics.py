@@ -626,13 +626,19 @@ def score_variant(parts: np.ndarray | None, scores: np.ndarray, logit_grad_norm:
     """The per-sample matrices the metrics read under `settings.positions` and `settings.normalise`:
     the sum of the chosen position parts ([n, 3, ...]; `scores` itself for all positions), each
     sample then divided by its logit-gradient norm for normalise=logit-grad. Any trailing shape
-    (dense matrices or real-edge vectors). A variant whose inputs
-    were not stored is a ValueError saying so."""
+    (dense matrices or real-edge vectors). A variant whose inputs were not stored is a ValueError
+    saying so; one that leaves a sample all zero is an AllZeroSampleError saying why."""
     if settings.positions != "all":
         if parts is None:
             raise ValueError(f"positions={settings.positions} needs the scores' position parts, "
                              f"which were not stored for these samples")
         scores = np.asarray(parts)[:, list(POSITION_PARTS[settings.positions])].sum(axis=1)
+        empty = np.flatnonzero(~np.asarray(scores).reshape(len(scores), -1).any(axis=1))
+        if empty.size:
+            raise AllZeroSampleError(
+                f"positions={settings.positions}: the chosen part is zero for sample(s) "
+                f"{empty[:10].tolist()}; a sample scored at T_cut 1 has no answer position (its one "
+                f"scored token is predicted from the prompt), so answer-only is defined from T_cut 2")
     if settings.normalise == "logit-grad":
         if logit_grad_norm is None:
             raise ValueError("normalise=logit-grad needs each sample's logit-gradient norm, which "

@@ -813,7 +813,6 @@ class ResultCache(SnapshotReader):
                 low, high = m.change_ci or (math.nan, math.nan)
                 table.loc[name, ["change", "change_low", "change_high"]] = m.change, low, high
             missing: dict[str, str] = {}
-            _, t_cut = self._alpha(run_key, alpha)
             try:
                 parts = self.decomposition(run_key, alpha, **scope, settings=settings)
                 parts = parts.set_index("metric")
@@ -842,12 +841,8 @@ class ResultCache(SnapshotReader):
                     variant = self.comparison(run_key, alpha, **scope,
                                               settings=settings.replace(positions=positions))
                     table[column] = [variant.metrics[name].change for name in table.index]
-                except ControlNotComputedError as error:
+                except (ControlNotComputedError, AllZeroSampleError) as error:
                     missing["positions"] = str(error)
-                except AllZeroSampleError:
-                    # At T_cut 1 the one scored token is predicted from the prompt: no answer part.
-                    missing["positions"] = (f"the {positions} part is zero at T_cut {t_cut} for "
-                                            f"some questions; it is defined from T_cut 2 on")
             correlation = self.loss_correlation(run_key, alpha, **scope, settings=settings)
             for role in ROLES:
                 rho = correlation[correlation["model"] == role].set_index("metric")["rho"]

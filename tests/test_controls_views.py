@@ -294,7 +294,6 @@ def test_a_null_models_run_is_never_pooled_in_the_overview(controls_cache):
 
 def test_a_position_part_that_is_all_zero_is_listed_as_missing_not_raised(tmp_path, monkeypatch):
     # At T_cut 1 the one scored token is predicted from the prompt, so the answer-only part is zero.
-    from core.metrics import AllZeroSampleError
     from core.query import ResultCache
     from core.synthetic import build_controls_fixture
 
@@ -304,10 +303,22 @@ def test_a_position_part_that_is_all_zero_is_listed_as_missing_not_raised(tmp_pa
     real = ResultCache.comparison
 
     def comparison(self, run_key, alpha, *, settings=QUICK, **scope):
-        if settings.positions == "answer-only":
-            raise AllZeroSampleError("base scores: sample(s) [0] are all zero")
+        if settings.positions == "answer-only":  # the variant of samples scored at T_cut 1
+            parts = np.zeros((2, 3, 4))
+            parts[:, :2] = 1.0
+            metrics.score_variant(parts, parts.sum(1), None, settings)
         return real(self, run_key, alpha, settings=settings, **scope)
     monkeypatch.setattr(ResultCache, "comparison", comparison)
     summary = cache.controls_summary(runs["pair"], 0.1, settings=QUICK)
-    assert "answer-only part is zero at T_cut" in summary.missing["positions"]
+    assert "answer-only is defined from T_cut 2" in summary.missing["positions"]
     assert summary.table["answer_only"].isna().all() and summary.table["no_sink"].notna().all()
+
+
+def test_a_variant_that_leaves_a_sample_all_zero_says_why():
+    parts = np.ones((3, 3, 4))
+    parts[1, 2] = 0.0  # sample 1 has no answer position (scored at T_cut 1)
+    with pytest.raises(metrics.AllZeroSampleError, match=r"sample\(s\) \[1\].*defined from T_cut 2"):
+        metrics.score_variant(parts, parts.sum(1), None, MetricSettings(positions="answer-only"))
+    np.testing.assert_array_equal(
+        metrics.score_variant(parts, parts.sum(1), None, MetricSettings(positions="no-sink")),
+        parts[:, 1:].sum(1))
