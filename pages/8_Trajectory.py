@@ -20,8 +20,8 @@ MEASURE_HELP = ("normalised (the default here): mean|W_post| - mean|W_base| over
 
 
 def series_choice(row) -> dict[str, str]:
-    """The sidebar's widget state that selects the series run `row` (of series_runs)."""
-    return {"sel.pair": row.name, "sel.dataset": row.dataset, "sel.run": row.run_key}
+    """The sidebar's selection of the series run `row` (of series_runs)."""
+    return selection.run_choice(row.name, row.dataset, row.run_key)
 
 
 cache = selection.cache()

@@ -101,6 +101,12 @@ def sidebar_choice(name: str) -> str | None:
     return None if value is None else str(value)
 
 
+def run_choice(pair: str, dataset: str, run_key: str) -> dict[str, str]:
+    """The sidebar's widget state that selects a run (for st.session_state.update, e.g. as a
+    button's on_click): a page that opens on another run than the sidebar's default."""
+    return {"sel.pair": pair, "sel.dataset": dataset, "sel.run": run_key}
+
+
 def keep_selection() -> None:
     """On a page that draws no sidebar selection: keep the selection's widget state, which
     Streamlit drops at the end of a run that draws none of those widgets, so the next result page
