@@ -242,24 +242,28 @@ def cancel(job_id: str, cache=None, wait_s: float = 10.0) -> JobStatus:
     """Stop a job (its whole process group): SIGTERM, then SIGKILL after `wait_s`. Work committed
     so far stays in the cache; a later run resumes from it."""
     job = status(job_id, cache)
-    if job.state in ACTIVE and job.pid:
+    _stop(job_id, job.state, job.pid, job.pid_created, _status_path(job_id, cache), wait_s)
+    return status(job_id, cache)
+
+
+def _stop(job_id: str, state: JobState, pid: int | None, pid_created: float | None, path: Path,
+          wait_s: float) -> None:
+    if state in ACTIVE and pid:
         try:
-            os.killpg(job.pid, signal.SIGTERM)
+            os.killpg(pid, signal.SIGTERM)
             deadline = time.monotonic() + wait_s
-            while _alive(job_id, job.pid, job.pid_created) and time.monotonic() < deadline:
+            while _alive(job_id, pid, pid_created) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _alive(job_id, job.pid, job.pid_created):
-                os.killpg(job.pid, signal.SIGKILL)
+            if _alive(job_id, pid, pid_created):
+                os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         child = _children.pop(job_id, None)
         if child is not None:
             child.wait(timeout=wait_s)
-    if job.state in ACTIVE:
-        write_status(_status_path(job_id, cache), state="cancelled",
+    if state in ACTIVE:
+        write_status(path, state="cancelled",
                      message="cancelled; completed work is kept and a rerun resumes from it")
-    return status(job_id, cache)
-
 
 
 # --- the demo's runs (core/demo/run.py) as one background job, and what the pages' banner shows --
@@ -282,6 +286,7 @@ class JobProgress:
     message: str
     started_at: float
     log_path: str | None = None
+    demo: bool = False
 
 
 def demo_status_path(job_id: str, cache=None) -> Path:
@@ -296,11 +301,12 @@ def demo_jobs(cache=None) -> list[JobProgress]:
     for data in found:
         if data and "job_id" in data:
             state, message = _checked_state(data)
+            part = data.get("part", "pairs")
             demos.append(JobProgress(
-                job_id=data["job_id"], label="demo", state=state, stage=data.get("stage", ""),
-                done=int(data.get("done", 0)), total=int(data.get("total", 0)),
-                eta_seconds=data.get("eta_seconds"), message=message,
-                started_at=data.get("started_at", 0.0), log_path=data.get("log_path")))
+                job_id=data["job_id"], label="demo" if part == "pairs" else f"demo {part}",
+                state=state, stage=data.get("stage", ""), done=int(data.get("done", 0)),
+                total=int(data.get("total", 0)), eta_seconds=data.get("eta_seconds"), message=message,
+                started_at=data.get("started_at", 0.0), log_path=data.get("log_path"), demo=True))
     return sorted(demos, key=lambda job: job.started_at, reverse=True)
 
 
@@ -315,18 +321,55 @@ def active_jobs(cache=None) -> list[JobProgress]:
                   key=lambda job: job.started_at, reverse=True)
 
 
-def start_demo(cache=None) -> str:
-    """Start the demo's runs (`python -m core.demo run`) in a detached process; returns its job id.
-    Refused (JobConflictError) while a demo or run job is active or the cache's writer lock is
-    held."""
+def start_demo(cache=None, part: str = "pairs") -> str:
+    """Start one part of the demo's runs (`python -m core.demo run --part PART`, core/demo/run.py)
+    in a detached process; returns its job id. Refused (JobConflictError) while a demo or run job is
+    active or the cache's writer lock is held."""
     store = _refuse_while_busy(cache, "the demo")
     job_id = _new_job_id()
     path = demo_status_path(job_id, cache)
     write_status(path, job_id=job_id, state="queued", stage="starting", done=0, total=0,
                  eta_seconds=None, message="", started_at=time.time(),
-                 log_path=str(path.with_suffix(".log")), pid=None, pid_created=None)
-    _spawn(job_id, path, ["run", "--cache", str(store.path), "--job-id", job_id], module=DEMO_MODULE)
+                 log_path=str(path.with_suffix(".log")), pid=None, pid_created=None, part=part)
+    _spawn(job_id, path, ["run", "--part", part, "--cache", str(store.path), "--job-id", job_id],
+           module=DEMO_MODULE)
     return job_id
+
+
+def cancel_demo(job_id: str, cache=None, wait_s: float = 10.0) -> None:
+    """Stop a demo job as `cancel` stops a run job; the runs it completed stay in the cache and the
+    next start of the same part resumes."""
+    path = demo_status_path(job_id, cache)
+    data = _read_json(path)
+    if data is None:
+        raise KeyError(f"no demo job {job_id!r} under {path.parent}")
+    state, _ = _checked_state(data)
+    _stop(job_id, state, data.get("pid"), data.get("pid_created"), path, wait_s)
+
+
+def cancel_progress(job: JobProgress, cache=None) -> None:
+    """Stop the demo or run job that the banner shows as `job`."""
+    if job.demo:
+        cancel_demo(job.job_id, cache)
+    else:
+        cancel(job.job_id, cache)
+
+
+def demo_extras_offer(cache=None) -> dict | None:
+    """The demo's second part (core/demo/run.py, "extras") as the Compute page offers it: {"missing":
+    work items, "seconds": estimate}, or None where it does not apply (the cache holds no run of
+    every demo pair yet, or their work is incomplete, or a demo adapter is missing)."""
+    from core.demo import run as demo
+    from core.query import ResultCache
+
+    reader = ResultCache.open(cache)
+    if reader.is_empty() or not set(demo.DEMO_PAIRS) <= set(reader.runs()["pair"]):
+        return None
+    try:
+        demo.require_adapters()
+    except FileNotFoundError:
+        return None
+    return demo.extras_plan(str(Store(cache).path))
 
 
 def format_duration(seconds: float | None) -> str:

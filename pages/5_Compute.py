@@ -300,6 +300,41 @@ def job_panel() -> None:
                 st.caption(f"log: {job.log_path}")
 
 
+@st.cache_data(ttl=60, show_spinner=False)
+def demo_extras_offer(path: str, modified: float) -> dict | None:
+    # Planning loads tokenizers: once a minute, or when the cache file changes.
+    return jobs.demo_extras_offer(path)
+
+
+def demo_extras_panel() -> None:
+    """The demo's second part, offered once its pairs have landed."""
+    modified = selection.cache().path.stat().st_mtime if selection.cache().path.exists() else 0.0
+    offer = demo_extras_offer(cache_path, modified)
+    if offer is None or not offer["missing"]:
+        return
+    with st.container(border=True):
+        st.markdown(f"**The demo's second part**: GRPO's training trajectory (the series "
+                    f"`demo-grpo-steps`) and the faithfulness control of `demo-grpo` (real edge "
+                    f"ablation and circuit recovery). Estimated from this cache's timings: about "
+                    f"{jobs.format_duration(offer['seconds'])}.")
+        if st.button("Compute the demo's second part", icon=":material/play_arrow:",
+                     disabled=bool(jobs.active_jobs(cache_path))):
+            try:
+                job_id = jobs.start_demo(cache_path, "extras")
+            except jobs.JobConflictError as error:
+                st.error(str(error))
+            else:
+                st.session_state["compute.demo_started"] = job_id
+                st.rerun()  # the banner of the next run shows the job
+
+
+started_demo = st.session_state.pop("compute.demo_started", None)
+if started_demo is not None:
+    st.success(f"Started the demo job {started_demo}; the banner above shows its progress and each "
+               f"run appears on the other pages as it lands.", icon=":material/check_circle:")
+
+
+demo_extras_panel()
 st.subheader("Jobs")
 active = any(job.state in jobs.ACTIVE for job in jobs.list_jobs(cache_path))
 # While a job is active, the job panel alone refreshes every 2 s.

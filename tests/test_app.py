@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from core import figures, jobs
@@ -413,6 +414,25 @@ def test_an_estimate_that_fails_shows_its_one_line_error(monkeypatch, fixture_ca
     next(b for b in at.button if b.label == "Estimate cost").click().run()
     assert [e.value for e in at.error] == ["Cannot estimate this run: cannot read the tokenizer of "
                                            "no/such/model"]
+
+
+def test_the_demo_second_part_is_offered_with_its_estimate_and_started(monkeypatch, fixture_cache):
+    started = []
+    monkeypatch.setattr(jobs, "demo_extras_offer", lambda cache: {"missing": 12, "seconds": 754.0})
+    st.cache_data.clear()  # the page plans once a minute
+    monkeypatch.setattr(jobs, "start_demo", lambda cache, part: started.append(part) or "job-7")
+    at = open_app(monkeypatch, fixture_cache, "pages/5_Compute.py")
+    assert_clean(at, "Compute")
+    assert "about 0:12:34" in markdown(at)
+    next(b for b in at.button if b.label == "Compute the demo's second part").click().run()
+    assert started == ["extras"]
+    assert any("Started the demo job job-7" in box.value for box in at.success)
+    # Nothing to offer: the pairs have not landed, or the second part is complete.
+    for offer in (None, {"missing": 0, "seconds": 0.0}):
+        monkeypatch.setattr(jobs, "demo_extras_offer", lambda cache, offer=offer: offer)
+        st.cache_data.clear()  # the page plans once a minute
+        at = open_app(monkeypatch, fixture_cache, "pages/5_Compute.py")
+        assert not [b for b in at.button if b.label == "Compute the demo's second part"]
 
 
 def test_a_running_job_shows_progress_and_can_be_cancelled(monkeypatch, fixture_cache, tmp_path):

@@ -39,6 +39,55 @@ def test_splits_are_disjoint_sized_and_answers_are_right():
     assert kinds == {"arithmetic", "word"}
 
 
+def test_worked_solutions_split_the_second_number_and_every_step_is_right():
+    import re
+
+    step = re.compile(r"(-?\d+) ([+-]) (\d+) = (-?\d+)")
+    for row in problems.load("train")[:200] + problems.load("heldout"):
+        a, operator, b = row["expression"].split()
+        equations = step.findall(row["solution"])
+        # The restated problem is not an equation; the two partial steps are.
+        assert len(equations) == 2, row["solution"]
+        for x, op, y, z in equations:
+            assert int(z) == (int(x) + int(y) if op == "+" else int(x) - int(y)), row["solution"]
+        assert equations[0][0] == a and equations[1][3] == row["answer"]
+        assert int(equations[0][2]) + int(equations[1][2]) == int(b)
+        assert f"So the answer is {row['answer']}." in row["solution"]
+
+
+def test_worked_solution_by_hand():
+    assert problems.worked_solution(47, "+", 38) == (
+        "We need 47 + 38. Split 38 into 30 + 8. First 47 + 30 = 77, then 77 + 8 = 85. "
+        "So the answer is 85.\n\\boxed{85}")
+    assert problems.worked_solution(38, "-", 47) == (
+        "We need 38 - 47. Split 47 into 40 + 7. First 38 - 40 = -2, then -2 - 7 = -9. "
+        "So the answer is -9.\n\\boxed{-9}")
+
+
+@pytest.mark.parametrize("answer, reference, correct", [
+    # The template's own format, right and wrong.
+    ("We need 47 + 38. Split 38 into 30 + 8. First 47 + 30 = 77, then 77 + 8 = 85. "
+     "So the answer is 85.\n\\boxed{85}", "85", True),
+    ("We need 47 + 38. Split 38 into 30 + 8. First 47 + 30 = 77, then 77 + 8 = 84. "
+     "So the answer is 84.\n\\boxed{84}", "85", False),
+    # The boxed answer decides, even where the right number appears in the working.
+    ("First 47 + 30 = 77, then 77 + 8 = 85. So the answer is 85.\n\\boxed{77}", "85", False),
+    ("First 38 - 40 = -2, then -2 - 7 = -9. So the answer is -9.\n\\boxed{-9}", "-9", True),
+    ("First 38 - 40 = -2, then -2 - 7 = -9. So the answer is -9.\n\\boxed{9}", "-9", False),
+    # Word problems: units inside the box, a trailing full stop.
+    ("Anna starts with 12 apples and gets 7 more, so we add. So the answer is 19.\n"
+     "\\boxed{19 apples}.", "19", True),
+    # Cut at the token limit before the box: the last number is the answer.
+    ("We need 47 + 38. Split 38 into 30 + 8. First 47 + 30 = 77, then 77 + 8 = 85", "85", True),
+    ("We need 47 + 38. Split 38 into 30 + 8. First 47 + 30 = 77", "85", False),
+    ("I cannot solve this.", "85", False),
+])
+def test_answers_in_the_template_format_are_graded_as_a_reader_would(answer, reference, correct):
+    from core.grading import grade
+
+    assert grade(answer, reference).correct is correct
+
+
 def test_unknown_split_is_refused():
     with pytest.raises(ValueError, match="unknown split"):
         problems.load("test")
@@ -95,7 +144,11 @@ def test_export_adapter_stores_bfloat16_and_the_repository_base_path(tmp_path, m
     weights = load_file(str(target / "adapter_model.safetensors"))
     assert weights["base_model.model.layer.lora_A.weight"].dtype == torch.bfloat16
     config = json.loads((target / "adapter_config.json").read_text())
-    assert config == {"r": 8, "base_model_name_or_path": str(common.BASE_DIR)}
+    # A post-training's adapter applies on the demo base, the reasoning SFT's on the instruct model.
+    assert config == {"r": 8, "base_model_name_or_path": str(common.ADAPTER_DIR / common.REASONING_SFT)}
+    target = train.export_adapter(source, common.REASONING_SFT, log=lambda text: None)
+    config = json.loads((target / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(common.BASE_DIR)
 
 
 @pytest.mark.parametrize("value, offline", [

@@ -65,9 +65,31 @@ def test_the_demo_job_reports_each_pairs_stage_and_a_second_start_is_refused(mon
     _wait_for(lambda: jobs.demo_jobs(cache)[0].state != "running", "the job to end")
     (job,) = jobs.demo_jobs(cache)
     log = Path(job.log_path).read_text()
-    assert (job.state, job.message) == ("done", "demo complete"), log
+    assert (job.state, job.message) == ("done", "demo pairs complete"), log
     assert all(f"{pair}: run key-{pair}" in log for pair in DEMO_PAIRS), log
     assert jobs.active_jobs(cache) == []
+
+
+def test_a_running_demo_job_is_cancelled_and_a_new_start_is_taken(monkeypatch, tmp_path):
+    cache = tmp_path / "demo.duckdb"
+    monkeypatch.setattr(jobs, "DEMO_MODULE", Path(__file__).stem)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    # Never released: only cancelling ends this job.
+    monkeypatch.setenv(RELEASE_ENV, str(tmp_path / "never"))
+    job_id = jobs.start_demo(cache, "extras")
+    _wait_for(lambda: jobs.active_jobs(cache) and jobs.active_jobs(cache)[0].done == 2,
+              "the job's progress")
+    (job,) = jobs.active_jobs(cache)
+    assert (job.label, job.demo) == ("demo extras", True)
+    pid = jobs._read_json(jobs.demo_status_path(job_id, cache))["pid"]
+    jobs.cancel_progress(job, cache)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    (job,) = jobs.demo_jobs(cache)
+    assert job.state == "cancelled" and "rerun resumes" in job.message
+    assert jobs.active_jobs(cache) == []
+    second = jobs.start_demo(cache, "extras")  # no longer refused
+    jobs.cancel_demo(second, cache)
+    assert jobs.demo_jobs(cache)[0].state == "cancelled"
 
 
 def _fake_active_demo(cache: Path, **fields) -> Path:
@@ -94,6 +116,8 @@ def test_pages_show_the_banner_while_a_job_is_active_and_not_after(monkeypatch, 
     assert [e.value for e in at.exception] == []
     (banner,) = _banners(at)
     assert "demo-dpo: score 0.1" in banner and "3/10" in banner and "ETA 0:01:05" in banner
+    cancel = [b for b in at.button if b.key == f"banner.cancel.{path.stem}"]
+    assert len(cancel) == (0 if read_only else 1)  # read-only mode computes nothing, stops nothing
     jobs.write_status(path, state="done", message="demo complete")
     at.run()
     assert _banners(at) == []

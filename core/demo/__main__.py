@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from core.demo.base import SOURCES
+from core.demo.run import PARTS
 from core.demo import common
 from core.errors import CircuitdiffError
 
@@ -29,18 +29,15 @@ def _problems(args) -> int:
 def _train(args) -> int:
     from core.demo import train
 
-    if args.algorithm == "grpo":
-        init = None if args.init_adapter is None else Path(args.init_adapter)
-        train.train_grpo(args.minutes, args.max_steps, init, args.stage)
-        # The best checkpoint by validation accuracy over this and the earlier stages.
-        best = None
-        for stage in range(1, args.stage + 1):
-            chosen, table = train.select_checkpoint(train.grpo_output(stage))
-            accuracy = max(t["validation_accuracy"] for t in table)
-            if best is None or accuracy > best[0]:
-                best = (accuracy, chosen)
-        print(f"chosen GRPO checkpoint: {best[1]} (validation accuracy {best[0]:.3f})")
-        train.export_adapter(best[1], "grpo")
+    if args.algorithm in ("grpo", common.SEED_NULL):
+        seed = train.SEED if args.algorithm == "grpo" else train.SEED_NULL_SEED
+        output = train.train_grpo(args.minutes, args.max_steps, seed)
+        chosen, table = train.select_checkpoint(output)
+        accuracy = max(t["validation_accuracy"] for t in table)
+        print(f"chosen GRPO checkpoint: {chosen} (validation accuracy {accuracy:.3f})")
+        train.export_adapter(chosen, args.algorithm)
+    elif args.algorithm == common.REASONING_SFT:
+        train.export_adapter(train.train_sft(reasoning=True), common.REASONING_SFT)
     elif args.algorithm == "dpo":
         train.export_adapter(train.train_dpo(), "dpo")
     else:
@@ -58,11 +55,8 @@ def _export_steps(args) -> int:
 def _evaluate(args) -> int:
     from core.demo import evaluate
 
-    results = evaluate.evaluate(args.split, tuple(args.models))
-    for name, summary in results["models"].items():
-        print(evaluate.format_row(name, summary))
-    print(f"written: {evaluate.result_path(args.split)} ({results['split']} split, "
-          f"{results['max_new_tokens']} new tokens, greedy)")
+    for label, summary in evaluate.evaluate(args.cache).items():
+        print(evaluate.format_row(label, summary))
     return 0
 
 
@@ -75,14 +69,15 @@ def _run(args) -> int:
     try:
         if reporter:
             reporter.running()
-        table = run_demo(cache=args.cache, progress=reporter.progress if reporter else None)
+        table = run_demo(cache=args.cache, part=args.part,
+                         progress=reporter.progress if reporter else None)
     except BaseException as error:
         if reporter:
             reporter.finish("failed", f"{type(error).__name__}: {error}")
         raise
     print(format_metric_table(table))
     if reporter:
-        reporter.finish("done", "demo complete")
+        reporter.finish("done", f"demo {args.part} complete")
     return 0
 
 
@@ -91,7 +86,7 @@ def _start(args) -> int:
     from core.demo.run import require_adapters
 
     require_adapters()
-    job_id = jobs.start_demo(args.cache)
+    job_id = jobs.start_demo(args.cache, args.part)
     print(f"demo job {job_id} started in the background; its log: "
           f"{jobs.demo_status_path(job_id, args.cache).with_suffix('.log')}")
     return 0
@@ -108,33 +103,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_prepare_base)
     p = sub.add_parser("problems", help="write the problem splits to cache/demo/problems/")
     p.set_defaults(handler=_problems)
-    p = sub.add_parser("train", help="train one adapter into cache/demo/adapters/<algorithm>")
-    p.add_argument("algorithm", choices=common.ALGORITHMS)
+    p = sub.add_parser("train", help="train one adapter into cache/demo/adapters/<name>: first the "
+                                     "base's reasoning SFT, then the post-trainings on it")
+    p.add_argument("algorithm", choices=(common.REASONING_SFT, *common.ALGORITHMS, common.SEED_NULL))
     p.add_argument("--minutes", type=float, default=40.0,
                    help="GRPO wall-time budget; training stops with a checkpoint after it")
-    p.add_argument("--max-steps", type=int, default=120, help="GRPO step limit")
-    p.add_argument("--stage", type=int, default=1,
-                   help="GRPO stage: 2, 3 ... continue from --init-adapter with a fresh optimizer")
-    p.add_argument("--init-adapter", default=None,
-                   help="GRPO checkpoint of the previous stage to continue from")
+    p.add_argument("--max-steps", type=int, default=200, help="GRPO step limit")
     p.set_defaults(handler=_train)
     p = sub.add_parser("export-steps", help="export the GRPO run's trajectory checkpoints into "
                                             "cache/demo/adapters/grpo-step-<n>")
     p.set_defaults(handler=_export_steps)
-    p = sub.add_parser("evaluate", help="greedy accuracy of the base and each adapter, with standard "
-                                        "errors and exact McNemar tests against the base")
-    p.add_argument("--split", choices=("heldout", "validation"), default="heldout")
-    p.add_argument("--models", nargs="+", default=["base", *common.ALGORITHMS],
-                   choices=["base", *common.ALGORITHMS],
-                   help="what to (re)evaluate; results merge into the split's stored results")
+    p = sub.add_parser("evaluate", help="held-out greedy accuracy of the base and each post-trained "
+                                        "model, with standard errors and exact McNemar tests against "
+                                        "the base, from the demo runs' graded answers in the cache")
+    p.add_argument("--cache", default=None, help="cache file (default: the project's cache)")
     p.set_defaults(handler=_evaluate)
     p = sub.add_parser("run", help="the pipeline on the demo pairs at the paper's alphas")
     p.add_argument("--cache", default=None, help="cache file (default: the project's cache)")
+    p.add_argument("--part", choices=PARTS, default="pairs",
+                   help="pairs: the three pairs and GRPO's seed null; extras: GRPO's trajectory "
+                        "and the GRPO pair's faithfulness control")
     p.add_argument("--job-id", help=argparse.SUPPRESS)
     p.set_defaults(handler=_run)
     p = sub.add_parser("start", help="`run` as a background job whose progress the dashboard shows; "
                                      "refused while one is running")
     p.add_argument("--cache", default=None, help="cache file (default: the project's cache)")
+    p.add_argument("--part", choices=PARTS, default="pairs", help="as for `run`")
     p.set_defaults(handler=_start)
     return parser
 

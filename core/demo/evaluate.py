@@ -1,16 +1,16 @@
-"""Held-out greedy accuracy of the base model and each adapter, with standard errors and exact
-McNemar tests against the base (the same questions, so the comparison is paired)."""
+"""Held-out greedy accuracy of the demo base and each post-trained model, with standard errors and
+exact McNemar tests against the base (the same questions, so the comparison is paired).
+
+The accuracies are read from the cache: the demo's runs (core/demo/run.py) generate and grade every
+model's greedy answer to every held-out question, so evaluation costs no model work and counts the
+very answers the analysis is made of.
+"""
 
 from __future__ import annotations
 
-import json
 import math
-import time
-from pathlib import Path
 
-from core.demo import common, problems
-
-RESULT_DIR = Path("cache/demo")
+from core.demo import run as demo_run
 
 
 def mcnemar_exact(fixed: int, broken: int) -> float:
@@ -33,54 +33,56 @@ def accuracy_summary(correct: list[bool], base_correct: list[bool] | None = None
     return summary
 
 
-def evaluate(split: str = "heldout", names=("base", *common.ALGORITHMS), log=print) -> dict:
-    """Evaluate `names` (base and/or adapters) and merge them into the stored results of this split;
-    the base is evaluated first when it is not stored yet (the tests compare against it)."""
-    unknown = set(names) - {"base", *common.ALGORITHMS}
-    if unknown:
-        raise ValueError(f"unknown model(s) {sorted(unknown)}; choose from base, "
-                         f"{', '.join(common.ALGORITHMS)}")
-    common.setup_torch()
-    rows = problems.load(split)
-    tokenizer = common.load_tokenizer()
-    path = result_path(split)
-    results: dict = (json.loads(path.read_text()) if path.is_file() else
-                     {"split": split, "max_new_tokens": common.MAX_NEW_TOKENS, "models": {}})
-    if results["max_new_tokens"] != common.MAX_NEW_TOKENS:
-        results["models"] = {}  # measured under another token limit: start over
-        results["max_new_tokens"] = common.MAX_NEW_TOKENS
-    todo = [n for n in ("base", *common.ALGORITHMS)
-            if n in names or (n == "base" and "base" not in results["models"])]
-    for name in todo:
-        adapter = None if name == "base" else common.ADAPTER_DIR / name
-        started = time.monotonic()
-        texts, grades = common.greedy_grades(common.load_model(adapter), tokenizer, rows)
-        correct = [g.correct for g in grades]
-        base_correct = None if name == "base" else [a["correct"] for a in
-                                                     results["models"]["base"]["answers"]]
-        summary = accuracy_summary(correct, base_correct)
-        summary["seconds"] = round(time.monotonic() - started, 1)
-        summary["boxed_share"] = sum(g.rule == "boxed" for g in grades) / len(rows)
-        summary["answers"] = [{"id": r["id"], "text": t, "extracted": g.extracted, "correct": g.correct}
-                              for r, t, g in zip(rows, texts, grades)]
-        results["models"][name] = summary
-        log(format_row(name, summary))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1) + "\n")
-    if "base" in todo:  # a new base result invalidates the stored comparisons
-        for name in set(results["models"]) - set(todo):
-            del results["models"][name]
-        path.write_text(json.dumps(results, indent=1) + "\n")
+def graded_answers(cache: str | None = None):
+    """One row per (model label, held-out question) answered in the demo's runs: correct, the
+    answer's length in tokens, and whether it ended by itself (EOS) rather than at the token limit."""
+    from core.store import Store
+
+    store = Store(cache)
+    with store.read() as con:
+        return con.execute("""
+            SELECT DISTINCT m.label, q.question_id, gr.correct, len(g.answer_ids) AS tokens,
+                   g.finish_reason
+            FROM runs r
+            JOIN run_models rm ON rm.run_key = r.run_key
+            JOIN models m ON m.model_key = rm.model_key
+            JOIN questions q ON q.dataset_key = r.dataset_key
+            JOIN generations g ON g.model_key = rm.model_key AND g.question_key = q.question_key
+                              AND g.gen_key = r.gen_key
+            JOIN grades gr ON gr.generation_key = g.generation_key
+            WHERE r.dataset_name = ? AND (list_contains(?, r.name) OR r.name LIKE ?)
+            ORDER BY m.label, q.question_id""",
+            [demo_run.DATASET, list(demo_run.DEMO_PAIRS), f"{demo_run.SEED_NULL_PAIR}:seed:%"]).df()
+
+
+def evaluate(cache: str | None = None) -> dict[str, dict]:
+    """label -> accuracy summary (with mean answer tokens and the share ended by EOS), the base
+    first; each post model's McNemar test is against the base on the questions both answered."""
+    answers = graded_answers(cache)
+    if answers.empty:
+        raise FileNotFoundError("the cache holds no answers of the demo's runs; run `python -m "
+                                "core.demo run` first")
+    from core.config import get_pair, load_config
+
+    base = get_pair(demo_run.DEMO_PAIRS[0], load_config()).base.label
+    by_label = {label: rows.set_index("question_id") for label, rows in answers.groupby("label")}
+    base_rows = by_label.pop(base)
+    results = {}
+    for label, rows in [(base, base_rows), *by_label.items()]:
+        shared = rows.index.intersection(base_rows.index)
+        summary = accuracy_summary([bool(c) for c in rows.loc[shared, "correct"]],
+                                   None if label == base else
+                                   [bool(c) for c in base_rows.loc[shared, "correct"]])
+        summary["mean_tokens"] = float(rows["tokens"].mean())
+        summary["ended"] = float((rows["finish_reason"] == "eos").mean())
+        results[label] = summary
     return results
 
 
-def result_path(split: str) -> Path:
-    return RESULT_DIR / f"evaluation-{split}.json"
-
-
-def format_row(name: str, s: dict) -> str:
-    row = (f"{name:5s} {s['correct']:4d}/{s['n']} = {100 * s['accuracy']:5.1f}% "
-           f"± {100 * s['standard_error']:.1f} (s.e.)  boxed {100 * s['boxed_share']:.0f}%  {s['seconds']:.0f} s")
+def format_row(label: str, s: dict) -> str:
+    row = (f"{label:26s} {s['correct']:4d}/{s['n']} = {100 * s['accuracy']:5.1f}% "
+           f"± {100 * s['standard_error']:.1f} (s.e.)  {s['mean_tokens']:.0f} tokens, "
+           f"{100 * s['ended']:.0f}% ended")
     if "mcnemar_p" in s:
         row += f"  fixed {s['fixed']}, broke {s['broken']}, exact McNemar p = {s['mcnemar_p']:.2g}"
     return row

@@ -1,10 +1,12 @@
 """The demo's problem set: two-term sums and differences of 1-2 digit numbers (reasoning-gym
-`chain_sum`, fixed seed), a third of them phrased as short word problems. The base model answers 16%
-of the held-out items correctly within 48 new tokens (README), so post-training has room to help and
-to hurt.
+`chain_sum`, fixed seed), a third of them phrased as short word problems, each with a worked solution
+of about 60 tokens (split the second number into tens and ones, add or subtract them in two steps,
+then the boxed result). The worked solutions teach the demo's base
+model to reason before it answers (core/demo/train.py), so alpha walks along a chain of steps.
 
-Splits (disjoint by expression): train (training prompts of all three adapters), validation (choosing
-GRPO's checkpoint), heldout (the reported accuracies and the pipeline's `demo` dataset).
+Splits (disjoint by expression): train (the base's reasoning SFT takes the first rows, the three
+post-trainings the rest), validation (choosing GRPO's checkpoint), heldout (the reported accuracies and
+the pipeline's `demo` dataset).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ PROBLEM_DIR = Path("cache/demo/problems")
 # Filled in this order from one seeded draw, distinct expressions throughout: there are only 200
 # one-digit expressions, so the evaluation splits come first and keep the task's natural mix of one-
 # and two-digit operands (about half each).
-SPLIT_SIZES = {"heldout": 200, "validation": 100, "train": 1000}
+SPLIT_SIZES = {"heldout": 160, "validation": 64, "train": 1000}
 SEED = 20250926
 # reasoning-gym draws with replacement; draw enough to fill all splits with distinct expressions.
 DRAWN = 4000
@@ -71,9 +73,28 @@ def _phrase(entry: dict, expression: str, rng: random.Random) -> dict:
     else:
         question = entry["question"]
         kind = "arithmetic"
-    solution = f"{a} {operator} {b} = {answer}.\n\\boxed{{{answer}}}"
+    setup = _WORD_SETUP[operator].format(name=name, a=a, b=b, things=things) if kind == "word" else ""
+    solution = setup + worked_solution(a, operator, b)
     return {"question": question, "answer": str(answer), "kind": kind, "expression": expression,
             "solution": solution}
+
+
+# The word problem restated as its calculation, before the worked steps.
+_WORD_SETUP = {"+": "{name} starts with {a} {things} and gets {b} more, so we add. ",
+               "-": "{name} starts with {a} {things} and gives {b} away, so we subtract. "}
+
+
+def worked_solution(a: int, operator: str, b: int) -> str:
+    """The reference answer: the second number split into tens and ones, two partial steps, then the
+    boxed result, e.g. for 47 + 38: "We need 47 + 38. Split 38 into 30 + 8. First 47 + 30 = 77, then
+    77 + 8 = 85. So the answer is 85." and "\\boxed{85}" on its own line."""
+    sign = 1 if operator == "+" else -1
+    tens, ones = b - b % 10, b % 10
+    partial = a + sign * tens
+    result = partial + sign * ones
+    return (f"We need {a} {operator} {b}. Split {b} into {tens} + {ones}. "
+            f"First {a} {operator} {tens} = {partial}, then {partial} {operator} {ones} = {result}. "
+            f"So the answer is {result}.\n\\boxed{{{result}}}")
 
 
 def write(folder: Path = PROBLEM_DIR) -> dict[str, Path]:

@@ -1,5 +1,8 @@
-"""The project's own pipeline on the demo pairs (base vs GRPO, DPO, SFT) at the paper's alphas,
-then the metric table of those runs. A rerun finds everything in the cache and does no model work."""
+"""The project's own pipeline on the demo at the paper's alphas, in two parts, each a background job
+of its own (core/jobs.py start_demo): "pairs" (`make demo`), the three pairs base vs GRPO, DPO and SFT
+with GRPO's seed null; then "extras", which the dashboard offers once the pairs have landed: GRPO's
+trajectory (the series demo-grpo-steps) and the faithfulness control of the GRPO pair. A rerun finds
+everything in the cache and does no model work."""
 
 from __future__ import annotations
 
@@ -7,45 +10,54 @@ import time
 
 from core.demo import common
 
-# The three pairs, then GRPO's trajectory (a series: its step-12 model is demo-grpo's, whose
-# answers and scores the cache shares).
-DEMO_PAIRS = ("demo-grpo", "demo-dpo", "demo-sft", "demo-grpo-steps")
+# The three pairs; GRPO's runs with its seed null (`--controls seed`, docs/method.md section 9).
+DEMO_PAIRS = ("demo-grpo", "demo-dpo", "demo-sft")
+SEED_NULL_PAIR = "demo-grpo"
+TRAJECTORY_SERIES = "demo-grpo-steps"
 DATASET = "demo"
-# The base model rambles to the token cap while GRPO and SFT answer in about 12 tokens, so the
-# length filters of docs/method.md section 5 (made for answers of similar length: pair-mean length
-# within [0.5, 1.5] x T_bar, relative length difference <= 0.5) keep 2 of the 200 questions for base
-# vs GRPO. The demo keeps every question both models answer correctly; T_cut still comes from the
-# shorter model's mean length.
-DEMO_SELECTION = dict(beta=0.0, gamma=10.0, delta=2.0)
+PARTS = ("pairs", "extras")
 
 
 def require_adapters() -> None:
     """Raises FileNotFoundError naming the first demo adapter that is missing."""
-    for algorithm in common.ALGORITHMS:
-        if not (common.ADAPTER_DIR / algorithm / "adapter_model.safetensors").is_file():
-            raise FileNotFoundError(f"adapter {common.ADAPTER_DIR / algorithm} is missing; it is "
+    for name in (common.REASONING_SFT, *common.ALGORITHMS, common.SEED_NULL):
+        if not (common.ADAPTER_DIR / name / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(f"adapter {common.ADAPTER_DIR / name} is missing; it is "
                                     f"committed with the repository, or run `python -m core.demo "
-                                    f"train {algorithm}`")
+                                    f"train {name}`")
 
 
-def run_demo(cache: str | None = None, log=print, progress=None):
-    """The demo's runs, one pair after the other; `progress(stage, done, total)` hears each pair's
-    pipeline progress with stage "<pair>: <pipeline stage>"."""
-    from core import pipeline
+def part_requests(part: str, cache: str | None = None) -> list:
+    """The runs of one part of the demo (PARTS), in order, with the paper's selection rules."""
     from core.config import RunRequest
+    from core.settings import PAPER_ALPHAS, GenerationSettings
+
+    def request(pair: str, controls: tuple[str, ...] = ()) -> RunRequest:
+        return RunRequest(pair=pair, dataset=DATASET, alphas=PAPER_ALPHAS, cache=cache,
+                          generation=GenerationSettings(gen_batch_size=common.GENERATION_BATCH),
+                          controls=controls)
+
+    if part == "pairs":
+        return [request(pair, ("seed",) if pair == SEED_NULL_PAIR else ()) for pair in DEMO_PAIRS]
+    if part == "extras":
+        # The GRPO pair's run is the pairs part's; only its faithfulness rows are new.
+        return [request(TRAJECTORY_SERIES), request(SEED_NULL_PAIR, ("faithfulness",))]
+    raise ValueError(f"unknown demo part {part!r}; the parts are {list(PARTS)}")
+
+
+def run_demo(cache: str | None = None, part: str = "pairs", log=print, progress=None):
+    """One part of the demo's runs, one after the other; `progress(stage, done, total)` hears each
+    run's pipeline progress with stage "<pair>: <pipeline stage>". Returns the metric table of the
+    part's runs."""
+    from core import pipeline
     from core.query import ResultCache
-    from core.settings import PAPER_ALPHAS, GenerationSettings, SelectionSettings
 
     common.setup_torch()
     require_adapters()
     began = time.monotonic()
     run_keys = []
-    for pair in DEMO_PAIRS:
-        # Answers are cut at the token limit the adapters were trained and evaluated with.
-        request = RunRequest(
-            pair=pair, dataset=DATASET, alphas=PAPER_ALPHAS, cache=cache,
-            selection=SelectionSettings(**DEMO_SELECTION),
-            generation=GenerationSettings(max_new_tokens=common.MAX_NEW_TOKENS))
+    for request in part_requests(part, cache):
+        pair = request.pair
         pair_progress = None if progress is None else (
             lambda stage, done, total, pair=pair: progress(f"{pair}: {stage}", done, total))
         summary = pipeline.run(request, progress=pair_progress, log=log)
@@ -53,9 +65,21 @@ def run_demo(cache: str | None = None, log=print, progress=None):
         work = ", ".join(f"{stage} {n}" for stage, n in summary.done.items())
         log(f"{pair}: run {summary.run_key}, {summary.selection['n_selected']} questions, "
             f"T_cut {summary.t_cuts}; done now: {work}; {summary.seconds:.1f} s")
-    log(f"demo pipeline: {time.monotonic() - began:.1f} s")
+    log(f"demo {part}: {time.monotonic() - began:.1f} s")
     table = ResultCache.open(cache).metric_table()
     return table[table["run_key"].isin(run_keys)]
+
+
+def extras_plan(cache: str | None = None) -> dict | None:
+    """What the extras part would compute and its estimated seconds (core.pipeline.plan), or None
+    while a pair of the first part has work missing (the extras start from its answers)."""
+    from core import pipeline
+
+    if any(sum(pipeline.plan(r)["missing"].values()) for r in part_requests("pairs", cache)):
+        return None
+    plans = [pipeline.plan(r) for r in part_requests("extras", cache)]
+    return {"missing": sum(sum(p["missing"].values()) for p in plans),
+            "seconds": sum(p["seconds"] for p in plans)}
 
 
 def format_metric_table(table) -> str:

@@ -1,11 +1,16 @@
-"""Training the demo's three LoRA adapters on the base model with TRL, on CPU, seeded.
+"""Training the demo's LoRA adapters with TRL, on CPU, seeded.
 
+The paper's pairs start from an SFT model that RL (or DPO) then trains; so does the demo. Its base is
+SmolLM2-135M-Instruct after a short reasoning SFT on worked solutions (the `reasoning-sft` adapter):
+the instruct model alone rambles and is rarely right, the SFT model works each problem out in about
+60 tokens and is right often enough to select from. On that base, with the same training prompts:
 - GRPO (online RL): reward = correctness by core.grading, plus small bonuses for a \\boxed{} answer
   and for ending the answer (without the latter the policy collapses into repeating its answer up to
-  the token cap). Checkpoints every few steps; `select` picks one by validation accuracy.
-- DPO (offline): pairs built once from base samples, a correct answer over an incorrect one.
-- SFT: the reference solutions ("a + b = c." then \\boxed{c}).
-All use the `chat-boxed` prompt, as evaluation and the pipeline do. The committed adapters are r=8,
+  the token cap). Checkpoints every few steps; `select_checkpoint` picks one by validation accuracy.
+  The same run with another seed only is the seed null of the controls (docs/method.md section 9).
+- DPO (offline): pairs built once from the base's samples, a correct answer over an incorrect one.
+- SFT: more worked solutions, on the rows the base's SFT did not see.
+All use the `chat-boxed` prompt, as evaluation and the pipeline do. The committed adapters are r=4,
 stored in bfloat16 to keep the repository small.
 """
 
@@ -20,25 +25,34 @@ from core.demo import common, problems
 
 WORK_DIR = Path("cache/demo/training")
 SEED = 1234
-LORA_RANK = 8
-LORA_ALPHA = 16
+# The seed null's GRPO seed: everything else as in the kept GRPO run.
+SEED_NULL_SEED = 1235
+LORA_RANK = 4
+LORA_ALPHA = 8
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LEARNING_RATE = 2e-4
 SAMPLE_TEMPERATURE = 0.8
 COMPLETION_TOKENS = common.MAX_NEW_TOKENS
-# A base sample counts as a chosen (correct) DPO answer only if it states the result explicitly: the
+# A sample counts as a chosen (correct) DPO answer only if it states the result explicitly: the
 # last-number fallback also accepts rambling texts that merely end on the right number.
 def explicit_result_pattern(answer: str) -> re.Pattern:
     return re.compile(r"(?:=\s*|\\boxed\{\s*)" + re.escape(answer) + r"(?!\d|\.\d)")
 
-# Sized for 2 shared CPU cores (a GRPO step of 16 completions takes 1-3 minutes there).
-GRPO_SETTINGS = dict(prompts_per_step=4, generations=4, max_steps=120, save_steps=6,
+# The base's reasoning SFT: the first `examples` training rows, one epoch. Short on purpose: the base
+# should reason in the solutions' format but still err, so that post-training has room.
+REASONING_SFT_SETTINGS = dict(examples=640, batch_size=16, learning_rate=5e-4)
+# Sized for 2 shared CPU cores. Prompts are the training rows after the reasoning SFT's.
+GRPO_SETTINGS = dict(prompts_per_step=4, generations=4, max_steps=200, save_steps=10,
                      learning_rate=4e-4, correct_reward=1.0, boxed_bonus=0.1, ended_bonus=0.1)
-# Checkpoints of the GRPO run committed besides the kept one (step 12): the trajectory series'
-# steps (each adapter is 4.9 MB; the demo's committed files stay under 25 MB).
-GRPO_TRAJECTORY_STEPS = (6, 18)
-DPO_SETTINGS = dict(prompts=160, samples_per_prompt=4, beta=0.1, max_length=128, batch_size=8)
-SFT_SETTINGS = dict(examples=160, batch_size=16)
+# Checkpoints of the GRPO run committed besides the kept one: the trajectory series' other steps.
+GRPO_TRAJECTORY_STEPS = (10, 30)
+DPO_SETTINGS = dict(prompts=160, samples_per_prompt=4, beta=0.1, max_length=224, batch_size=8)
+SFT_SETTINGS = dict(examples=320, batch_size=16)
+
+
+def post_training_rows() -> list[dict]:
+    """The training rows of the post-trainings: those the base's reasoning SFT did not see."""
+    return problems.load("train")[REASONING_SFT_SETTINGS["examples"]:]
 
 
 def lora_config():
@@ -85,23 +99,18 @@ def grpo_reward(completions, completion_ids, answer, eos_id: int, settings=GRPO_
     return rewards
 
 
-def train_grpo(minutes: float, max_steps: int = GRPO_SETTINGS["max_steps"],
-               init_adapter: Path | None = None, stage: int = 1, log=print) -> Path:
-    """GRPO for at most `max_steps` steps or `minutes` of wall time, whichever ends first (the step
-    count reached is recorded in timing.json; `max_steps` reproduces a time-bounded run).
-
-    Stage 2, 3 ... continue from `init_adapter` (a checkpoint of the previous stage) with a fresh
-    optimizer and a different seed, so the prompts come in a new order."""
+def train_grpo(minutes: float, max_steps: int = GRPO_SETTINGS["max_steps"], seed: int = SEED,
+               log=print) -> Path:
+    """GRPO on the demo base for at most `max_steps` steps or `minutes` of wall time, whichever ends
+    first (the step count reached is recorded in timing.json; `max_steps` reproduces a time-bounded
+    run). Another `seed` (SEED_NULL_SEED) trains the seed null: the prompts come in another order
+    and other answers are sampled, nothing else differs."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    if (stage > 1) != (init_adapter is not None):
-        raise ValueError("GRPO stage 1 starts from the base model; later stages need --init-adapter "
-                         "(a checkpoint of the previous stage)")
-    seed = SEED + stage - 1
     common.setup_torch(seed)
     tokenizer = common.load_tokenizer()
-    rows = problems.load("train")
+    rows = post_training_rows()
     dataset = Dataset.from_list([{"prompt": p, "answer": r["answer"]}
                                  for p, r in zip(common.prompt_texts(rows, tokenizer), rows)])
     settings = GRPO_SETTINGS
@@ -110,29 +119,22 @@ def train_grpo(minutes: float, max_steps: int = GRPO_SETTINGS["max_steps"],
     def reward(completions, completion_ids, answer, **_):
         return grpo_reward(completions, completion_ids, answer, eos_id)
 
-    output = grpo_output(stage)
+    output = grpo_output(seed)
     config = GRPOConfig(
         **{**_trainer_args(output, settings["learning_rate"]), "seed": seed, "data_seed": seed},
         per_device_train_batch_size=settings["prompts_per_step"] * settings["generations"],
         num_generations=settings["generations"], max_completion_length=COMPLETION_TOKENS,
         temperature=SAMPLE_TEMPERATURE, beta=0.0, max_steps=max_steps,
         save_steps=settings["save_steps"], save_strategy="steps", shuffle_dataset=True)
-    model = common.load_model()
-    if init_adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
-                          processing_class=tokenizer,
-                          peft_config=lora_config() if init_adapter is None else None,
-                          callbacks=[time_budget_callback(minutes)])
-    _train_timed(trainer, output, "grpo", stage=stage,
-                 init_adapter=None if init_adapter is None else str(init_adapter))
+    trainer = GRPOTrainer(model=common.load_model(), reward_funcs=reward, args=config,
+                          train_dataset=dataset, processing_class=tokenizer,
+                          peft_config=lora_config(), callbacks=[time_budget_callback(minutes)])
+    _train_timed(trainer, output, "grpo", seed=seed)
     return output
 
 
-def grpo_output(stage: int) -> Path:
-    return WORK_DIR / ("grpo" if stage == 1 else f"grpo-stage{stage}")
+def grpo_output(seed: int = SEED) -> Path:
+    return WORK_DIR / ("grpo" if seed == SEED else f"grpo-seed{seed}")
 
 
 def _train_timed(trainer, output: Path, algorithm: str, **extra) -> None:
@@ -147,7 +149,7 @@ def _train_timed(trainer, output: Path, algorithm: str, **extra) -> None:
 
 
 def sample_base(rows: list[dict], samples_per_prompt: int) -> list[list[str]]:
-    """`samples_per_prompt` sampled answers of the base model per row (T=SAMPLE_TEMPERATURE)."""
+    """`samples_per_prompt` sampled answers of the demo base per row (T=SAMPLE_TEMPERATURE)."""
     import torch
 
     tokenizer = common.load_tokenizer()
@@ -169,7 +171,7 @@ def sample_base(rows: list[dict], samples_per_prompt: int) -> list[list[str]]:
 
 
 def build_dpo_pairs(log=print) -> Path:
-    """Base samples on training prompts -> (chosen correct, rejected incorrect) pairs, once."""
+    """The base's samples on training prompts -> (chosen correct, rejected incorrect) pairs, once."""
     from core.grading import grade
 
     path = WORK_DIR / "dpo_pairs.jsonl"
@@ -178,7 +180,7 @@ def build_dpo_pairs(log=print) -> Path:
         return path
     common.setup_torch(SEED)
     settings = DPO_SETTINGS
-    rows = problems.load("train")[:settings["prompts"]]
+    rows = post_training_rows()[:settings["prompts"]]
     samples_path = WORK_DIR / "dpo_samples.jsonl"
     started = time.monotonic()
     if samples_path.is_file():
@@ -224,33 +226,40 @@ def train_dpo(log=print) -> Path:
     config = DPOConfig(**_trainer_args(output), per_device_train_batch_size=settings["batch_size"],
                        num_train_epochs=1, beta=settings["beta"], max_length=settings["max_length"],
                        save_strategy="no")
-    model = common.load_model()
-    # With a peft_config and no ref_model, the reference is the model with its adapter disabled.
-    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=lora_config())
+    # With a peft_config and no ref_model, the reference is the model with its adapter disabled:
+    # the demo base.
+    trainer = DPOTrainer(model=common.load_model(), args=config, train_dataset=dataset,
+                         processing_class=tokenizer, peft_config=lora_config())
     _train_timed(trainer, output, "dpo", pairs=len(pairs))
     trainer.save_model(str(output / "final"))
     return output / "final"
 
 
-def train_sft(log=print) -> Path:
+def train_sft(reasoning: bool = False, log=print) -> Path:
+    """SFT on worked solutions: with `reasoning`, the base's reasoning SFT (the instruct model, the
+    first training rows); else the SFT post-training (the demo base, the rows after those)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     common.setup_torch(SEED)
     tokenizer = common.load_tokenizer()
-    settings = SFT_SETTINGS
-    rows = problems.load("train")[:settings["examples"]]
+    if reasoning:
+        settings, name = REASONING_SFT_SETTINGS, common.REASONING_SFT
+        rows = problems.load("train")[:settings["examples"]]
+    else:
+        settings, name = SFT_SETTINGS, "sft"
+        rows = post_training_rows()[:settings["examples"]]
     # The answer ends with the end-of-turn token, so the model learns to stop.
     dataset = Dataset.from_list([{"prompt": p, "completion": r["solution"] + tokenizer.eos_token}
                                  for p, r in zip(common.prompt_texts(rows, tokenizer), rows)])
-    output = WORK_DIR / "sft"
-    config = SFTConfig(**_trainer_args(output), per_device_train_batch_size=settings["batch_size"],
-                       num_train_epochs=1, completion_only_loss=True, save_strategy="no")
-    model = common.load_model()
+    output = WORK_DIR / name
+    config = SFTConfig(**_trainer_args(output, settings.get("learning_rate", LEARNING_RATE)),
+                       per_device_train_batch_size=settings["batch_size"], num_train_epochs=1,
+                       completion_only_loss=True, save_strategy="no")
+    model = common.load_instruct() if reasoning else common.load_model()
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora_config())
-    _train_timed(trainer, output, "sft")
+    _train_timed(trainer, output, name)
     trainer.save_model(str(output / "final"))
     return output / "final"
 
@@ -267,7 +276,8 @@ def export_adapter(source: Path, name: str, log=print) -> Path:
               str(target / "adapter_model.safetensors"))
     config = json.loads((source / "adapter_config.json").read_text())
     # The committed adapter names the demo base by its repository path, not the training machine's.
-    config["base_model_name_or_path"] = str(common.BASE_DIR)
+    config["base_model_name_or_path"] = str(common.BASE_DIR if name == common.REASONING_SFT
+                                            else common.ADAPTER_DIR / common.REASONING_SFT)
     (target / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     size = (target / "adapter_model.safetensors").stat().st_size
     log(f"adapter {name}: {target} ({size / 1e6:.2f} MB)")
@@ -279,7 +289,7 @@ def export_grpo_steps(log=print) -> list[Path]:
     grpo-step-<n>: with the kept checkpoint (the `grpo` adapter) they form the trajectory series
     demo-grpo-steps. Training is seeded and reproduces its checkpoints bit for bit on CPU, so
     `train grpo --max-steps <last step>` makes them again."""
-    output = grpo_output(1)
+    output = grpo_output()
     missing = [step for step in GRPO_TRAJECTORY_STEPS if not (output / f"checkpoint-{step}").is_dir()]
     if missing:
         raise FileNotFoundError(f"GRPO checkpoints {missing} are missing under {output}; run `python -m "
@@ -304,7 +314,7 @@ def select_checkpoint(output: Path, log=print) -> tuple[Path, list[dict]]:
     table = []
     for checkpoint in checkpoints(output):
         if checkpoint.name not in known:
-            _, grades = common.greedy_grades(common.load_model(checkpoint), tokenizer, rows)
+            _, grades, _ = common.greedy_grades(common.load_model(checkpoint), tokenizer, rows)
             known[checkpoint.name] = {"checkpoint": checkpoint.name,
                                       "validation_accuracy": sum(g.correct for g in grades) / len(rows)}
         table.append(known[checkpoint.name])

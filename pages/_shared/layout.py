@@ -55,8 +55,8 @@ def page_header(title: str, links: tuple[str, ...] = ()) -> Selection | None:
     sel = sidebar(links)
     st.title(title)
     if sel is None:
-        st.info(f"The result cache **{cache().path}** holds no runs yet. To fill it: `make demo-run` "
-                f"(the embedded demo pairs), or pick a pair and dataset on the **Compute** page, or "
+        st.info(f"The result cache **{cache().path}** holds no runs yet. To fill it: `make demo` "
+                f"(the embedded demo, computed in the background while the dashboard runs), or pick a pair and dataset on the **Compute** page, or "
                 f"`python -m core run ...`. To browse another cache, start the dashboard with "
                 f"`CIRCUITDIFF_CACHE=/path/to/file.duckdb`.", icon=":material/info:")
         return None
@@ -74,9 +74,15 @@ def job_banner() -> None:
     if _stages(active) != st.session_state.get("_job_stages"):
         st.rerun()
     for job in active:
-        st.info(f"**{job.label}** is computing ({job.state}): stage {job.stage or 'starting'}, "
-                f"{job.done}/{job.total} · ETA {jobs.format_duration(job.eta_seconds)}. Results "
-                f"appear as each run lands.", icon=":material/hourglass_top:")
+        text, button = st.columns([12, 1], vertical_alignment="center")
+        text.info(f"**{job.label}** is computing ({job.state}): stage {job.stage or 'starting'}, "
+                  f"{job.done}/{job.total} · ETA {jobs.format_duration(job.eta_seconds)}. Results "
+                  f"appear as each run lands.", icon=":material/hourglass_top:")
+        if not read_only() and button.button(
+                "Cancel", key=f"banner.cancel.{job.job_id}", icon=":material/stop:",
+                help="stop the job; what it has stored stays, and starting it again resumes"):
+            jobs.cancel_progress(job, cache().path)
+            st.rerun()
 
 
 def report_download(sel: Selection) -> None:
