@@ -32,9 +32,12 @@ def _train(args) -> int:
     if args.algorithm in ("grpo", common.SEED_NULL):
         seed = train.SEED if args.algorithm == "grpo" else train.SEED_NULL_SEED
         output = train.train_grpo(args.minutes, args.max_steps, seed)
-        chosen, table = train.select_checkpoint(output)
-        accuracy = max(t["validation_accuracy"] for t in table)
-        print(f"chosen GRPO checkpoint: {chosen} (validation accuracy {accuracy:.3f})")
+        if args.algorithm == "grpo":
+            chosen, table = train.select_checkpoint(output)
+            accuracy = max(t["validation_accuracy"] for t in table)
+            print(f"chosen GRPO checkpoint: {chosen} (validation accuracy {accuracy:.3f})")
+        else:
+            chosen = train.seed_null_checkpoint(output)
         train.export_adapter(chosen, args.algorithm)
     elif args.algorithm == common.REASONING_SFT:
         train.export_adapter(train.train_sft(reasoning=True), common.REASONING_SFT)

@@ -16,6 +16,10 @@ SEED_NULL_PAIR = "demo-grpo"
 TRAJECTORY_SERIES = "demo-grpo-steps"
 DATASET = "demo"
 PARTS = ("pairs", "extras")
+# Questions drawn from those the paper's rules keep (its beta, gamma, delta; docs/method.md section
+# 5): 40 of those kept per pair, so that scoring, one forward and backward pass per question, model
+# and T_cut, takes minutes on 2 cores.
+DEMO_QUESTIONS = 40
 
 
 def require_adapters() -> None:
@@ -30,10 +34,11 @@ def require_adapters() -> None:
 def part_requests(part: str, cache: str | None = None) -> list:
     """The runs of one part of the demo (PARTS), in order, with the paper's selection rules."""
     from core.config import RunRequest
-    from core.settings import PAPER_ALPHAS, GenerationSettings
+    from core.settings import PAPER_ALPHAS, GenerationSettings, SelectionSettings
 
     def request(pair: str, controls: tuple[str, ...] = ()) -> RunRequest:
         return RunRequest(pair=pair, dataset=DATASET, alphas=PAPER_ALPHAS, cache=cache,
+                          selection=SelectionSettings(n=DEMO_QUESTIONS),
                           generation=GenerationSettings(gen_batch_size=common.GENERATION_BATCH),
                           controls=controls)
 

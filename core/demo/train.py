@@ -298,6 +298,20 @@ def export_grpo_steps(log=print) -> list[Path]:
             for step in GRPO_TRAJECTORY_STEPS]
 
 
+def seed_null_checkpoint(output: Path) -> Path:
+    """The seed null's checkpoint at the kept GRPO checkpoint's step, so that the two differ in
+    their seed only."""
+    record = grpo_output() / "selection.json"
+    if not record.is_file():
+        raise FileNotFoundError(f"{record} is missing: train and select GRPO first (`python -m "
+                                f"core.demo train grpo`)")
+    chosen = output / json.loads(record.read_text())["chosen"]
+    if not (chosen / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(f"{chosen} is missing: the seed null stopped before GRPO's kept "
+                                f"step; train it with --max-steps {chosen.name.split('-')[1]}")
+    return chosen
+
+
 def checkpoints(output: Path) -> list[Path]:
     found = [p for p in output.glob("checkpoint-*") if (p / "adapter_model.safetensors").is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
