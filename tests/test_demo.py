@@ -94,7 +94,7 @@ def test_unknown_split_is_refused():
 
 
 def test_mcnemar_exact():
-    # The README's GRPO row: fixed 46, broke 4 -> p = 2 P(Binomial(50, 1/2) <= 4), about 4.5e-10.
+    # Fixed 46, broke 4 -> p = 2 P(Binomial(50, 1/2) <= 4), about 4.5e-10.
     expected = 2 * sum(math.comb(50, k) for k in range(5)) / 2 ** 50
     assert evaluate.mcnemar_exact(46, 4) == pytest.approx(expected, rel=1e-9)
     assert evaluate.mcnemar_exact(4, 46) == evaluate.mcnemar_exact(46, 4)
