@@ -18,8 +18,8 @@ TEMPLATE = "chat-boxed"
 # Answer token limit of training and evaluation: the worked solutions take 52-88 tokens; room for a
 # longer working, while a model that never stops is cut here.
 MAX_NEW_TOKENS = 128
-# Prompts per generate call (evaluation and the demo's runs): on 2 CPU cores one call of 32 answers
-# costs less per answer than several smaller ones.
+# Prompts per generate call (evaluation and the demo's runs): each decoding step's fixed cost is
+# shared by more answers, and the demo's answers end at similar lengths, so few rows idle.
 GENERATION_BATCH = 32
 # torch threads; `--threads` changes it. On 2 cores shared with other work, 1 thread ran generation
 # 7x faster than 2 (OpenMP threads waiting on each other for every small matmul).

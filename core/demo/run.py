@@ -10,7 +10,7 @@ import time
 
 from core.demo import common
 
-# The three pairs; GRPO's runs with its seed null (`--controls seed`, docs/method.md section 9).
+# The three pairs; GRPO's runs with its seed null (`--controls seed`, docs/method.md section 8).
 DEMO_PAIRS = ("demo-grpo", "demo-dpo", "demo-sft")
 SEED_NULL_PAIR = "demo-grpo"
 TRAJECTORY_SERIES = "demo-grpo-steps"
