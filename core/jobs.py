@@ -357,19 +357,32 @@ def cancel_progress(job: JobProgress, cache=None) -> None:
 
 def demo_extras_offer(cache=None) -> dict | None:
     """The demo's second part (core/demo/run.py, "extras") as the Compute page offers it: {"missing":
-    work items, "seconds": estimate}, or None where it does not apply (the cache holds no run of
-    every demo pair yet, or their work is incomplete, or a demo adapter is missing)."""
+    work items, "seconds": estimate} from `estimate` (child processes), or None where it does not
+    apply: a demo adapter is missing, or a run of the first part (a pair or the seed null) is not
+    complete in the cache, or the estimate fails."""
     from core.demo import run as demo
     from core.query import ResultCache
 
-    reader = ResultCache.open(cache)
-    if reader.is_empty() or not set(demo.DEMO_PAIRS) <= set(reader.runs()["pair"]):
-        return None
     try:
         demo.require_adapters()
     except FileNotFoundError:
         return None
-    return demo.extras_plan(str(Store(cache).path))
+    reader = ResultCache.open(cache)
+    if reader.is_empty():
+        return None
+    runs = reader.runs()
+    complete = runs[[all(done == row.n_selected for done in row.n_complete)
+                     for row in runs.itertuples()]]
+    first_part = {*demo.DEMO_PAIRS, *(name for name in complete["pair"]
+                                      if name.startswith(f"{demo.SEED_NULL_PAIR}:seed:"))}
+    if len(first_part) == len(demo.DEMO_PAIRS) or not first_part <= set(complete["pair"]):
+        return None
+    try:
+        plans = [estimate(request) for request in demo.part_requests("extras", str(Store(cache).path))]
+    except ValueError:
+        return None
+    return {"missing": sum(sum(plan["missing"].values()) for plan in plans),
+            "seconds": sum(plan["seconds"] for plan in plans)}
 
 
 def format_duration(seconds: float | None) -> str:

@@ -300,9 +300,9 @@ def job_panel() -> None:
                 st.caption(f"log: {job.log_path}")
 
 
-@st.cache_data(ttl=60, show_spinner=False)
+@st.cache_data(ttl=600, show_spinner="Estimating the demo's second part ...")
 def demo_extras_offer(path: str, modified: float) -> dict | None:
-    # Planning loads tokenizers: once a minute, or when the cache file changes.
+    # Planning runs child processes that load tokenizers (seconds): again when the cache changes.
     return jobs.demo_extras_offer(path)
 
 

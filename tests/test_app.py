@@ -419,7 +419,7 @@ def test_an_estimate_that_fails_shows_its_one_line_error(monkeypatch, fixture_ca
 def test_the_demo_second_part_is_offered_with_its_estimate_and_started(monkeypatch, fixture_cache):
     started = []
     monkeypatch.setattr(jobs, "demo_extras_offer", lambda cache: {"missing": 12, "seconds": 754.0})
-    st.cache_data.clear()  # the page plans once a minute
+    st.cache_data.clear()  # the page keeps its plan while the cache is unchanged
     monkeypatch.setattr(jobs, "start_demo", lambda cache, part: started.append(part) or "job-7")
     at = open_app(monkeypatch, fixture_cache, "pages/5_Compute.py")
     assert_clean(at, "Compute")
@@ -430,7 +430,7 @@ def test_the_demo_second_part_is_offered_with_its_estimate_and_started(monkeypat
     # Nothing to offer: the pairs have not landed, or the second part is complete.
     for offer in (None, {"missing": 0, "seconds": 0.0}):
         monkeypatch.setattr(jobs, "demo_extras_offer", lambda cache, offer=offer: offer)
-        st.cache_data.clear()  # the page plans once a minute
+        st.cache_data.clear()  # the page keeps its plan while the cache is unchanged
         at = open_app(monkeypatch, fixture_cache, "pages/5_Compute.py")
         assert not [b for b in at.button if b.label == "Compute the demo's second part"]
 

@@ -75,18 +75,6 @@ def run_demo(cache: str | None = None, part: str = "pairs", log=print, progress=
     return table[table["run_key"].isin(run_keys)]
 
 
-def extras_plan(cache: str | None = None) -> dict | None:
-    """What the extras part would compute and its estimated seconds (core.pipeline.plan), or None
-    while a pair of the first part has work missing (the extras start from its answers)."""
-    from core import pipeline
-
-    if any(sum(pipeline.plan(r)["missing"].values()) for r in part_requests("pairs", cache)):
-        return None
-    plans = [pipeline.plan(r) for r in part_requests("extras", cache)]
-    return {"missing": sum(sum(p["missing"].values()) for p in plans),
-            "seconds": sum(p["seconds"] for p in plans)}
-
-
 def format_metric_table(table) -> str:
     """One line per pooled (pair, T_cut, metric): base -> post, the change on its scale (% from the
     log-ratio interval, or the difference) with its interval, * where the interval excludes 0, and
