@@ -370,12 +370,10 @@ def demo_extras_offer(cache=None) -> dict | None:
     reader = ResultCache.open(cache)
     if reader.is_empty():
         return None
-    runs = reader.runs()
-    complete = runs[[all(done == row.n_selected for done in row.n_complete)
-                     for row in runs.itertuples()]]
-    first_part = {*demo.DEMO_PAIRS, *(name for name in complete["pair"]
-                                      if name.startswith(f"{demo.SEED_NULL_PAIR}:seed:"))}
-    if len(first_part) == len(demo.DEMO_PAIRS) or not first_part <= set(complete["pair"]):
+    complete = {row.pair for row in reader.runs().itertuples()
+                if all(done == row.n_selected for done in row.n_complete)}
+    seed_null = any(name.startswith(f"{demo.SEED_NULL_PAIR}:seed:") for name in complete)
+    if not (seed_null and set(demo.DEMO_PAIRS) <= complete):
         return None
     try:
         plans = [estimate(request) for request in demo.part_requests("extras", str(Store(cache).path))]

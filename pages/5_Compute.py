@@ -307,7 +307,10 @@ def demo_extras_offer(path: str, modified: float) -> dict | None:
 
 
 def demo_extras_panel() -> None:
-    """The demo's second part, offered once its pairs have landed."""
+    """The demo's second part, offered once its pairs have landed and no job is running (a job
+    changes the cache, and with it the estimate, at every stage)."""
+    if jobs.active_jobs(cache_path):
+        return
     modified = selection.cache().path.stat().st_mtime if selection.cache().path.exists() else 0.0
     offer = demo_extras_offer(cache_path, modified)
     if offer is None or not offer["missing"]:
@@ -317,8 +320,7 @@ def demo_extras_panel() -> None:
                     f"`demo-grpo-steps`) and the faithfulness control of `demo-grpo` (real edge "
                     f"ablation and circuit recovery). Estimated from this cache's timings: about "
                     f"{jobs.format_duration(offer['seconds'])}.")
-        if st.button("Compute the demo's second part", icon=":material/play_arrow:",
-                     disabled=bool(jobs.active_jobs(cache_path))):
+        if st.button("Compute the demo's second part", icon=":material/play_arrow:"):
             try:
                 job_id = jobs.start_demo(cache_path, "extras")
             except jobs.JobConflictError as error:

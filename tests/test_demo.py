@@ -119,6 +119,15 @@ def test_grpo_reward():
     assert rewards == pytest.approx([1.2, 1.1, 0.1, 1.0])
 
 
+def test_grpo_refuses_an_output_folder_holding_another_runs_checkpoints(tmp_path, monkeypatch):
+    stale = tmp_path / "grpo" / "checkpoint-6"
+    stale.mkdir(parents=True)
+    (stale / "adapter_model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(train, "WORK_DIR", tmp_path)
+    with pytest.raises(RuntimeError, match=r"checkpoint-6.*remove the folder"):
+        train.train_grpo(minutes=1)
+
+
 def test_prepare_base_is_a_no_op_when_done(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()

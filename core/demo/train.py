@@ -7,7 +7,7 @@ the instruct model alone rambles and is rarely right, the SFT model works each p
 - GRPO (online RL): reward = correctness by core.grading, plus small bonuses for a \\boxed{} answer
   and for ending the answer (without the latter the policy collapses into repeating its answer up to
   the token cap). Checkpoints every few steps; `select_checkpoint` picks one by validation accuracy.
-  The same run with another seed only is the seed null of the controls (docs/method.md section 9).
+  The same run with another seed only is the seed null of the controls (docs/method.md section 8).
 - DPO (offline): pairs built once from the base's samples, a correct answer over an incorrect one.
 - SFT: more worked solutions, on the rows the base's SFT did not see.
 All use the `chat-boxed` prompt, as evaluation and the pipeline do. The committed adapters are r=4,
@@ -108,6 +108,13 @@ def train_grpo(minutes: float, max_steps: int = GRPO_SETTINGS["max_steps"], seed
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
+    output = grpo_output(seed)
+    stale = checkpoints(output)
+    if stale:
+        # Checkpoint selection reads every checkpoint of the folder: another run's would compete.
+        names = ", ".join(path.name for path in stale)
+        raise RuntimeError(f"{output} holds checkpoints of an earlier run ({names}); remove the "
+                           f"folder (or move it away) before training again")
     common.setup_torch(seed)
     tokenizer = common.load_tokenizer()
     rows = post_training_rows()
@@ -119,7 +126,6 @@ def train_grpo(minutes: float, max_steps: int = GRPO_SETTINGS["max_steps"], seed
     def reward(completions, completion_ids, answer, **_):
         return grpo_reward(completions, completion_ids, answer, eos_id)
 
-    output = grpo_output(seed)
     config = GRPOConfig(
         **{**_trainer_args(output, settings["learning_rate"]), "seed": seed, "data_seed": seed},
         per_device_train_batch_size=settings["prompts_per_step"] * settings["generations"],
