@@ -128,6 +128,40 @@ def test_grpo_refuses_an_output_folder_holding_another_runs_checkpoints(tmp_path
         train.train_grpo(minutes=1)
 
 
+def _fake_checkpoints(output: Path, steps) -> None:
+    from safetensors.torch import save_file
+
+    for step in steps:
+        folder = output / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file({"lora_A.weight": torch.full((2, 2), float(step))},
+                  str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text("{}")
+
+
+def test_the_seed_null_trained_beside_grpo_is_exported_at_grpos_kept_step(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    from core.demo.__main__ import main
+
+    monkeypatch.setattr(train, "WORK_DIR", tmp_path / "training")
+    monkeypatch.setattr(common, "ADAPTER_DIR", tmp_path / "adapters")
+    monkeypatch.setattr(train, "GRPO_TRAJECTORY_STEPS", (5, 15))
+    monkeypatch.setattr(train, "train_grpo", lambda minutes, max_steps, seed: (
+        _fake_checkpoints(train.grpo_output(seed), (5, 10, 15)) or train.grpo_output(seed)))
+    # GRPO's selection has not run yet: the seed null's training ends with a hint, exporting nothing.
+    assert main(["train", common.SEED_NULL]) == 0
+    assert "export-steps" in capsys.readouterr().out
+    assert not (tmp_path / "adapters").exists()
+    _fake_checkpoints(train.grpo_output(), (5, 10, 15))
+    (train.grpo_output() / "selection.json").write_text(json.dumps({"chosen": "checkpoint-10"}))
+    assert main(["export-steps"]) == 0
+    exported = {name: load_file(str(tmp_path / "adapters" / name / "adapter_model.safetensors"))
+                ["lora_A.weight"][0, 0].item()
+                for name in ("grpo-step-5", "grpo-step-15", common.SEED_NULL)}
+    assert exported == {"grpo-step-5": 5.0, "grpo-step-15": 15.0, common.SEED_NULL: 10.0}
+
+
 def test_prepare_base_is_a_no_op_when_done(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()

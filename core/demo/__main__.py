@@ -36,6 +36,11 @@ def _train(args) -> int:
             chosen, table = train.select_checkpoint(output)
             accuracy = max(t["validation_accuracy"] for t in table)
             print(f"chosen GRPO checkpoint: {chosen} (validation accuracy {accuracy:.3f})")
+        elif not train.grpo_selected():
+            # Trained side by side with GRPO, the seed null ends before GRPO's selection has run.
+            print(f"seed null trained into {output}; once GRPO's checkpoint selection has run, "
+                  f"`python -m core.demo export-steps` exports it at GRPO's kept step")
+            return 0
         else:
             chosen = train.seed_null_checkpoint(output)
         train.export_adapter(chosen, args.algorithm)
@@ -52,6 +57,8 @@ def _export_steps(args) -> int:
     from core.demo import train
 
     train.export_grpo_steps()
+    train.export_adapter(train.seed_null_checkpoint(train.grpo_output(train.SEED_NULL_SEED)),
+                         common.SEED_NULL)
     return 0
 
 
@@ -113,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GRPO wall-time budget; training stops with a checkpoint after it")
     p.add_argument("--max-steps", type=int, default=200, help="GRPO step limit")
     p.set_defaults(handler=_train)
-    p = sub.add_parser("export-steps", help="export the GRPO run's trajectory checkpoints into "
-                                            "cache/demo/adapters/grpo-step-<n>")
+    p = sub.add_parser("export-steps", help="export what GRPO's checkpoint selection decides: its "
+                                            "trajectory checkpoints (cache/demo/adapters/"
+                                            "grpo-step-<n>) and the seed null at GRPO's kept step")
     p.set_defaults(handler=_export_steps)
     p = sub.add_parser("evaluate", help="held-out greedy accuracy of the base and each post-trained "
                                         "model, with standard errors and exact McNemar tests against "

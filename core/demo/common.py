@@ -18,9 +18,14 @@ TEMPLATE = "chat-boxed"
 # Answer token limit of training and evaluation: the worked solutions take 52-88 tokens; room for a
 # longer working, while a model that never stops is cut here.
 MAX_NEW_TOKENS = 128
-# Prompts per generate call (evaluation and the demo's runs): each decoding step's fixed cost is
-# shared by more answers, and the demo's answers end at similar lengths, so few rows idle.
-GENERATION_BATCH = 32
+# Prompts per generate call (evaluation and the demo's runs): all 160 held-out prompts at once. Each
+# decoding step's fixed cost is shared by more answers, and the demo's answers end at similar lengths,
+# so few rows idle; benchmarks/bench_demo_throughput.py measured one call of 160 at 1.25x the
+# answers/s of calls of 32 on 2 cores (calls of 64 1.02x: the third call holds 32).
+GENERATION_BATCH = 160
+# Samples per forward+backward in the demo's scoring: the same script measured batch 8 at 1.37x the
+# samples/s of batch 1, and 16 lower (1.23x).
+SCORE_BATCH = 8
 # torch threads; `--threads` changes it. On 2 cores shared with other work, 1 thread ran generation
 # 7x faster than 2 (OpenMP threads waiting on each other for every small matmul).
 THREADS = 2

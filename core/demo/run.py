@@ -34,13 +34,13 @@ def require_adapters() -> None:
 def part_requests(part: str, cache: str | None = None) -> list:
     """The runs of one part of the demo (PARTS), in order, with the paper's selection rules."""
     from core.config import RunRequest
-    from core.settings import PAPER_ALPHAS, GenerationSettings, SelectionSettings
+    from core.settings import PAPER_ALPHAS, GenerationSettings, ScoreSettings, SelectionSettings
 
     def request(pair: str, controls: tuple[str, ...] = ()) -> RunRequest:
         return RunRequest(pair=pair, dataset=DATASET, alphas=PAPER_ALPHAS, cache=cache,
                           selection=SelectionSettings(n=DEMO_QUESTIONS),
                           generation=GenerationSettings(gen_batch_size=common.GENERATION_BATCH),
-                          controls=controls)
+                          score=ScoreSettings(batch_size=common.SCORE_BATCH), controls=controls)
 
     if part == "pairs":
         return [request(pair, ("seed",) if pair == SEED_NULL_PAIR else ()) for pair in DEMO_PAIRS]

@@ -304,6 +304,10 @@ def export_grpo_steps(log=print) -> list[Path]:
             for step in GRPO_TRAJECTORY_STEPS]
 
 
+def grpo_selected() -> bool:
+    return (grpo_output() / "selection.json").is_file()
+
+
 def seed_null_checkpoint(output: Path) -> Path:
     """The seed null's checkpoint at the kept GRPO checkpoint's step, so that the two differ in
     their seed only."""
