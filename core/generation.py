@@ -1,4 +1,4 @@
-"""Batched greedy generation with Hugging Face `generate` (docs/method.md section 5).
+"""Batched greedy generation (docs/method.md section 5).
 
 Prompts arrive as token ids (rendered once by core.templates) and answers leave as token ids, exactly
 as generated, so attribution later runs on the very sequences the model produced, never re-tokenised.
@@ -12,6 +12,9 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 from core.vocab import DType, FinishReason
+
+# Generated tokens decoded per stop-string check.
+STOP_WINDOW = 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +50,6 @@ def generate_greedy_detailed(model, tokenizer, prompt_ids: Sequence[Sequence[int
     Prompts are left-padded and batched longest first (similar lengths share a batch, so little
     compute goes to padding); `progress(done, total)` is called after each batch.
     """
-    import torch
-    from transformers import GenerationConfig
-
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
     if batch_size < 1:
@@ -61,50 +61,75 @@ def generate_greedy_detailed(model, tokenizer, prompt_ids: Sequence[Sequence[int
         raise ValueError("neither the model's generation config nor the tokenizer names an EOS "
                          "token; set tokenizer.eos_token before generating")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              eos_token_id=sorted(eos), pad_token_id=pad_id)
-    device = next(model.parameters()).device
+
+    def stopped(answer: list[int]) -> bool:
+        # The window holds any stop string of a few tokens; finish_answer cuts exactly afterwards.
+        text = tokenizer.decode(answer[-STOP_WINDOW:])
+        return any(s in text for s in stop_strings)
+
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     results: list[Generation | None] = [None] * len(prompt_ids)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        width = max(len(prompt_ids[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids = list(prompt_ids[i])
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention[row, width - len(ids):] = 1
-        criteria = [_StopStrings(tokenizer, stop_strings, width)] if stop_strings else None
-        with torch.no_grad():
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                    generation_config=config, stopping_criteria=criteria)
-        for row, i in enumerate(batch):
-            new_ids = output[row, width:].tolist()
-            results[i] = finish_answer(new_ids, tokenizer, eos, stop_strings)
+        answers = _greedy_batch(model, [prompt_ids[i] for i in batch], max_new_tokens, eos, pad_id,
+                                stopped if stop_strings else None)
+        for i, answer in zip(batch, answers):
+            results[i] = finish_answer(answer, tokenizer, eos, stop_strings)
         if progress is not None:
             progress(min(start + batch_size, len(order)), len(order))
     return results  # type: ignore[return-value]
 
 
-class _StopStrings:
-    """Stops a row once its recent generated text holds a stop string. transformers' own
-    StopStringCriteria needs a tokenizer whose vocabulary it can parse, which not all can; the answer
-    is cut exactly by `finish_answer` afterwards, so this only saves the wasted tokens."""
+def _greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos: set[int],
+                  pad_id: int, stopped: Callable[[list[int]], bool] | None) -> list[list[int]]:
+    """Greedy continuations of `prompts`, each through its first EOS token, the step at which
+    `stopped` holds, or max_new_tokens.
 
-    # Generated tokens decoded per check: enough for any stop string of a few tokens.
-    WINDOW = 24
+    Decoding is the argmax of the logits and nothing else: a model's generation_config (sampling,
+    repetition penalty), which `generate` would merge in, does not apply. A finished row leaves the
+    batch and the KV cache at once, so decoding costs the tokens generated, not the batch's size
+    times its longest answer as with `generate` (benchmarks/bench_demo_throughput.py).
+    """
+    import torch
+    from transformers import DynamicCache
 
-    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_width: int):
-        self.tokenizer, self.stop_strings, self.prompt_width = tokenizer, tuple(stop_strings), prompt_width
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        start = max(self.prompt_width, input_ids.shape[1] - self.WINDOW)
-        texts = self.tokenizer.batch_decode(input_ids[:, start:])
-        return torch.tensor([any(s in text for s in self.stop_strings) for text in texts],
-                            dtype=torch.bool, device=input_ids.device)
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
+        attention[row, width - len(ids):] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    # Left padding: a row's positions count its own tokens, as `generate` counts them.
+    position = (attention.cumsum(-1) - 1).clamp(min=0)
+    eos_ids = torch.tensor(sorted(eos), device=device)
+    cache = DynamicCache(config=model.config)
+    answers: list[list[int]] = [[] for _ in prompts]
+    rows = list(range(len(prompts)))  # the answers still being generated, in batch order
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position,
+                       cache=cache, use_cache=True, logits_to_keep=1).logits
+        position = position[:, -1:]
+        for step in range(max_new_tokens):
+            tokens = logits[:, -1].argmax(-1)
+            for row, token in zip(rows, tokens.tolist()):
+                answers[row].append(token)
+            going = ~torch.isin(tokens, eos_ids)
+            if stopped is not None:
+                going &= torch.tensor([not stopped(answers[row]) for row in rows], device=device)
+            if step == max_new_tokens - 1 or not going.any():
+                break
+            if not going.all():
+                keep = going.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                attention, tokens, position = attention[keep], tokens[keep], position[keep]
+                rows = [rows[k] for k in keep.tolist()]
+            attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=1)
+            position = position + 1
+            logits = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=position,
+                           cache=cache, use_cache=True).logits
+    return answers
 
 
 def finish_answer(new_ids: Sequence[int], tokenizer, eos: set[int],

@@ -7,9 +7,10 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 VOCAB = 64
 
 
-def tiny_model(architecture: str, n_layers: int = 2, hidden: int = 32, dtype=torch.float64, seed: int = 0):
+def tiny_model(architecture: str, n_layers: int = 2, hidden: int = 32, dtype=torch.float64, seed: int = 0,
+               sliding_window: int | None = None):
     """A random model with frozen weights in eval mode. Init is wider than HF's default so scores are
-    well above rounding noise."""
+    well above rounding noise. `sliding_window` applies to Mistral."""
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
                   num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
@@ -20,7 +21,7 @@ def tiny_model(architecture: str, n_layers: int = 2, hidden: int = 32, dtype=tor
         # Qwen2: q/k/v biases; tied embeddings as in the small Qwen2 models.
         model = Qwen2ForCausalLM(Qwen2Config(**{**common, "tie_word_embeddings": True}))
     elif architecture == "mistral":
-        model = MistralForCausalLM(MistralConfig(**{**common, "sliding_window": None}))
+        model = MistralForCausalLM(MistralConfig(**{**common, "sliding_window": sliding_window}))
     elif architecture == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=n_layers, n_head=4,
                                            n_positions=128, initializer_range=0.2,

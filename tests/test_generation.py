@@ -1,0 +1,81 @@
+"""Batched greedy generation against the definition of greedy decoding: one prompt at a time, the
+argmax of a full forward pass over prompt + answer so far, no cache, no padding."""
+
+import pytest
+import torch
+
+from core.generation import eos_token_ids, generate_greedy_detailed
+from tests.tiny_models import ARCHITECTURES, VOCAB, tiny_model
+
+MAX_NEW = 10
+
+
+class _Tokenizer:
+    """What generation needs of a tokenizer when no stop strings are given."""
+    pad_token_id = VOCAB - 1
+
+    def __init__(self, eos: int):
+        self.eos_token_id = eos
+
+
+def reference_answer(model, prompt: list[int], eos: set[int], max_new: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new):
+            token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(token)
+            if token in eos:
+                break
+    return ids[len(prompt):]
+
+
+def prompts_of_mixed_lengths(n: int = 6) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randint(0, VOCAB - 1, (2 + 3 * i,), generator=generator).tolist() for i in range(n)]
+
+
+def eos_ending_some_answers_early(model, prompts) -> int:
+    """A token that the answers produce after their first step in some answers and not in others, so
+    that rows of one batch end at different steps."""
+    answers = [reference_answer(model, p, eos_token_ids(model, _Tokenizer(None)), MAX_NEW)
+               for p in prompts]
+    for token in range(VOCAB - 1):
+        ending = [token in a[1:] and token not in a[:1] for a in answers]
+        if any(ending) and not all(ending) and not any(token == a[0] for a in answers):
+            return token
+    pytest.fail("no token ends some answers early; choose other prompts")
+
+
+def tiny(architecture: str):
+    # Mistral with a sliding window shorter than the longer prompts: its cache keeps the window only.
+    return tiny_model(architecture, sliding_window=6 if architecture == "mistral" else None)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_batched_greedy_answers_equal_unbatched_uncached_argmax_decoding(architecture):
+    model = tiny(architecture)
+    prompts = prompts_of_mixed_lengths()
+    eos = eos_ending_some_answers_early(model, prompts)
+    tokenizer = _Tokenizer(eos)
+    eos_ids = eos_token_ids(model, tokenizer)
+    expected = [reference_answer(model, p, eos_ids, MAX_NEW) for p in prompts]
+    got = generate_greedy_detailed(model, tokenizer, prompts, MAX_NEW, batch_size=len(prompts))
+    for prompt, answer, generation in zip(prompts, expected, got):
+        ended = answer[-1] in eos_ids
+        assert list(generation.answer_ids) == (answer[:-1] if ended else answer), prompt
+        assert generation.finish_reason == ("eos" if ended else "length")
+    assert {g.finish_reason for g in got} == {"eos", "length"}, "rows should end at different steps"
+
+
+def test_a_models_generation_config_does_not_change_greedy_answers():
+    """`generate` merges a model's generation_config (here a repetition penalty) into greedy
+    decoding; the project's greedy answers are the argmax alone, as the vLLM backend's are."""
+    model = tiny("llama")
+    prompts = prompts_of_mixed_lengths(3)
+    plain = generate_greedy_detailed(model, _Tokenizer(VOCAB - 1), prompts, MAX_NEW, batch_size=3)
+    model.generation_config.repetition_penalty = 5.0
+    penalised = generate_greedy_detailed(model, _Tokenizer(VOCAB - 1), prompts, MAX_NEW, batch_size=3)
+    assert penalised == plain
+    eos = eos_token_ids(model, _Tokenizer(VOCAB - 1))
+    assert [list(g.answer_ids) for g in plain] == [
+        [t for t in reference_answer(model, p, eos, MAX_NEW) if t not in eos] for p in prompts]
