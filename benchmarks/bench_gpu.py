@@ -29,11 +29,11 @@ from core.eap import ModelShape, Sample, forward_loss, peak_bytes, plan_memory, 
 from core.settings import ScoreSettings
 
 PROMPT_FRACTION = 0.25
-# The answer lengths of the sweep, and the one whose ratios the last line reports (4k).
+# The answer lengths of the sweep, and the one whose ratios the last line reports (4k; --tiny: its
+# longest, as the docstring says why).
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 TINY_LENGTHS = (32, 64, 128, 256, 512, 1024)
 REPORTED = 2
-TINY_REPORTED = -1
 # Each length is assumed to take at most this many times the previous one (attention grows faster
 # than linearly at long lengths; checked before it starts, against the time budget left).
 GROWTH = 3.0
@@ -178,7 +178,8 @@ def main() -> None:
               f"{modelled / 2**20:>10.1f} {'device' if plan.source_on_device else 'host':>7} "
               f"{n_tokens / eap_s:>9.1f}")
     print(f"total {time.perf_counter() - began:.1f} s")
-    time_ratio, mem_ratio = ratios.get(lengths[TINY_REPORTED if args.tiny else REPORTED], (math.nan, math.nan))
+    reported = TINY_LENGTHS[-1] if args.tiny else LENGTHS[REPORTED]
+    time_ratio, mem_ratio = ratios.get(reported, (math.nan, math.nan))
     print(f"max_tokens={max_tokens} time_ratio={time_ratio:.3f} mem_ratio={mem_ratio:.3f}")
 
 

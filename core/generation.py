@@ -62,8 +62,13 @@ def generate_greedy_detailed(model, tokenizer, prompt_ids: Sequence[Sequence[int
                          "token; set tokenizer.eos_token before generating")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
 
+    completing = _stop_completing_tokens(tokenizer, stop_strings) if stop_strings else set()
+
     def stopped(answer: list[int]) -> bool:
-        # The window holds any stop string of a few tokens; finish_answer cuts exactly afterwards.
+        # Only a token that can complete a stop string is worth decoding for. The window holds any
+        # stop string of a few tokens; finish_answer cuts exactly afterwards.
+        if answer[-1] not in completing:
+            return False
         text = tokenizer.decode(answer[-STOP_WINDOW:])
         return any(s in text for s in stop_strings)
 
@@ -78,6 +83,16 @@ def generate_greedy_detailed(model, tokenizer, prompt_ids: Sequence[Sequence[int
         if progress is not None:
             progress(min(start + batch_size, len(order)), len(order))
     return results  # type: ignore[return-value]
+
+
+def _stop_completing_tokens(tokenizer, stop_strings: Sequence[str]) -> set[int]:
+    """The token ids after which a stop string can newly appear in an answer's text: those whose
+    own text holds a stop string's last character, or part of a character (byte-level tokens). A
+    token missing here only delays the early stop; the answer is cut by `finish_answer` anyway."""
+    last_characters = {s[-1] for s in stop_strings}
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return {i for i, text in enumerate(texts)
+            if "\ufffd" in text or any(c in text for c in last_characters)}
 
 
 def _greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos: set[int],

@@ -11,11 +11,20 @@ MAX_NEW = 10
 
 
 class _Tokenizer:
-    """What generation needs of a tokenizer when no stop strings are given."""
+    """What generation needs of a tokenizer: token i reads as the one character chr(0x100 + i)."""
     pad_token_id = VOCAB - 1
 
     def __init__(self, eos: int):
         self.eos_token_id = eos
+
+    def __len__(self):
+        return VOCAB
+
+    def decode(self, ids) -> str:
+        return "".join(chr(0x100 + i) for i in ids)
+
+    def batch_decode(self, batch) -> list[str]:
+        return [self.decode(ids) for ids in batch]
 
 
 def reference_answer(model, prompt: list[int], eos: set[int], max_new: int) -> list[int]:
@@ -79,3 +88,19 @@ def test_a_models_generation_config_does_not_change_greedy_answers():
     eos = eos_token_ids(model, _Tokenizer(VOCAB - 1))
     assert [list(g.answer_ids) for g in plain] == [
         [t for t in reference_answer(model, p, eos, MAX_NEW) if t not in eos] for p in prompts]
+
+
+def test_an_answer_stops_being_generated_at_its_stop_string():
+    """Generation ends the step a stop string appears: the answer is cut before it, and the model
+    runs no further step (the prefill, then one step per answer token)."""
+    model = tiny("llama")
+    prompt = prompts_of_mixed_lengths(1)[0]
+    tokenizer = _Tokenizer(VOCAB - 1)
+    full = reference_answer(model, prompt, {VOCAB - 1}, MAX_NEW)
+    k = next(k for k in range(2, len(full)) if full[k] not in full[:k] and full[k] != VOCAB - 1)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    [generation] = generate_greedy_detailed(model, tokenizer, [prompt], MAX_NEW,
+                                            stop_strings=(tokenizer.decode(full[k - 1:k + 1]),))
+    assert list(generation.answer_ids) == full[:k - 1] and generation.finish_reason == "stop"
+    assert len(calls) == 1 + k
