@@ -29,8 +29,8 @@ from core.eap import ModelShape, Sample, forward_loss, peak_bytes, plan_memory, 
 from core.settings import ScoreSettings
 
 PROMPT_FRACTION = 0.25
-# The answer lengths of the sweep, and the one whose ratios the last line reports (4k; --tiny: its
-# longest, as the docstring says why).
+# The answer lengths of the sweep, and the one whose ratios the last line reports (4k; --tiny reports
+# its longest, for the reason the docstring gives).
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 TINY_LENGTHS = (32, 64, 128, 256, 512, 1024)
 REPORTED = 2
