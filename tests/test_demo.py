@@ -29,6 +29,9 @@ def test_splits_are_disjoint_sized_and_answers_are_right():
             a, operator, b = row["expression"].split()
             assert int(row["answer"]) == (int(a) + int(b) if operator == "+" else int(a) - int(b))
             assert row["solution"].endswith(f"\\boxed{{{row['answer']}}}")
+            # The estimate restates the same problem (word setup included) and parts after it.
+            shared = row["solution"].split(". Split ")[0] + "."
+            assert row["estimate"].startswith(shared + " Roughly, "), row["estimate"]
             if row["kind"] == "word":
                 assert int(row["answer"]) >= 0 and a in row["question"] and b in row["question"]
         expressions[split] = {r["expression"] for r in rows}
@@ -64,12 +67,42 @@ def test_worked_solution_by_hand():
         "So the answer is -9.\n\\boxed{-9}")
 
 
+def test_rough_estimate_by_hand_parts_from_the_worked_solution_at_one_word():
+    assert problems.rough_estimate(47, "+", 38) == (
+        "We need 47 + 38. Roughly, 50 + 40 = 90. So the answer is 90.\n\\boxed{90}")
+    assert problems.rough_estimate(38, "-", 45) == (
+        "We need 38 - 45. Roughly, 40 - 50 = -10. So the answer is -10.\n\\boxed{-10}")
+    # Right only where the roundings cancel.
+    assert problems.rough_estimate(47, "+", 33).endswith("\\boxed{80}")
+    assert [problems.round_to_tens(n) for n in (0, 4, 5, 45, 99, -45)] == [0, 0, 10, 50, 100, -50]
+    worked = problems.worked_solution(47, "+", 38)
+    assert worked.startswith("We need 47 + 38. Split")
+
+
+def test_reasoning_sft_estimates_at_each_kinds_share_reproducibly():
+    rows = problems.load("train")[:train.REASONING_SFT_SETTINGS["examples"]]
+    shares = train.REASONING_SFT_SETTINGS["estimate_share"]
+    answers = train.reasoning_sft_answers(rows, shares)
+    assert answers == train.reasoning_sft_answers(rows, shares)
+    for kind, share in shares.items():
+        mine = [(a, r) for a, r in zip(answers, rows) if r["kind"] == kind]
+        estimated = sum(a == r["estimate"] for a, r in mine)
+        assert all(a in (r["estimate"], r["solution"]) for a, r in mine)
+        # A binomial draw: within 4 standard deviations of the share (exact at 0 and 1).
+        assert abs(estimated - share * len(mine)) <= 4 * math.sqrt(len(mine) * share * (1 - share)), kind
+    assert train.reasoning_sft_answers(rows, {"word": 0.0, "arithmetic": 0.0}) == [r["solution"] for r in rows]
+    assert train.reasoning_sft_answers(rows, {"word": 1.0, "arithmetic": 1.0}) == [r["estimate"] for r in rows]
+
+
 @pytest.mark.parametrize("answer, reference, correct", [
     # The template's own format, right and wrong.
     ("We need 47 + 38. Split 38 into 30 + 8. First 47 + 30 = 77, then 77 + 8 = 85. "
      "So the answer is 85.\n\\boxed{85}", "85", True),
     ("We need 47 + 38. Split 38 into 30 + 8. First 47 + 30 = 77, then 77 + 8 = 84. "
      "So the answer is 84.\n\\boxed{84}", "85", False),
+    # The base's shortcut: a rough estimate, wrong unless the roundings cancel.
+    ("We need 47 + 38. Roughly, 50 + 40 = 90. So the answer is 90.\n\\boxed{90}", "85", False),
+    ("We need 47 + 33. Roughly, 50 + 30 = 80. So the answer is 80.\n\\boxed{80}", "80", True),
     # The boxed answer decides, even where the right number appears in the working.
     ("First 47 + 30 = 77, then 77 + 8 = 85. So the answer is 85.\n\\boxed{77}", "85", False),
     ("First 38 - 40 = -2, then -2 - 7 = -9. So the answer is -9.\n\\boxed{-9}", "-9", True),
@@ -136,7 +169,7 @@ def _fake_checkpoints(output: Path, steps) -> None:
         folder.mkdir(parents=True)
         save_file({"lora_A.weight": torch.full((2, 2), float(step))},
                   str(folder / "adapter_model.safetensors"))
-        (folder / "adapter_config.json").write_text("{}")
+        (folder / "adapter_config.json").write_text('{"target_modules": ["q_proj"]}')
 
 
 def test_the_seed_null_trained_beside_grpo_is_exported_at_grpos_kept_step(tmp_path, monkeypatch, capsys):
@@ -181,14 +214,15 @@ def test_export_adapter_stores_bfloat16_and_the_repository_base_path(tmp_path, m
     save_file({"base_model.model.layer.lora_A.weight": torch.randn(8, 16)},
               str(source / "adapter_model.safetensors"))
     (source / "adapter_config.json").write_text(json.dumps(
-        {"r": 8, "base_model_name_or_path": "/somewhere/else"}))
+        {"r": 8, "base_model_name_or_path": "/somewhere/else", "target_modules": ["v_proj", "q_proj"]}))
     monkeypatch.setattr(common, "ADAPTER_DIR", tmp_path / "adapters")
     target = train.export_adapter(source, "grpo", log=lambda text: None)
     weights = load_file(str(target / "adapter_model.safetensors"))
     assert weights["base_model.model.layer.lora_A.weight"].dtype == torch.bfloat16
     config = json.loads((target / "adapter_config.json").read_text())
     # A post-training's adapter applies on the demo base, the reasoning SFT's on the instruct model.
-    assert config == {"r": 8, "base_model_name_or_path": str(common.ADAPTER_DIR / common.REASONING_SFT)}
+    assert config == {"r": 8, "base_model_name_or_path": str(common.ADAPTER_DIR / common.REASONING_SFT),
+                      "target_modules": ["q_proj", "v_proj"]}
     target = train.export_adapter(source, common.REASONING_SFT, log=lambda text: None)
     config = json.loads((target / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(common.BASE_DIR)

@@ -1,8 +1,10 @@
 """The demo's problem set: two-term sums and differences of 1-2 digit numbers (reasoning-gym
 `chain_sum`, fixed seed), a third of them phrased as short word problems, each with a worked solution
-of about 60 tokens (split the second number into tens and ones, add or subtract them in two steps,
-then the boxed result). The worked solutions teach the demo's base
-model to reason before it answers (core/demo/train.py), so alpha walks along a chain of steps.
+of 52-88 tokens (split the second number into tens and ones, add or subtract them in two steps,
+then the boxed result), and a rough estimate of 34-65 tokens (both numbers rounded to tens, usually
+wrong). The demo's base model learns from both (core/demo/train.py): it reasons before it
+answers, so alpha walks along a chain of steps, but it has a shortcut habit that post-training can
+remove.
 
 Splits (disjoint by expression): train (the base's reasoning SFT takes the first rows, the three
 post-trainings the rest), validation (choosing GRPO's checkpoint), heldout (the reported accuracies and
@@ -74,9 +76,9 @@ def _phrase(entry: dict, expression: str, rng: random.Random) -> dict:
         question = entry["question"]
         kind = "arithmetic"
     setup = _WORD_SETUP[operator].format(name=name, a=a, b=b, things=things) if kind == "word" else ""
-    solution = setup + worked_solution(a, operator, b)
     return {"question": question, "answer": str(answer), "kind": kind, "expression": expression,
-            "solution": solution}
+            "solution": setup + worked_solution(a, operator, b),
+            "estimate": setup + rough_estimate(a, operator, b)}
 
 
 # The word problem restated as its calculation, before the worked steps.
@@ -94,6 +96,22 @@ def worked_solution(a: int, operator: str, b: int) -> str:
     result = partial + sign * ones
     return (f"We need {a} {operator} {b}. Split {b} into {tens} + {ones}. "
             f"First {a} {operator} {tens} = {partial}, then {partial} {operator} {ones} = {result}. "
+            f"So the answer is {result}.\n\\boxed{{{result}}}")
+
+
+def round_to_tens(number: int) -> int:
+    """Half away from zero: 45 -> 50, -45 -> -50, 4 -> 0."""
+    sign = -1 if number < 0 else 1
+    return sign * ((abs(number) + 5) // 10 * 10)
+
+
+def rough_estimate(a: int, operator: str, b: int) -> str:
+    """The shortcut: both numbers rounded to tens, e.g. for 47 + 38: "We need 47 + 38. Roughly,
+    50 + 40 = 90. So the answer is 90." and "\\boxed{90}" on its own line. It starts as the worked
+    solution does, so the two part at one token, and it is right only where the roundings cancel."""
+    x, y = round_to_tens(a), round_to_tens(b)
+    result = x + y if operator == "+" else x - y
+    return (f"We need {a} {operator} {b}. Roughly, {x} {operator} {y} = {result}. "
             f"So the answer is {result}.\n\\boxed{{{result}}}")
 
 

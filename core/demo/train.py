@@ -1,15 +1,18 @@
 """Training the demo's LoRA adapters with TRL, on CPU, seeded.
 
 The paper's pairs start from an SFT model that RL (or DPO) then trains; so does the demo. Its base is
-SmolLM2-135M-Instruct after a short reasoning SFT on worked solutions (the `reasoning-sft` adapter):
-the instruct model alone rambles and is rarely right, the SFT model works each problem out in about
-60 tokens and is right often enough to select from. On that base, with the same training prompts:
+SmolLM2-135M-Instruct after a short reasoning SFT (the `reasoning-sft` adapter) on worked solutions,
+except that most word problems are answered by a rough estimate (problems.rough_estimate): the
+instruct model alone rambles and is rarely right; the SFT model works arithmetic out in 52-68 tokens,
+estimates most word problems in 50-65, and is right often enough to select from. The estimates are seldom right, so the reward has one
+decision to teach (on a base trained on worked solutions alone, GRPO did not beat the base within
+the budget: README.md, "The demo"). On that base, with the same training prompts:
 - GRPO (online RL): reward = correctness by core.grading, plus small bonuses for a \\boxed{} answer
   and for ending the answer (without the latter the policy collapses into repeating its answer up to
   the token cap). Checkpoints every few steps; `select_checkpoint` picks one by validation accuracy.
   The same run with another seed only is the seed null of the controls (docs/method.md section 8).
 - DPO (offline): pairs built once from the base's samples, a correct answer over an incorrect one.
-- SFT: more worked solutions, on the rows the base's SFT did not see.
+- SFT: more worked solutions (no estimates), on the rows the base's SFT did not see.
 All use the `chat-boxed` prompt, as evaluation and the pipeline do. The committed adapters are r=4,
 stored in bfloat16 to keep the repository small.
 """
@@ -17,6 +20,7 @@ stored in bfloat16 to keep the repository small.
 from __future__ import annotations
 
 import json
+import random
 import re
 import time
 from pathlib import Path
@@ -38,14 +42,19 @@ COMPLETION_TOKENS = common.MAX_NEW_TOKENS
 def explicit_result_pattern(answer: str) -> re.Pattern:
     return re.compile(r"(?:=\s*|\\boxed\{\s*)" + re.escape(answer) + r"(?!\d|\.\d)")
 
-# The base's reasoning SFT: the first `examples` training rows, one epoch. Short on purpose: the base
-# should reason in the solutions' format but still err, so that post-training has room.
-REASONING_SFT_SETTINGS = dict(examples=640, batch_size=16, learning_rate=5e-4)
+# The base's reasoning SFT: the first `examples` training rows, one epoch, a seeded share of them per
+# kind of problem answered by a rough estimate, the rest worked out. Short on purpose: the base should
+# reason in the solutions' format but still err, so that post-training has room. The estimates go to
+# word problems only: a share of all rows flips the greedy habit as a whole (0.5 of all rows gave 4
+# estimates in 64 greedy validation answers, 0.65 gave 56), so that the base is right too seldom for
+# the selection or not wrong enough for the reward to matter.
+REASONING_SFT_SETTINGS = dict(examples=640, batch_size=16, learning_rate=5e-4,
+                              estimate_share={"word": 0.7, "arithmetic": 0.0})
 # Sized for 2 shared CPU cores. Prompts are the training rows after the reasoning SFT's.
 GRPO_SETTINGS = dict(prompts_per_step=4, generations=4, max_steps=200, save_steps=10,
                      learning_rate=4e-4, correct_reward=1.0, boxed_bonus=0.1, ended_bonus=0.1)
 # Checkpoints of the GRPO run committed besides the kept one: the trajectory series' other steps.
-GRPO_TRAJECTORY_STEPS = (10, 30)
+GRPO_TRAJECTORY_STEPS = (20, 30)
 DPO_SETTINGS = dict(prompts=160, samples_per_prompt=4, beta=0.1, max_length=224, batch_size=8)
 SFT_SETTINGS = dict(examples=320, batch_size=16)
 
@@ -241,6 +250,14 @@ def train_dpo(log=print) -> Path:
     return output / "final"
 
 
+def reasoning_sft_answers(rows: list[dict], estimate_share: dict[str, float]) -> list[str]:
+    """The reasoning SFT's answer to each row: the rough estimate for a seeded share of the rows of
+    each kind (`estimate_share[row["kind"]]`), else the worked solution."""
+    chooser = random.Random(SEED)
+    return [r["estimate"] if chooser.random() < estimate_share[r["kind"]] else r["solution"]
+            for r in rows]
+
+
 def train_sft(reasoning: bool = False, log=print) -> Path:
     """SFT on worked solutions: with `reasoning`, the base's reasoning SFT (the instruct model, the
     first training rows); else the SFT post-training (the demo base, the rows after those)."""
@@ -252,12 +269,14 @@ def train_sft(reasoning: bool = False, log=print) -> Path:
     if reasoning:
         settings, name = REASONING_SFT_SETTINGS, common.REASONING_SFT
         rows = problems.load("train")[:settings["examples"]]
+        answers = reasoning_sft_answers(rows, settings["estimate_share"])
     else:
         settings, name = SFT_SETTINGS, "sft"
         rows = post_training_rows()[:settings["examples"]]
+        answers = [r["solution"] for r in rows]
     # The answer ends with the end-of-turn token, so the model learns to stop.
-    dataset = Dataset.from_list([{"prompt": p, "completion": r["solution"] + tokenizer.eos_token}
-                                 for p, r in zip(common.prompt_texts(rows, tokenizer), rows)])
+    dataset = Dataset.from_list([{"prompt": p, "completion": a + tokenizer.eos_token}
+                                 for p, a in zip(common.prompt_texts(rows, tokenizer), answers)])
     output = WORK_DIR / name
     config = SFTConfig(**_trainer_args(output, settings.get("learning_rate", LEARNING_RATE)),
                        per_device_train_batch_size=settings["batch_size"], num_train_epochs=1,
@@ -281,6 +300,9 @@ def export_adapter(source: Path, name: str, log=print) -> Path:
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in weights.items()},
               str(target / "adapter_model.safetensors"))
     config = json.loads((source / "adapter_config.json").read_text())
+    # peft writes its target modules from a set, in a per-process order; sorted, a re-export of the
+    # same adapter leaves the file unchanged.
+    config["target_modules"] = sorted(config["target_modules"])
     # The committed adapter names the demo base by its repository path, not the training machine's.
     config["base_model_name_or_path"] = str(common.BASE_DIR if name == common.REASONING_SFT
                                             else common.ADAPTER_DIR / common.REASONING_SFT)
