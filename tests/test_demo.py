@@ -90,8 +90,9 @@ def test_reasoning_sft_estimates_at_each_kinds_share_reproducibly():
         assert all(a in (r["estimate"], r["solution"]) for a, r in mine)
         # A binomial draw: within 4 standard deviations of the share (exact at 0 and 1).
         assert abs(estimated - share * len(mine)) <= 4 * math.sqrt(len(mine) * share * (1 - share)), kind
-    assert train.reasoning_sft_answers(rows, {"word": 0.0, "arithmetic": 0.0}) == [r["solution"] for r in rows]
-    assert train.reasoning_sft_answers(rows, {"word": 1.0, "arithmetic": 1.0}) == [r["estimate"] for r in rows]
+    never, always = {"word": 0.0, "arithmetic": 0.0}, {"word": 1.0, "arithmetic": 1.0}
+    assert train.reasoning_sft_answers(rows, never) == [r["solution"] for r in rows]
+    assert train.reasoning_sft_answers(rows, always) == [r["estimate"] for r in rows]
 
 
 @pytest.mark.parametrize("answer, reference, correct", [

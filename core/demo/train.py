@@ -4,9 +4,10 @@ The paper's pairs start from an SFT model that RL (or DPO) then trains; so does 
 SmolLM2-135M-Instruct after a short reasoning SFT (the `reasoning-sft` adapter) on worked solutions,
 except that most word problems are answered by a rough estimate (problems.rough_estimate): the
 instruct model alone rambles and is rarely right; the SFT model works arithmetic out in 52-68 tokens,
-estimates most word problems in 50-65, and is right often enough to select from. The estimates are seldom right, so the reward has one
-decision to teach (on a base trained on worked solutions alone, GRPO did not beat the base within
-the budget: README.md, "The demo"). On that base, with the same training prompts:
+estimates most word problems in 50-65, and is right often enough to select from. The estimates are
+seldom right, so the reward has one decision to teach (on a base trained on worked solutions alone,
+GRPO did not beat the base within the budget: README.md, "The demo"). On that base, with the same
+training prompts:
 - GRPO (online RL): reward = correctness by core.grading, plus small bonuses for a \\boxed{} answer
   and for ending the answer (without the latter the policy collapses into repeating its answer up to
   the token cap). Checkpoints every few steps; `select_checkpoint` picks one by validation accuracy.
@@ -259,8 +260,9 @@ def reasoning_sft_answers(rows: list[dict], estimate_share: dict[str, float]) ->
 
 
 def train_sft(reasoning: bool = False, log=print) -> Path:
-    """SFT on worked solutions: with `reasoning`, the base's reasoning SFT (the instruct model, the
-    first training rows); else the SFT post-training (the demo base, the rows after those)."""
+    """With `reasoning`, the base's reasoning SFT (the instruct model, the first training rows, some
+    answered by a rough estimate); else the SFT post-training (worked solutions only, the demo base,
+    the rows after those)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
