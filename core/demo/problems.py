@@ -1,5 +1,5 @@
 """The demo's problem set: two-term sums and differences of 1-2 digit numbers (reasoning-gym
-`chain_sum`, fixed seed), a third of them phrased as short word problems, each with a worked solution
+`chain_sum`, fixed seed), a quarter of them phrased as short word problems, each with a worked solution
 of 52-88 tokens (split the second number into tens and ones, add or subtract them in two steps,
 then the boxed result), and a rough estimate of 34-65 tokens (both numbers rounded to tens, usually
 wrong). The demo's base model learns from both (core/demo/train.py): it reasons before it
