@@ -86,17 +86,26 @@ _WORD_SETUP = {"+": "{name} starts with {a} {things} and gets {b} more, so we ad
                "-": "{name} starts with {a} {things} and gives {b} away, so we subtract. "}
 
 
+def _apply(x: int, operator: str, y: int) -> int:
+    return x + y if operator == "+" else x - y
+
+
+def _framed(a: int, operator: str, b: int, working: str, result: int) -> str:
+    """An answer's frame, shared by the worked solution and the estimate so that the two part only
+    at their working: the restated problem, the working, the stated result, then the boxed one."""
+    return (f"We need {a} {operator} {b}. {working} "
+            f"So the answer is {result}.\n\\boxed{{{result}}}")
+
+
 def worked_solution(a: int, operator: str, b: int) -> str:
     """The reference answer: the second number split into tens and ones, two partial steps, then the
     boxed result, e.g. for 47 + 38: "We need 47 + 38. Split 38 into 30 + 8. First 47 + 30 = 77, then
     77 + 8 = 85. So the answer is 85." and "\\boxed{85}" on its own line."""
-    sign = 1 if operator == "+" else -1
     tens, ones = b - b % 10, b % 10
-    partial = a + sign * tens
-    result = partial + sign * ones
-    return (f"We need {a} {operator} {b}. Split {b} into {tens} + {ones}. "
-            f"First {a} {operator} {tens} = {partial}, then {partial} {operator} {ones} = {result}. "
-            f"So the answer is {result}.\n\\boxed{{{result}}}")
+    partial = _apply(a, operator, tens)
+    result = _apply(partial, operator, ones)
+    return _framed(a, operator, b, f"Split {b} into {tens} + {ones}. First {a} {operator} {tens} = "
+                   f"{partial}, then {partial} {operator} {ones} = {result}.", result)
 
 
 def round_to_tens(number: int) -> int:
@@ -107,12 +116,11 @@ def round_to_tens(number: int) -> int:
 
 def rough_estimate(a: int, operator: str, b: int) -> str:
     """The shortcut: both numbers rounded to tens, e.g. for 47 + 38: "We need 47 + 38. Roughly,
-    50 + 40 = 90. So the answer is 90." and "\\boxed{90}" on its own line. It starts as the worked
-    solution does, so the two part at one token, and it is right only where the roundings cancel."""
+    50 + 40 = 90. So the answer is 90." and "\\boxed{90}" on its own line. It parts from the worked
+    solution at one word, and it is right only where the roundings cancel."""
     x, y = round_to_tens(a), round_to_tens(b)
-    result = x + y if operator == "+" else x - y
-    return (f"We need {a} {operator} {b}. Roughly, {x} {operator} {y} = {result}. "
-            f"So the answer is {result}.\n\\boxed{{{result}}}")
+    result = _apply(x, operator, y)
+    return _framed(a, operator, b, f"Roughly, {x} {operator} {y} = {result}.", result)
 
 
 def write(folder: Path = PROBLEM_DIR) -> dict[str, Path]:
