@@ -5,11 +5,12 @@ T_cuts of the paper's alphas on 64-token answers (1, 6, 18, 31).
 Scoring: samples per second of `score_samples` at each --score-batches size, against batch 1, with
 the samples in the order the pipeline hands them over (core.pipeline: T_cut-major, then question).
 Generation: answers per second of `generate_greedy` at each --gen-batches size, against
-the smallest. Interleaved repeats in one process, medians. Results do not depend on the batch size
+the smallest, and against transformers' greedy `generate` at the largest (the prompts share the
+demo's 24-token system turn; the random model never ends an answer early). Interleaved repeats in one process, medians. Results do not depend on the batch size
 (tests/test_eap.py checks scores, tests/test_generation.py answers); only speed does.
 
 Usage: python benchmarks/bench_demo_throughput.py [--questions 8] [--repeats 3] [--threads 2]
-Last line: `score_speedup_b<k>=... gen_speedup_b<k>=...`.
+Last line: `score_speedup_b<k>=... gen_speedup_b<k>=... gen_vs_hf_generate_b<k>=...`.
 """
 
 from __future__ import annotations
@@ -29,9 +30,15 @@ ANSWER_TOKENS = 64
 T_CUTS = (1, 6, 18, 31)
 
 
+# Tokens every demo prompt starts with: the chat template's system turn.
+SHARED_PREFIX = 24
+
+
 def demo_shaped_prompts(n: int) -> list[list[int]]:
     generator = torch.Generator().manual_seed(n)
-    return [torch.randint(1, 49152, (64 + i % 10,), generator=generator).tolist() for i in range(n)]
+    prefix = torch.randint(1, 49152, (SHARED_PREFIX,), generator=generator).tolist()
+    return [prefix + torch.randint(1, 49152, (64 - SHARED_PREFIX + i % 10,), generator=generator).tolist()
+            for i in range(n)]
 
 
 def demo_shaped_samples(n_questions: int) -> list[Sample]:
@@ -47,6 +54,18 @@ def score_in_chunks(model, samples: list[Sample], batch_size: int) -> None:
     settings = ScoreSettings(batch_size=batch_size)
     for start in range(0, len(samples), batch_size):
         score_samples(model, samples[start:start + batch_size], settings)
+
+
+def hf_generate(model, prompts: list[list[int]]) -> None:
+    """The baseline: transformers' own greedy `generate`, left-padded, the same number of tokens."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention[row, width - len(ids):] = 1
+    model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False, pad_token_id=0,
+                   max_new_tokens=ANSWER_TOKENS, min_new_tokens=ANSWER_TOKENS)
 
 
 class _Tokenizer:
@@ -90,13 +109,20 @@ def main() -> None:
     prompts = demo_shaped_prompts(args.prompts)
     gen_runs = {b: (lambda b=b: generate_greedy(model, _Tokenizer(), prompts, ANSWER_TOKENS, batch_size=b))
                 for b in args.gen_batches}
+    largest = max(args.gen_batches)
+    gen_runs["hf"] = lambda: [hf_generate(model, prompts[start:start + largest])
+                              for start in range(0, len(prompts), largest)]
     gen = interleaved_medians(gen_runs, args.repeats)
+    baseline = gen.pop("hf")
     for b, seconds in gen.items():
         print(f"generate batch {b:>3}: {len(prompts) / seconds:6.2f} answers/s "
               f"({seconds:.2f} s for {len(prompts)} x {ANSWER_TOKENS} tokens), "
               f"x{gen[args.gen_batches[0]] / seconds:.2f}")
+    print(f"transformers generate, batch {largest}: {baseline:.2f} s; ours at that batch "
+          f"x{baseline / gen[largest]:.2f}")
     print(" ".join([f"score_speedup_b{b}={score[args.score_batches[0]] / s:.3f}" for b, s in score.items()]
-                   + [f"gen_speedup_b{b}={gen[args.gen_batches[0]] / s:.3f}" for b, s in gen.items()]))
+                   + [f"gen_speedup_b{b}={gen[args.gen_batches[0]] / s:.3f}" for b, s in gen.items()]
+                   + [f"gen_vs_hf_generate_b{largest}={baseline / gen[largest]:.3f}"]))
 
 
 if __name__ == "__main__":

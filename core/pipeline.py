@@ -4,10 +4,10 @@ no model work and a killed run resumes where its last commit left it.
 
 Stages (core.vocab.STAGES): identify models and data -> generate (per model) -> grade -> select
 (docs/method.md section 5) -> score (per model, per alpha) -> metrics (default conventions,
-docs/method.md section 6). Each generation batch, and each scoring batch (a sample's scores with its
-loss and time), commits in one transaction. Then the request's controls (CONTROL_STEPS,
-docs/method.md section 8), each doing only what is missing too. `plan` asks the run store the same
-questions and reports what the stages would do.
+docs/method.md section 6). Each generation batch commits in one transaction, and so do each
+ScoreSettings.batches_per_commit scoring batches (each sample's scores with its loss and time). Then
+the request's controls (CONTROL_STEPS, docs/method.md section 8), each doing only what is missing
+too. `plan` asks the run store the same questions and reports what the stages would do.
 
 Model work (generation, scoring) runs on the request's executor (core/executors.py): in this process,
 or on Ray actors. Either way the stages cut the same chunks and this process alone commits them.
@@ -275,8 +275,8 @@ class _Runner:
         name = scorer.label if scorer == tokens else f"{scorer.label} on {tokens.label}'s answers"
         answers = self.runs.generation_tokens(list(question_of))
         self.log(f"{stage}: {name}: {len(todo)} samples")
-        chunks = [todo[start:start + settings.batch_size]
-                  for start in range(0, len(todo), settings.batch_size)]
+        size = settings.batch_size * settings.batches_per_commit
+        chunks = [todo[start:start + size] for start in range(0, len(todo), size)]
         samples = [[Sample(question_of[key], tuple(answers[key][0]), tuple(answers[key][1]),
                            min(cut, len(answers[key][1]))) for key, cut in chunk]
                    for chunk in chunks]

@@ -147,6 +147,10 @@ class ScoreSettings(Settings):
                               "(float64 for a float64 model)")
     batch_size: int = setting(1, low=1, help="samples per forward+backward pass (results do not "
                                              "depend on it)", in_key=False)
+    batches_per_commit: int = setting(1, low=1, in_key=False,
+                                      help="scoring batches per cache transaction: a killed run "
+                                           "loses at most these; each commit costs a fraction of a "
+                                           "second, which matters where a batch takes a few")
     device: str = setting("auto", help="torch device: auto (cuda if available, else cpu), cpu, "
                                        "cuda, cuda:1 ...", in_key=False)
     method: str = setting("eap", choices=SCORE_METHODS, key_omits_default=True,

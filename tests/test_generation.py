@@ -4,7 +4,8 @@ argmax of a full forward pass over prompt + answer so far, no cache, no padding.
 import pytest
 import torch
 
-from core.generation import eos_token_ids, generate_greedy_detailed
+from core import generation
+from core.generation import eos_token_ids, generate_greedy_detailed, shared_prefix_length
 from tests.tiny_models import ARCHITECTURES, VOCAB, tiny_model
 
 MAX_NEW = 10
@@ -60,20 +61,39 @@ def tiny(architecture: str):
     return tiny_model(architecture, sliding_window=6 if architecture == "mistral" else None)
 
 
+def prompts_with_a_shared_prefix(n: int = 6, prefix: int = 5) -> list[list[int]]:
+    """A chat template's shape: every prompt starts with the same tokens (a system turn)."""
+    shared = torch.randint(0, VOCAB - 1, (prefix,), generator=torch.Generator().manual_seed(4)).tolist()
+    return [shared + rest for rest in prompts_of_mixed_lengths(n)]
+
+
+@pytest.mark.parametrize("prefill_tokens", [generation.PREFILL_TOKENS, 12], ids=["one-pass", "sliced"])
+@pytest.mark.parametrize("prompts", [prompts_of_mixed_lengths, prompts_with_a_shared_prefix],
+                         ids=["distinct", "shared-prefix"])
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_batched_greedy_answers_equal_unbatched_uncached_argmax_decoding(architecture):
+def test_batched_greedy_answers_equal_unbatched_uncached_argmax_decoding(architecture, prompts,
+                                                                         prefill_tokens, monkeypatch):
+    """Also with the prompts' prefill in slices of 2 positions (12 tokens over 6 prompts)."""
+    monkeypatch.setattr(generation, "PREFILL_TOKENS", prefill_tokens)
     model = tiny(architecture)
-    prompts = prompts_of_mixed_lengths()
+    prompts = prompts()
     eos = eos_ending_some_answers_early(model, prompts)
     tokenizer = _Tokenizer(eos)
     eos_ids = eos_token_ids(model, tokenizer)
     expected = [reference_answer(model, p, eos_ids, MAX_NEW) for p in prompts]
     got = generate_greedy_detailed(model, tokenizer, prompts, MAX_NEW, batch_size=len(prompts))
-    for prompt, answer, generation in zip(prompts, expected, got):
+    for prompt, answer, generated in zip(prompts, expected, got):
         ended = answer[-1] in eos_ids
-        assert list(generation.answer_ids) == (answer[:-1] if ended else answer), prompt
-        assert generation.finish_reason == ("eos" if ended else "length")
+        assert list(generated.answer_ids) == (answer[:-1] if ended else answer), prompt
+        assert generated.finish_reason == ("eos" if ended else "length")
     assert {g.finish_reason for g in got} == {"eos", "length"}, "rows should end at different steps"
+
+
+def test_the_shared_prefix_stops_short_of_each_prompts_last_token():
+    assert shared_prefix_length(prompts_with_a_shared_prefix()) == 5
+    assert shared_prefix_length(prompts_of_mixed_lengths()) == 0
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2
+    assert shared_prefix_length([[7], [7, 8]]) == 0
 
 
 def test_a_models_generation_config_does_not_change_greedy_answers():

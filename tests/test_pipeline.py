@@ -203,6 +203,32 @@ def test_extra_alpha_scores_only_the_new_cut(world):
     assert run.alphas == [0.1, 0.5]
 
 
+def test_scores_commit_batches_per_commit_batches_at_a_time(world, monkeypatch):
+    from core.runstore import RunStore
+    from core.settings import ScoreSettings
+
+    commits = []
+    write_scores = RunStore.write_scores
+    monkeypatch.setattr(RunStore, "write_scores", lambda self, run_key, rows, *rest: (
+        commits.append(len(rows)), write_scores(self, run_key, rows, *rest))[1])
+    summary = pipeline.run(request(world, "grouped.duckdb",
+                                  score=ScoreSettings(batch_size=2, batches_per_commit=3)), log=quiet)
+    per_model = summary.selection["n_selected"] * len(ALPHAS)
+    assert per_model > 6, "the test needs more than one commit per model"
+    full, rest = divmod(per_model, 6)
+    assert commits == 2 * ([6] * full + ([rest] if rest else []))
+    # Grouping commits changes no score.
+    pipeline.run(request(world, "ungrouped.duckdb"), log=quiet)
+    grouped, ungrouped = (cache_contents(world / name) for name in ("grouped.duckdb", "ungrouped.duckdb"))
+    assert [s[:2] + s[3:] for s in grouped["scores"]] == [s[:2] + s[3:] for s in ungrouped["scores"]]
+    np.testing.assert_allclose([s[2] for s in grouped["scores"]], [s[2] for s in ungrouped["scores"]],
+                               rtol=1e-6)
+    assert grouped["vectors"].keys() == ungrouped["vectors"].keys()
+    for key in grouped["vectors"]:
+        np.testing.assert_allclose(grouped["vectors"][key], ungrouped["vectors"][key], rtol=1e-5,
+                                   atol=1e-9)
+
+
 KILL_DURING_SCORING = """
 import json, os, signal, sys
 from core import pipeline

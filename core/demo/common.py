@@ -26,6 +26,10 @@ GENERATION_BATCH = 160
 # Samples per forward+backward in the demo's scoring: the same script measured batch 8 at 1.37x the
 # samples/s of batch 1, and 16 lower (1.23x).
 SCORE_BATCH = 8
+# A commit of scores costs about 0.5 s on the demo's cache (mostly DuckDB's checkpoint as the
+# connection closes), against about 5 s per batch of 8: four batches per commit save about 1.4 s per
+# 32 samples, and a killed demo loses at most about 20 s of scoring.
+SCORE_BATCHES_PER_COMMIT = 4
 # torch threads; `--threads` changes it. On 2 cores shared with other work, 1 thread ran generation
 # 7x faster than 2 (OpenMP threads waiting on each other for every small matmul).
 THREADS = 2

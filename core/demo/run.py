@@ -40,7 +40,9 @@ def part_requests(part: str, cache: str | None = None) -> list:
         return RunRequest(pair=pair, dataset=DATASET, alphas=PAPER_ALPHAS, cache=cache,
                           selection=SelectionSettings(n=DEMO_QUESTIONS),
                           generation=GenerationSettings(gen_batch_size=common.GENERATION_BATCH),
-                          score=ScoreSettings(batch_size=common.SCORE_BATCH), controls=controls)
+                          score=ScoreSettings(batch_size=common.SCORE_BATCH,
+                                              batches_per_commit=common.SCORE_BATCHES_PER_COMMIT),
+                          controls=controls)
 
     if part == "pairs":
         return [request(pair, ("seed",) if pair == SEED_NULL_PAIR else ()) for pair in DEMO_PAIRS]
