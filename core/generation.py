@@ -137,9 +137,8 @@ class GrowingLayer(DynamicLayer):
         end = self.length + key_states.shape[-2]
         if self.key_buffer is None or end > self.key_buffer.shape[-2]:
             capacity = max(end, 2 * self.length)
-            self.key_buffer, self.value_buffer = (self._grown(buffer, states, capacity) for buffer, states
-                                                  in ((self.key_buffer, key_states),
-                                                      (self.value_buffer, value_states)))
+            self.key_buffer = self._grown(self.key_buffer, key_states, capacity)
+            self.value_buffer = self._grown(self.value_buffer, value_states, capacity)
         self.key_buffer[:, :, self.length:end] = key_states
         self.value_buffer[:, :, self.length:end] = value_states
         self.length = end
@@ -179,9 +178,9 @@ def _greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
     repetition penalty), which `generate` would merge in, does not apply. The prompts' shared prefix
     (a chat template's system turn) is computed once and its cache copied to every row; each row's
     rest is padded on its left, so padding sits between the prefix and the rest, masked, and
-    positions count a row's own tokens. A finished row leaves the batch and the KV cache at once, so decoding costs the tokens
-    generated, not the batch's size times its longest answer as with `generate`
-    (benchmarks/bench_demo_throughput.py).
+    positions count a row's own tokens. A finished row leaves the batch and the KV cache at once, so
+    decoding costs the tokens generated, not the batch's size times its longest answer as with
+    `generate` (benchmarks/bench_demo_throughput.py).
     """
     device = next(model.parameters()).device
     cache = _growing_cache(model)
@@ -216,7 +215,8 @@ def _greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
             # logits_to_keep=1 takes sends the LM head down a batched path (1.03 s against 0.12 s
             # for the demo's 160 prompts).
             last = torch.tensor([stop - start - 1], device=device)
-            logits = model(input_ids=input_ids[:, start:stop], attention_mask=attention[:, :shared + stop],
+            logits = model(input_ids=input_ids[:, start:stop],
+                           attention_mask=attention[:, :shared + stop],
                            position_ids=position[:, shared + start:shared + stop], cache=cache,
                            use_cache=True, logits_to_keep=last).logits
         position = position[:, -1:]
