@@ -6,8 +6,9 @@ Scoring: samples per second of `score_samples` at each --score-batches size, aga
 the samples in the order the pipeline hands them over (core.pipeline: T_cut-major, then question).
 Generation: answers per second of `generate_greedy` at each --gen-batches size, against
 the smallest, and against transformers' greedy `generate` at the largest (the prompts share the
-demo's 24-token system turn; the random model never ends an answer early). Interleaved repeats in one process, medians. Results do not depend on the batch size
-(tests/test_eap.py checks scores, tests/test_generation.py answers); only speed does.
+demo's 24-token system turn; the random model never ends an answer early). Interleaved repeats in
+one process, medians. Results do not depend on the batch size (tests/test_eap.py checks scores,
+tests/test_generation.py answers); only speed does.
 
 Usage: python benchmarks/bench_demo_throughput.py [--questions 8] [--repeats 3] [--threads 2]
 Last line: `score_speedup_b<k>=... gen_speedup_b<k>=... gen_vs_hf_generate_b<k>=...`.
