@@ -128,45 +128,55 @@ class GrowingLayer(DynamicLayer):
 
     is_croppable = False
 
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.key_buffer = self.value_buffer = None
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-            self.key_buffer = self.value_buffer = None
-            self.length = 0
-        end = self.length + key_states.shape[-2]
+        length = self.get_seq_length()
+        end = length + key_states.shape[-2]
         if self.key_buffer is None or end > self.key_buffer.shape[-2]:
-            capacity = max(end, 2 * self.length)
-            self.key_buffer = self._grown(self.key_buffer, key_states, capacity)
-            self.value_buffer = self._grown(self.value_buffer, value_states, capacity)
-        self.key_buffer[:, :, self.length:end] = key_states
-        self.value_buffer[:, :, self.length:end] = value_states
-        self.length = end
-        self._set_buffers(self.key_buffer, self.value_buffer)
+            capacity = max(end, 2 * length)
+            self.key_buffer = _grown(self.key_buffer, key_states, length, capacity)
+            self.value_buffer = _grown(self.value_buffer, value_states, length, capacity)
+        self.key_buffer[:, :, length:end] = key_states
+        self.value_buffer[:, :, length:end] = value_states
+        self._set_buffers(self.key_buffer, self.value_buffer, end)
         return self.keys, self.values
 
-    def _grown(self, buffer: torch.Tensor | None, states: torch.Tensor, capacity: int) -> torch.Tensor:
-        grown = states.new_empty((*states.shape[:2], capacity, states.shape[-1]))
-        if buffer is not None:
-            grown[:, :, :self.length] = buffer[:, :, :self.length]
-        return grown
-
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.get_seq_length() > 0:
+        length = self.get_seq_length()
+        if length > 0:
             self._set_buffers(self.key_buffer.repeat_interleave(repeats, dim=0),
-                              self.value_buffer.repeat_interleave(repeats, dim=0))
+                              self.value_buffer.repeat_interleave(repeats, dim=0), length)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keeps the rows `indices` (ascending), moved to the front of the same buffers: only the
         filled part is copied, and the room to grow stays."""
-        if self.get_seq_length() > 0:
+        length = self.get_seq_length()
+        if length > 0:
             for buffer in (self.key_buffer, self.value_buffer):
-                buffer[:len(indices), :, :self.length] = buffer[indices, :, :self.length]
-            self._set_buffers(self.key_buffer[:len(indices)], self.value_buffer[:len(indices)])
+                buffer[:len(indices), :, :length] = buffer[indices, :, :length]
+            self._set_buffers(self.key_buffer[:len(indices)], self.value_buffer[:len(indices)], length)
 
-    def _set_buffers(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def _set_buffers(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """The buffers, and `keys` and `values` as views of their first `length` positions (the
+        cache's length, which get_seq_length reads off `keys`)."""
         self.key_buffer, self.value_buffer = keys, values
-        self.keys, self.values = keys[:, :, :self.length], values[:, :, :self.length]
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+
+
+def _grown(buffer: torch.Tensor | None, states: torch.Tensor, length: int,
+           capacity: int) -> torch.Tensor:
+    """A buffer of `capacity` positions for rows shaped like `states`, holding the first `length`
+    positions of `buffer`."""
+    grown = states.new_empty((*states.shape[:2], capacity, states.shape[-1]))
+    if buffer is not None:
+        grown[:, :, :length] = buffer[:, :, :length]
+    return grown
 
 
 def _greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos: set[int],
