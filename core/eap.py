@@ -16,6 +16,13 @@ Samples are right-padded: with causal attention, padding after a sample's last t
 that sample's computation, and padded positions carry no loss; products run over each sample's own
 positions only.
 
+Cuts of one answer share a forward pass (`shared_rows`): the cuts' input ids are prefixes of the
+longest cut's, and with causal attention each cut's loss reads the longest cut's forward pass at its own
+positions only. So a row of the batch runs the longest cut once and one backward pass per cut (the
+graph retained between them); each backward pass scores only its cut, over its cut's positions. A cut
+joins the row when its own forward and backward pass would cost more than one more backward pass over
+the row's positions: with frozen weights a backward pass costs about a forward pass.
+
 Position parts: the sum over positions t is taken as three sums over contiguous position groups
 (first token, rest of the prompt, answer), each its own product, so W's parts by group come at no
 extra pass; W is their sum. The token view splits the answer group further, one group per answer
@@ -273,6 +280,27 @@ def free_device_bytes(device: torch.device) -> int | None:
     return free
 
 
+def shared_rows(samples: Sequence[Sample]) -> list[list[int]]:
+    """Indexes of `samples` grouped into rows of one forward pass each, each row's samples shortest
+    first (equal ones in the order given): cuts of one answer (equal prompt and answer ids), taken longest first, join the row of the
+    longest while their own forward and backward pass (2 n_tokens) would cost more than one more
+    backward pass over the row's tokens; a shorter cut starts a row of its own. Rows in the order of
+    their answers' first sample."""
+    by_answer: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+    for index, sample in enumerate(samples):
+        by_answer.setdefault((sample.prompt_ids, sample.answer_ids), []).append(index)
+    rows = []
+    for indexes in by_answer.values():
+        row: list[int] = []
+        for index in sorted(indexes, key=lambda i: (-samples[i].n_tokens, -i)):
+            if row and 2 * samples[index].n_tokens <= samples[row[0]].n_tokens:
+                rows.append(row[::-1])
+                row = []
+            row.append(index)
+        rows.append(row[::-1])
+    return rows
+
+
 def score_samples(model: nn.Module, samples: Sequence[Sample], settings: ScoreSettings = ScoreSettings(),
                   progress: Callable[[int, int], None] | None = None,
                   answer_positions: bool = False) -> ScoreResult:
@@ -301,26 +329,32 @@ def score_samples(model: nn.Module, samples: Sequence[Sample], settings: ScoreSe
     measures = {f.name: np.zeros(len(samples)) for f in dataclasses.fields(_Measures)}
     seconds = np.zeros(len(samples))
     steps = settings.ig_steps if settings.method == "eap-ig" else 1
-    # Similar lengths share a batch, to pad little.
-    order = sorted(range(len(samples)), key=lambda i: samples[i].n_tokens)
+    # Rows of similar lengths share a batch, to pad little.
+    rows = sorted(shared_rows(samples), key=lambda row: samples[row[-1]].n_tokens)
     shape = ModelShape.of(model)
     free = free_device_bytes(next(model.parameters()).device)
+    done = 0
     with frozen_eval(model), adapter.exact_precision(model):
-        for start in range(0, len(order), settings.batch_size):
-            index = order[start:start + settings.batch_size]
+        for start in range(0, len(rows), settings.batch_size):
+            batch_rows = rows[start:start + settings.batch_size]
+            index = [i for row in batch_rows for i in row]
+            # Each row as positions into the batch's samples.
+            positions = np.cumsum([0] + [len(row) for row in batch_rows])
+            local_rows = [list(range(lo, hi)) for lo, hi in zip(positions[:-1], positions[1:])]
             batch = [samples[i] for i in index]
-            plan = plan_memory(shape, len(batch) * max(s.n_tokens for s in batch), free,
+            plan = plan_memory(shape, len(batch_rows) * max(s.n_tokens for s in batch), free,
                                settings.checkpointing, settings.source_buffer)
             began = time.perf_counter()
             batch_totals, batch_measures = _score_batch(
-                model, adapter, graph, batch, acc_dtype, steps, [groups[i] for i in index],
+                model, adapter, graph, batch, local_rows, acc_dtype, steps, [groups[i] for i in index],
                 check=start == 0, plan=plan)
             totals[index] = batch_totals
             for name, values in dataclasses.asdict(batch_measures).items():
                 measures[name][index] = values
             seconds[index] = (time.perf_counter() - began) / len(index)
+            done += len(index)
             if progress is not None:
-                progress(min(start + settings.batch_size, len(order)), len(order))
+                progress(done, len(samples))
     return ScoreResult(graph, totals.sum(axis=1),
                        totals if settings.position_parts or answer_positions else None,
                        sample_ids=[s.id for s in samples], seconds=seconds, **measures)
@@ -371,47 +405,49 @@ def batch_inputs(samples: Sequence[Sample], device) -> tuple[torch.Tensor, torch
     return input_ids.to(device), real.to(device), [t.to(device) for t in targets]
 
 
-def answer_losses(model: nn.Module, hidden: torch.Tensor, targets: list[torch.Tensor],
-                  on_logits: Callable[[int, torch.Tensor], None] | None = None,
-                  checkpointed: bool = False) -> torch.Tensor:
-    """Per-sample mean NLL of the answer tokens, from the final hidden states [B, T, d]. Only the
-    loss positions go through the LM head, in float32 (or float64). `on_logits(b, logits)` sees each
-    sample's logits as the loss reads them (to hook their gradient; under checkpointing once per
+def answer_token_losses(model: nn.Module, hidden: torch.Tensor, targets: list[torch.Tensor],
+                        on_logits: Callable[[int, torch.Tensor], None] | None = None,
+                        checkpointed: bool = False) -> list[torch.Tensor]:
+    """Per sample, the NLL of each answer token [t_cut], from the final hidden states [B, T, d]. Only
+    the loss positions go through the LM head, in float32 (or float64). `on_logits(b, logits)` sees
+    each sample's logits as the loss reads them (to hook their gradient; under checkpointing once per
     chunk). `checkpointed`: the head runs on LOSS_CHUNK positions at a time and its logits are
-    recomputed in the backward pass (the mean is then a sum of chunk sums, rounded differently)."""
+    recomputed in the backward pass."""
     head = model.get_output_embeddings()
 
-    def nll(b: int, h: torch.Tensor, tokens: torch.Tensor, reduction: str) -> torch.Tensor:
+    def nll(b: int, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         logits = head(h)
         wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if on_logits is not None:
             on_logits(b, wide)
-        return nn.functional.cross_entropy(wide, tokens, reduction=reduction)
+        return nn.functional.cross_entropy(wide, tokens, reduction="none")
 
-    losses = []
-    for b, (positions, tokens) in enumerate(targets):
-        if not checkpointed:
-            losses.append(nll(b, hidden[b, positions], tokens, "mean"))
-            continue
-        sums = [checkpoint(nll, b, hidden[b, positions[lo:lo + LOSS_CHUNK]], tokens[lo:lo + LOSS_CHUNK],
-                           "sum", use_reentrant=False)
-                for lo in range(0, len(tokens), LOSS_CHUNK)]
-        losses.append(torch.stack(sums).sum() / len(tokens))
-    return torch.stack(losses)
+    if not checkpointed:
+        return [nll(b, hidden[b, positions], tokens) for b, (positions, tokens) in enumerate(targets)]
+    return [torch.cat([checkpoint(nll, b, hidden[b, positions[lo:lo + LOSS_CHUNK]],
+                                  tokens[lo:lo + LOSS_CHUNK], use_reentrant=False)
+                       for lo in range(0, len(tokens), LOSS_CHUNK)])
+            for b, (positions, tokens) in enumerate(targets)]
 
 
-def forward_loss(model: nn.Module, samples: Sequence[Sample],
-                 on_logits: Callable[[int, torch.Tensor], None] | None = None,
-                 checkpointed: bool = False) -> torch.Tensor:
-    """Per-sample losses of a plain forward pass whose graph reaches back to the embeddings: the
-    baseline the engine's overhead is measured against, and the loss the engine differentiates.
+def forward_token_losses(model: nn.Module, samples: Sequence[Sample],
+                         on_logits: Callable[[int, torch.Tensor], None] | None = None,
+                         checkpointed: bool = False) -> list[torch.Tensor]:
+    """`answer_token_losses` of a plain forward pass whose graph reaches back to the embeddings.
     `checkpointed`: each decoder layer and the loss head run under activation checkpointing."""
     device = next(model.parameters()).device
     input_ids, _, targets = batch_inputs(samples, device)
     embeds = model.get_input_embeddings()(input_ids).requires_grad_(True)
     with checkpointed_layers(model, checkpointed):
         hidden = model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-    return answer_losses(model, hidden, targets, on_logits, checkpointed)
+    return answer_token_losses(model, hidden, targets, on_logits, checkpointed)
+
+
+def forward_loss(model: nn.Module, samples: Sequence[Sample], checkpointed: bool = False) -> torch.Tensor:
+    """Per-sample losses (mean answer-token NLL) of a plain forward pass: the baseline the engine's
+    overhead is measured against, and the loss the engine differentiates."""
+    return torch.stack([losses.mean() for losses in forward_token_losses(model, samples,
+                                                                         checkpointed=checkpointed)])
 
 
 @contextlib.contextmanager
@@ -453,15 +489,22 @@ def _non_finite_advice(dtype: torch.dtype) -> str:
 
 
 def _score_batch(model: nn.Module, adapter: ArchitectureAdapter, graph: ResidualGraph,
-                 samples: Sequence[Sample], acc_dtype: torch.dtype, steps: int,
+                 samples: Sequence[Sample], rows: list[list[int]], acc_dtype: torch.dtype, steps: int,
                  groups: list[tuple[tuple[int, int], ...]], check: bool,
                  plan: MemoryPlan) -> tuple[np.ndarray, _Measures]:
-    """Totals [B, groups, n_src, n_dst] (per sample, its position ranges [t0, t1), as many for every
-    sample) averaged over the path's `steps` points, and the batch's measures."""
+    """Totals [n_samples, groups, n_src, n_dst] (per sample, its position ranges [t0, t1), as many
+    for every sample) averaged over the path's `steps` points, and the batch's measures. `rows`: the
+    samples of each forward row (`shared_rows`), shortest first."""
     device = next(model.parameters()).device
-    _, real, _ = batch_inputs(samples, device)
+    longest = [samples[row[-1]] for row in rows]
+    _, real, _ = batch_inputs(longest, device)
+    row_of = {i: b for b, row in enumerate(rows) for i in row}
     recorder = _Recorder(model, adapter, graph, real, groups, acc_dtype, keep_slot_inputs=check,
-                         plan=plan)
+                         plan=plan, sample_rows=[row_of[i] for i in range(len(samples))],
+                         sample_tokens=[s.n_tokens for s in samples])
+    # Backward pass k scores the k-th sample of every row that has one.
+    backward_passes = [[(b, row[k]) for b, row in enumerate(rows) if k < len(row)]
+                       for k in range(max(len(row) for row in rows))]
     # The real input (alpha = 1) first: its pass records the source outputs every point multiplies,
     # and the loss and measures; it is exactly EAP's pass.
     alphas = [1.0] + [k / steps for k in range(1, steps)]
@@ -469,19 +512,23 @@ def _score_batch(model: nn.Module, adapter: ArchitectureAdapter, graph: Residual
         for point, alpha in enumerate(alphas):
             at_real_input = point == 0
             recorder.begin_pass(None if at_real_input else alpha)
-            losses = forward_loss(model, samples, recorder.catch_logits if at_real_input else None,
-                                  checkpointed=plan.checkpointing)
+            token_losses = forward_token_losses(model, longest,
+                                                recorder.catch_logits if at_real_input else None,
+                                                checkpointed=plan.checkpointing)
+            losses = [token_losses[row_of[i]][:s.t_cut].mean() for i, s in enumerate(samples)]
             if at_real_input:
-                bad = [s.id for s, value in zip(samples, losses.detach()) if not torch.isfinite(value)]
+                real_losses = torch.stack(losses).detach()
+                bad = [s.id for s, value in zip(samples, real_losses) if not torch.isfinite(value)]
                 if bad:
                     raise NonFiniteScoreError(f"non-finite loss for sample(s) {bad}; nothing was "
                                               f"stored. {_non_finite_advice(model.dtype)}")
                 if check:
                     recorder.check_additivity(type(model).__name__)
-                real_losses = losses.detach()
-            with recorder.backward_pass():
-                losses.sum().backward()
-            recorder.score_pending()
+            for k, members in enumerate(backward_passes):
+                last = k == len(backward_passes) - 1
+                with recorder.backward_pass(members, last):
+                    sum(losses[i] for _, i in members).backward(retain_graph=not last)
+                recorder.score_pending()
     totals = recorder.totals if steps == 1 else recorder.totals / steps
     totals = totals.cpu().numpy()
     bad = [s.id for s, t in zip(samples, totals) if not np.isfinite(t).all()]
@@ -496,9 +543,13 @@ class _Recorder:
 
     def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, graph: ResidualGraph,
                  real: torch.Tensor, groups: list[tuple[tuple[int, int], ...]], acc_dtype: torch.dtype,
-                 keep_slot_inputs: bool, plan: MemoryPlan) -> None:
+                 keep_slot_inputs: bool, plan: MemoryPlan, sample_rows: list[int],
+                 sample_tokens: list[int]) -> None:
+        """`real`: the rows' real positions [rows, T]; per sample, its position ranges (`groups`),
+        its row and its number of tokens."""
         self.model, self.adapter, self.graph = model, adapter, graph
         batch, width = real.shape
+        n_samples = len(groups)
         d_model = model.get_input_embeddings().embedding_dim
         self.device = real.device
         # Pinned host memory makes the copies to and from a CUDA device direct DMA.
@@ -508,13 +559,18 @@ class _Recorder:
         self.slots_per_product = SLOTS_PER_PRODUCT_CHECKPOINTED if plan.checkpointing else SLOTS_PER_PRODUCT
         self.source_chunk = (SOURCE_CHUNK_CHECKPOINTED if plan.checkpointing or not plan.source_on_device
                              else SOURCE_CHUNK)
-        # True while the backward pass runs: forward hooks then fire only to recompute a checkpointed
+        # True while a backward pass runs: forward hooks then fire only to recompute a checkpointed
         # layer, and must neither record again nor insert views.
         self.in_backward = False
+        # The backward pass in progress: (row, sample) of the samples it scores; whether it is the
+        # batch's last (which may then free the recorded attention inputs).
+        self.members: list[tuple[int, int]] = []
+        self.last_backward = True
         # Per sample, the non-empty position ranges [t0, t1) summed into each part of the totals.
         self.groups = [[(part, t0, t1) for part, (t0, t1) in enumerate(sample_groups) if t1 > t0]
                        for sample_groups in groups]
-        self.totals = torch.zeros(batch, len(groups[0]), graph.n_src, graph.n_dst, dtype=acc_dtype,
+        self.sample_rows, self.sample_tokens = sample_rows, sample_tokens
+        self.totals = torch.zeros(n_samples, len(groups[0]), graph.n_src, graph.n_dst, dtype=acc_dtype,
                                   device=real.device)
         self.real = real.unsqueeze(-1).to(acc_dtype)
         self.acc_dtype = acc_dtype
@@ -527,16 +583,16 @@ class _Recorder:
         self.edge_mask = torch.tensor(graph.real_edge_mask, dtype=acc_dtype, device=real.device)
         # The pass in progress: None at the real input, else the factor scaling the input embedding.
         self.input_scale: float | None = None
-        self.logit_grad_sq = torch.zeros(batch, dtype=acc_dtype, device=real.device)
-        self.logits_slot_grad_norm = torch.zeros(batch, dtype=acc_dtype, device=real.device)
-        self.residual_norm = torch.zeros(batch, dtype=acc_dtype, device=real.device)
+        self.logit_grad_sq = torch.zeros(n_samples, dtype=acc_dtype, device=real.device)
+        self.logits_slot_grad_norm = torch.zeros(n_samples, dtype=acc_dtype, device=real.device)
+        self.residual_norm = torch.zeros(n_samples, dtype=acc_dtype, device=real.device)
 
     def begin_pass(self, input_scale: float | None) -> None:
         self.input_scale = input_scale
 
     @contextlib.contextmanager
-    def backward_pass(self) -> Iterator[None]:
-        self.in_backward = True
+    def backward_pass(self, members: list[tuple[int, int]], last: bool) -> Iterator[None]:
+        self.in_backward, self.members, self.last_backward = True, members, last
         try:
             yield
         finally:
@@ -548,7 +604,9 @@ class _Recorder:
 
         def on_grad(grad):
             # Summed over the loss head's chunks when it is checkpointed.
-            self.logit_grad_sq[b] += grad.to(self.acc_dtype).pow(2).sum()
+            for row, sample in self.members:
+                if row == b:
+                    self.logit_grad_sq[sample] += grad.to(self.acc_dtype).pow(2).sum()
         logits.register_hook(on_grad)
 
     def measures(self, losses: torch.Tensor) -> _Measures:
@@ -623,14 +681,16 @@ class _Recorder:
             measuring = measure and self.input_scale is None
             if measuring:
                 norms = torch.linalg.vector_norm(hidden.detach(), dim=-1, dtype=self.acc_dtype)
-                real = self.real[..., 0]
-                self.residual_norm = (norms * real).sum(-1) / real.sum(-1)
+                for sample, (row, tokens) in enumerate(zip(self.sample_rows, self.sample_tokens)):
+                    self.residual_norm[sample] = norms[row, :tokens].mean()
             branch = hidden.view_as(hidden)
 
             def on_grad(grad):
                 grad = grad.to(self.acc_dtype)
                 if measuring:
-                    self.logits_slot_grad_norm = torch.linalg.vector_norm(grad.flatten(1), dim=-1)
+                    norms = torch.linalg.vector_norm(grad.flatten(1), dim=-1)
+                    for row, sample in self.members:
+                        self.logits_slot_grad_norm[sample] = norms[row]
                 self._score_slots(dst, [grad])
             branch.register_hook(on_grad)
             return (branch,) + args[1:]
@@ -672,7 +732,8 @@ class _Recorder:
         if len(pending) < 3:
             return
         del self.pending_qkv[layer]
-        x = self.attn_inputs.pop(layer)
+        # Later backward passes of the batch read it again.
+        x = self.attn_inputs.pop(layer) if self.last_backward else self.attn_inputs[layer]
         # One norm VJP for the three paths: it is linear in the gradient and broadcasts over x.
         grads = self.adapter.norm_vjp(norm, x, torch.stack([pending[p].to(self.acc_dtype) for p in QKV]))
         self._score_slots([self.graph.attn_dst(layer, p) for p in QKV], list(grads))
@@ -686,9 +747,9 @@ class _Recorder:
             self.score_pending()
 
     def score_pending(self) -> None:
-        """totals[:, part, :k, dst] += -<sources[:, :k], G_dst> over each part's positions, for the
-        queued slots, k the most sources any of them reads; entries of sources a slot does not read
-        are then zeroed by the edge mask."""
+        """totals[sample, part, :k, dst] += -<sources[row, :k], G_dst[row]> over each part's positions,
+        for the queued slots and the backward pass's samples, k the most sources any of them reads;
+        entries of sources a slot does not read are then zeroed by the edge mask."""
         if not self.pending:
             return
         slots = [d for d, _ in self.pending]
@@ -702,14 +763,15 @@ class _Recorder:
         # One matrix product per sample and position range, on rows of the buffer whose positions
         # and hidden units are contiguous (row stride T * d): a batched product over the buffer's
         # strided prefix would copy it. Padded positions are outside every range.
-        for b in range(batch):
-            for part, t0, t1 in self.groups[b]:
+        for b, sample in self.members:
+            for part, t0, t1 in self.groups[sample]:
                 grad = g[b, :, t0 * d_model:t1 * d_model]
                 for lo in range(0, k, step):
                     hi = min(k, lo + step)
                     chunk = self.sources[b, lo:hi, t0:t1].to(self.device, self.acc_dtype)
                     chunk = chunk.reshape(hi - lo, -1)
-                    self.totals[b, part, lo:hi, dst] += -(chunk @ grad.T) * self.edge_mask[lo:hi, dst]
+                    self.totals[sample, part, lo:hi, dst] += (-(chunk @ grad.T)
+                                                              * self.edge_mask[lo:hi, dst])
 
     # --- additivity -------------------------------------------------------------------------
 

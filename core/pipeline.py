@@ -3,7 +3,7 @@ the cache. Every stage first asks the run store what is missing and does only th
 no model work and a killed run resumes where its last commit left it.
 
 Stages (core.vocab.STAGES): identify models and data -> generate (per model) -> grade -> select
-(docs/method.md section 5) -> score (per model, per alpha) -> metrics (default conventions,
+(docs/method.md section 5) -> score (per model, an answer's cuts together) -> metrics (default conventions,
 docs/method.md section 6). Each generation batch commits in one transaction, and so do each
 ScoreSettings.batches_per_commit scoring batches (each sample's scores with its loss and time). Then
 the request's controls (CONTROL_STEPS, docs/method.md section 8), each doing only what is missing
@@ -244,7 +244,7 @@ class _Runner:
         question_ids = self.selection.question_ids if question_ids is None else question_ids
         t_cuts = self.t_cuts if t_cuts is None else t_cuts
         return list(dict.fromkeys((self.generation_key(entry.label, qid), cut)
-                                  for cut in t_cuts.values() for qid in question_ids))
+                                  for qid in question_ids for cut in t_cuts.values()))
 
     def cross_pairs(self) -> list[tuple[ModelEntry, ModelEntry]]:
         """(scorer, answers) of cross-scoring: each post model on the base's answers and back."""
@@ -263,8 +263,10 @@ class _Runner:
 
     def _score(self, scorer: ModelEntry, tokens: ModelEntry, stage: str) -> None:
         """Score `scorer` on the selected answers of `tokens` (its own, or cross), in commit-sized
-        chunks through the executor, doing only what the cache lacks."""
-        from core.eap import Sample
+        chunks through the executor, doing only what the cache lacks. A chunk holds
+        `batches_per_commit` batches of `batch_size` rows (core.eap.shared_rows: the cuts of one
+        answer that share a forward pass)."""
+        from core.eap import Sample, shared_rows
 
         settings = self.request.score
         question_of = {self.generation_key(tokens.label, q): q for q in self.selection.question_ids}
@@ -275,11 +277,14 @@ class _Runner:
         name = scorer.label if scorer == tokens else f"{scorer.label} on {tokens.label}'s answers"
         answers = self.runs.generation_tokens(list(question_of))
         self.log(f"{stage}: {name}: {len(todo)} samples")
+        every_sample = [Sample(question_of[key], tuple(answers[key][0]), tuple(answers[key][1]),
+                               min(cut, len(answers[key][1]))) for key, cut in todo]
+        rows = shared_rows(every_sample)
         size = settings.batch_size * settings.batches_per_commit
-        chunks = [todo[start:start + size] for start in range(0, len(todo), size)]
-        samples = [[Sample(question_of[key], tuple(answers[key][0]), tuple(answers[key][1]),
-                           min(cut, len(answers[key][1]))) for key, cut in chunk]
-                   for chunk in chunks]
+        chunk_rows = [[i for row in rows[start:start + size] for i in row]
+                      for start in range(0, len(rows), size)]
+        chunks = [[todo[i] for i in chunk] for chunk in chunk_rows]
+        samples = [[every_sample[i] for i in chunk] for chunk in chunk_rows]
         self.progress(f"{stage} {name}", 0, len(todo))
         began = time.perf_counter()
         done = 0

@@ -210,13 +210,19 @@ def test_scores_commit_batches_per_commit_batches_at_a_time(world, monkeypatch):
     commits = []
     write_scores = RunStore.write_scores
     monkeypatch.setattr(RunStore, "write_scores", lambda self, run_key, rows, *rest: (
-        commits.append(len(rows)), write_scores(self, run_key, rows, *rest))[1])
+        commits.append([(row["generation_key"], row["t_cut"]) for row in rows]),
+        write_scores(self, run_key, rows, *rest))[1])
     summary = pipeline.run(request(world, "grouped.duckdb",
-                                  score=ScoreSettings(batch_size=2, batches_per_commit=3)), log=quiet)
-    per_model = summary.selection["n_selected"] * len(ALPHAS)
-    assert per_model > 6, "the test needs more than one commit per model"
-    full, rest = divmod(per_model, 6)
-    assert commits == 2 * ([6] * full + ([rest] if rest else []))
+                                  score=ScoreSettings(batch_size=1, batches_per_commit=3)), log=quiet)
+    # The world's prompts are far longer than its answers, so the cuts of an answer share a row: a
+    # commit holds every cut of 3 answers (3 batches of 1 row), the last of a model what is left.
+    answers = [list(dict.fromkeys(key for key, _ in commit)) for commit in commits]
+    n_selected = summary.selection["n_selected"]
+    assert n_selected > 3, "the test needs more than one commit per model"
+    full, rest = divmod(n_selected, 3)
+    assert [len(keys) for keys in answers] == 2 * ([3] * full + ([rest] if rest else []))
+    for commit, keys in zip(commits, answers):
+        assert sorted(commit) == sorted((key, cut) for key in keys for cut in set(summary.t_cuts.values()))
     # Grouping commits changes no score.
     pipeline.run(request(world, "ungrouped.duckdb"), log=quiet)
     grouped, ungrouped = (cache_contents(world / name) for name in ("grouped.duckdb", "ungrouped.duckdb"))
@@ -234,10 +240,15 @@ import json, os, signal, sys
 from core import pipeline
 from core.config import RunRequest
 request = RunRequest.from_dict(json.loads(sys.argv[1]))
+batches = []
 def progress(stage, done, total):
-    # Called after a scoring batch is computed and before it is committed: the third batch dies.
-    if stage.startswith("score") and done == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
+    # Called after a scoring batch is computed and before it is committed: the third batch dies,
+    # after saying how many samples the first two committed.
+    if stage.startswith("score") and done:
+        batches.append(done)
+        if len(batches) == 3:
+            print(batches[1], flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
 pipeline.run(request, progress=progress, log=lambda text: None)
 """
 
@@ -247,14 +258,15 @@ def test_run_killed_mid_scoring_resumes_to_the_same_cache(world):
     process = subprocess.run([sys.executable, "-c", KILL_DURING_SCORING, json.dumps(killed.as_dict())],
                              cwd=REPO, capture_output=True, text=True, timeout=300)
     assert process.returncode == -signal.SIGKILL, process.stderr
+    committed = int(process.stdout)
     with Store(killed.cache).read() as con:
-        assert fetch_one(con, "SELECT count(*) FROM scores")[0] == 2  # batches 1 and 2 committed
+        assert fetch_one(con, "SELECT count(*) FROM scores")[0] == committed  # batches 1 and 2
     partial = ResultCache.open(killed.cache).runs().iloc[0]
     assert partial.n_complete == [0, 0]  # only the base model's first samples: nothing complete
     resumed = pipeline.run(killed, log=quiet)
     assert resumed.done["generate"] == 0 and resumed.done["grade"] == 0
     total = resumed.selection["n_selected"] * 2 * len(ALPHAS)
-    assert resumed.done["score"] == total - 2
+    assert resumed.done["score"] == total - committed
 
     pipeline.run(request(world, "uninterrupted.duckdb"), log=quiet)
     a, b = cache_contents(killed.cache), cache_contents(world / "uninterrupted.duckdb")
