@@ -145,8 +145,9 @@ class ScoreSettings(Settings):
     dtype: DType = setting("float32", choices=DTYPES,
                          help="model weights and activations; scores always accumulate in float32 "
                               "(float64 for a float64 model)")
-    batch_size: int = setting(1, low=1, help="samples per forward+backward pass (results do not "
-                                             "depend on it)", in_key=False)
+    batch_size: int = setting(1, low=1, help="rows per forward pass, a row being the cuts of one "
+                                             "answer that share it, each cut with its own backward "
+                                             "pass (results do not depend on it)", in_key=False)
     batches_per_commit: int = setting(1, low=1, in_key=False,
                                       help="scoring batches per cache transaction: a killed run "
                                            "loses at most these; each commit costs a fraction of a "

@@ -23,13 +23,13 @@ MAX_NEW_TOKENS = 128
 # so few rows idle; benchmarks/bench_demo_throughput.py measured one call of 160 at 1.25x the
 # answers/s of calls of 32 on 2 cores (calls of 64 1.02x: the third call holds 32).
 GENERATION_BATCH = 160
-# Samples per forward+backward in the demo's scoring: the same script measured batch 8 at 1.37x the
-# samples/s of batch 1, and 16 lower (1.23x).
+# Rows per forward pass in the demo's scoring, each row an answer's four cuts (core.eap.shared_rows):
+# the same script measured 3.48 samples/s at 4 and at 8 rows per pass, 2.39 at 1.
 SCORE_BATCH = 8
-# A commit of scores costs about 0.5 s on the demo's cache (mostly DuckDB's checkpoint as the
-# connection closes), against about 5 s per batch of 8: four batches per commit save about 1.4 s per
-# 32 samples, and a killed demo loses at most about 20 s of scoring.
-SCORE_BATCHES_PER_COMMIT = 4
+# A commit of scores costs about 0.35 s for 32 samples and 0.5 s for 64 on the demo's cache (mostly
+# DuckDB's checkpoint as the connection closes), against about 10 s per batch of 8 rows (32 samples):
+# two batches per commit, so a killed demo loses at most about 20 s of scoring.
+SCORE_BATCHES_PER_COMMIT = 2
 # torch threads; `--threads` changes it. On 2 cores shared with other work, 1 thread ran generation
 # 7x faster than 2 (OpenMP threads waiting on each other for every small matmul).
 THREADS = 2
