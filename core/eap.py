@@ -65,7 +65,8 @@ ADDITIVITY_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4,
 SOURCE_CHUNK = 16
 # Slot gradients queued before one pass over the source buffer: fewer passes read less memory. Four
 # layers' worth of gradients is held while the backward pass has already freed far more activations,
-# so the peak does not grow.
+# so the peak does not grow; a row's earlier backward passes (shared_rows) free nothing, and the
+# memory model counts the queue on top of every activation (bytes_per_token).
 SLOTS_PER_PRODUCT = 16
 # Under checkpointing the backward pass no longer frees more than it holds, so the queue and the
 # converted source rows are kept to one layer's worth.
@@ -282,10 +283,10 @@ def free_device_bytes(device: torch.device) -> int | None:
 
 def shared_rows(samples: Sequence[Sample]) -> list[list[int]]:
     """Indexes of `samples` grouped into rows of one forward pass each, each row's samples shortest
-    first (equal ones in the order given): cuts of one answer (equal prompt and answer ids), taken longest first, join the row of the
-    longest while their own forward and backward pass (2 n_tokens) would cost more than one more
-    backward pass over the row's tokens; a shorter cut starts a row of its own. Rows in the order of
-    their answers' first sample."""
+    first (equal ones in the order given). The cuts of one answer (equal prompt and answer ids),
+    taken longest first, join the row of the longest while their own forward and backward pass
+    (2 n_tokens) would cost more than one more backward pass over the row's tokens; a shorter cut
+    starts a row of its own. Rows in the order of their answers' first sample."""
     by_answer: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
     for index, sample in enumerate(samples):
         by_answer.setdefault((sample.prompt_ids, sample.answer_ids), []).append(index)

@@ -548,8 +548,9 @@ def _plan(runner: _Runner) -> dict[str, Any]:
 
 
 def _seconds_per_pass(scored: list[tuple[dict, float, int]]) -> float:
-    """Seconds of one eap pass (forward + backward) of a sample: the models' past scoring time per
-    sample, each score key's divided by its method's passes; DEFAULT_SECONDS where none is known."""
+    """Seconds of one eap pass of a sample: the models' past scoring time per sample, each score
+    key's divided by its method's passes (a forward and a backward pass, less where an answer's cuts
+    shared the forward pass); DEFAULT_SECONDS where none is known."""
     known = [(seconds, n, settings) for settings, seconds, n in scored if seconds is not None]
     if not known:
         return DEFAULT_SECONDS["score"]
