@@ -148,8 +148,10 @@ def cache_file(tmp_path_factory) -> Path:
 
 def _settled(driver, title: str) -> bool:
     """An error is shown, or: the page's title is drawn, the script is no longer running, and every
-    plotly chart has drawn its SVG. An element that vanishes while it is read means the page is
-    still being redrawn (a page switch replaces the old page's elements): not settled yet."""
+    plotly chart has drawn its SVG. The script's state is read off the app's root element: the
+    status widget appears only some time after a run starts, so its absence says nothing. An element
+    that vanishes while it is read means the page is still being redrawn (a page switch replaces the
+    old page's elements): not settled yet."""
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
@@ -158,7 +160,8 @@ def _settled(driver, title: str) -> bool:
             return True  # reported by the caller
         if title not in [h.text for h in driver.find_elements(By.CSS_SELECTOR, "h1")]:
             return False
-        if driver.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'):
+        root = driver.find_element(By.CSS_SELECTOR, '[data-testid="stApp"]')
+        if root.get_attribute("data-test-script-state") != "notRunning":
             return False
         charts = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stPlotlyChart"]')
         drawn = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stPlotlyChart"] .main-svg')
