@@ -3,11 +3,11 @@ the cache. Every stage first asks the run store what is missing and does only th
 no model work and a killed run resumes where its last commit left it.
 
 Stages (core.vocab.STAGES): identify models and data -> generate (per model) -> grade -> select
-(docs/method.md section 5) -> score (per model, an answer's cuts together) -> metrics (default conventions,
-docs/method.md section 6). Each generation batch commits in one transaction, and so do each
-ScoreSettings.batches_per_commit scoring batches (each sample's scores with its loss and time). Then
-the request's controls (CONTROL_STEPS, docs/method.md section 8), each doing only what is missing
-too. `plan` asks the run store the same questions and reports what the stages would do.
+(docs/method.md section 5) -> score (per model, an answer's cuts together) -> metrics (default
+conventions, docs/method.md section 6). Each generation batch commits in one transaction, and so do
+each ScoreSettings.batches_per_commit scoring batches (each sample's scores with its loss and time).
+Then the request's controls (CONTROL_STEPS, docs/method.md section 8), each doing only what is
+missing too. `plan` asks the run store the same questions and reports what the stages would do.
 
 Model work (generation, scoring) runs on the request's executor (core/executors.py): in this process,
 or on Ray actors. Either way the stages cut the same chunks and this process alone commits them.

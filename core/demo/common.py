@@ -26,9 +26,9 @@ GENERATION_BATCH = 160
 # Rows per forward pass in the demo's scoring, each row an answer's four cuts (core.eap.shared_rows):
 # the same script measured 3.48 samples/s at 4 and at 8 rows per pass, 2.39 at 1.
 SCORE_BATCH = 8
-# A commit of scores costs about 0.35 s for 32 samples and 0.5 s for 64 on the demo's cache (mostly
-# DuckDB's checkpoint as the connection closes), against about 10 s per batch of 8 rows (32 samples):
-# two batches per commit, so a killed demo loses at most about 20 s of scoring.
+# A commit of scores cost 0.22-0.44 s for 32 samples and 0.35-0.6 s for 64 on a copy of the demo's
+# cache, against about 9 s per batch of 8 rows (32 samples) in the demo's runs: two batches per
+# commit, so a killed demo loses at most about 20 s of scoring.
 SCORE_BATCHES_PER_COMMIT = 2
 # torch threads; `--threads` changes it. On 2 cores shared with other work, 1 thread ran generation
 # 7x faster than 2 (OpenMP threads waiting on each other for every small matmul).
