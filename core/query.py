@@ -1320,22 +1320,28 @@ class ResultCache(SnapshotReader):
                 self.mean_matrices(run_key, alpha, **scope))
 
     @public
-    def consistent_edges(self, run_key: str, alpha: float, *, k: int = 20,
-                         measure: str = "normalised", granularity: str | None = None,
-                         settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
-        """core.trajectory.consistent_edges: the k edges whose change (`edge_change` in `measure`)
-        grows most consistently over the series' steps, with the change at each step."""
+    def edge_trends(self, run_key: str, alpha: float, *, measure: str = "normalised",
+                    granularity: str | None = None,
+                    settings: MetricSettings = MetricSettings()) -> trajectory.EdgeTrends:
+        """core.trajectory.edge_trends over the series' steps: every real edge's change at each
+        step (`edge_change` in `measure`), its slope against the step with a bootstrap interval
+        over the questions every model of the series holds, its permutation p over the step labels
+        and Benjamini-Hochberg q at settings.fdr; and the smallest p these steps allow."""
         steps, _ = self._checkpoints(run_key)
 
-        def compute() -> pd.DataFrame:
-            changes = np.stack([self.edge_change(run_key, alpha, measure, post_label=label,
-                                                 granularity=granularity, settings=settings)
-                                for label, _ in steps])
-            return trajectory.consistent_edges(self.graph(run_key, granularity),
-                                               [step for _, step in steps], changes, int(k))
-        return self._cached(run_key, ("consistent_edges", self._alpha(run_key, alpha)[0],
-                                      self._granularity(run_key, granularity), int(k), measure,
-                                      *_variant(settings)), compute)
+        def compute() -> trajectory.EdgeTrends:
+            pairs = [self._compared(run_key, alpha, label, granularity, settings)
+                     for label, _ in steps]
+            graph = pairs[0].graph
+            if any(pair.question_ids != pairs[0].question_ids for pair in pairs):
+                raise RuntimeError("internal: the checkpoints of one series hold different questions")
+            return trajectory.edge_trends(graph, [step for _, step in steps],
+                                          graph.edges(np.abs(pairs[0].base)),
+                                          np.stack([graph.edges(np.abs(pair.post)) for pair in pairs]),
+                                          measure, settings)
+        return self._cached(run_key, ("edge_trends", self._alpha(run_key, alpha)[0],
+                                      self._granularity(run_key, granularity), measure,
+                                      settings.key()), compute)
 
     # --- report ---------------------------------------------------------------------------------
 

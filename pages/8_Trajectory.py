@@ -1,6 +1,6 @@
 """Trajectory: a series (a base and checkpoints along its post-training) over training steps. Each
 metric's change post - base at every step with its interval, the edge-change heatmap at the step a
-slider picks, and the edges whose change grows most consistently over the steps (docs/method.md
+slider picks, and each edge's trend over the steps against a permutation null (docs/method.md
 section 7, "Trajectory")."""
 
 import streamlit as st
@@ -90,20 +90,42 @@ else:
         title=f"edge-strength change ({measure}) at step {step}: {sel.base_label} → "
               f"{labels[step]}"), f"trajectory_edge_change_step{step}_{measure}", sel)
 
-    st.subheader("Edges whose change grows most consistently")
+    st.subheader("Edges whose change trends with the step")
+    trends = cache.edge_trends(sel.run_key, sel.alpha, measure=measure,
+                               granularity=sel.granularity, settings=sel.metrics)
+    fdr = f"{trends.fdr:g}"
+    ordering = (f"all {trends.permutations:,} orderings" if trends.exact else
+                f"{trends.permutations:,} random orderings")
+    verdict = (f"**{trends.n_beating:,} of {trends.n_edges:,} edges beat the permutation null** "
+               f"(Benjamini-Hochberg q ≤ {fdr} across the edges).")
+    if not trends.can_beat:
+        st.warning(f"{verdict} **With the base and {len(steps)} checkpoints no edge can beat "
+                   f"it, whatever its change**: the smallest p a permutation of the step labels "
+                   f"can give is {trends.smallest_p:.3g} ({ordering}), above the FDR level "
+                   f"{fdr}. More checkpoints are needed (the base and n checkpoints allow p down "
+                   f"to about 1/(n + 1)!).", icon=":material/warning:")
+    elif trends.n_beating == 0:
+        st.info(f"{verdict} The smallest p these steps allow is {trends.smallest_p:.3g} "
+                f"({ordering}); Benjamini-Hochberg declares an edge at that p only where at least "
+                f"{trends.needed:,} of the {trends.n_edges:,} edges reach it.",
+                icon=":material/info:")
+    else:
+        st.success(verdict, icon=":material/check:")
     most = min(50, graph.n_edges)
     widgets.linked("trajectory.k", range(1, most + 1), int)
     if not 1 <= st.session_state.get("trajectory.k", 0) <= most:
         st.session_state["trajectory.k"] = min(10, most)
     k = st.slider("Edges shown", 1, most, key="trajectory.k")
     widgets.link("trajectory.k", k)
-    edges = cache.consistent_edges(sel.run_key, sel.alpha, k=k, measure=measure,
-                                   granularity=sel.granularity, settings=sel.metrics)
+    edges = trends.table.head(k)
     layout.plot(figures.consistent_edge_lines(edges, steps, measure, x_title=x_title),
-                "trajectory_consistent_edges", sel)
-    layout.table(edges, "trajectory_consistent_edges", hide_index=True)
-    st.caption(f"Score = monotony × the change at the last step ({measure}). Monotony: Kendall's "
-               f"tau-b of the change against the step, the base (step 0, change 0) included: 1 "
-               f"when the change rises at every step, −1 when it falls at every step. The score is "
-               f"high for an edge that moves away from the base at every step in the direction it "
-               f"ends up, and ends far; a change that wanders scores near 0 or below.")
+                "trajectory_edge_trends", sel)
+    layout.table(edges, "trajectory_edge_trends", hide_index=True)
+    st.caption(f"The edges with the smallest p, then the steepest. Slope: the least-squares slope "
+               f"of the change ({measure}) against the step over the base (step 0, change 0) and "
+               f"the checkpoints, per step, with its {sel.metrics.ci_level:.0%} BCa interval from "
+               f"a paired bootstrap over the questions every model holds. p: the share of "
+               f"orderings of the step labels ({ordering}) whose slope is at least as far from 0, "
+               f"the same in every measure; q: Benjamini-Hochberg across all real edges. The "
+               f"null is that the models' mean |W| of the edge do not depend on the step; the "
+               f"bootstrap interval is per edge and not corrected for the many edges.")

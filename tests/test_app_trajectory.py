@@ -30,16 +30,22 @@ def captions(at) -> str:
     return "\n".join(c.value for c in at.caption)
 
 
-def test_the_page_shows_metrics_heatmap_and_consistent_edges(monkeypatch, trajectory_cache):
+def test_the_page_shows_metrics_heatmap_and_edge_trends(monkeypatch, trajectory_cache):
     at = open_app(monkeypatch, trajectory_cache, PAGE, query=STEPS_LINK)
     assert_clean(at, "Trajectory")
     assert [s.value for s in at.subheader] == [
         "Metrics over training steps", "Edge change at a step",
-        "Edges whose change grows most consistently"]
+        "Edges whose change trends with the step"]
     assert len(charts(at)) == 3
     metrics, edges = at.dataframe[0].value, at.dataframe[1].value
     assert sorted(set(metrics["step"])) == [0, *TRAJECTORY_STEPS]
-    assert set(edges["edge"][:3]) == set(PLANTED_EDGES)
+    growing = {edge for edge, factors in PLANTED_EDGES.items() if factors[-1] > 1}
+    assert set(edges["edge"][:2]) == growing
+    assert {"slope", "slope_low", "slope_high", "p", "q", "beats_null"} <= set(edges.columns)
+    # Steps 100, 200, 400: p can reach 1/24, but BH needs most edges there to declare any.
+    (info,) = at.info
+    assert "**0 of " in info.value and "beat the permutation null" in info.value
+    assert "smallest p these steps allow is 0.0417" in info.value and "at least" in info.value
     # The heatmap opens on the last step; the lines start at the base.
     assert at.select_slider(key="trajectory.step").value == TRAJECTORY_STEPS[-1]
     assert "at step 400: synthetic-fixture-steps-base → synthetic-step-400" in titles(at)[1]
@@ -70,6 +76,10 @@ def test_the_page_opens_on_a_series_and_says_when_steps_are_not_declared(monkeyp
     assert "declares no training steps" in captions(at)
     assert at.select_slider(key="trajectory.step").options == ["1 · synthetic-grpo",
                                                                  "2 · synthetic-dpo"]
+    # The base and two checkpoints: six orderings, the reverse ties, p >= 1/3.
+    (warning,) = at.warning
+    assert "With the base and 2 checkpoints no edge can beat it, whatever its change" in \
+        warning.value and "0.333" in warning.value
 
 
 def test_a_pair_selected_offers_the_series(monkeypatch, trajectory_cache):

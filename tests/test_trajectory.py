@@ -1,8 +1,10 @@
-"""The trajectory of a series (issue 15, item 3; docs/method.md section 7): the read model's views on
-the synthetic series with training steps, whose planted edges change more at every step, and the
-consistency score's pieces on hand-made changes."""
+"""The trajectory of a series (issue 15, item 3; issue 26, item 5; docs/method.md section 7): the read
+model's views on the synthetic series with training steps, whose planted edges change more at every
+step, and the edge trends' permutation null and bootstrap on hand-made data."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pandas as pd
@@ -91,32 +93,53 @@ def test_the_change_at_a_step_is_that_checkpoints_edge_change(world):
 
 
 @pytest.mark.parametrize("measure", EDGE_MEASURES)
-def test_the_planted_edges_rank_first(world, measure):
+def test_edge_trends_hold_each_steps_change_and_rank_the_planted_growth_first(world, measure):
     cache, keys = world
     for alpha in (0.1, 0.3):
-        table = cache.consistent_edges(keys["steps"], alpha, k=5, measure=measure)
-        assert len(table) == 5
-        assert set(table["edge"][:3]) == set(PLANTED_EDGES)
-        planted = table[:3].set_index("edge")
-        # Growing edges end above the base, the weakening one below; each moves at every step.
-        assert (planted["monotony"].abs() == 1).all()
-        assert np.sign(planted["final_change"]).to_dict() == {
-            edge: np.sign(factors[-1] - 1) for edge, factors in PLANTED_EDGES.items()}
-        assert table["score"].is_monotonic_decreasing
+        trends = cache.edge_trends(keys["steps"], alpha, measure=measure, settings=QUICK)
+        table = trends.table
+        graph = cache.graph(keys["steps"])
+        assert len(table) == graph.n_edges
+        assert list(table.columns) == ["src", "dst", "edge",
+                                       *map(trajectory.step_column, TRAJECTORY_STEPS),
+                                       *trajectory.TREND_COLUMNS]
+        # The two growing planted edges move the same way at every step: the smallest p, the
+        # steepest slopes, intervals away from 0.
+        growing = [edge for edge, factors in PLANTED_EDGES.items() if factors[-1] > 1]
+        assert set(table["edge"][:2]) == set(growing)
+        assert (table["p"][:2] == trends.smallest_p).all() and (table["slope_low"][:2] > 0).all()
+        assert table["p"].is_monotonic_increasing
         changes = [cache.edge_change(keys["steps"], alpha, measure,
                                      post_label=f"synthetic-step-{step}")
                    for step in TRAJECTORY_STEPS]
-        graph = cache.graph(keys["steps"])
         for row in table.to_dict("records"):
             s, d = graph.src_index(row["src"]), graph.dst_index(row["dst"])
-            assert [row[trajectory.step_column(step)] for step in TRAJECTORY_STEPS] == \
-                [float(c[s, d]) for c in changes]
+            np.testing.assert_allclose([row[trajectory.step_column(s_)] for s_ in TRAJECTORY_STEPS],
+                                       [float(c[s, d]) for c in changes], rtol=1e-5, atol=1e-12)
+            slope = stats.linregress([0, *TRAJECTORY_STEPS],
+                                     [0.0, *(row[trajectory.step_column(s_)]
+                                             for s_ in TRAJECTORY_STEPS)]).slope
+            assert row["slope"] == pytest.approx(slope, rel=1e-9, abs=1e-15)
+            assert row["slope_low"] <= row["slope"] <= row["slope_high"]
+        # Base, 100, 200, 400: 24 orderings, none ties the observed one, so p can reach 1/24; BH
+        # over the edges needs nearly all of them there, so no edge beats the null.
+        assert trends.exact and trends.permutations == 24 and trends.smallest_p == 1 / 24
+        assert trends.needed == math.ceil(graph.n_edges / 24 / QUICK.fdr)
+        assert trends.n_beating == 0 and not table["beats_null"].any()
+
+
+def test_the_permutation_p_is_the_same_in_every_measure(world):
+    cache, keys = world
+    p = {measure: cache.edge_trends(keys["steps"], 0.1, measure=measure, settings=QUICK)
+         .table.set_index("edge")["p"].sort_index() for measure in EDGE_MEASURES}
+    for measure in EDGE_MEASURES[1:]:
+        pd.testing.assert_series_equal(p[measure], p[EDGE_MEASURES[0]])
 
 
 def test_a_pair_is_not_a_series(world):
     cache, keys = world
     for view in (lambda: cache.trajectory_metrics(keys["pair"], 0.1, settings=QUICK),
-                 lambda: cache.consistent_edges(keys["pair"], 0.1),
+                 lambda: cache.edge_trends(keys["pair"], 0.1, settings=QUICK),
                  lambda: cache.trajectory_change(keys["pair"], 0.1, 1)):
         with pytest.raises(InputError, match=r"\(fixture-pair\) is a pair, not a series"):
             view()
@@ -127,44 +150,94 @@ def test_a_series_without_steps_uses_its_order(world):
     table = cache.trajectory_metrics(keys["series"], 0.1, settings=QUICK)
     assert table.drop_duplicates("step")[["step", "post_label"]].values.tolist() == [
         [0, "synthetic-fixture-series-base"], [1, "synthetic-grpo"], [2, "synthetic-dpo"]]
-    edges = cache.consistent_edges(keys["series"], 0.1, k=3)
+    trends = cache.edge_trends(keys["series"], 0.1, settings=QUICK)
     assert [trajectory.step_column(1), trajectory.step_column(2)] == \
-        [c for c in edges.columns if c.startswith("step ")]
+        [c for c in trends.table.columns if c.startswith("step ")]
+    # The base and two checkpoints at 1, 2: six orderings, the reverse ties the identity.
+    assert trends.permutations == 6 and trends.smallest_p == pytest.approx(2 / 6)
+    assert not trends.can_beat and trends.n_beating == 0
 
 
-# --- The consistency score on hand-made changes --------------------------------------------------
+# --- The permutation null and the trend on hand-made data ---------------------------------------
 
-def test_monotony_is_kendalls_tau_b_with_the_base_at_zero():
-    rng = np.random.default_rng(0)
-    steps = np.array([10, 20, 50, 90])
-    changes = rng.normal(size=(4, 30)).round(1)  # rounding makes ties
-    changes[:, 0] = 0.0  # all tied: undefined
-    tau = trajectory.monotony(steps, changes)
-    assert np.isnan(tau[0])
-    for column in range(1, 30):
-        expected = stats.kendalltau([0, *steps], [0.0, *changes[:, column]]).statistic
-        assert tau[column] == pytest.approx(expected, abs=1e-12)
-    assert trajectory.monotony(steps, np.array([[1.0], [2], [3], [4]]))[0] == 1.0
-    assert trajectory.monotony(steps, np.array([[-1.0], [-2], [-3], [-4]]))[0] == -1.0
-    with pytest.raises(ValueError, match="steps must increase"):
-        trajectory.monotony(np.array([10, 10, 20, 30]), changes)
+def test_the_permutation_p_is_exact_on_a_case_enumerated_by_hand():
+    """Base and two checkpoints at steps 0, 10, 30 (centred: -40/3, -10/3, 50/3): the 3! orderings
+    of the step labels listed by hand, each one's least-squares slope of the values against the
+    relabelled steps."""
+    steps = np.array([0.0, 10.0, 30.0])
+    values = np.array([[0.0, 7.0, 2.0, 1.0],
+                       [1.0, 7.0, 1.0, 3.0],
+                       [5.0, 7.0, 3.0, 2.0]])  # four edges; the second is flat
+    orderings = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
+    p, count, exact = trajectory.permutation_p(steps, values)
+    assert exact and count == 6
+    for column in range(values.shape[1]):
+        observed = abs(stats.linregress(steps, values[:, column]).slope)
+        as_extreme = sum(abs(stats.linregress(steps[list(order)], values[:, column]).slope)
+                         >= observed - 1e-12 for order in orderings)
+        assert p[column] == as_extreme / 6
+    # Slope numerators sum_j (s_pi(j) - mean s)(v_j - mean v) over the six orderings, in order:
+    # (0, 1, 5): 80, 0, 70, -50, -30, -70, so only the observed ordering reaches 80: p = 1/6;
+    # flat: 0 everywhere, p = 1; (2, 1, 3): 20, -20, 30, -30, 10, -10: p = 4/6;
+    # (1, 3, 2): 10, 30, -10, 20, -30, -20: p = 6/6.
+    assert p.tolist() == [1 / 6, 1.0, 4 / 6, 1.0]
 
 
-def test_consistency_prefers_steady_growth_over_a_larger_wandering_change():
-    graph = ResidualGraph(1, "module")  # edges: input->a0, input->m0, a0->m0, input->logits, ...
-    names = list(graph.edge_names)
-    per_edge = np.zeros((3, graph.n_edges))
-    per_edge[:, names.index("input->a0")] = [1.0, 2.0, 3.0]     # steady growth
-    per_edge[:, names.index("a0->m0")] = [-0.5, -1.0, -2.0]     # steady weakening
-    per_edge[:, names.index("input->m0")] = [8.0, -6.0, 4.0]    # large, wandering
-    changes = np.where(graph.real_edge_mask, graph.dense(per_edge), np.nan)
-    table = trajectory.consistent_edges(graph, [1, 2, 3], changes, k=graph.n_edges)
-    assert table["edge"][:2].tolist() == ["input->a0", "a0->m0"]
-    assert table.set_index("edge").loc["input->a0", "score"] == 3.0
-    assert table.set_index("edge").loc["a0->m0", "score"] == 2.0
-    wandering = table.set_index("edge").loc["input->m0"]
-    assert wandering["monotony"] == 0 and wandering["score"] == 0
-    assert table[trajectory.step_column(2)].tolist()[:2] == [2.0, -1.0]
+def test_evenly_spaced_steps_double_the_smallest_p():
+    """The reverse ordering of evenly spaced steps gives the same |slope|, so the smallest p is
+    2/n!; unevenly spaced steps leave the observed ordering alone at the top: 1/n!."""
+    for steps, smallest in (([0, 10, 20, 30], 2 / 24), ([0, 10, 20, 40], 1 / 24)):
+        line = np.array(steps, dtype=np.float64)[:, None]  # the change proportional to the step
+        assert trajectory.permutation_p(np.array(steps), line)[0][0] == smallest
+
+
+def random_series(n_steps: int, n_questions: int, seed: int) -> tuple[ResidualGraph, np.ndarray]:
+    """A graph and |W| [n_steps + 1, n_questions, n_edges] of a base and n_steps checkpoints: each
+    edge its own lognormal strength times lognormal noise per question and model, no trend."""
+    rng = np.random.default_rng(seed)
+    graph = ResidualGraph(3, "qkv")
+    scale = rng.lognormal(0, 1, size=graph.n_edges)
+    return graph, scale * rng.lognormal(0, 0.5, size=(n_steps + 1, n_questions, graph.n_edges))
+
+
+def test_a_series_with_too_few_steps_reports_that_no_edge_can_beat_the_null():
+    graph, models = random_series(3, 12, seed=1)
+    models[1:, :, 0] *= np.array([2.0, 4.0, 8.0])[:, None]  # a perfect, large trend
+    trends = trajectory.edge_trends(graph, [10, 20, 30], models[0], models[1:], "normalised",
+                                    MetricSettings(bootstrap=100))
+    assert trends.smallest_p == 2 / 24 > trends.fdr
+    assert not trends.can_beat and trends.needed > trends.n_edges
+    assert trends.n_beating == 0
+    top = trends.table.iloc[0]
+    assert top["edge"] == graph.edge_names[0] and top["p"] == trends.smallest_p
+    assert top["slope_low"] > 0  # the interval sees the trend; the null cannot resolve it
+
+
+def test_a_planted_monotone_edge_among_noise_edges_beats_the_null_with_enough_steps():
+    steps = [1, 2, 3, 5, 8, 13, 21]  # the base and 7 checkpoints: 40,320 orderings, p down to 1/8!
+    graph, models = random_series(len(steps), 20, seed=3)
+    models[1:, :, graph.edge_names.index("a1->m1")] *= (1 + np.array(steps) / 7)[:, None]
+    trends = trajectory.edge_trends(graph, steps, models[0], models[1:], "ratio",
+                                    MetricSettings(bootstrap=100))
+    assert trends.exact and trends.permutations == 40320 and trends.can_beat
+    assert trends.smallest_p == 1 / 40320
+    top = trends.table.iloc[0]
+    assert top["edge"] == "a1->m1" and top["beats_null"] and top["slope_low"] > 0
+    # Noise alone: BH declares nothing; without a bootstrap there is no interval.
+    _, noise = random_series(len(steps), 20, seed=9)
+    quiet = trajectory.edge_trends(graph, steps, noise[0], noise[1:], "ratio",
+                                   MetricSettings(bootstrap=0))
+    assert quiet.n_beating == 0 and quiet.table[["slope_low", "slope_high"]].isna().all().all()
+
+
+def test_more_than_eight_points_draw_random_orderings():
+    steps = list(range(1, 9))  # the base and 8 checkpoints: 9! orderings, too many to list
+    graph, models = random_series(len(steps), 4, seed=4)
+    trends = trajectory.edge_trends(graph, steps, models[0], models[1:], "difference",
+                                    MetricSettings(bootstrap=0))
+    assert not trends.exact and trends.permutations == trajectory.MONTE_CARLO_PERMUTATIONS
+    assert trends.smallest_p == 1 / (trajectory.MONTE_CARLO_PERMUTATIONS + 1)
+    assert (trends.table["p"] > 0).all() and (trends.table["p"] <= 1).all()
 
 
 # --- Figures --------------------------------------------------------------------------------------
@@ -183,7 +256,7 @@ def test_figures_draw_one_panel_per_metric_and_one_line_per_edge(world):
     symbols = list(lines[0].marker.symbol)
     assert symbols == ["circle" if s else "circle-open" for s in intensity["significant"]]
 
-    edges = cache.consistent_edges(keys["steps"], 0.1, k=4)
+    edges = cache.edge_trends(keys["steps"], 0.1, settings=QUICK).table.head(4)
     fig = figures.consistent_edge_lines(edges, list(TRAJECTORY_STEPS), "normalised")
     assert [t.name for t in fig.data] == edges["edge"].tolist()
     assert list(fig.data[0].x) == [0, *TRAJECTORY_STEPS] and fig.data[0].y[0] == 0
@@ -196,8 +269,8 @@ def test_figures_draw_one_panel_per_metric_and_one_line_per_edge(world):
 
 def test_views_are_memoised(world):
     cache, keys = world
-    first = cache.consistent_edges(keys["steps"], 0.3, k=5)
-    assert cache.consistent_edges(keys["steps"], 0.3, k=5) is first
+    first = cache.edge_trends(keys["steps"], 0.3, settings=QUICK)
+    assert cache.edge_trends(keys["steps"], 0.3, settings=QUICK) is first
     assert isinstance(cache.trajectory_metrics(keys["steps"], 0.3, settings=QUICK), pd.DataFrame)
     assert cache.trajectory_metrics(keys["steps"], 0.3, settings=QUICK) is \
         cache.trajectory_metrics(keys["steps"], 0.3, settings=QUICK)
