@@ -80,6 +80,9 @@ class ArchitectureAdapter:
     # grad_i @ weight_i^T. None for adapters with separate projections.
     fused_qkv_weights: Callable[[nn.Module], tuple[torch.Tensor, ...]] | None = None
     rms_norms: bool = False
+    # The config field giving the rows of a learned position table (GPT-2's n_positions): a token
+    # past it has no position embedding. None: rotary positions, no table.
+    position_table: str | None = None
 
     def n_layers(self, model: nn.Module) -> int:
         return len(self.layers(model))
@@ -137,9 +140,19 @@ GPT2_FAMILY = ArchitectureAdapter(
     final_norm=lambda model: model.base_model.ln_f,
     norm_vjp=layer_norm_vjp,
     fused_qkv_weights=_gpt2_qkv_weights,
+    position_table="n_positions",
 )
 
 ADAPTERS = (LLAMA_FAMILY, GPT2_FAMILY)
+
+
+def position_limit(config) -> int | None:
+    """How many positions a model of this transformers config can embed (None: no fixed limit)."""
+    architecture = (config.architectures or [type(config).__name__])[0]
+    for adapter in ADAPTERS:
+        if architecture in adapter.architectures and adapter.position_table:
+            return int(getattr(config, adapter.position_table))
+    return None
 
 
 def adapter_for(model: nn.Module) -> ArchitectureAdapter:

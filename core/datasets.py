@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -71,26 +72,46 @@ def reference_from_record(record: dict) -> str | None:
     return None
 
 
+# What each field may hold: text, or (an answer, an id) a number written without quotes. Anything
+# else (a list, an object, true/false) is refused rather than turned into text.
+_FIELD_KINDS = {"question": (str,), "answer": (str, int, float), "id": (str, int)}
+
+
+def _check_field(record: dict, field: str, kind: str, where: str) -> None:
+    """Raise DatasetError when record[field], the record's `kind` field, is not of that kind."""
+    value, allowed = record.get(field), _FIELD_KINDS[kind]
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, allowed) or (
+            isinstance(value, float) and not math.isfinite(value)):
+        wanted = "text" if allowed == (str,) else "text or a number"
+        raise DatasetError(f"{where}: the {kind} field {field!r} holds {type(value).__name__} "
+                           f"{json.dumps(value)[:40]}, not {wanted}; write it as a JSON string")
+
+
 def question_from_record(record: dict, position: int, where: str, question_field: str | None = None,
                          answer_field: str | None = None, id_field: str | None = None) -> Question:
     """The question of one record; `position` (from 0) is its id when it has none, `where` names
     it in errors (file and line, or hub dataset and row, both counted from 1)."""
     if not isinstance(record, dict):
         raise DatasetError(f"{where}: a record must be a JSON object, not {type(record).__name__}")
-    q_fields = (question_field,) if question_field else QUESTION_FIELDS
-    question = next((record[f] for f in q_fields if record.get(f) not in (None, "")), None)
+    fields = {"question": (question_field,) if question_field else QUESTION_FIELDS,
+              "answer": (answer_field,) if answer_field else ANSWER_FIELDS + ("solution",),
+              "id": (id_field,) if id_field else ID_FIELDS}
+    for kind, names in fields.items():
+        for name in names:
+            _check_field(record, name, kind, where)
+    question = next((record[f] for f in fields["question"] if record.get(f) not in (None, "")), None)
     if question is None:
-        raise DatasetError(f"{where}: no question field (looked for {list(q_fields)})")
+        raise DatasetError(f"{where}: no question field (looked for {list(fields['question'])})")
     if answer_field:
         answer = record.get(answer_field)
         reference = reference_from_record({"answer": answer}) if answer is not None else None
     else:
         reference = reference_from_record(record)
     if reference is None:
-        raise DatasetError(f"{where}: no reference answer (looked for "
-                           f"{[answer_field] if answer_field else list(ANSWER_FIELDS) + ['solution']})")
-    i_fields = (id_field,) if id_field else ID_FIELDS
-    qid = next((record[f] for f in i_fields if record.get(f) not in (None, "")), position)
+        raise DatasetError(f"{where}: no reference answer (looked for {list(fields['answer'])})")
+    qid = next((record[f] for f in fields["id"] if record.get(f) not in (None, "")), position)
     return Question(str(qid), str(question), str(reference))
 
 

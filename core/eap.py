@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from core.adapters import ArchitectureAdapter, NonAdditiveModelError, adapter_for
+from core.adapters import ArchitectureAdapter, NonAdditiveModelError, adapter_for, position_limit
 from core.graph import QKV, ResidualGraph
 from core.settings import ScoreSettings
 
@@ -362,10 +362,17 @@ def score_samples(model: nn.Module, samples: Sequence[Sample], settings: ScoreSe
 
 
 def check_vocabulary(model: nn.Module, samples: Sequence[Sample]) -> None:
-    """Every token id must index the model's embedding and, as a target, its LM head."""
+    """Every token id must index the model's embedding and, as a target, its LM head, and every
+    position its position table (a model with one)."""
     vocabulary = min(model.get_input_embeddings().num_embeddings,
                      model.get_output_embeddings().out_features)
+    limit = position_limit(model.config)
     for sample in samples:
+        if limit is not None and sample.n_tokens > limit:
+            raise InvalidSampleError(
+                f"sample {sample.id!r}: its prompt and answer up to T_cut span {sample.n_tokens} "
+                f"positions, more than the {limit} the model has position embeddings for; shorten "
+                f"the prompt or lower t_cut")
         for field in ("prompt_ids", "answer_ids"):
             for position, token in enumerate(getattr(sample, field)):
                 if token >= vocabulary:

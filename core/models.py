@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -51,9 +52,14 @@ def load_causal_lm(path_or_id: str, dtype: DType = "float32", device: str = "aut
     from transformers import AutoModelForCausalLM
 
     if os.path.exists(path_or_id):
-        problem = local_model_problem(Path(path_or_id))
+        folder = Path(path_or_id)
+        # A model only its own code can build is refused first: its weights cannot be judged.
+        problem = None
+        if not trust_remote_code and (folder / "config.json").is_file():
+            problem = remote_code_problem(folder)
+        problem = problem or local_model_problem(folder)
         if problem is None and not trust_remote_code:
-            problem = remote_code_problem(Path(path_or_id))
+            problem = weight_shape_problem(folder)
         if problem:
             raise ModelNotLoadableError(f"cannot load model {path_or_id!r}: {problem}")
     try:
@@ -66,6 +72,19 @@ def load_causal_lm(path_or_id: str, dtype: DType = "float32", device: str = "aut
                                     f"({' '.join(str(error).split())})") from error
     model.requires_grad_(False)
     return model.eval().to(resolve_device(device))
+
+
+def check_finite_weights(model, what: str) -> None:
+    """Raise ModelNotLoadableError when a weight of `model` is NaN or infinite: such a model writes
+    garbage answers that no question would be graded correct on, so say so before generating."""
+    import torch
+
+    bad = [name for name, weight in model.named_parameters() if not torch.isfinite(weight).all()]
+    if bad:
+        raise ModelNotLoadableError(
+            f"{what} has non-finite weights (NaN or inf) in {len(bad)} tensor(s), first "
+            f"{bad[:3]}: its checkpoint is damaged or was saved after training diverged; use "
+            f"another checkpoint")
 
 
 # --- Model specs: what a model is, and a fingerprint of its content ---------------------------
@@ -217,17 +236,20 @@ class ModelSpec:
             del post
             return model
         if self.kind != "adapter":
-            return load_causal_lm(self.path, dtype=dtype, device=device, revision=self.revision)
-        from peft import PeftModel
+            model = load_causal_lm(self.path, dtype=dtype, device=device, revision=self.revision)
+        else:
+            from peft import PeftModel
 
-        folder = Path(self.path)
-        problem = adapter_problem(folder)
-        if problem:
-            raise ModelNotLoadableError(f"cannot load {self}: {problem}")
-        base = self.base.load(dtype=dtype, device=device)
-        model = PeftModel.from_pretrained(base, str(folder), is_trainable=False).merge_and_unload()
-        model.requires_grad_(False)
-        return model.eval()
+            folder = Path(self.path)
+            problem = adapter_problem(folder)
+            if problem:
+                raise ModelNotLoadableError(f"cannot load {self}: {problem}")
+            base = self.base.load(dtype=dtype, device=device)
+            model = PeftModel.from_pretrained(base, str(folder), is_trainable=False).merge_and_unload()
+            model.requires_grad_(False)
+            model.eval()
+        check_finite_weights(model, f"the model {self}")
+        return model
 
 
     def weights_root(self) -> "ModelSpec":
@@ -357,31 +379,135 @@ def check_same_tokenizer(labelled_tokenizers: list[tuple[str, object]], template
 
 # --- Loadable without loading: the files a model needs, checked before any work ---------------
 
+# Bytes per element of each safetensors dtype (the format's own names).
+SAFETENSORS_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                          "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1,
+                          "F8_E5M2": 1}
+# The safetensors library refuses larger headers; so does this check (before reading one).
+SAFETENSORS_MAX_HEADER_BYTES = 100_000_000
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """Exactly the weight files loading `folder` reads: the files its safetensors index maps
+    weights to, or model.safetensors. Raises ValueError (the reason) when the index maps a weight
+    to a file that is not safetensors (a pickle can run code when loaded) or outside the folder,
+    or when there are no safetensors weights at all."""
+    index = folder / WEIGHTS_INDEX
+    if not index.is_file():
+        if (folder / "model.safetensors").is_file():
+            return [folder / "model.safetensors"]
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickled:
+            raise ValueError(f"the folder {folder} holds only pickled weights ({pickled[:3]}), which "
+                             f"can run code when loaded; convert them to safetensors")
+        raise ValueError(f"the folder {folder} has no model.safetensors (or {WEIGHTS_INDEX})")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"its {index.name} is not a safetensors index ({error!r})") from None
+    if not all(isinstance(name, str) for name in names):
+        raise ValueError(f"its {index.name} maps weights to names that are not file names")
+    unsafe = [name for name in names if not name.endswith(".safetensors")]
+    if unsafe:
+        raise ValueError(f"its {index.name} maps weights to {unsafe[:3]}, which is not safetensors "
+                         f"(a pickled file can run code when loaded); convert the weights to "
+                         f"safetensors and fix the index")
+    outside = [name for name in names if Path(name).name != name]
+    if outside:
+        raise ValueError(f"its {index.name} maps weights to {outside[:3]}, outside the folder; "
+                         f"an index names files beside it")
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"{index.name} names {len(names)} weight files, {len(missing)} missing: "
+                         f"{missing[:3]}")
+    return [folder / name for name in names]
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a safetensors file declares, after checking that its header is the
+    format's (an 8-byte length, then JSON naming each tensor's dtype, shape and byte range) and that
+    the ranges tile the data the file holds. Raises ValueError (the reason); reads only the header."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path.name} is {size} bytes, too short for a safetensors file")
+        (header_bytes,) = struct.unpack("<Q", head)
+        if header_bytes > min(SAFETENSORS_MAX_HEADER_BYTES, size - 8):
+            raise ValueError(f"{path.name} is not a safetensors file (its first 8 bytes declare a "
+                             f"{header_bytes}-byte header in a {size}-byte file)")
+        try:
+            header = json.loads(handle.read(header_bytes))
+        except (UnicodeDecodeError, ValueError):
+            raise ValueError(f"{path.name} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name} is not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    data_bytes, shapes, ranges = size - 8 - header_bytes, {}, []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            shape = tuple(int(d) for d in shape)
+            if not all(isinstance(v, int) and v >= 0 for v in (begin, end, *shape)):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path.name}: the header entry of {name!r} is not a tensor's "
+                             f"(dtype, shape, data_offsets)") from None
+        width = SAFETENSORS_ITEM_BYTES.get(dtype)
+        if width is not None and end - begin != width * math.prod(shape):
+            raise ValueError(f"{path.name}: tensor {name!r} of shape {list(shape)} and dtype {dtype} "
+                             f"declares {end - begin} bytes")
+        shapes[name] = shape
+        ranges.append((begin, end))
+    covered = max((end for _, end in ranges), default=0)
+    if covered > data_bytes:
+        raise ValueError(f"{path.name} is cut short: its header declares {covered} bytes of tensors, "
+                         f"the file holds {data_bytes}; copy or download it again")
+    return shapes
+
+
 def local_model_problem(folder: Path) -> str | None:
-    """What keeps a local model folder from loading (None: config.json and every safetensors file
-    its index names are there); reads no weights."""
+    """What keeps a local model folder from loading (None: config.json is there, and every weight
+    file a load would read is safetensors, present and well-formed); reads no weights."""
     if not folder.is_dir():
         return (f"{folder} is not a folder; give the folder that holds config.json and "
                 f"*.safetensors, or a hub id")
     if not (folder / "config.json").is_file():
         return f"the folder {folder} has no config.json"
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            return f"its {index.name} is not a safetensors index ({error!r})"
-        missing = [shard for shard in shards if not (folder / shard).is_file()]
-        if missing:
-            return f"{index.name} names {len(shards)} weight files, {len(missing)} missing: {missing[:3]}"
-        return None
-    if (folder / "model.safetensors").is_file():
-        return None
-    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-    if pickled:
-        return (f"the folder {folder} holds only pickled weights ({pickled[:3]}), which can run code "
-                f"when loaded; convert them to safetensors")
-    return f"the folder {folder} has no model.safetensors (or model.safetensors.index.json)"
+    try:
+        for file in weight_files(folder):
+            safetensors_shapes(file)
+    except (OSError, ValueError) as error:
+        return str(error)
+    return None
+
+
+def weight_shape_problem(folder: Path) -> str | None:
+    """Whether the weight files' shapes contradict what config.json says the model is (e.g. its
+    hidden size or vocabulary): the model is built from the config on the meta device (no memory)
+    and each stored tensor that it names is compared. Call after local_model_problem found none."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"its config.json does not describe a model ({' '.join(str(error).split())})"
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+    for file in weight_files(folder):
+        for name, shape in safetensors_shapes(file).items():
+            want = expected.get(name, expected.get(prefix + name))
+            if want is not None and want != shape:
+                return (f"{file.name}: {name} has shape {list(shape)} but config.json describes "
+                        f"{list(want)}; the config does not belong to these weights")
+    return None
 
 
 def remote_code_problem(folder: Path) -> str | None:
@@ -403,13 +529,19 @@ def remote_code_problem(folder: Path) -> str | None:
 
 
 def adapter_problem(folder: Path) -> str | None:
-    """What keeps a LoRA adapter folder from loading (None: its config and safetensors are there)."""
+    """What keeps a LoRA adapter folder from loading (None: its config is there and its weights are
+    a well-formed safetensors file)."""
     if not (folder / "adapter_config.json").is_file():
         return (f"the adapter folder {folder} has no adapter_config.json; give the folder written by "
                 f"peft's save_pretrained")
-    if not (folder / "adapter_model.safetensors").is_file():
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
         return (f"the adapter folder {folder} has no adapter_model.safetensors; only safetensors "
                 f"adapters are loaded (a pickled .bin can run code)")
+    try:
+        safetensors_shapes(weights)
+    except (OSError, ValueError) as error:
+        return str(error)
     return None
 
 
@@ -448,11 +580,52 @@ def model_problem(spec: ModelSpec) -> str | None:
     return local_model_problem(Path(spec.path))
 
 
+def model_config(spec: ModelSpec):
+    """The transformers config of the model whose architecture `spec` has (an adapter's or a
+    perturbed model's base); raises ModelNotLoadableError when it cannot be read."""
+    from transformers import AutoConfig
+
+    root = spec.weights_root()
+    try:
+        return AutoConfig.from_pretrained(root.path, revision=root.revision, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelNotLoadableError(f"cannot read its config ({' '.join(str(error).split())})") from None
+
+
+def architecture_problem(config) -> str | None:
+    """Whether core.adapters has an adapter for the architecture a config names."""
+    from core.adapters import ADAPTERS
+
+    supported = [name for adapter in ADAPTERS for name in adapter.architectures]
+    architecture = (config.architectures or [type(config).__name__])[0]
+    if architecture in supported:
+        return None
+    return (f"architecture {architecture} is not supported (supported: {', '.join(supported)}); "
+            f"core/adapters.py would need an adapter for it")
+
+
+def config_problem(spec: ModelSpec) -> str | None:
+    """What in a model's config keeps it from being scored, read before any work: an architecture
+    without an adapter, or (a local folder) weights whose shapes the config contradicts. Call
+    after model_problem found none."""
+    if spec.kind == "perturbed":
+        return config_problem(spec.base) or config_problem(spec.post)
+    try:
+        problem = architecture_problem(model_config(spec))
+    except ModelNotLoadableError as error:
+        return str(error)
+    root = spec.weights_root()
+    if problem is None and root.kind == "local":
+        problem = weight_shape_problem(Path(root.path))
+    return problem
+
+
 def check_loadable(labelled_specs: Iterable[tuple[str, ModelSpec]]) -> None:
-    """Raise ModelNotLoadableError naming every model whose files are missing or unsafe, before any
-    of them is loaded (so a bad post model is found before the base generates)."""
+    """Raise ModelNotLoadableError naming every model whose files are missing, unsafe or malformed,
+    or whose architecture cannot be scored, before any of them is loaded (so a bad post model is
+    found before the base generates)."""
     problems = [f"{label}: {problem}" for label, spec in labelled_specs
-                if (problem := model_problem(spec))]
+                if (problem := model_problem(spec) or config_problem(spec))]
     if problems:
         raise ModelNotLoadableError(f"{len(problems)} model(s) cannot be loaded: "
                                     + "; ".join(problems))

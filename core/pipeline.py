@@ -32,9 +32,9 @@ from core.executors import GenerationJob, make_executor
 from core.faithfulness_stats import RECOVERY_FRACTIONS
 from core.graph import ResidualGraph
 from core.migrations import migrate
-from core.models import ModelSpec, check_loadable, check_same_tokenizer
+from core.models import ModelSpec, check_loadable, check_same_tokenizer, model_config
 from core.runstore import RunStore
-from core.selection import (Candidate, NoJointlyCorrectError, Selection, select_questions,
+from core.selection import (Candidate, EmptySelectionError, Selection, select_questions,
                             t_cut)
 from core.settings import MetricSettings, ScoreSettings
 from core.store import Store
@@ -87,6 +87,7 @@ class _Runner:
 
     # Identity of models and data, and the prompts (no model weights loaded, nothing written).
     def identify(self) -> None:
+        from core.adapters import position_limit
         from core.templates import get_template
 
         # Every model's files first: a post model that cannot load is found before the base generates.
@@ -111,11 +112,30 @@ class _Runner:
         self.questions = {q.id: q for q in self.dataset.questions}
         self.prompts = {q.id: self.template.render(q.question, self.tokenizer)[1]
                         for q in self.dataset.questions}
-        self.n_layers, self.architecture = _architecture(self.pair.base.spec)
+        config = model_config(self.pair.base.spec)
+        self.n_layers = int(config.num_hidden_layers)
+        self.architecture = (config.architectures or [type(config).__name__])[0]
+        self._check_positions(position_limit(config))
         if self.pair.layers is not None and self.pair.layers != self.n_layers:
             raise ConfigError(f"{self.pair.kind} {self.pair.name!r} declares layers = "
                               f"{self.pair.layers} but {self.pair.base.spec} has {self.n_layers}; "
                               f"fix the config or point it at the intended model")
+
+    def _check_positions(self, limit: int | None) -> None:
+        """Refuse, before any generation, questions whose prompt plus max_new_tokens answer tokens
+        would run past a learned position table of `limit` rows."""
+        if limit is None:
+            return
+        room = limit - self.max_new_tokens + 1  # the last answer token is never fed back
+        too_long = sorted(q for q, ids in self.prompts.items() if len(ids) > room)
+        if too_long:
+            longest = max(len(self.prompts[q]) for q in too_long)
+            raise InputError(
+                f"{len(too_long)} question(s) of dataset {self.dataset.name!r} (first "
+                f"{too_long[0]!r}, up to {longest} prompt tokens) would run past the "
+                f"{limit} positions {self.pair.base.spec} has embeddings for with "
+                f"max_new_tokens {self.max_new_tokens}; lower max_new_tokens to at most "
+                f"{limit - longest + 1}, or leave those questions out of the dataset")
 
     def generation_key(self, label: str, question_id: str) -> str:
         return keys.generation_key(self.model_keys[label], self.questions[question_id].key,
@@ -353,7 +373,7 @@ class _Runner:
             runner = self.null_runner(pair)
             try:
                 runner.execute()
-            except NoJointlyCorrectError as error:
+            except EmptySelectionError as error:
                 # A null that solves nothing the base solves has no comparison to show; the run
                 # itself is complete, so say so and go on.
                 self.log(f"{control}: no control run for {post_label}: {error}")
@@ -566,19 +586,6 @@ def _faithfulness_passes(runner: _Runner) -> float:
     n_edges = ResidualGraph(runner.n_layers, request.score.granularity).n_edges
     forward = min(request.faithfulness.edges_per_sample, n_edges) + 1 + len(RECOVERY_FRACTIONS)
     return request.score.passes + FORWARD_SHARE * forward
-
-
-def _architecture(spec: ModelSpec) -> tuple[int, str]:
-    """Layer count and architecture name from the (base) model's config, without loading weights."""
-    from transformers import AutoConfig
-
-    root = spec.weights_root()
-    try:
-        config = AutoConfig.from_pretrained(root.path, revision=root.revision, trust_remote_code=False)
-    except OSError as error:
-        raise ValueError(f"cannot read the config of {root}: {error}") from error
-    architecture = (config.architectures or [type(config).__name__])[0]
-    return int(config.num_hidden_layers), architecture
 
 
 class _FileHasher:

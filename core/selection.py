@@ -29,8 +29,12 @@ RULES = ("not correct for every model", "mean length outside [floor(beta*T_bar),
          "length mismatch above delta", "prompt lengths differ", "not drawn (n reached)")
 
 
-class NoJointlyCorrectError(InputError):
-    """No question was answered correctly by every model, so nothing can be scored."""
+class EmptySelectionError(InputError):
+    """No question survives the selection rules, so nothing can be scored (and nothing is stored)."""
+
+
+class NoJointlyCorrectError(EmptySelectionError):
+    """No question was answered correctly by every model."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +114,13 @@ def select_questions(candidates: Sequence[Candidate], settings: SelectionSetting
         else:
             survivors.append(c)
 
+    if not survivors:
+        reasons = ", ".join(f"{n} {rule}" for rule, n in list(removed.items())[1:] if n)
+        raise EmptySelectionError(
+            f"no question survives the selection rules: of {len(kept)} answered correctly by every "
+            f"model, removed: {reasons} (T_bar={t_bar:.1f}, length window [{low}, {high}], "
+            f"beta={settings.beta}, gamma={settings.gamma}, delta={settings.delta}); widen the "
+            f"window (lower beta, raise gamma) or raise delta")
     if len(survivors) > settings.n:
         drawn = np.random.default_rng(settings.seed).choice(len(survivors), settings.n, replace=False)
         removed[RULES[4]] = len(survivors) - settings.n

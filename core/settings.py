@@ -224,6 +224,13 @@ class SelectionSettings(Settings):
     n: int = setting(100, low=1, help="questions drawn (the same for both models)")
     seed: int = setting(42, low=0, help="seed of the random draw of questions")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta > self.gamma:
+            raise SettingsError(f"SelectionSettings: beta={self.beta} > gamma={self.gamma} leaves the "
+                                f"answer length window [floor(beta*T_bar), floor(gamma*T_bar)] "
+                                f"empty, so no question could be selected; give beta <= gamma")
+
 
 @dataclasses.dataclass(frozen=True)
 class FaithfulnessSettings(Settings):

@@ -26,11 +26,14 @@ Concurrency. DuckDB lets one process open a file read-write OR several open it r
   writer (kill -9) loses only the unit in flight, which DuckDB rolls back on the next open.
 
 Integrity. Taking the writer lock first checks that the folder is writable, then opens the file
-read-only and checks that every block the database uses lies inside the file (`file_damage`); reads
-check it on their own read-only connection (no writer can change the file meanwhile), once per
-version. Both check the schema: every table with this code's columns and types. A damaged file is
-refused with CacheCorruptError and never opened for writing, so its bytes stay as they were; any
-other DuckDB failure to read or write the file is a CacheError naming it.
+read-only and checks it whole (`file_damage`): every block the database uses lies inside the file,
+and every block in the file carries the checksum DuckDB stored with it (or was never written), so
+damage anywhere (data, metadata or index blocks, which DuckDB itself reads only when a query needs
+them) is found before anything is written. Reads check it on their own read-only connection (no
+writer can change the file meanwhile), once per version. Both check the schema: every table with
+this code's columns and types. A damaged file is refused with CacheCorruptError and never opened for
+writing, so its bytes stay as they were; any other DuckDB failure to read or write the file is a
+CacheError naming it.
 """
 
 from __future__ import annotations
@@ -58,7 +61,13 @@ OPEN_TIMEOUT_S = 30.0
 RETRY_S = 0.02
 # A DuckDB file starts with three 4 KiB headers; block i lies at HEADERS_BYTES + i * block size.
 HEADERS_BYTES = 3 * 4096
-# Words of DuckDB errors that mean the file is damaged.
+# Each block starts with the 8-byte checksum of the rest (DuckDB's storage format; a test checks
+# that every block of a fresh cache verifies, so a format change fails the suite, not a user).
+BLOCK_CHECKSUM_BYTES = 8
+# Blocks verified per read, to bound memory on large files.
+CHECKSUM_CHUNK_BLOCKS = 64
+# Words of DuckDB errors that mean the file is damaged (DuckDB raises a checksum mismatch as its
+# base duckdb.Error, so these are matched on any DuckDB error).
 _DAMAGE_SIGNS = ("Corrupt", "not a valid DuckDB database", "Could not read enough bytes", "checksum")
 # DuckDB errors that say the file cannot be read or written (others are mistakes in a query).
 _FILE_ERRORS = (duckdb.IOException, duckdb.InternalException, duckdb.SerializationException,
@@ -198,7 +207,46 @@ def file_damage(con: duckdb.DuckDBPyConnection, path: Path) -> str | None:
     if last is not None and last >= in_file:
         return (f"block {last} is in use ({used} of {total} blocks of {block_bytes} bytes) but the "
                 f"file holds only {in_file} blocks: it was cut short")
+    bad = bad_blocks(path, block_bytes, in_file)
+    if bad:
+        shown = ", ".join(str(b) for b in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        fail = "fails its checksum, block" if len(bad) == 1 else "fail their checksums, blocks"
+        return (f"{len(bad)} of its {in_file} blocks of {block_bytes} bytes {fail} {shown}: bytes "
+                f"inside the file were overwritten")
     return None
+
+
+def _block_checksums(blocks):
+    """DuckDB's checksum of each row of `blocks` (uint64 words after the checksum word): 5381 xor
+    the product of every word with 0xbf58476d1ce4e5b9, modulo 2^64."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        return np.bitwise_xor.reduce(blocks * np.uint64(0xBF58476D1CE4E5B9), axis=1) ^ np.uint64(5381)
+
+
+def bad_blocks(path: Path, block_bytes: int, n_blocks: int) -> list[int]:
+    """The blocks among the file's first n_blocks whose stored checksum does not match their
+    content. A block of zeros was allocated but never written (a writer killed while growing the
+    file) and holds nothing: it is not damage. Reads the whole file once, in chunks."""
+    import numpy as np
+
+    words = block_bytes // 8
+    if block_bytes % 8 or (block_bytes - BLOCK_CHECKSUM_BYTES) % 8:
+        raise CacheError(f"the cache {path} has blocks of {block_bytes} bytes, which this code "
+                         f"cannot verify; use the DuckDB version pinned in requirements.txt")
+    bad: list[int] = []
+    with open(path, "rb") as handle:
+        for first in range(0, n_blocks, CHECKSUM_CHUNK_BLOCKS):
+            count = min(CHECKSUM_CHUNK_BLOCKS, n_blocks - first)
+            handle.seek(HEADERS_BYTES + first * block_bytes)
+            chunk = np.frombuffer(handle.read(count * block_bytes), dtype="<u8").reshape(count, words)
+            stored, content = chunk[:, 0], chunk[:, BLOCK_CHECKSUM_BYTES // 8:]
+            mismatch = _block_checksums(content) != stored
+            if mismatch.any():
+                unwritten = ~chunk[mismatch].any(axis=1)
+                bad.extend(int(first + i) for i in np.flatnonzero(mismatch)[~unwritten])
+    return bad
 
 
 @functools.cache
@@ -221,6 +269,11 @@ def _columns(con: duckdb.DuckDBPyConnection) -> dict[str, list[tuple[str, str]]]
             "ORDER BY table_name, ordinal_position", [list(TABLES)]).fetchall():
         found.setdefault(table, []).append((column, kind))
     return found
+
+
+def _is_file_error(error: duckdb.Error) -> bool:
+    """Whether a DuckDB error is about the file (damaged, unreadable, unwritable), not the query."""
+    return isinstance(error, _FILE_ERRORS) or any(sign in str(error) for sign in _DAMAGE_SIGNS)
 
 
 def _is_lock_conflict(error: Exception) -> bool:
@@ -314,7 +367,9 @@ class Store:
             return
         try:
             damage = file_damage(con, self.path)
-        except _FILE_ERRORS as error:
+        except duckdb.Error as error:
+            if not _is_file_error(error):
+                raise
             raise self._failure(error, "read") from error
         if damage:
             raise self._corrupt(damage)
@@ -342,7 +397,9 @@ class Store:
                 self._check_schema(con)
                 con.execute("BEGIN TRANSACTION")
                 yield con
-            except _FILE_ERRORS as error:
+            except duckdb.Error as error:
+                if not _is_file_error(error):
+                    raise
                 raise self._failure(error, "read") from error
         finally:
             con.close()
@@ -368,7 +425,9 @@ class Store:
                 # While this connection is open no reader can open the file, so a reader never
                 # sees the new data under the old version.
                 self._bump_version()
-            except _FILE_ERRORS as error:
+            except duckdb.Error as error:
+                if not _is_file_error(error):
+                    raise
                 raise self._failure(error, "write") from error
             finally:
                 con.close()

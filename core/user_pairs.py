@@ -28,7 +28,7 @@ from core.config import (Config, ConfigError, PairConfig, configured, get_datase
                          model_entry, pair_from_entry)
 from core.datasets import Dataset, DatasetError, is_path, question_from_line, read_jsonl_bytes
 from core.errors import InputError
-from core.models import check_same_tokenizer, model_problem
+from core.models import check_same_tokenizer, config_problem, model_config, model_problem
 from core.store import REPO_ROOT, Store, now
 from core.templates import TEMPLATES, get_template
 
@@ -168,11 +168,15 @@ def dataset_problems(name: str, upload: Upload, config: Config) -> tuple[Dataset
 LOCATION_NAMES = {"hub": "hub id", "path": "folder", "adapter": "adapter folder"}
 
 
-def _blank_locations(entry: dict, role: str) -> list[str]:
-    """A message for each hub id or folder of a model entry left empty."""
+def _blank_locations(entry, role: str) -> list[str]:
+    """A message for each hub id or folder of a model entry left empty, or for an entry (or an
+    adapter's base) that is not an object of pairs.toml's model keys."""
+    if not isinstance(entry, dict):
+        return [f"{role}: must be an object with one of the keys {list(LOCATION_NAMES)}, not "
+                f"{type(entry).__name__} {json.dumps(entry)[:40]}"]
     blank = [f"{role}: give its {what}" for key, what in LOCATION_NAMES.items()
              if key in entry and not str(entry[key]).strip()]
-    if isinstance(entry.get("base"), dict):
+    if "base" in entry:
         blank += _blank_locations(entry["base"], f"{role}'s adapter base")
     return blank
 
@@ -197,7 +201,7 @@ def declaration_problems(name: str, declaration: dict, config: Config,
         problems.append(f"dataset {dataset!r} is neither configured nor uploaded; known: "
                         f"{offered['datasets']}")
     blank = [message for role in ("base", "post")
-             for message in _blank_locations(declaration.get(role) or {}, f"{role} model")]
+             for message in _blank_locations(declaration.get(role, {}), f"{role} model")]
     if blank:
         return None, problems + blank
     try:
@@ -225,28 +229,14 @@ def file_problems(declaration: dict) -> list[str]:
 
 
 def architecture_problems(pair: PairConfig) -> list[str]:
-    """Each model's architecture, read from its config (no weights): one core.adapters knows, and
-    the base's layer count."""
-    from transformers import AutoConfig
-
-    from core.adapters import ADAPTERS
-
-    supported = [name for adapter in ADAPTERS for name in adapter.architectures]
+    """Each model's architecture and weight shapes, read from its config and weight headers
+    (core.models.config_problem), and the base's layer count."""
     problems, layers = [], {}
     for entry in pair.models:
-        root = entry.spec.weights_root()
-        try:
-            model_config = AutoConfig.from_pretrained(root.path, revision=root.revision,
-                                                      trust_remote_code=False)
-        except (OSError, ValueError, KeyError) as error:
-            problems.append(f"{entry.label}: cannot read its config ({' '.join(str(error).split())})")
+        if problem := config_problem(entry.spec):
+            problems.append(f"{entry.label}: {problem}")
             continue
-        architecture = (model_config.architectures or [type(model_config).__name__])[0]
-        if architecture not in supported:
-            problems.append(f"{entry.label}: architecture {architecture} is not supported "
-                            f"(supported: {', '.join(supported)}); core/adapters.py would need an "
-                            f"adapter for it")
-        layers[entry.label] = getattr(model_config, "num_hidden_layers", None)
+        layers[entry.label] = getattr(model_config(entry.spec), "num_hidden_layers", None)
     if len(set(layers.values())) > 1:
         problems.append(f"the models have different layer counts {layers}; a pair shares one "
                         f"architecture")
@@ -272,6 +262,9 @@ def check_pair(name: str, declaration: dict, *, upload: Upload | None = None,
     """Every problem of a new pair and of its uploaded dataset, one message each (none: it can be
     saved): names, declaration, the models' files, architectures and tokenizers on the dataset's
     questions. Reads model configs and tokenizers, no weights."""
+    if not isinstance(declaration, dict):
+        return [f"the pair's declaration must be an object (base, post, template, "
+                f"max_new_tokens, dataset), not {type(declaration).__name__}"]
     config = load_config(config_path, cache)
     new_dataset, problems = (dataset_problems(declaration.get("dataset", ""), upload, config)
                              if upload is not None else (None, []))

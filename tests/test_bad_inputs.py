@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -559,3 +560,287 @@ def test_the_samples_parser_gives_samples_or_an_input_error(tmp_path, content):
         assert str(path) in str(error) and "\n" not in str(error)
     else:
         assert all(1 <= s.t_cut <= len(s.answer_ids) for s in samples)
+
+
+# --- issue 29: bytes overwritten inside a cache file ----------------------------------------------
+
+OVERWRITTEN = (r"the cache file .*cache\.duckdb is damaged \(1 of its \d+ blocks of \d+ bytes fails its "
+               r"checksum, block \d+: bytes inside the file were overwritten\)")
+
+
+@pytest.fixture(scope="module")
+def overwritten(tmp_path_factory) -> Path:
+    """A cache whose middle 4 KiB were overwritten with random bytes (its size unchanged)."""
+    path = cache_with_a_run(tmp_path_factory.mktemp("overwritten") / "cache.duckdb")
+    with open(path, "r+b") as handle:
+        handle.seek(path.stat().st_size // 2)
+        handle.write(np.random.default_rng(1).bytes(4096))
+    return path
+
+
+def _files_beside(path: Path) -> dict[str, str]:
+    return {p.name: sha256(p) for p in path.parent.iterdir() if p.is_file()}
+
+
+def test_a_fresh_cache_verifies_block_by_block(tmp_path):
+    """The checksum check reads DuckDB's own format: a whole file must pass it (a DuckDB release
+    that changed the format would fail here, not refuse a user's good cache)."""
+    from core.store import bad_blocks
+
+    path = cache_with_a_run(tmp_path / "cache.duckdb", n_samples=50)
+    n_blocks = (path.stat().st_size - 3 * 4096) // 262144
+    assert n_blocks > 3 and bad_blocks(path, 262144, n_blocks) == []
+
+
+@pytest.mark.parametrize("command", ["ls", "report", "export", "import", "run"])
+def test_bytes_overwritten_inside_a_cache_are_refused_by_every_entry_and_nothing_is_written(
+        world, overwritten, tmp_path, monkeypatch, command):
+    good = tmp_path / "good" / "cache.duckdb"
+    if command == "import":
+        cache_with_a_run(good, n_samples=3, n_edges=10)
+        assert main(["export", "--cache", str(good), "--run", "r1", "--out", str(tmp_path / "export")]) == 0
+    monkeypatch.setattr(ModelSpec, "load_tokenizer", lambda self: pytest.fail("model work began"))
+    argv = {"ls": ["ls", "--cache", str(overwritten)],
+            "report": ["report", "--cache", str(overwritten), "--run", "r1", "--out",
+                       str(tmp_path / "report.html")],
+            "export": ["export", "--cache", str(overwritten), "--run", "r1", "--out",
+                       str(tmp_path / "out")],
+            "import": ["import", str(tmp_path / "export"), "--cache", str(overwritten)],
+            "run": run_argv(world, overwritten)}[command]
+    before = _files_beside(overwritten)
+    refused(f"`{command}` on a cache with 4 KiB overwritten in its middle", argv, OVERWRITTEN)
+    assert _files_beside(overwritten) == before  # no byte changed, no WAL or lock file added
+    assert not (tmp_path / "report.html").exists() and not (tmp_path / "out").exists()
+
+
+def test_the_read_model_refuses_a_cache_with_overwritten_bytes(overwritten):
+    before = sha256(overwritten)
+    with pytest.raises(CacheCorruptError, match=OVERWRITTEN):
+        ResultCache.open(overwritten).runs()
+    assert sha256(overwritten) == before
+
+
+# --- issue 29: weights are safetensors only, and well-formed --------------------------------------
+
+def model_copy(world: Path, folder: Path) -> Path:
+    """A copy of the world's base model folder, to damage."""
+    folder.mkdir()
+    for file in (world / "base").iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    return folder
+
+
+def pickled_behind_an_index(world: Path, folder: Path) -> Path:
+    """A model whose safetensors index maps every weight to a pickled pytorch_model.bin."""
+    import torch
+    from safetensors.torch import load_file
+
+    model_copy(world, folder)
+    weights = load_file(folder / "model.safetensors")
+    torch.save(weights, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": dict.fromkeys(weights, "pytorch_model.bin")}))
+    return folder
+
+
+PICKLE_BEHIND_INDEX = (r".*model\.safetensors\.index\.json maps weights to \['pytorch_model\.bin'\], "
+                       r"which is not safetensors \(a pickled file can run code when loaded\)")
+
+
+def test_an_index_that_maps_weights_to_a_pickle_is_refused_everywhere(world, tmp_path, monkeypatch):
+    from core.user_pairs import check_pair, model_declaration, pair_declaration
+
+    pickled = pickled_behind_an_index(world, tmp_path / "pickled")
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(sample_line() + "\n")
+    monkeypatch.setattr("torch.load", lambda *a, **k: pytest.fail("a pickle was loaded"))
+    refused("`score --model`: an index mapping weights to pytorch_model.bin",
+            score_argv(world, samples, tmp_path / "out.npz", pickled), "cannot load model " + PICKLE_BEHIND_INDEX)
+    config = tmp_path / "pairs.toml"
+    config.write_text((world / "pairs.toml").read_text().replace(
+        f'post = {{ path = "{world / "base"}", label = "tiny-post"', f'post = {{ path = "{pickled}", label = "tiny-post"', 1))
+    monkeypatch.setattr(ModelSpec, "load_tokenizer", lambda self: pytest.fail("model work began"))
+    refused("`run` with a post model whose index maps weights to a pickle",
+            ["run", "--pair", "tiny", "--dataset", "tiny", "--config", str(config), "--cache",
+             str(tmp_path / "c.duckdb"), "--alpha", "0.5"], r"1 model\(s\) cannot be loaded: tiny-post: " + PICKLE_BEHIND_INDEX)
+    assert not (tmp_path / "c.duckdb").exists()
+    declaration = pair_declaration(model_declaration("folder", str(world / "base")),
+                                   model_declaration("folder", str(pickled)), "deepseek-math", 4, "tiny")
+    problems = check_pair("new", declaration, config_path=str(world / "pairs.toml"),
+                          cache=str(tmp_path / "c.duckdb"))
+    assert any(re.match("pickled: " + PICKLE_BEHIND_INDEX, p) for p in problems), problems
+
+
+def damaged_weights(world: Path, folder: Path, how: str) -> Path:
+    model_copy(world, folder)
+    weights = folder / "model.safetensors"
+    if how == "random bytes":
+        weights.write_bytes(np.random.default_rng(0).bytes(weights.stat().st_size))
+    elif how == "cut to half":
+        with open(weights, "r+b") as handle:
+            handle.truncate(weights.stat().st_size // 2)
+    else:  # a config of another model size
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 24}))
+    return folder
+
+
+WEIGHT_CASES = {
+    "random bytes": r"model\.safetensors is not a safetensors file \(its first 8 bytes declare a \d+-byte "
+                    r"header in a \d+-byte file\)",
+    "cut to half": r"model\.safetensors is cut short: its header declares \d+ bytes of tensors, the file "
+                   r"holds \d+; copy or download it again",
+    "config of another size": r"model\.safetensors: .* has shape \[\d+(, \d+)*\] but config\.json describes "
+                              r"\[\d+(, \d+)*\]; the config does not belong to these weights",
+}
+
+
+@pytest.mark.parametrize("how", list(WEIGHT_CASES))
+def test_malformed_weights_are_one_line_before_any_work(world, tmp_path, how):
+    folder = damaged_weights(world, tmp_path / "model", how)
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(sample_line() + "\n")
+    refused(f"`score --model`: model.safetensors with {how}",
+            score_argv(world, samples, tmp_path / "out.npz", folder), r"cannot load model .*" + WEIGHT_CASES[how])
+    with pytest.raises(ModelNotLoadableError, match=r"1 model\(s\) cannot be loaded: m: " + WEIGHT_CASES[how]):
+        check_loadable([("m", ModelSpec("local", str(folder)))])
+
+
+def test_an_adapter_whose_weights_are_random_bytes_is_refused(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "adapter_model.safetensors").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ModelNotLoadableError, match=r"adapter_model\.safetensors is not a safetensors file"):
+        check_loadable([("lora", ModelSpec("adapter", str(folder), base=ModelSpec("local", str(tmp_path))))])
+
+
+def test_a_pair_with_nan_weights_is_refused_naming_them_before_generating(world, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(world / "base")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "nan" / name).write_bytes((world / "base" / name).read_bytes())
+    config = tmp_path / "pairs.toml"
+    config.write_text((world / "pairs.toml").read_text().replace(
+        f'post = {{ path = "{world / "base"}", label = "tiny-post"', f'post = {{ path = "{tmp_path / "nan"}", label = "tiny-post"', 1))
+    refused("`run` with a post model whose weights hold a NaN",
+            ["run", "--pair", "tiny", "--dataset", "tiny", "--config", str(config), "--cache",
+             str(tmp_path / "c.duckdb"), "--alpha", "0.5"],
+            r"the model .*nan has non-finite weights \(NaN or inf\) in 1 tensor\(s\), first "
+            r"\['model\.layers\.0\.mlp\.up_proj\.weight'\]")
+    with Store(tmp_path / "c.duckdb").read() as con:
+        assert con.execute("SELECT count(*) FROM generations WHERE answer_text IS NOT NULL "
+                           "AND model_key IN (SELECT model_key FROM models WHERE label = 'tiny-post')"
+                           ).fetchone()[0] == 0
+
+
+# --- issue 29: architectures and positions, checked before generating --------------------------------
+
+def test_an_unsupported_architecture_is_refused_before_generating(world, tmp_path, monkeypatch):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=16, ffn_dim=32, num_hidden_layers=2,
+                             num_attention_heads=2, word_embed_proj_dim=16)).save_pretrained(tmp_path / "opt")
+    tokenizer.save_pretrained(tmp_path / "opt")
+    config = tmp_path / "pairs.toml"
+    config.write_text((world / "pairs.toml").read_text().replace(str(world / "base"), str(tmp_path / "opt")))
+    monkeypatch.setattr("core.pipeline.GenerationJob", lambda *a, **k: pytest.fail("generation began"))
+    refused("`run` on a pair of an unsupported architecture (OPT)",
+            ["run", "--pair", "tiny", "--dataset", "tiny", "--config", str(config), "--cache",
+             str(tmp_path / "c.duckdb"), "--alpha", "0.5"],
+            r"2 model\(s\) cannot be loaded: tiny-base: architecture OPTForCausalLM is not supported "
+            r"\(supported: LlamaForCausalLM")
+    assert not (tmp_path / "c.duckdb").exists()
+
+
+def gpt2_world(world: Path, folder: Path, n_positions: int) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = tiny_tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=2, n_head=2,
+                               n_positions=n_positions, bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_gpt2_prompt_longer_than_its_positions_is_refused_before_generating(world, tmp_path, monkeypatch):
+    gpt2 = gpt2_world(world, tmp_path / "gpt2", n_positions=12)
+    config = tmp_path / "pairs.toml"
+    config.write_text((world / "pairs.toml").read_text().replace(str(world / "base"), str(gpt2)))
+    monkeypatch.setattr("core.pipeline.GenerationJob", lambda *a, **k: pytest.fail("generation began"))
+    refused("`run` on GPT-2 with prompts longer than n_positions",
+            ["run", "--pair", "tiny", "--dataset", "tiny", "--config", str(config), "--cache",
+             str(tmp_path / "c.duckdb"), "--alpha", "0.5"],
+            r"4 question\(s\) of dataset 'tiny' \(first 'q0', up to \d+ prompt tokens\) would run past "
+            r"the 12 positions .* has embeddings for with max_new_tokens 4; lower max_new_tokens")
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(sample_line(prompt_ids=[1] * 12, answer_ids=[7, 8], t_cut=2) + "\n")
+    refused("`score` of a GPT-2 sample longer than n_positions",
+            score_argv(world, samples, tmp_path / "out.npz", gpt2),
+            r"sample 's1': its prompt and answer up to T_cut span 13 positions, more than the 12 the "
+            r"model has position embeddings for")
+
+
+# --- issue 29: metrics, selection, datasets, declarations -----------------------------------------
+
+def test_repeated_ids_in_the_base_score_file_are_refused(world, tmp_path):
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("\n".join(sample_line(id=i) for i in ("a", "a", "b")) + "\n")
+    assert main(score_argv(world, samples, tmp_path / "base.npz")) == 0
+    samples.write_text("\n".join(sample_line(id=i) for i in ("a", "b")) + "\n")
+    assert main(score_argv(world, samples, tmp_path / "post.npz")) == 0
+    refused("`metrics` with a sample id twice in the base file",
+            ["metrics", "--scores", str(tmp_path / "base.npz"), "--against", str(tmp_path / "post.npz")],
+            r".*base\.npz holds the sample id 'a' more than once \(1 id\(s\) repeated\): samples are "
+            r"paired by id")
+
+
+def test_settings_that_select_nothing_are_refused_and_store_no_run(world, tmp_path):
+    refused("`run --beta 2 --gamma 1`", run_argv(world, tmp_path / "c.duckdb", "--beta", "2", "--gamma", "1"),
+            r".*beta=2\.0 > gamma=1\.0 leaves the answer length window .* empty")
+    assert not (tmp_path / "c.duckdb").exists()
+    # A window no answer falls in: tests/test_pipeline.py (this world's models answer nothing right).
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"question": ["list"], "answer": "1"}, r"the question field 'question' holds list \[\"list\"\]"),
+    ({"question": "q", "answer": {"value": 1}}, r"the answer field 'answer' holds dict"),
+    ({"question": "q", "answer": True}, r"the answer field 'answer' holds bool true"),
+    ({"id": [1], "question": "q", "answer": "1"}, r"the id field 'id' holds list"),
+])
+def test_dataset_fields_that_are_not_text_are_refused_not_stringified(world, tmp_path, record, field):
+    from core.user_pairs import Upload, dataset_problems
+    from core.config import load_config
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"id": "a", "question": "q", "answer": 1}) + "\n" + json.dumps(record) + "\n")
+    refused(f"`run --dataset`: {json.dumps(record)}", run_argv(world, tmp_path / "c.duckdb", dataset=str(data)),
+            r".*data\.jsonl, line 2: " + field + r".*; write it as a JSON string")
+    _, problems = dataset_problems("upload", Upload("mine.jsonl", data.read_bytes()),
+                                   load_config(str(world / "pairs.toml"), str(tmp_path / "c.duckdb")))
+    assert any(re.search(field, p) for p in problems), problems
+
+
+@pytest.mark.parametrize("declaration", [
+    {"base": "tiny-base", "post": {"path": "x"}, "template": "deepseek-math", "max_new_tokens": 4,
+     "dataset": "tiny"},
+    {"base": {"adapter": "a", "base": 7}, "post": ["x"], "template": "deepseek-math",
+     "max_new_tokens": 4, "dataset": "tiny"},
+    ["not", "an", "object"],
+])
+def test_model_entries_that_are_not_objects_are_problems_not_tracebacks(world, tmp_path, declaration):
+    from core.user_pairs import check_pair
+
+    problems = check_pair("new", declaration, config_path=str(world / "pairs.toml"),
+                          cache=str(tmp_path / "c.duckdb"))
+    assert problems and all("must be an object" in p or p.startswith(("post model", "base model"))
+                            for p in problems if "object" in p), problems
+    assert any("must be an object" in p for p in problems), problems

@@ -25,7 +25,7 @@ from core.generation import finish_answer, generate_greedy
 from core.grading import extract_answer
 from core.models import ModelSpec, TokenizerMismatchError, load_causal_lm
 from core.query import ResultCache
-from core.selection import NoJointlyCorrectError
+from core.selection import EmptySelectionError, NoJointlyCorrectError
 from core.settings import GenerationSettings, SelectionSettings
 from core.store import TABLES, Store, fetch_one
 from core.synthetic import build_tiny_model, tiny_tokenizer
@@ -298,6 +298,17 @@ def test_mismatched_tokenizers_are_refused(world):
 def test_no_jointly_correct_question_is_a_clear_error(world):
     with pytest.raises(NoJointlyCorrectError, match="no question of 4 was answered correctly"):
         pipeline.run(request(world, "errors.duckdb", dataset="unsolvable"), log=quiet)
+
+
+def test_rules_that_leave_no_question_store_no_run(world):
+    narrow = SelectionSettings(**{**SELECTION.as_dict(), "beta": 9.0, "gamma": 10.0})
+    with pytest.raises(EmptySelectionError, match=r"no question survives the selection rules: of "
+                                                  r"\d+ answered correctly by every model, removed: "
+                                                  r"\d+ mean length outside"):
+        pipeline.run(request(world, "empty.duckdb", selection=narrow), log=quiet)
+    with Store(world / "empty.duckdb").read() as con:
+        assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 0
+        assert con.execute("SELECT count(*) FROM grades").fetchone()[0] > 0  # the answers are kept
 
 
 def test_cli_run_ls_export_import(world, tmp_path, capsys):

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from core.selection import RULES, Candidate, NoJointlyCorrectError, select_questions, t_cut
+from core.selection import (RULES, Candidate, EmptySelectionError, NoJointlyCorrectError,
+                            select_questions, t_cut)
 from core.settings import SelectionSettings, SettingsError
 
 
@@ -63,15 +64,28 @@ def test_draw_is_seeded_and_the_same_for_both_models():
 
 
 def test_fewer_than_n_survivors_are_reported_with_the_rule_that_removed_the_rest():
-    candidates = [pair("ok", 50, 50), pair("wrong", 50, 50, (False, True)),
-                  pair("long", 500, 500), pair("mismatch", 60, 20)]
+    candidates = [pair("ok", 50, 50), pair("ok2", 60, 60), pair("wrong", 50, 50, (False, True)),
+                  pair("long", 200, 200), pair("mismatch", 60, 20)]
     selection = select_questions(candidates, SelectionSettings(n=5))
-    assert selection.n_selected < 5
+    assert selection.question_ids == ("ok", "ok2")
     report = selection.report()
     assert report["n_selected"] == selection.n_selected and report["n_requested"] == 5
     assert report["removed"][RULES[0]] == 1
     summary = selection.summary()
     assert "FEWER than n=5" in summary and "not correct for every model" in summary
+
+
+def test_rules_that_leave_no_question_are_a_clear_error_naming_each_rule():
+    candidates = [pair("ok", 50, 50), pair("long", 500, 500), pair("mismatch", 60, 20)]
+    with pytest.raises(EmptySelectionError, match=r"no question survives the selection rules: of 3 "
+                                                  r"answered correctly by every model, removed: 3 mean "
+                                                  r"length outside .*length window \[\d+, \d+\]"):
+        select_questions(candidates, SelectionSettings())
+
+
+def test_beta_above_gamma_is_refused_as_a_setting():
+    with pytest.raises(SettingsError, match=r"beta=2\.0 > gamma=1\.0 .* give beta <= gamma"):
+        SelectionSettings(beta=2.0, gamma=1.0)
 
 
 def test_no_jointly_correct_question_is_a_clear_error():

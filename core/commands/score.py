@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import zipfile
 import zlib
@@ -127,4 +128,9 @@ def load_score_file(path: Path) -> tuple[np.ndarray, ResidualGraph, list[str]]:
                          f"({len(src_names)} sources, {len(dst_names)} slots)")
     if len(sample_ids) != scores.shape[0]:
         raise InputError(f"{path} has {scores.shape[0]} score matrices but {len(sample_ids)} sample ids")
+    repeated = sorted(i for i, count in collections.Counter(sample_ids).items() if count > 1)
+    if repeated:
+        raise InputError(f"{path} holds the sample id {repeated[0]!r} more than once ({len(repeated)} "
+                         f"id(s) repeated): samples are paired by id, so each must be unique; "
+                         f"score each sample once")
     return scores, graph, sample_ids
