@@ -85,8 +85,10 @@ def main() -> None:
     for copies in args.copies:
         methods[f"copies={copies}"] = lambda copies=copies: edge_ablation(model, sample, graph, edges,
                                                                           copies=copies)
-    mean_abs = graph.dense(np.random.default_rng(1).random(graph.n_edges))
-    methods["recovery"] = lambda: circuit_recovery(model, [sample], graph, mean_abs)
+    # One sample's circuits, ranked by one strength matrix (cross-fitting ranks them on the other
+    # half's mean |W|; the forward passes are the same).
+    strength = graph.dense(np.random.default_rng(1).random(graph.n_edges))[None]
+    methods["recovery"] = lambda: circuit_recovery(model, [sample], graph, strength)
     eap = ScoreSettings(device=args.device)
     eap_ig = ScoreSettings(device=args.device, method="eap-ig", ig_steps=args.ig_steps)
     methods["eap"] = lambda: score_samples(model, [sample], eap)

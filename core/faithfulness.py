@@ -6,7 +6,11 @@ input loses e times source s's output while the skip connection and every other 
 - edge ablation: Delta[s, d] = L(H_d - e O_s) - L(H_d), e = 1 for the real effect; as e -> 0,
   Delta / e -> W, so the intervention is the one EAP linearises;
 - circuit recovery: keep the top fraction k of real edges by mean |W|, remove every other edge at
-  once, loss L_k; f(k) = (L_empty - L_k) / (L_empty - L_full) and its area over log k;
+  once, loss L_k; f(k) = (L_empty - L_k) / (L_empty - L_full), its area over log k and the k where
+  it reaches 0.8;
+- cross-fitting: the questions are split in two halves, and the edges a question is evaluated on
+  (its "top" ablated edges, its recovery circuits) are ranked by the other half's mean |W|, so no
+  question ranks the edges it evaluates (selection on the same noise would inflate agreement);
 - base vs post (`compare_recovery`): both models' curves and areas with a bootstrap over questions,
   paired across the models; a smaller area means a model needs more edges for the same recovery.
   These statistics live in core/faithfulness_stats.py (no torch), so the read model can use them.
@@ -36,8 +40,9 @@ from torch import nn
 from core.adapters import ArchitectureAdapter, adapter_for
 from core.eap import NonFiniteScoreError, Sample, forward_loss, frozen_eval, score_samples
 from core.errors import InputError, NotFoundError
-from core.faithfulness_stats import (RECOVERY_FRACTIONS, agreement, compare_recovery,
-                                     recovery_area, recovery_f)
+from core.faithfulness_stats import (RECOVERY_FRACTIONS, agreement, compare_recovery, halves,
+                                     held_out_strength, recovery_area, recovery_f, recovery_k,
+                                     stratified_edges)
 from core.graph import QKV, ResidualGraph
 from core.models import ModelSpec
 from core.settings import ScoreSettings
@@ -103,76 +108,77 @@ class RecoveryCurve:
     losses: np.ndarray  # [K, n_samples] L_k of each sample, for a bootstrap over samples
     f: np.ndarray  # [K] (L_empty - L_k) / (L_empty - L_full), on the losses' means over samples
     area: float  # mean of f over log k on the fractions above 0 (trapezoids): 1 for f = 1 throughout
+    k: float  # the kept fraction where f first reaches RECOVERY_TARGET (faithfulness_stats.recovery_k)
 
     def to_dict(self) -> dict:
         return {"fractions": self.fractions.tolist(), "n_kept": self.n_kept.tolist(),
-                "f": self.f.tolist(), "area": self.area, "loss_empty": float(self.losses[0].mean()),
+                "f": self.f.tolist(), "area": self.area, "k": self.k,
+                "loss_empty": float(self.losses[0].mean()),
                 "loss_full": float(self.losses[-1].mean()), "losses": self.losses.tolist()}
 
 
 def circuit_recovery(model: nn.Module, samples: Sequence[Sample], graph: ResidualGraph,
-                     mean_abs_scores: np.ndarray, fractions: np.ndarray = RECOVERY_FRACTIONS,
+                     strength: np.ndarray, fractions: np.ndarray = RECOVERY_FRACTIONS,
                      copies: int = DEFAULT_COPIES) -> RecoveryCurve:
-    """Keep the top fraction k of real edges by mean |W| ([n_src, n_dst], over the samples), remove
-    every other edge at once, and compare the loss with that of removing all (k = 0) or none (k = 1)."""
+    """For each sample, keep the top fraction k of real edges by its `strength` ([n_samples, n_src,
+    n_dst]; cross-fitted: the other half's mean |W|, `held_out_strength`), remove every other edge at
+    once, and compare the loss with that of removing all (k = 0) or none (k = 1)."""
     fractions = np.asarray(fractions, dtype=np.float64)
     if len(fractions) < 3 or fractions[0] != 0 or fractions[-1] != 1 or not (np.diff(fractions) > 0).all():
         raise ValueError(f"fractions must rise from 0 (every edge removed) through at least one value "
                          f"in (0, 1) to 1 (none removed); got {fractions.tolist()}")
-    # Stable order: ties keep the dense matrix's row-major order, so the curve is reproducible.
-    ranked = np.argsort(-graph.edges(mean_abs_scores), kind="stable")
+    strength = np.asarray(strength)
+    if strength.shape != (len(samples), graph.n_src, graph.n_dst):
+        raise ValueError(f"strength has shape {strength.shape}; expected one [{graph.n_src}, "
+                         f"{graph.n_dst}] matrix per sample ({len(samples)})")
     n_kept = np.rint(fractions * graph.n_edges).astype(np.int64)
-    coefficients = np.zeros((len(fractions), graph.n_edges))
-    for row, keep in enumerate(n_kept):
-        coefficients[row, ranked[keep:]] = 1.0
-    removals = graph.dense(coefficients)
-    losses = np.stack([ablated_losses(model, sample, graph, removals, copies) for sample in samples], 1)
+
+    def removals(rank_by: np.ndarray) -> np.ndarray:
+        # Stable order: ties keep the dense matrix's row-major order, so the curve is reproducible.
+        ranked = np.argsort(-graph.edges(rank_by), kind="stable")
+        coefficients = np.zeros((len(fractions), graph.n_edges))
+        for row, keep in enumerate(n_kept):
+            coefficients[row, ranked[keep:]] = 1.0
+        return graph.dense(coefficients)
+
+    losses = np.stack([ablated_losses(model, sample, graph, removals(rank_by), copies)
+                       for sample, rank_by in zip(samples, strength)], 1)
     f = recovery_f(losses)
-    return RecoveryCurve(fractions, n_kept, losses, f, float(recovery_area(fractions, f)))
-
-
-def stratified_edges(scores: np.ndarray, graph: ResidualGraph, n: int,
-                     rng: np.random.Generator) -> list[tuple[int, int, str]]:
-    """(src, dst, stratum) of n real edges of one score matrix: the ceil(n/2) largest by |W| ("top"),
-    then the rest drawn uniformly from the other real edges ("random"); all edges when n exceeds them."""
-    src, dst = np.nonzero(graph.real_edge_mask)
-    order = np.argsort(-np.abs(scores[src, dst]), kind="stable")
-    n = min(n, graph.n_edges)
-    n_top = (n + 1) // 2
-    drawn = rng.choice(order[n_top:], size=n - n_top, replace=False)
-    return ([(int(src[e]), int(dst[e]), "top") for e in order[:n_top]]
-            + [(int(src[e]), int(dst[e]), "random") for e in np.sort(drawn)])
+    return RecoveryCurve(fractions, n_kept, losses, f, float(recovery_area(fractions, f)),
+                         float(recovery_k(fractions, f)))
 
 
 def faithfulness_report(model: nn.Module, samples: Sequence[Sample], settings: ScoreSettings,
                         edges_per_sample: int, seed: int, copies: int = DEFAULT_COPIES) -> dict:
     """Scores the samples (EAP or EAP-IG, as the settings say), ablates edges_per_sample stratified
-    real edges of each sample, and runs the recovery curve on the samples' mean |W|: everything
-    `python -m core faithfulness` writes."""
+    real edges of each sample and runs the recovery curves, cross-fitted: a sample's top edges and
+    circuits are ranked by the mean |W| of the other half of the samples (`halves`, at least 2
+    samples). Everything `python -m core faithfulness` writes; `halves` records each sample's half."""
     if edges_per_sample < 1:
         raise ValueError(f"edges per sample must be at least 1, got {edges_per_sample}")
+    if len(samples) < 2:
+        raise InputError(f"faithfulness ranks each question's edges on the other half of the "
+                         f"questions, so it needs at least 2 samples; got {len(samples)}")
     result = score_samples(model, samples, settings)
     graph = result.graph
+    strength = held_out_strength(np.abs(result.scores))
     rng = np.random.default_rng(seed)
     rows = []
-    for sample, scores in zip(samples, result.scores):
-        chosen = stratified_edges(scores, graph, edges_per_sample, rng)
+    for sample, scores, rank_by in zip(samples, result.scores, strength):
+        chosen = stratified_edges(rank_by, graph, edges_per_sample, rng)
         deltas = edge_ablation(model, sample, graph, [(s, d) for s, d, _ in chosen], copies=copies)
         rows += [{"sample_id": sample.id, "src": graph.src_names[s], "dst": graph.dst_names[d],
                   "stratum": stratum, "w": float(scores[s, d]), "delta": float(delta)}
                  for (s, d, stratum), delta in zip(chosen, deltas)]
-    w = np.array([row["w"] for row in rows])
-    delta = np.array([row["delta"] for row in rows])
-    stratum = np.array([row["stratum"] for row in rows])
-    recovery = circuit_recovery(model, samples, graph, np.abs(result.scores).mean(0), copies=copies)
+    recovery = circuit_recovery(model, samples, graph, strength, copies=copies)
     return {"granularity": graph.granularity, "dtype": str(model.dtype).removeprefix("torch."),
             "method": settings.method_description(), "seed": seed, "n_samples": len(samples),
             "n_real_edges": graph.n_edges,
             "edges_per_sample": min(edges_per_sample, graph.n_edges),
             "loss": dict(zip(result.sample_ids, result.loss.tolist())),
-            "agreement": agreement(w, delta),
-            "agreement_by_stratum": {name: agreement(w[stratum == name], delta[stratum == name])
-                                     for name in ("top", "random") if (stratum == name).any()},
+            "halves": halves(len(samples)).tolist(),
+            "agreement": agreement(list(result.sample_ids), *(
+                [row[name] for row in rows] for name in ("sample_id", "stratum", "w", "delta"))),
             "edges": rows, "recovery": recovery.to_dict()}
 
 

@@ -30,7 +30,7 @@ import pandas as pd
 from core import metrics, trajectory
 from core.circuit import Circuit, build_circuit
 from core.errors import NotFoundError
-from core.faithfulness_stats import agreement, compare_recovery
+from core.faithfulness_stats import agreement, compare_recovery, rank_correlation
 from core.graph import ResidualGraph
 from core.settings import MetricSettings, ScoreSettings, SelectionSettings
 from core.snapshot import SnapshotReader, public
@@ -39,6 +39,7 @@ from core.vocab import GRANULARITIES, ROLES
 
 # Re-exported for the pages, which may import only this module of the read side.
 from core.circuit import RANK_BY  # noqa: F401
+from core.faithfulness_stats import RECOVERY_TARGET  # noqa: F401
 from core.metrics import (EDGE_MEASURES, METRICS, PAPER_DIRECTION, PER_SAMPLE_METRICS,  # noqa: F401
                           AllZeroSampleError)
 from core.snapshot import RunNotFoundError  # noqa: F401
@@ -165,11 +166,15 @@ FAITHFULNESS_COMMAND = ("python -m core run --pair PAIR --dataset DATASET ... --
                         "faithfulness")
 # Columns of the faithfulness views (docs/method.md section 8), one model per `label`.
 FAITHFULNESS_EDGE_COLUMNS = ("label", "role", "sample_id", "src", "dst", "stratum", "w", "delta")
-FAITHFULNESS_AGREEMENT_COLUMNS = ("label", "role", "stratum", "n", "spearman", "pearson",
-                                  "sign_agreement")
-AGREEMENT_STRATA = ("all", "top", "random")
+# One row per model, stratum (core.faithfulness_stats.STRATA) and statistic (AGREEMENT_STATISTICS).
+FAITHFULNESS_AGREEMENT_COLUMNS = ("label", "role", "stratum", "statistic", "value", "low", "high",
+                                  "n_questions", "n_edges")
 RECOVERY_CURVE_COLUMNS = ("label", "role", "fraction", "n_kept", "f", "low", "high")
 RECOVERY_AREA_COLUMNS = ("label", "role", "area", "low", "high")
+# `recovery_k`: the kept fraction where recovery reaches faithfulness_stats.RECOVERY_TARGET; its row
+# of role K_RATIO holds the post's k over the base's.
+RECOVERY_K_COLUMNS = ("label", "role", "k", "low", "high")
+K_RATIO = "post / base"
 # The role of `recovery_areas`' row of the post's area minus the base's.
 AREA_DIFFERENCE = "post - base"
 METHOD_RUN_COLUMNS = ("run_key", "method", "ig_steps", "dtype", "alphas", "n_selected",
@@ -879,7 +884,10 @@ class ResultCache(SnapshotReader):
 
     def _faithfulness(self, run_key: str) -> dict[float, dict[str, dict]]:
         """The run's stored faithfulness reports, alpha -> label -> report: at each alpha those of
-        the most recently written settings that hold the base and at least one post model."""
+        the most recently written settings that hold the base and at least one post model. Reports
+        written before cross-fitting (without `halves`) are left out: their top edges and circuits
+        were ranked on the questions that evaluated them (a rerun of the control replaces them,
+        under another settings key)."""
         def load() -> dict[float, dict[str, dict]]:
             table = self._sql("SELECT alpha, label, settings_key, report, created_at "
                               "FROM faithfulness WHERE run_key = ?", [run_key])
@@ -891,8 +899,10 @@ class ResultCache(SnapshotReader):
             chosen = {}
             for (alpha, _), reports in sorted(groups.items(), key=lambda item: max(
                     created for created, _ in item[1].values())):
-                if base in reports and len(reports) > 1:
-                    chosen[alpha] = {label: json.loads(text) for label, (_, text) in reports.items()}
+                loaded = {label: json.loads(text) for label, (_, text) in reports.items()}
+                if base in loaded and len(loaded) > 1 and all("halves" in report
+                                                              for report in loaded.values()):
+                    chosen[alpha] = loaded
             return chosen
         return self._cached(run_key, ("faithfulness",), load)
 
@@ -939,24 +949,35 @@ class ResultCache(SnapshotReader):
 
     @public
     def faithfulness_agreement(self, run_key: str, alpha: float, *,
-                               post_label: str | None = None) -> pd.DataFrame:
-        """Per model and stratum (AGREEMENT_STRATA: all edges, the top half by |W|, the random
-        half) the Spearman and Pearson correlation of W with Delta and the fraction of edges with
-        the same sign; NaN where undefined (n = 0 for a stratum with no edge)."""
+                               post_label: str | None = None,
+                               settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
+        """core.faithfulness_stats.agreement of each model from its stored edges: per stratum
+        (STRATA: the top edges by the other half's mean |W|, the random draw; never pooled) the
+        per-question Spearman, Pearson and sign agreement of W with Delta averaged over questions,
+        and the calibration slope of Delta on W, each with its BCa interval from a bootstrap over
+        questions (the settings' replicate count, level and seed). NaN where undefined or with
+        bootstrap 0 (FAITHFULNESS_AGREEMENT_COLUMNS)."""
         alpha, base, post, base_report, post_report = self._faithfulness_pair(run_key, alpha,
                                                                               post_label)
 
         def compute() -> pd.DataFrame:
             rows = []
             for label, report in ((base, base_report), (post, post_report)):
-                found = {"all": report["agreement"], **report["agreement_by_stratum"]}
-                for stratum in AGREEMENT_STRATA:
-                    values = found.get(stratum, {"n": 0})
-                    rows.append({"label": label, "role": report["role"], "stratum": stratum,
-                                 **{name: math.nan if values.get(name) is None else values[name]
-                                    for name in FAITHFULNESS_AGREEMENT_COLUMNS[3:]}})
+                edges = report["edges"]
+                found = agreement(report["questions"], *([edge[name] for edge in edges] for name in
+                                                         ("sample_id", "stratum", "w", "delta")),
+                                  settings)
+                for stratum, statistics in found.items():
+                    for name, value in statistics.items():
+                        low, high = value["interval"] or (math.nan, math.nan)
+                        rows.append({"label": label, "role": report["role"], "stratum": stratum,
+                                     "statistic": name,
+                                     "value": math.nan if value["value"] is None else value["value"],
+                                     "low": low, "high": high, "n_questions": value["n_questions"],
+                                     "n_edges": value["n_edges"]})
             return pd.DataFrame(rows, columns=list(FAITHFULNESS_AGREEMENT_COLUMNS))
-        return self._cached(run_key, ("faithfulness_agreement", alpha, post), compute)
+        return self._cached(run_key, ("faithfulness_agreement", alpha, post, settings.key()),
+                            compute)
 
     def _recovery(self, run_key: str, alpha: float, post_label: str | None,
                   settings: MetricSettings) -> tuple[str, str, dict, list[int]]:
@@ -1012,6 +1033,25 @@ class ResultCache(SnapshotReader):
         rows.append({"label": f"{post} - {base}", "role": AREA_DIFFERENCE,
                      "area": difference["difference"], "low": low, "high": high})
         return pd.DataFrame(rows, columns=list(RECOVERY_AREA_COLUMNS))
+
+    @public
+    def recovery_k(self, run_key: str, alpha: float, *, post_label: str | None = None,
+                   settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
+        """The kept fraction k of real edges where each model's recovery first reaches
+        core.faithfulness_stats.RECOVERY_TARGET (interpolated in log k), with its bootstrap
+        interval, and a last row of role K_RATIO: the post's k over the base's with its paired
+        interval (above 1: the post needs more edges). NaN intervals with bootstrap 0."""
+        base, post, comparison, _ = self._recovery(run_key, alpha, post_label, settings)
+        rows = []
+        for label, role in ((base, BASE_ROLE), (post, POST_ROLE)):
+            model = comparison["models"][label]
+            low, high = model["k_interval"] or (math.nan, math.nan)
+            rows.append({"label": label, "role": role, "k": model["k"], "low": low, "high": high})
+        ratio = comparison["k_ratio"][post]
+        low, high = ratio["interval"] or (math.nan, math.nan)
+        rows.append({"label": f"{post} / {base}", "role": K_RATIO, "k": ratio["ratio"], "low": low,
+                     "high": high})
+        return pd.DataFrame(rows, columns=list(RECOVERY_K_COLUMNS))
 
     @public
     def method_runs(self, run_key: str) -> pd.DataFrame:
@@ -1084,8 +1124,8 @@ class ResultCache(SnapshotReader):
                 common = {"other_run_key": other.run_key, "method": method,
                           "other_method": other.method}
                 for label, role in ((base, BASE_ROLE), (post, POST_ROLE)):
-                    rho = agreement(graph.edges(means[f"{role}_abs"]),
-                                    graph.edges(their_means[f"{role}_abs"]))["spearman"]
+                    rho = rank_correlation(graph.edges(means[f"{role}_abs"]),
+                                           graph.edges(their_means[f"{role}_abs"]))
                     rows.append({**common, "kind": "edges", "name": label, "role": role,
                                  "spearman": math.nan if rho is None else rho,
                                  "n": graph.n_edges})

@@ -34,6 +34,7 @@ from plotly.offline import get_plotlyjs
 
 from core import figures, metrics
 from core.errors import NotFoundError
+from core.faithfulness_stats import RECOVERY_TARGET
 from core.settings import MetricSettings
 from core.store import code_version, now
 
@@ -311,22 +312,28 @@ def faithfulness(ctx: ReportContext) -> Section | None:
     base, post = ctx.labels
     wanted = sorted({*ctx.alphas, *ctx.left_out})
     computed = set(ctx.cache.faithfulness_alphas(ctx.run_key))
-    parts = [f"<p>Do the scores predict real edge removal (docs/method.md section 8)? Per model, "
-             f"edges of each question were removed one at a time (half the largest by |W|, half at "
-             f"random): the Spearman and Pearson correlation of W with the loss change Delta, and "
-             f"the fraction of edges where their signs agree. Circuit recovery keeps the top "
-             f"fraction k of real edges by mean |W| and removes the rest; the area of f(k) over "
+    parts = [f"<p>Do the scores predict real edge removal (docs/method.md section 8)? Cross-fitted: "
+             f"each question's edges are ranked on the other half of the questions. Per model, "
+             f"edges of each question were removed one at a time (half the largest by the other "
+             f"half's mean |W|, half at random); per stratum, never pooled: the Spearman and "
+             f"Pearson correlation of W with the loss change Delta and the fraction of edges with "
+             f"the same sign, within each question and averaged over questions, and the "
+             f"calibration slope of Delta on W. Circuit recovery keeps the top fraction k of real "
+             f"edges by the other half's mean |W| and removes the rest; the area of f(k) over "
              f"log k is 1 for a perfect circuit at every k (negative where partial circuits are "
-             f"worse than none), with {ctx.settings.ci_level:.0%} intervals from a bootstrap over "
-             f"questions, paired for the difference {post} - {base}.</p>"]
+             f"worse than none); k at {RECOVERY_TARGET:g} is where f first reaches it. "
+             f"{ctx.settings.ci_level:.0%} BCa intervals from a bootstrap over questions, paired "
+             f"for {post} - {base} and {post} / {base}.</p>"]
     shown = False
     for alpha in wanted:
         scope = {"post_label": post}
-        agreement = areas = methods = None
+        agreement = areas = needed = methods = None
         if alpha in computed:
             try:
-                agreement = ctx.cache.faithfulness_agreement(ctx.run_key, alpha, **scope)
+                agreement = ctx.cache.faithfulness_agreement(ctx.run_key, alpha, **scope,
+                                                             settings=ctx.settings)
                 areas = ctx.cache.recovery_areas(ctx.run_key, alpha, **scope, settings=ctx.settings)
+                needed = ctx.cache.recovery_k(ctx.run_key, alpha, **scope, settings=ctx.settings)
             except NotFoundError:  # computed for another post model of the series only
                 pass
         try:
@@ -338,10 +345,13 @@ def faithfulness(ctx: ReportContext) -> Section | None:
         shown = True
         parts.append(_alpha_heading(alpha, ctx))
         if agreement is not None:
-            areas.insert(3, "interval", [_interval((low, high))
-                                         for low, high in zip(areas["low"], areas["high"])])
-            parts += ["<h4>W vs Delta</h4>", _table(agreement.drop(columns=["role"])),
-                      "<h4>Recovery areas</h4>", _table(areas.drop(columns=["low", "high"]))]
+            for table in (agreement, areas, needed):
+                table.insert(table.columns.get_loc("low"), "interval", [
+                    _interval((low, high)) for low, high in zip(table["low"], table["high"])])
+            parts += ["<h4>W vs Delta</h4>", _table(agreement.drop(columns=["role", "low", "high"])),
+                      "<h4>Recovery areas</h4>", _table(areas.drop(columns=["low", "high"])),
+                      f"<h4>Edges kept for {RECOVERY_TARGET:g} recovery</h4>",
+                      _table(needed.drop(columns=["low", "high"]))]
         if methods is not None:
             parts += ["<h4>Another scoring method on the same answers</h4>",
                       "<p>Spearman correlation of the two methods' mean |W| over real edges per "

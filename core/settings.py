@@ -253,8 +253,11 @@ class FaithfulnessSettings(Settings):
 
     def stored_key(self, score: ScoreSettings) -> str:
         """The `settings_key` of the faithfulness table: these settings and the scores' (the run's
-        score settings, whose method gives the W compared with Delta)."""
-        return stable_hash({"group": self.group, **self.key_dict(), "score": score.key()})
+        score settings, whose method gives the W compared with Delta). "ranking" marks the
+        cross-fitted reports (edges ranked on the other half of the questions, issue 26): rows
+        written before it have other keys, so the control computes them again."""
+        return stable_hash({"group": self.group, **self.key_dict(), "score": score.key(),
+                            "ranking": "cross-fitted halves"})
 
     def stored_settings(self, score: ScoreSettings) -> dict[str, Any]:
         """The `settings` column beside `stored_key`."""

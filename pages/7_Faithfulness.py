@@ -1,6 +1,8 @@
 """Faithfulness: do the edge scores predict real ablation? (docs/method.md section 8). For the selected
 run, post model and alpha: each model's score W against the real effect Delta of removing the edge
-(scatter and correlations), the circuit recovery curves f(k) with their intervals and areas, and, where
+(scatter, and per stratum of edges the per-question correlations and the calibration slope with their
+intervals), the circuit recovery curves f(k) with their intervals, areas and the k where they reach
+0.8, all cross-fitted (edges ranked on one half of the questions, evaluated on the other), and, where
 the same pair was also scored with another method, how far the two methods agree. What is not
 computed yet is said, with the command that computes it."""
 
@@ -9,7 +11,7 @@ import math
 import streamlit as st
 
 from core import figures
-from core.query import AREA_DIFFERENCE, TooFewQuestionsError
+from core.query import AREA_DIFFERENCE, K_RATIO, RECOVERY_TARGET, TooFewQuestionsError
 from pages._shared import layout, selection
 
 sel = layout.page_header("Faithfulness")
@@ -39,26 +41,41 @@ if sel is not None:
 
     st.subheader("Edge scores against real ablation")
     edges = cache.faithfulness_edges(sel.run_key, sel.alpha, **scope)
-    agreement = cache.faithfulness_agreement(sel.run_key, sel.alpha, **scope)
+    agreement = cache.faithfulness_agreement(sel.run_key, sel.alpha, **scope,
+                                             settings=sel.metrics)
     layout.plot(figures.faithfulness_scatter(edges, agreement), "faithfulness_scatter", sel)
     st.caption("Each point is one edge of one question: its EAP score W (x) and the loss change Delta "
                "when the edge is really removed (y), on a sign-preserving log scale (asinh: linear "
                "near 0). On the dashed diagonal Delta = W, the first-order score would be exact. Red: "
-               "the largest edges by |W| of each question; grey: edges drawn at random.")
-    layout.table(agreement, "faithfulness_agreement", hide_index=True)
-    st.caption("Per model and stratum: Spearman and Pearson correlation of W with Delta, and the "
-               "fraction of edges where their signs agree (empty where undefined).")
+               "the largest edges by the mean |W| of the other half of the questions (so no question "
+               "picks the edges it is judged on); grey: edges drawn at random.")
+    layout.table(agreement.drop(columns=["role"]), "faithfulness_agreement", data=agreement,
+                 hide_index=True)
+    st.caption(f"Per model and stratum, never pooled (a pooled number would depend on how many edges "
+               f"of each stratum were drawn): the Spearman and Pearson correlation of W with Delta "
+               f"and the fraction of edges with the same sign, each computed within a question and "
+               f"averaged over the questions where defined (n_questions); the calibration slope is "
+               f"the least-squares slope of Delta on W over the stratum's edges (1: W predicts the "
+               f"size of the real effect; below 1: it overstates it). low, high: {level} BCa "
+               f"intervals from a bootstrap over questions. Empty where undefined.")
 
     st.subheader("Circuit recovery")
     curves = cache.recovery_curves(sel.run_key, sel.alpha, **scope, settings=sel.metrics)
     areas = cache.recovery_areas(sel.run_key, sel.alpha, **scope, settings=sel.metrics)
     layout.plot(figures.recovery_figure(curves, areas), "recovery_curves", sel)
     st.caption(f"f(k) = (L_empty − L_k) / (L_empty − L_full): keep the fraction k of real edges with "
-               f"the largest mean |W|, remove the others. Bands: {level} intervals from a bootstrap "
+               f"the largest mean |W| over the other half of the questions, remove the others, and "
+               f"average the loss over both halves. Bands: {level} BCa intervals from a bootstrap "
                f"over questions. The area is the mean of f over log k; row '{AREA_DIFFERENCE}': the "
                f"post model's area minus the base's, with its paired interval. A smaller area: the "
                f"model needs more edges for the same recovery.")
     layout.table(areas, "recovery_areas", hide_index=True)
+    needed = cache.recovery_k(sel.run_key, sel.alpha, **scope, settings=sel.metrics)
+    layout.table(needed, "recovery_k", hide_index=True)
+    st.caption(f"k: the fraction of real edges kept where f first reaches {RECOVERY_TARGET:g} "
+               f"(interpolated in log k between the curve's points; 0.001 means at most 0.1%), "
+               f"with its {level} interval; row '{K_RATIO}': the post model's k over the base's, "
+               f"paired (above 1: the post model needs more edges for the same recovery).")
 
     st.subheader("Agreement with another scoring method")
     try:

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from core import figures, jobs
-from core.faithfulness_stats import RECOVERY_FRACTIONS, agreement, recovery_area, recovery_f
+from core.faithfulness_stats import (AGREEMENT_STATISTICS, RECOVERY_FRACTIONS, agreement, halves,
+                                     recovery_area, recovery_f, recovery_k)
 from core.graph import ResidualGraph
 from core.query import METHOD_AGREEMENT_COLUMNS, ResultCache
 from core.runstore import RunStore
@@ -37,8 +38,6 @@ def faithfulness_report(graph: ResidualGraph, role: str, questions: list[str], t
             edges.append({"sample_id": question, "src": graph.src_names[src[index]],
                           "dst": graph.dst_names[dst[index]], "stratum": stratum, "w": w,
                           "delta": w * flip * float(rng.lognormal(0.3, 0.5))})
-    w, delta = (np.array([e[name] for e in edges]) for name in ("w", "delta"))
-    stratum = np.array([e["stratum"] for e in edges])
     kept = np.linspace(0.0, 1.0, len(RECOVERY_FRACTIONS)) ** 0.5
     losses = 3.0 - 2.0 * kept[:, None] * rng.uniform(0.8, 1.0, size=(1, len(questions)))
     losses[-1] = 1.0 + rng.uniform(0.0, 0.2, size=len(questions))
@@ -47,13 +46,14 @@ def faithfulness_report(graph: ResidualGraph, role: str, questions: list[str], t
             "granularity": graph.granularity, "dtype": "float32", "method": {"name": "eap"},
             "seed": 0, "n_samples": len(questions), "n_real_edges": graph.n_edges,
             "edges_per_sample": 6, "loss": {q: 1.0 for q in questions},
-            "agreement": agreement(w, delta),
-            "agreement_by_stratum": {name: agreement(w[stratum == name], delta[stratum == name])
-                                     for name in ("top", "random")},
+            "halves": halves(len(questions)).tolist(),
+            "agreement": agreement(questions, *([e[name] for e in edges]
+                                                for name in ("sample_id", "stratum", "w", "delta"))),
             "edges": edges,
             "recovery": {"fractions": RECOVERY_FRACTIONS.tolist(),
                          "n_kept": np.rint(RECOVERY_FRACTIONS * graph.n_edges).astype(int).tolist(),
                          "f": f.tolist(), "area": float(recovery_area(RECOVERY_FRACTIONS, f)),
+                         "k": float(recovery_k(RECOVERY_FRACTIONS, f)),
                          "loss_empty": float(losses[0].mean()), "loss_full": float(losses[-1].mean()),
                          "losses": losses.tolist()}}
 
@@ -117,7 +117,7 @@ def test_the_page_shows_scatter_correlations_recovery_and_areas(monkeypatch, fai
     assert_clean(at, "Faithfulness")
     scatter, recovery = charts(at)
     titles = [a["text"] for a in scatter["layout"]["annotations"]]
-    assert len(titles) == 2 and all("Spearman" in t and "Pearson" in t for t in titles)
+    assert len(titles) == 2
     edges = ResultCache.open(path).faithfulness_edges(pair, ALPHA)
     points = [t for t in scatter["data"] if t.get("mode") == "markers"]
     assert {t["name"] for t in points} == {"top by |W|", "drawn at random"}
@@ -130,10 +130,18 @@ def test_the_page_shows_scatter_correlations_recovery_and_areas(monkeypatch, fai
     assert len(lines) == 2 and all("area" in t["name"] for t in lines)
     assert all(array(t["x"]).min() > 0 for t in lines), "k = 0 cannot sit on a log axis"
     assert sum(t.get("fill") == "toself" for t in recovery["data"]) == 2
-    agreement_table, areas = at.dataframe[0].value, at.dataframe[1].value
-    assert len(agreement_table) == 6 and set(agreement_table["stratum"]) == {"all", "top", "random"}
+    agreement_table, areas, needed = (frame.value for frame in at.dataframe[:3])
+    # Per model, stratum (never pooled) and statistic, with BCa intervals over the 4 questions.
+    assert len(agreement_table) == 2 * 2 * len(AGREEMENT_STATISTICS)
+    assert set(agreement_table["stratum"]) == {"top", "random"}
+    assert set(agreement_table["statistic"]) == set(AGREEMENT_STATISTICS)
+    assert (agreement_table["low"] <= agreement_table["value"]).all()
+    assert (agreement_table["value"] <= agreement_table["high"]).all()
     assert list(areas["role"]) == ["base", "post", "post - base"]
     assert (areas["low"] <= areas["area"]).all() and (areas["area"] <= areas["high"]).all()
+    assert list(needed["role"]) == ["base", "post", "post / base"]
+    assert (needed["low"] <= needed["k"]).all() and (needed["k"] <= needed["high"]).all()
+    assert any("f first reaches 0.8" in c.value for c in at.caption)
     assert any("another method" in c.value for c in at.caption)
 
 
@@ -149,7 +157,7 @@ def test_another_methods_agreement_is_shown_where_there_is_one(monkeypatch, fait
     monkeypatch.setattr(ResultCache, "method_agreement", lambda self, *a, **k: table)
     at = open_app(monkeypatch, path, PAGE, query=pair_query())
     assert_clean(at, "Faithfulness")
-    edges, metrics = at.dataframe[2].value, at.dataframe[3].value
+    edges, metrics = at.dataframe[3].value, at.dataframe[4].value
     assert list(edges["spearman"]) == [0.9, 0.9] and list(metrics["name"]) == ["intensity"]
 
 

@@ -15,8 +15,9 @@ from core import pipeline
 from core.config import RunRequest
 from core.errors import InputError, NotFoundError
 from core.faithfulness import (ablated_losses, circuit_recovery, compare_recovery, edge_ablation,
-                               read_run_samples, recovery_area, recovery_f, run_faithfulness,
+                               faithfulness_report, read_run_samples, recovery_area, recovery_f, run_faithfulness,
                                stratified_edges)
+from core.faithfulness_stats import agreement, held_out_strength, recovery_k
 from core.generation import generate_greedy
 from core.grading import extract_answer
 from core.graph import ResidualGraph
@@ -117,7 +118,8 @@ def test_recovery_ends_are_exact_and_mean_what_they_say(architecture):
     model = tiny_model(architecture, seed=2)
     samples = random_samples(3, seed=21)
     result = score_samples(model, samples)
-    curve = circuit_recovery(model, samples, result.graph, np.abs(result.scores).mean(0), copies=5)
+    curve = circuit_recovery(model, samples, result.graph, held_out_strength(np.abs(result.scores)),
+                             copies=5)
     assert curve.f[0] == 0 and curve.f[-1] == 1
     assert curve.n_kept[0] == 0 and curve.n_kept[-1] == result.graph.n_edges
     assert np.all(np.diff(curve.n_kept) >= 0)
@@ -132,6 +134,25 @@ def test_recovery_ends_are_exact_and_mean_what_they_say(architecture):
         assert loss == pytest.approx(float(expected), abs=1e-9)
     log_k = np.log(curve.fractions[1:])
     assert curve.area == pytest.approx(np.trapezoid(curve.f[1:], log_k) / (log_k[-1] - log_k[0]))
+    assert curve.k == recovery_k(curve.fractions, curve.f)
+
+
+def test_each_samples_circuits_are_ranked_by_the_other_half():
+    """Sample 0 (half 0) keeps the top edges of half 1's mean |W|; its losses do not change when
+    its own half's scores change, and equal a recovery curve ranked by that mean alone."""
+    model = tiny_model("llama", seed=3)
+    samples = random_samples(4, seed=8)
+    graph = ResidualGraph(2, "qkv")
+    abs_scores = np.abs(score_samples(model, samples).scores)
+    cross = circuit_recovery(model, samples, graph, held_out_strength(abs_scores), copies=8)
+    other_half = abs_scores[1::2].mean(0)
+    alone = circuit_recovery(model, samples[:1], graph, other_half[None], copies=8)
+    np.testing.assert_array_equal(cross.losses[:, 0], alone.losses[:, 0])
+    changed = abs_scores.copy()
+    changed[0::2] = np.random.default_rng(0).random(changed[0::2].shape)  # half 0's own scores
+    again = circuit_recovery(model, samples, graph, held_out_strength(changed), copies=8)
+    np.testing.assert_array_equal(again.losses[:, 0::2], cross.losses[:, 0::2])
+    assert not np.array_equal(again.losses[:, 1::2], cross.losses[:, 1::2])
 
 
 def test_results_do_not_depend_on_the_copies_per_pass():
@@ -143,7 +164,7 @@ def test_results_do_not_depend_on_the_copies_per_pass():
                                edge_ablation(model, sample, graph, edges, copies=5), rtol=0, atol=1e-12)
 
 
-def test_stratified_edges_are_the_top_half_and_a_seeded_draw_of_the_rest():
+def test_stratified_edges_are_the_top_half_by_strength_and_a_seeded_draw_of_the_rest():
     graph = ResidualGraph(2, "qkv")
     scores = graph.dense(np.random.default_rng(1).normal(size=graph.n_edges))
     chosen = stratified_edges(scores, graph, 7, np.random.default_rng(3))
@@ -172,7 +193,7 @@ def write_samples(path, samples):
 def test_cli_writes_edges_correlations_and_recovery(tmp_path):
     model = tiny_model("llama", dtype=torch.float32, seed=6)
     model.save_pretrained(tmp_path / "model")
-    samples = random_samples(2, seed=17, min_answer=4)
+    samples = random_samples(3, seed=17, min_answer=4)
     write_samples(tmp_path / "samples.jsonl", samples)
     out = tmp_path / "faith" / "report.json"
     completed = subprocess.run(
@@ -183,11 +204,18 @@ def test_cli_writes_edges_correlations_and_recovery(tmp_path):
     assert completed.returncode == 0, completed.stderr
     report = json.loads(out.read_text())
     assert report["granularity"] == "module" and report["dtype"] == "float32"
+    assert report["halves"] == [0, 1, 0]
     rows = report["edges"]
-    assert len(rows) == 12 and {r["sample_id"] for r in rows} == {"s0", "s1"}
+    assert len(rows) == 18 and {r["sample_id"] for r in rows} == {"s0", "s1", "s2"}
     assert [r["stratum"] for r in rows[:6]] == ["top"] * 3 + ["random"] * 3
     direct = score_samples(model, samples, ScoreSettings(granularity="module"))
     graph = direct.graph
+    # Cross-fitted: s0 and s2 (half 0) ablate the top 3 edges of s1's |W|, s1 those of s0 and s2's.
+    for sample, ranking in (("s0", [1]), ("s1", [0, 2]), ("s2", [1])):
+        strength = graph.edges(np.abs(direct.scores[ranking]).mean(0))
+        top = {graph.edge_names[e] for e in np.argsort(-strength, kind="stable")[:3]}
+        assert {f"{r['src']}->{r['dst']}" for r in rows
+                if r["sample_id"] == sample and r["stratum"] == "top"} == top
     for row in rows:
         i, s, d = int(row["sample_id"][1:]), graph.src_index(row["src"]), graph.dst_index(row["dst"])
         assert row["w"] == pytest.approx(direct.scores[i, s, d], rel=1e-4, abs=1e-6)
@@ -196,13 +224,18 @@ def test_cli_writes_edges_correlations_and_recovery(tmp_path):
                                edge_ablation(model, samples[0], graph, first), rtol=1e-4, atol=1e-6)
     from scipy import stats
 
-    w, delta = [r["w"] for r in rows], [r["delta"] for r in rows]
-    assert report["agreement"]["spearman"] == pytest.approx(stats.spearmanr(w, delta).statistic)
-    assert report["agreement"]["pearson"] == pytest.approx(stats.pearsonr(w, delta).statistic)
-    assert report["agreement"]["sign_agreement"] == np.mean(np.sign(w) == np.sign(delta))
+    top = [r for r in rows if r["stratum"] == "top"]
+    spearman = np.mean([stats.spearmanr(*[[r[name] for r in top if r["sample_id"] == sample]
+                                          for name in ("w", "delta")]).statistic
+                        for sample in ("s0", "s1", "s2")])
+    assert report["agreement"]["top"]["spearman"]["value"] == pytest.approx(spearman)
+    assert report["agreement"] == json.loads(json.dumps(agreement(
+        ["s0", "s1", "s2"], *([r[name] for r in rows] for name in ("sample_id", "stratum", "w",
+                                                                    "delta")))))
     recovery = report["recovery"]
     assert recovery["f"][0] == 0 and recovery["f"][-1] == 1 and recovery["fractions"][1] == 0.001
-    assert np.array(recovery["losses"]).shape == (len(recovery["fractions"]), 2)
+    assert np.array(recovery["losses"]).shape == (len(recovery["fractions"]), 3)
+    assert 0.001 <= recovery["k"] <= 1
 
 
 def test_cli_refuses_a_directory_as_out_before_loading_anything(tmp_path):
@@ -393,3 +426,8 @@ def test_run_mode_errors_name_what_is_wrong(tiny_run, tmp_path):
          "--edges", "2", "--out", str(tmp_path / "x.json")], capture_output=True, text=True)
     assert completed.returncode == 2
     assert completed.stderr.strip().endswith("give either --model with --samples, or --run with --alpha")
+
+
+def test_one_sample_cannot_be_cross_fitted():
+    with pytest.raises(InputError, match="needs at least 2 samples; got 1"):
+        faithfulness_report(tiny_model("llama"), random_samples(1), ScoreSettings(), 4, 0)

@@ -17,8 +17,11 @@ from core.faithfulness import read_run_samples, run_faithfulness
 from core.faithfulness_stats import RECOVERY_FRACTIONS
 from core.graph import ResidualGraph
 from core.models import ModelSpec
-from core.query import AREA_DIFFERENCE, METRICS, ResultCache
-from core.settings import FaithfulnessSettings, MetricSettings, ScoreSettings
+from core.demo.run import part_requests
+from core.faithfulness_stats import AGREEMENT_STATISTICS, STRATA
+from core.query import (AREA_DIFFERENCE, FAITHFULNESS_AGREEMENT_COLUMNS, K_RATIO, METRICS,
+                        ResultCache)
+from core.settings import FaithfulnessSettings, MetricSettings, ScoreSettings, stable_hash
 from core.store import Store
 from test_pipeline import ALPHAS, quiet, request, world  # noqa: F401 (world: a fixture)
 
@@ -119,15 +122,24 @@ def test_views_hold_what_core_faithfulness_computes_on_the_same_samples_edges_an
                 {k: want[k] for k in ("sample_id", "src", "dst", "stratum")}
             assert row["w"] == pytest.approx(want["w"], rel=1e-9, abs=1e-12)
             assert row["delta"] == pytest.approx(want["delta"], rel=1e-9, abs=1e-12)
-    agreement = cache.faithfulness_agreement(run_key, 0.5).set_index(["label", "stratum"])
-    assert list(agreement.index.get_level_values("stratum")) == ["all", "top", "random"] * 2
+    agreement = cache.faithfulness_agreement(run_key, 0.5)
+    assert list(agreement.columns) == list(FAITHFULNESS_AGREEMENT_COLUMNS)
+    assert list(agreement["stratum"]) == [s for s in STRATA for _ in AGREEMENT_STATISTICS] * 2
+    table = agreement.set_index(["label", "stratum", "statistic"])
     for label in LABELS:
-        want = direct["models"][label]["agreement"]
-        got = agreement.loc[(label, "all")]
-        assert got["n"] == want["n"] == len(direct["questions"]) * FAITH.edges_per_sample
-        for name in ("spearman", "pearson", "sign_agreement"):
-            assert got[name] == pytest.approx(want[name], rel=1e-9)
-            assert -1 <= got[name] <= 1
+        want = direct["models"][label]["agreement"]  # under the same default MetricSettings
+        for stratum in STRATA:
+            for name in AGREEMENT_STATISTICS:
+                got, expected = table.loc[(label, stratum, name)], want[stratum][name]
+                assert got["n_edges"] == expected["n_edges"] == \
+                    len(direct["questions"]) * FAITH.edges_per_sample // 2
+                if expected["value"] is None:
+                    assert np.isnan(got["value"])
+                    continue
+                assert got["value"] == pytest.approx(expected["value"], rel=1e-9)
+                assert [got["low"], got["high"]] == pytest.approx(expected["interval"], rel=1e-9)
+                if name != "calibration_slope":
+                    assert -1 <= got["value"] <= 1
     comparison = direct["recovery_comparison"]
     areas = cache.recovery_areas(run_key, 0.5).set_index("role")
     assert list(areas.index) == ["base", "post", AREA_DIFFERENCE]
@@ -139,6 +151,13 @@ def test_views_hold_what_core_faithfulness_computes_on_the_same_samples_edges_an
     difference = comparison["area_difference"]["tiny-post"]
     assert areas.loc[AREA_DIFFERENCE, "area"] == pytest.approx(difference["difference"], rel=1e-9)
     assert areas.loc[AREA_DIFFERENCE, "label"] == "tiny-post - tiny-base"
+    needed = cache.recovery_k(run_key, 0.5).set_index("role")
+    assert list(needed.index) == ["base", "post", K_RATIO]
+    for role, label in zip(("base", "post"), LABELS):
+        assert needed.loc[role, "k"] == pytest.approx(comparison["models"][label]["k"], rel=1e-9)
+        assert needed.loc[role, "k"] == pytest.approx(direct["models"][label]["recovery"]["k"])
+    assert needed.loc[K_RATIO, "k"] == pytest.approx(
+        comparison["k_ratio"]["tiny-post"]["ratio"], rel=1e-9)
     curves = cache.recovery_curves(run_key, 0.5)
     assert len(curves) == 2 * len(RECOVERY_FRACTIONS)
     for label in LABELS:
@@ -153,13 +172,17 @@ def test_recovery_without_bootstrap_has_nan_intervals(faith):
     none = MetricSettings(bootstrap=0)
     areas = faith.cache.recovery_areas(faith.run_key, 0.1, settings=none)
     assert areas[["low", "high"]].isna().all().all() and areas["area"].notna().all()
+    needed = faith.cache.recovery_k(faith.run_key, 0.1, settings=none)
+    assert needed[["low", "high"]].isna().all().all() and needed["k"].notna().all()
+    agreement = faith.cache.faithfulness_agreement(faith.run_key, 0.1, settings=none)
+    assert agreement[["low", "high"]].isna().all().all()
     assert faith.cache.recovery_curves(faith.run_key, 0.1, settings=none)["low"].isna().all()
 
 
 def test_absent_runs_alphas_models_and_controls_are_not_found_errors(faith, methods):
     cache, run_key = faith.cache, faith.run_key
     for view in (cache.faithfulness_edges, cache.faithfulness_agreement, cache.recovery_curves,
-                 cache.recovery_areas):
+                 cache.recovery_areas, cache.recovery_k):
         with pytest.raises(NotFoundError, match="no run 'nope'"):
             view("nope", 0.5)
         with pytest.raises(NotFoundError, match=r"has no alpha 0.3; its alphas are \[0.1, 0.5\]"):
@@ -249,8 +272,33 @@ def test_the_report_has_a_faithfulness_section_where_computed(faith, methods):
     assert 'id="faithfulness"' not in faith.before.report
     text = faith.cache.report_html(faith.run_key, alphas=[0.5])
     assert 'id="faithfulness"' in text and "W vs Delta" in text and "Recovery areas" in text
+    assert "Edges kept for 0.8 recovery" in text and "calibration_slope" in text
     assert "tiny-post - tiny-base" in text and "Another scoring method" not in text
     cache, runs = methods
     text = cache.report_html(runs["ig2"], alphas=[0.5])
     assert 'id="faithfulness"' in text and "Another scoring method" in text
     assert "Recovery areas" not in text
+
+
+def test_rows_written_before_cross_fitting_are_not_read_as_cross_fitted(faith, tmp_path):
+    """A report without `halves` (ranked on the questions it evaluated) under another key: the
+    views leave it out, and the control's key differs from the one such rows were written under."""
+    path = tmp_path / "old.duckdb"
+    shutil.copy(faith.path, path)
+    rows = stored_rows(path, faith.run_key)
+    with Store(path).write() as con:
+        for alpha, label, _, _, text in rows:
+            report = json.loads(text)
+            del report["halves"]
+            con.execute("UPDATE faithfulness SET report = ?, settings_key = 'old' WHERE run_key = ? "
+                        "AND alpha = ? AND label = ?", [json.dumps(report), faith.run_key, alpha,
+                                                        label])
+    assert ResultCache.open(path).faithfulness_alphas(faith.run_key) == []
+    # The key recipe before cross-fitting: the control finds no row under it and computes anew.
+    before = stable_hash({"group": FAITH.group, **FAITH.key_dict(), "score": ScoreSettings().key()})
+    assert FAITH.stored_key(ScoreSettings()) != before
+
+
+def test_the_demos_faithfulness_control_uses_at_least_20_questions():
+    (control,) = [request for request in part_requests("extras") if "faithfulness" in request.controls]
+    assert control.faithfulness.questions >= 20

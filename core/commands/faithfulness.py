@@ -16,10 +16,14 @@ def register(subparsers) -> None:
         "faithfulness", help="ablate real edges of samples and compare the effect with edge scores",
         description="Scores samples with EAP (or EAP-IG: --method eap-ig, about --ig-steps times the "
                     "cost), then per sample removes --edges real edges one at a time (half the largest "
-                    "by |W|, half drawn at random, seeded), one forward pass each: Delta = L(H_d - O_s) "
-                    "- L(H_d). Writes each edge's src, dst, sample id, W and Delta, the Spearman, "
-                    "Pearson and sign agreement of W with Delta, and the circuit recovery curve f(k) "
-                    "with its area. Two modes: --model with --samples (a JSONL that `python -m core "
+                    "by the mean |W| of the other half of the samples, half drawn at random, seeded), "
+                    "one forward pass each: Delta = L(H_d - O_s) - L(H_d). Writes each edge's src, "
+                    "dst, sample id, W and Delta; per stratum (top, random) the per-sample Spearman, "
+                    "Pearson and sign agreement of W with Delta averaged over samples and the "
+                    "calibration slope of Delta on W, with BCa intervals over samples; and the circuit "
+                    "recovery curve f(k) (each sample's circuits ranked on the other half), its area "
+                    "and the k where it reaches 0.8. At least 2 samples. Two modes: --model with "
+                    "--samples (a JSONL that `python -m core "
                     "score` reads), or --run with --alpha: the run's base and post models on their own "
                     "answers to the run's first --questions selected questions, cut at the run's T_cut "
                     "for alpha (models loaded from the specs the run recorded; the cache is only read), "
@@ -77,7 +81,7 @@ def _samples_mode(args: argparse.Namespace, settings: ScoreSettings) -> dict:
     samples = read_samples(args.samples)
     model = load_causal_lm(args.model, settings.dtype, settings.device, args.trust_remote_code)
     report = faithfulness_report(model, samples, settings, args.edges, args.seed, args.copies)
-    print(f"wrote {report['agreement']['n']} ablated edges of {len(samples)} samples to {args.out}: "
+    print(f"wrote {len(report['edges'])} ablated edges of {len(samples)} samples to {args.out}: "
           f"{_summary(report)}")
     return {"model": args.model, "samples": str(args.samples), **report}
 
@@ -99,14 +103,19 @@ def _run_mode(args: argparse.Namespace, settings: ScoreSettings) -> dict:
         print(f"  area {label} - {comparison['base']}: {difference['difference']:+.3f} "
               f"{_interval(difference['interval'])} ({level}, {comparison['bootstrap']} replicates "
               f"over questions)")
+        ratio = comparison["k_ratio"][label]
+        print(f"  80% recovery k of {label} / {comparison['base']}: {ratio['ratio']:.3g} "
+              f"{_interval(ratio['interval'])}")
     return {"cache": str(store.path), **report}
 
 
 def _summary(report: dict) -> str:
-    agreement = report["agreement"]
-    return (f"spearman {_shown(agreement['spearman'])}, pearson {_shown(agreement['pearson'])}, sign "
-            f"agreement {_shown(agreement['sign_agreement'])}, recovery area "
-            f"{_shown(report['recovery']['area'])}")
+    agreement = "; ".join(
+        f"{stratum} edges: " + ", ".join(f"{name.replace('_', ' ')} {_shown(value['value'])}"
+                                         for name, value in statistics.items())
+        for stratum, statistics in report["agreement"].items())
+    return (f"{agreement}; recovery area {_shown(report['recovery']['area'])}, 80% recovery at "
+            f"k = {_shown(report['recovery']['k'])}")
 
 
 def _interval(bounds: list[float]) -> str:

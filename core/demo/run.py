@@ -20,6 +20,10 @@ PARTS = ("pairs", "extras")
 # 5): 40 of those kept per pair, so that scoring, one forward and backward pass per question, model
 # and T_cut, takes minutes on 2 cores.
 DEMO_QUESTIONS = 40
+# The faithfulness control's questions (of those 40): its statistics rank edges on one half and
+# evaluate them on the other, and average per-question correlations with a bootstrap over questions
+# (docs/method.md section 8), so each half needs enough questions for an interval to mean something.
+FAITHFULNESS_QUESTIONS = 20
 
 
 def require_adapters() -> None:
@@ -34,7 +38,8 @@ def require_adapters() -> None:
 def part_requests(part: str, cache: str | None = None) -> list:
     """The runs of one part of the demo (PARTS), in order, with the paper's selection rules."""
     from core.config import RunRequest
-    from core.settings import PAPER_ALPHAS, GenerationSettings, ScoreSettings, SelectionSettings
+    from core.settings import (PAPER_ALPHAS, FaithfulnessSettings, GenerationSettings, ScoreSettings,
+                               SelectionSettings)
 
     def request(pair: str, controls: tuple[str, ...] = ()) -> RunRequest:
         return RunRequest(pair=pair, dataset=DATASET, alphas=PAPER_ALPHAS, cache=cache,
@@ -42,7 +47,8 @@ def part_requests(part: str, cache: str | None = None) -> list:
                           generation=GenerationSettings(gen_batch_size=common.GENERATION_BATCH),
                           score=ScoreSettings(batch_size=common.SCORE_BATCH,
                                               batches_per_commit=common.SCORE_BATCHES_PER_COMMIT),
-                          controls=controls)
+                          controls=controls,
+                          faithfulness=FaithfulnessSettings(questions=FAITHFULNESS_QUESTIONS))
 
     if part == "pairs":
         return [request(pair, ("seed",) if pair == SEED_NULL_PAIR else ()) for pair in DEMO_PAIRS]
