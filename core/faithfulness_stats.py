@@ -149,7 +149,8 @@ def compare_recovery(fractions: np.ndarray, losses: dict[str, np.ndarray], base_
         area_difference[label] = {"difference": float(point[0]),
                                   "interval": interval(point[0], replicates, jackknife)}
         point, replicates, jackknife = between(label, 2, np.divide)
-        k_ratio[label] = {"ratio": float(point[0]), "interval": interval(point[0], replicates, jackknife)}
+        k_ratio[label] = {"ratio": float(point[0]),
+                          "interval": interval(point[0], replicates, jackknife)}
     return {"fractions": fractions.tolist(), "base": base_label, "target": RECOVERY_TARGET,
             "n_questions": n_questions, "bootstrap": metric_settings.bootstrap,
             "ci_level": metric_settings.ci_level, "models": models,
@@ -203,7 +204,8 @@ def agreement(question_ids: list[str], sample_ids, strata, w, delta,
         def mean_over(counts: np.ndarray) -> np.ndarray:
             """Means of the per-question statistics with each question counted `counts` times."""
             with np.errstate(invalid="ignore", divide="ignore"):
-                return (values * counts[..., None, :]).sum(-1) / (defined * counts[..., None, :]).sum(-1)
+                weight = counts[..., None, :]
+                return (values * weight).sum(-1) / (defined * weight).sum(-1)
 
         def slope_over(counts: np.ndarray) -> np.ndarray:
             n_edges, sw, sd, sww, swd = (counts @ sums.T).T

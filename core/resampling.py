@@ -62,9 +62,3 @@ def bca_interval(estimate: np.ndarray, replicates: np.ndarray, jackknife: np.nda
         bounds.append(np.where((m > 0) & np.isfinite(estimate), value, np.nan))
     return bounds[0], bounds[1]
 
-
-def interval_or_none(low: np.ndarray, high: np.ndarray) -> list | None:
-    """[low, high] as JSON-able lists (or floats), None where there is no bootstrap."""
-    if np.size(low) == 0:
-        return None
-    return [np.asarray(low).tolist(), np.asarray(high).tolist()]

@@ -167,7 +167,8 @@ def edge_trends(graph: ResidualGraph, steps: list[int], base_abs: np.ndarray, po
     n = models.shape[1]
     weights = (points - points.mean()) / ((points - points.mean()) ** 2).sum()
     means = models.mean(axis=1)  # [n_points, n_edges]
-    per_question = np.tensordot(weights, models, axes=1)  # [n, n_edges]: the slope, question by question
+    # [n, n_edges]: the slope of each question's |W| over the models; its mean is the slope of means.
+    per_question = np.tensordot(weights, models, axes=1)
 
     def divisor(base_means: np.ndarray) -> np.ndarray:
         """What the measure divides the difference post - base by (metrics.edge_change)."""

@@ -15,8 +15,8 @@ from core import pipeline
 from core.config import RunRequest
 from core.errors import InputError, NotFoundError
 from core.faithfulness import (ablated_losses, circuit_recovery, compare_recovery, edge_ablation,
-                               faithfulness_report, read_run_samples, recovery_area, recovery_f, run_faithfulness,
-                               stratified_edges)
+                               faithfulness_report, read_run_samples, recovery_area, recovery_f,
+                               run_faithfulness, stratified_edges)
 from core.faithfulness_stats import agreement, held_out_strength, recovery_k
 from core.generation import generate_greedy
 from core.grading import extract_answer
