@@ -6,10 +6,15 @@ every file its table, columns and types, row count and sha256.
 
 An exported folder comes from someone else, so import trusts nothing in it: it checks the manifest,
 that every file lies inside the folder, each checksum, each file's columns and types against this
-code's schema (`core.store.TABLES`, never the file's own names) and row count, and that keys are
-unique and every score has its vector, all before the cache is opened. Only then does it write, in
-one transaction (rows already in the cache are kept). Any refusal is one line saying what is wrong,
-in which file, and what to do; the cache is left as it was (docs/method.md section 9).
+code's schema (`core.store.TABLES`, never the file's own names) and row count, that keys are unique,
+every value of a floating-point column (edge vectors, losses, norms, alphas) is finite, every row
+belongs to the exported run and every score has its vector, all before the cache is opened. Each
+table's rows are bounded before its file is read: the manifest's declared count must not exceed
+what the run can have, given the tables loaded before it (`_ROW_BOUNDS`: a run's samples are at most
+its models times its selected questions, ...), and a file holding more rows than declared is refused
+from its footer, so junk rows cost neither memory nor time. Only then does import write, in one
+transaction (rows already in the cache are kept). Any refusal is one line saying what is wrong, in
+which file and table, and what to do; the cache is left as it was (docs/method.md section 9).
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 
 from core.store import (SCHEMA_VERSION, TABLES, CacheError, Store, code_version, fetch_one,
                         insert_scores, vector_table)
+from core.vocab import CONTROLS, STAGES
 
 FORMAT = "circuitdiff-run-export"
 MANIFEST = "manifest.json"
@@ -34,23 +41,19 @@ VECTORS = "edge_vectors"
 
 # The rows of each table that belong to a run ($run_key): its models, its dataset's questions, and
 # its models' answers to those questions under its generation settings with their grades, wherever
-# the answers were first generated.
+# the answers were first generated. Import loads the tables in this order: each table's row bound
+# (_ROW_BOUNDS) counts rows of tables before it.
 _RUN_ROWS = {
     "runs": "SELECT * FROM runs WHERE run_key = $run_key",
-    "run_models": "SELECT * FROM run_models WHERE run_key = $run_key",
-    "run_samples": "SELECT * FROM run_samples WHERE run_key = $run_key",
-    "run_alphas": "SELECT * FROM run_alphas WHERE run_key = $run_key",
-    "metrics": "SELECT * FROM metrics WHERE run_key = $run_key",
-    "run_controls": "SELECT * FROM run_controls WHERE run_key = $run_key",
-    "faithfulness": "SELECT * FROM faithfulness WHERE run_key = $run_key",
-    "token_views": "SELECT * FROM token_views WHERE run_key = $run_key",
-    "stage_timings": "SELECT * FROM stage_timings WHERE run_key = $run_key",
-    "models": "SELECT * FROM models WHERE model_key IN "
-              "(SELECT model_key FROM run_models WHERE run_key = $run_key)",
     "datasets": "SELECT * FROM datasets WHERE dataset_key = "
                 "(SELECT dataset_key FROM runs WHERE run_key = $run_key)",
+    "run_models": "SELECT * FROM run_models WHERE run_key = $run_key",
+    "run_alphas": "SELECT * FROM run_alphas WHERE run_key = $run_key",
     "questions": "SELECT * FROM questions WHERE dataset_key = "
                  "(SELECT dataset_key FROM runs WHERE run_key = $run_key)",
+    "models": "SELECT * FROM models WHERE model_key IN "
+              "(SELECT model_key FROM run_models WHERE run_key = $run_key)",
+    "run_samples": "SELECT * FROM run_samples WHERE run_key = $run_key",
     "generations": "SELECT * FROM generations WHERE generation_key IN (SELECT generation_key "
                    "FROM run_generations)",
     "grades": "SELECT * FROM grades WHERE generation_key IN (SELECT generation_key "
@@ -59,6 +62,11 @@ _RUN_ROWS = {
               "(SELECT generation_key FROM run_samples WHERE run_key = $run_key) "
               "AND score_key = (SELECT score_key FROM runs WHERE run_key = $run_key) "
               "AND t_cut IN (SELECT t_cut FROM run_alphas WHERE run_key = $run_key)",
+    "run_controls": "SELECT * FROM run_controls WHERE run_key = $run_key",
+    "metrics": "SELECT * FROM metrics WHERE run_key = $run_key",
+    "faithfulness": "SELECT * FROM faithfulness WHERE run_key = $run_key",
+    "token_views": "SELECT * FROM token_views WHERE run_key = $run_key",
+    "stage_timings": "SELECT * FROM stage_timings WHERE run_key = $run_key",
 }
 # A run's answers, found by content wherever they were first generated, and whatever its samples
 # point at.
@@ -80,6 +88,53 @@ class ExportVersionError(ExportFormatError):
 
 class ExportTargetError(CacheError):
     """An export cannot be written where asked; nothing was written."""
+
+
+class _RunShape(NamedTuple):
+    """Row counts of an export's tables loaded so far, and the sizes its run and dataset state."""
+
+    models: int
+    alphas: int
+    questions: int
+    samples: int
+    answers: int
+    n_selected: int
+    n_questions: int
+
+
+# More models or alphas than any run circuitdiff computes (a series' checkpoints are tens); and more
+# rows per (model, alpha) cell than settings variants of metrics or faithfulness, token views per
+# question, or resumed runs per stage timing.
+_MOST_PER_RUN = 1000
+# The most rows of each table a run's export can hold, and why, from the tables loaded before it
+# (_RUN_ROWS order). An answer is one per model, question and generation settings; a score one per
+# sample, T_cut (one per alpha) and scoring model (its own or, cross-scoring, another of the run's).
+_ROW_BOUNDS: dict[str, Callable[[_RunShape], tuple[int, str]]] = {
+    "runs": lambda s: (1, "the exported run"),
+    "datasets": lambda s: (1, "the run's dataset"),
+    "run_models": lambda s: (_MOST_PER_RUN, "models of a run"),
+    "run_alphas": lambda s: (_MOST_PER_RUN, "alphas of a run"),
+    "questions": lambda s: (s.n_questions, "the dataset's n_questions"),
+    "models": lambda s: (s.models, "one per model of the run"),
+    "run_samples": lambda s: (s.models * s.n_selected,
+                              f"{s.models} models x {s.n_selected} selected questions"),
+    "generations": lambda s: (s.models * s.questions + s.samples,
+                              f"{s.models} models x {s.questions} questions + {s.samples} samples"),
+    "grades": lambda s: (s.answers, "one per answer"),
+    "scores": lambda s: (s.samples * s.alphas * s.models,
+                         f"{s.samples} samples x {s.alphas} alphas x {s.models} scoring models"),
+    "run_controls": lambda s: (s.models * len(CONTROLS),
+                               f"{s.models} models x {len(CONTROLS)} controls"),
+    "metrics": lambda s: (s.models * s.alphas * _MOST_PER_RUN,
+                          f"{s.models} models x {s.alphas} alphas x {_MOST_PER_RUN} settings"),
+    "faithfulness": lambda s: (s.models * s.alphas * _MOST_PER_RUN,
+                               f"{s.models} models x {s.alphas} alphas x {_MOST_PER_RUN} settings"),
+    "token_views": lambda s: (s.alphas * s.n_selected * _MOST_PER_RUN,
+                              f"{s.alphas} alphas x {s.n_selected} selected questions x "
+                              f"{_MOST_PER_RUN} settings"),
+    "stage_timings": lambda s: (len(STAGES) * _MOST_PER_RUN,
+                                f"{len(STAGES)} stages x {_MOST_PER_RUN} resumed runs"),
+}
 
 
 # --- export ------------------------------------------------------------------------------------
@@ -148,10 +203,10 @@ def import_run(store: Store, folder: str | os.PathLike) -> dict[str, int]:
     if not folder.is_dir():
         raise ExportFormatError(f"{folder} is not a folder; pass the folder written by "
                                 f"`python -m core export`")
-    entries = _check_manifest(folder)
+    manifest = check_manifest(folder)
+    entries = manifest["files"]
     with _Staging() as staging:
-        incoming = {entry["path"]: staging.load(folder, entry) for entry in entries}
-        staging.check_vectors(entries)
+        incoming = staging.load_run(folder, manifest)
         columns = {table: staging.columns(table) for table in _RUN_ROWS}
     vectors = {e["n_edges"]: incoming[e["path"]] for e in entries if e["table"] == VECTORS}
     with store.write() as con:
@@ -194,14 +249,18 @@ def _insert_scores(con: duckdb.DuckDBPyConnection, scores, vectors: dict[int, An
                           parts)
 
 
+# The vector ids that the score rows of $n edges name: totals and position parts.
+_NAMED_VECTORS = ("SELECT vector_id FROM scores WHERE n_edges = $n "
+                  "UNION ALL SELECT unnest(part_vector_ids) FROM scores WHERE n_edges = $n")
 # The fields of a manifest's file entry and their JSON types.
 _ENTRY_FIELDS = {"path": str, "table": str, "columns": list, "rows": int, "sha256": str}
 
 
-def _check_manifest(folder: Path) -> list[dict]:
-    """The manifest's file entries, once the manifest is of this code's format and schema version
-    and lists one file per table of a run (and per vector length), each inside the folder and
-    matching its checksum."""
+def check_manifest(folder: Path) -> dict:
+    """The parsed manifest of an export folder, once it is of this code's format and schema
+    version, names its run and lists one file per table of a run (and per vector length), each
+    inside the folder with its declared row count and matching its checksum. Anything else is one
+    ExportFormatError (ExportVersionError) line naming the file."""
     path = folder / MANIFEST
     if not path.exists() and not path.is_symlink():
         raise ExportVersionError(
@@ -225,6 +284,9 @@ def _check_manifest(folder: Path) -> list[dict]:
             f"this code imports version {SCHEMA_VERSION!r}; export the run again with this version "
             f"of circuitdiff, or import it with the version that wrote it "
             f"({_short(manifest.get('code_version'))})")
+    if not isinstance(manifest.get("run_key"), str) or not manifest["run_key"]:
+        raise ExportFormatError(f"{path}: 'run_key' is missing or not a run key; export the run "
+                                f"again")
     entries = manifest.get("files")
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ExportFormatError(f"{path}: 'files' is not a list of file entries; export the run again")
@@ -237,7 +299,7 @@ def _check_manifest(folder: Path) -> list[dict]:
         raise ExportFormatError(f"{path} must list one file per table of a run and per vector "
                                 f"length (missing: {', '.join(missing) or 'none'}; listed twice: "
                                 f"{', '.join(repeated) or 'none'}); export the run again")
-    return entries
+    return manifest
 
 
 def _check_entry(folder: Path, entry: dict) -> None:
@@ -247,6 +309,8 @@ def _check_entry(folder: Path, entry: dict) -> None:
         if not isinstance(value, kind) or isinstance(value, bool):
             raise ExportFormatError(f"{where}: field {field!r} is missing or not a "
                                     f"{kind.__name__}; export the run again")
+    if entry["rows"] < 0:
+        raise ExportFormatError(f"{where}: 'rows' is negative; export the run again")
     if entry["table"] not in _RUN_ROWS and entry["table"] != VECTORS:
         raise ExportFormatError(f"{where}: unknown table {_short(entry['table'])}; a run's export "
                                 f"holds {', '.join(_RUN_ROWS)} and {VECTORS}")
@@ -306,12 +370,41 @@ class _Staging:
     def columns(self, table: str) -> list[str]:
         return [name for name, _ in self._described(table)]
 
-    def load(self, folder: Path, entry: dict):
-        """The file's rows as an Arrow table, once they fit the schema and the manifest."""
+    def load_run(self, folder: Path, manifest: dict) -> dict[str, Any]:
+        """Every file's rows as an Arrow table by its path, once all of them fit the schema, the
+        manifest, the bounds of a run and each other: the tables in _RUN_ROWS order, then the
+        edge vectors their scores name."""
+        entries = manifest["files"]
+        by_table = {e["table"]: e for e in entries if e["table"] != VECTORS}
+        incoming = {}
+        for table in _RUN_ROWS:
+            entry = by_table[table]
+            incoming[entry["path"]] = self.load(folder, entry, *_ROW_BOUNDS[table](self._shape()))
+        self.check_run(folder, manifest["run_key"], by_table)
+        for entry in entries:
+            if entry["table"] == VECTORS:
+                named = fetch_one(self.con, f"SELECT count(*) FROM ({_NAMED_VECTORS})",
+                                  {"n": entry["n_edges"]})[0]
+                incoming[entry["path"]] = self.load(
+                    folder, entry, named, f"the vectors its score rows of {entry['n_edges']} "
+                                          f"edges name")
+        self.check_vectors(entries)
+        return incoming
+
+    def load(self, folder: Path, entry: dict, most: int, why: str):
+        """The file's rows as an Arrow table, once they fit the schema and the manifest, and the
+        manifest declares no more than `most` rows (`why`: what bounds them). Reads no row past
+        the declared count."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         file, table = folder / entry["path"], entry["table"]
+        where = f"{file} (table {table})"
+        if entry["rows"] > most:
+            raise ExportFormatError(f"{folder / MANIFEST}: {entry['path']} (table {table}) declares "
+                                    f"{entry['rows']} rows, more than its run can have (at most "
+                                    f"{most}: {why}); the export was changed after it was written: "
+                                    f"export the run again")
         if table == VECTORS:
             table = vector_table(entry["n_edges"])
             try:
@@ -328,18 +421,18 @@ class _Staging:
                                     f"differ from this code's schema ({_difference(listed, expected)}"
                                     f"); export the run again with this version of circuitdiff")
         try:
-            rows = pq.read_table(file)
-            found = self._arrow_columns(rows)
+            held, rows = _read_at_most(file, entry["rows"])
+            found = self._arrow_columns(rows) if rows is not None else expected
         except (pa.ArrowException, OSError, duckdb.Error) as error:
             raise ExportFormatError(f"{file} is not a readable Parquet file of this code's types "
                                     f"({_short(error)}); copy the exported folder again") from None
+        if rows is None:
+            raise ExportFormatError(f"{where} holds {held} rows, the manifest says {entry['rows']}; "
+                                    f"copy the exported folder again")
         if found != expected:
             raise ExportFormatError(f"{file}: columns differ from this code's schema "
                                     f"({_difference(found, expected)}); export the run again with "
                                     f"this version of circuitdiff")
-        if rows.num_rows != entry["rows"]:
-            raise ExportFormatError(f"{file} holds {rows.num_rows} rows, the manifest says "
-                                    f"{entry['rows']}; copy the exported folder again")
         self.con.register("_incoming", rows)
         try:
             self.con.execute(f"INSERT INTO {table} SELECT * FROM _incoming")
@@ -348,7 +441,47 @@ class _Staging:
                                     f"export the run again") from None
         finally:
             self.con.unregister("_incoming")
+        self._check_finite(where, table)
         return rows
+
+    def _shape(self) -> _RunShape:
+        return _RunShape(*fetch_one(self.con, """
+            SELECT (SELECT count(*) FROM run_models), (SELECT count(*) FROM run_alphas),
+                   (SELECT count(*) FROM questions), (SELECT count(*) FROM run_samples),
+                   (SELECT count(*) FROM generations),
+                   (SELECT coalesce(max(n_selected), 0) FROM runs),
+                   (SELECT coalesce(max(n_questions), 0) FROM datasets)"""))
+
+    def _check_finite(self, where: str, table: str) -> None:
+        """Every value of the table's floating-point columns (and vectors) is finite or NULL."""
+        tests = {name: (f"list_bool_or(list_transform({name}::DOUBLE[], lambda x: NOT isfinite(x)))"
+                        if kind.endswith("]") else f"NOT isfinite({name})")
+                 for name, kind in self._described(table)
+                 if kind.split("[")[0] in ("FLOAT", "DOUBLE")}
+        if not tests:
+            return
+        counts = fetch_one(self.con, "SELECT " + ", ".join(
+            f"count(*) FILTER (WHERE {test})" for test in tests.values()) + f" FROM {table}")
+        if any(counts):
+            columns = [name for name, count in zip(tests, counts) if count]
+            rows = fetch_one(self.con, f"SELECT count(*) FROM {table} WHERE "
+                                       + " OR ".join(f"coalesce({tests[c]}, false)" for c in columns))[0]
+            raise ExportFormatError(f"{where}: {rows} rows with values that are not finite (NaN or "
+                                    f"infinity) in {', '.join(columns)}; circuitdiff never stores them: "
+                                    f"export the run again")
+
+    def check_run(self, folder: Path, run_key: str, by_table: dict[str, dict]) -> None:
+        """Every row of every table belongs to the manifest's run: it is one the export of that
+        run would write (_RUN_ROWS over the loaded tables)."""
+        for table, sql in _RUN_ROWS.items():
+            total, kept = fetch_one(self.con, f"WITH {_RUN_GENERATIONS} SELECT "
+                                              f"(SELECT count(*) FROM {table}), "
+                                              f"(SELECT count(*) FROM ({sql}))", {"run_key": run_key})
+            if kept != total:
+                raise ExportFormatError(
+                    f"{folder / by_table[table]['path']} (table {table}): {total - kept} of its "
+                    f"{total} rows do not belong to the exported run {_short(run_key)} (not what "
+                    f"its export would hold); export the run again")
 
     def check_vectors(self, entries: list[dict]) -> None:
         """Every score row has exactly one vector of its length, with no missing value."""
@@ -360,10 +493,7 @@ class _Staging:
         for n_edges, path in files.items():
             table = vector_table(n_edges)
             found = fetch_one(self.con, f"""
-                SELECT (SELECT count(*) FROM (SELECT vector_id FROM scores WHERE n_edges = $n
-                                              UNION ALL SELECT unnest(part_vector_ids) FROM scores
-                                              WHERE n_edges = $n) s
-                        ANTI JOIN {table} v USING (vector_id)),
+                SELECT (SELECT count(*) FROM ({_NAMED_VECTORS}) s ANTI JOIN {table} v USING (vector_id)),
                        (SELECT count(*) - count(DISTINCT vector_id) FROM {table}),
                        (SELECT count(*) FROM {table}
                         WHERE edge_scores IS NULL OR list_count(edge_scores::FLOAT[]) < $n)""",
@@ -385,6 +515,28 @@ class _Staging:
 
     def _described(self, table: str) -> list[tuple[str, str]]:
         return [(name, kind) for name, kind, *_ in self.con.execute(f"DESCRIBE {table}").fetchall()]
+
+
+def _read_at_most(file: Path, declared: int) -> tuple[int, Any]:
+    """The Parquet file's row count and, when it is `declared`, its rows as an Arrow table (else
+    None). The footer's count comes first, so rows past the declared ones are never read; should
+    the footer understate them, reading stops at the first batch past the declared count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(file) as parquet:
+        held = parquet.metadata.num_rows
+        if held != declared:
+            return held, None
+        batches, held = [], 0
+        for batch in parquet.iter_batches():
+            batches.append(batch)
+            held += batch.num_rows
+            if held > declared:
+                return held, None
+        if held != declared:
+            return held, None
+        return held, pa.Table.from_batches(batches, schema=parquet.schema_arrow)
 
 
 def _vector_columns(n_edges: int) -> str:

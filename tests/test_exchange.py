@@ -294,19 +294,27 @@ def test_a_truncated_parquet_file_is_refused(exported, target, tmp_path):
     assert_refused(target, folder, ExportFormatError, "scores.parquet", "not a readable Parquet file")
 
 
-def test_a_row_count_other_than_the_manifests_is_refused(exported, target, tmp_path):
+@pytest.mark.parametrize("change, fragment", [
+    (-1, "holds 12 rows, the manifest says 11"),
+    # More questions than the dataset has: refused from the manifest, before the file is read.
+    (+1, "declares 13 rows, more than its run can have (at most 12: the dataset's n_questions)"),
+])
+def test_a_row_count_other_than_the_manifests_is_refused(exported, target, tmp_path, change,
+                                                         fragment):
     folder = copy_export(exported, tmp_path / "rows")
     manifest = read_manifest(folder)
-    entry_of(manifest, "questions.parquet")["rows"] += 1
+    assert entry_of(manifest, "questions.parquet")["rows"] == 12
+    entry_of(manifest, "questions.parquet")["rows"] += change
     write_manifest(folder, manifest)
-    assert_refused(target, folder, ExportFormatError, "questions.parquet", "the manifest says")
+    assert_refused(target, folder, ExportFormatError, "questions.parquet (table questions)", fragment)
 
 
 def test_repeated_keys_are_refused(exported, target, tmp_path):
+    # Models of the run (a run's export may hold up to a thousand), each listed twice.
     folder = copy_export(exported, tmp_path / "twice")
-    runs = pq.read_table(folder / "runs.parquet")
-    replace_file(folder, "runs.parquet", pa.concat_tables([runs, runs]))
-    assert_refused(target, folder, ExportFormatError, "runs.parquet", "do not fit the cache")
+    models = pq.read_table(folder / "run_models.parquet")
+    replace_file(folder, "run_models.parquet", pa.concat_tables([models, models]))
+    assert_refused(target, folder, ExportFormatError, "run_models.parquet", "do not fit the cache")
 
 
 def test_scores_without_their_vectors_are_refused(exported, target, tmp_path):
