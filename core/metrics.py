@@ -62,9 +62,9 @@ import pandas as pd
 from scipy import special, stats
 
 from core.graph import ResidualGraph
-from core.settings import MetricSettings
+from core.settings import METRIC_NAMES, MetricSettings
 
-METRICS = ("intensity", "complexity", "edge_entropy", "kurtosis", "diversity", "output_entropy")
+METRICS = METRIC_NAMES
 # The metrics with one value per sample, in the order per_sample_metrics returns them (complexity is
 # a pooled histogram and diversity a mean over pairs: neither has a per-sample form).
 PER_SAMPLE_METRICS = ("intensity", "edge_entropy", "kurtosis", "output_entropy")
@@ -114,16 +114,7 @@ def check_scores(scores: np.ndarray, graph: ResidualGraph, name: str = "scores")
     return scores
 
 
-# --- Metric values from per-sample pieces ---------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class _Pieces:
-    """What the metrics of any multiset of one model's samples are computed from."""
-
-    per_sample: dict[str, np.ndarray]   # intensity, edge_entropy, kurtosis, output_entropy: [n]
-    histograms: np.ndarray              # [n, bins] counts of |W| on complexity's fixed grid
-    correlation: np.ndarray             # [n, n] Pearson correlations, diagonal zeroed
-
+# --- Metric values of weighted sets of samples ----------------------------------------------------
 
 def _normalised_entropy(weights: np.ndarray) -> np.ndarray:
     """Entropy of each row of non-negative weights normalised to sum 1 (0 for an all-zero row)."""
@@ -165,16 +156,14 @@ def _flatten(scores: np.ndarray, graph: ResidualGraph, settings: MetricSettings)
 
 def complexity_top(models: Iterable[np.ndarray], graph: ResidualGraph,
                    settings: MetricSettings = MetricSettings()) -> float:
-    """The upper edge of complexity's bins: the `complexity_range_quantile` of the |W| of the
-    `flatten` entries pooled over every sample of every model given (both models of a comparison).
-    Fixed before resampling: a resample's own maximum would move the grid with whichever extreme
-    question it happened to draw, and the entropy with it; a high quantile rather than the maximum
-    keeps one question's outlier from setting the bin width for all."""
-    return _complexity_top([check_scores(m, graph) for m in models], graph, settings)
+    """The upper edge of complexity's bins under complexity_grid shared-quantile: the
+    `complexity_range_quantile` of the |W| of the `flatten` entries pooled over every sample of
+    every model given (both models of a comparison), one grid for all of them and every resample.
+    (Under own-max, the default, each model's grid ends at its own pool's maximum.)"""
+    return _shared_top([check_scores(m, graph) for m in models], graph, settings)
 
 
-def _complexity_top(models: list[np.ndarray], graph: ResidualGraph,
-                    settings: MetricSettings) -> float:
+def _shared_top(models: list[np.ndarray], graph: ResidualGraph, settings: MetricSettings) -> float:
     pooled = np.concatenate([np.abs(_flatten(m, graph, settings)).ravel() for m in models])
     top = float(np.quantile(pooled, settings.complexity_range_quantile))
     if top <= 0:
@@ -184,60 +173,120 @@ def _complexity_top(models: list[np.ndarray], graph: ResidualGraph,
     return top
 
 
-def _pieces(scores: np.ndarray, graph: ResidualGraph, settings: MetricSettings,
-            top: float) -> _Pieces:
-    flat = _flatten(scores, graph, settings)
-    constant = np.nonzero(flat.std(axis=1) == 0)[0]
-    if constant.size:
-        raise ValueError(f"sample(s) {constant[:10].tolist()} are constant over the "
-                         f"{settings.flatten} entries, so their correlations are undefined; drop them")
-    correlation = np.corrcoef(flat)
-    np.fill_diagonal(correlation, 0.0)
-    # Clipping at top puts every larger value in the closed last bin.
-    clipped = np.minimum(np.sort(np.abs(flat), axis=1), top)
-    return _Pieces(per_sample=_per_sample(scores, graph, settings),
-                   histograms=_histograms(clipped, top, settings.histogram_bins),
-                   correlation=correlation)
+class _Rows:
+    """Samples ("rows": one model's, or several matrices' stacked) from which every metric of any
+    weighted multiset of them is computed. A weight vector w [m] says how often each row is in the
+    set: a bootstrap replicate puts its draw counts on one model's rows; a permutation puts each
+    question's base row in one set and its post row in the other.
 
+    Complexity's grid is part of the statistic: under own-max the bins of a set end at the largest
+    |W| of the rows in it, which is one of the rows' own maxima, so the set's histogram is the
+    weighted sum of its rows' histograms on that grid (computed once per grid that occurs); under
+    shared-quantile one grid serves every set."""
 
-def _histograms(sorted_rows: np.ndarray, top: float, bins: int) -> np.ndarray:
-    """Counts [rows, bins] of each sorted row (all values in [0, top]) in `bins` equal-width bins
-    over [0, top], binned as np.histogram does: [e_i, e_i+1), the last bin closed. Counting by the
-    edges themselves (values below each edge) puts a value lying on an edge in the bin starting
-    there, whatever the rounding of value * bins / top."""
-    edges = np.linspace(0.0, top, bins + 1)
-    below = np.stack([np.searchsorted(row, edges, side="left") for row in sorted_rows])
-    below[:, -1] = sorted_rows.shape[1]  # the closed last bin holds the values equal to top
-    return np.diff(below, axis=1).astype(np.float64)
+    def __init__(self, matrices: list[np.ndarray], graph: ResidualGraph, settings: MetricSettings):
+        per_sample = [_per_sample(m, graph, settings) for m in matrices]
+        self.per_sample = np.vstack([np.column_stack([p[k] for k in PER_SAMPLE_METRICS])
+                                     for p in per_sample])                      # [m, 4]
+        flat = np.vstack([_flatten(m, graph, settings) for m in matrices])
+        constant = np.nonzero(flat.std(axis=1) == 0)[0]
+        if constant.size:
+            raise ValueError(f"sample(s) {constant[:10].tolist()} are constant over the "
+                             f"{settings.flatten} entries, so their correlations are undefined; "
+                             f"drop them")
+        self.correlation = np.corrcoef(flat)
+        np.fill_diagonal(self.correlation, 0.0)
+        self.sorted = np.sort(np.abs(flat), axis=1)
+        self.bins = settings.histogram_bins
+        if settings.complexity_grid == "own-max":
+            self.tops, self.own_top = np.unique(self.sorted[:, -1], return_inverse=True)
+        else:
+            self.tops = np.array([_shared_top(matrices, graph, settings)])
+            self.own_top = np.zeros(len(flat), dtype=np.intp)
+        self._histograms: dict[int, np.ndarray] = {}
 
+    def histograms(self, grid: int) -> np.ndarray:
+        """[m, bins] counts of every row's |W| in `bins` equal-width bins over [0, tops[grid]],
+        binned as np.histogram with that range does ([e_i, e_i+1), the last bin closed; its edges
+        from np.linspace, so a value on an edge lands where numpy puts it); larger values (rows
+        outside a set with this grid, or above a shared quantile) are counted in the last bin."""
+        if grid not in self._histograms:
+            edges = np.linspace(0.0, self.tops[grid], self.bins + 1)
+            below = np.stack([np.searchsorted(row, edges, side="left") for row in self.sorted])
+            below[:, -1] = self.sorted.shape[1]
+            self._histograms[grid] = np.diff(below, axis=1).astype(np.float64)
+        return self._histograms[grid]
 
-def _values(pieces: _Pieces, counts: np.ndarray) -> dict[str, np.ndarray]:
-    """Every metric of each replicate: counts [R, n] says how often each sample was drawn.
-    - per-sample metrics: the count-weighted mean;
-    - complexity: the histogram entropy of the counts-weighted sum of the per-sample histograms;
-    - diversity: 1 - the mean correlation over pairs of drawn positions from different questions.
-    One matrix product serves all three (each product is a BLAS call, which on a busy machine costs
-    far more than its arithmetic)."""
-    counts = counts.astype(np.float64)
-    names = list(pieces.per_sample)
-    bins = pieces.histograms.shape[1]
-    product = counts @ np.hstack([np.column_stack([pieces.per_sample[k] for k in names]),
-                                  pieces.histograms, pieces.correlation])
-    sums, pooled, correlated = np.split(product, [len(names), len(names) + bins], axis=1)
-    values = dict(zip(names, (sums / counts.sum(axis=1, keepdims=True)).T))
-    values["complexity"] = _normalised_entropy(pooled)
-    pair_sum = (correlated * counts).sum(axis=1)
-    n_pairs = counts.sum(axis=1) ** 2 - (counts ** 2).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        # A replicate that drew one question only has no pair: NaN, left out of the interval.
-        values["diversity"] = 1.0 - pair_sum / n_pairs
-    return {name: values[name] for name in METRICS}
+    def grid(self, weights: np.ndarray) -> np.ndarray:
+        """[R]: the index in `tops` of each weighted set's grid (its largest member's maximum)."""
+        return np.where(weights > 0, self.own_top[None, :], -1).max(axis=1)
+
+    def pooled(self, weights: np.ndarray, grid: np.ndarray) -> np.ndarray:
+        """[R, bins]: each set's histogram on its grid."""
+        pooled = np.empty((len(weights), self.bins))
+        for g in np.unique(grid):
+            chosen = grid == g
+            pooled[chosen] = weights[chosen] @ self.histograms(int(g))
+        return pooled
+
+    def evaluate(self, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """Every metric of each weighted set (weights [R, m]), [R] each. Per-sample metrics: the
+        weighted mean. Complexity: the entropy of the weighted sum of the rows' histograms on the
+        set's grid. Diversity: 1 - the mean correlation over pairs of set members that are
+        different rows (a row drawn twice would add a self-pair of correlation 1); a set of one
+        member has no pair: NaN."""
+        weights = np.asarray(weights, dtype=np.float64)
+        total = weights.sum(axis=1)
+        means = weights @ self.per_sample / total[:, None]
+        values = dict(zip(PER_SAMPLE_METRICS, means.T))
+        values["complexity"] = _normalised_entropy(self.pooled(weights, self.grid(weights)))
+        pairs = total ** 2 - (weights ** 2).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            values["diversity"] = 1.0 - ((weights @ self.correlation) * weights).sum(axis=1) / pairs
+        return {name: values[name] for name in METRICS}
+
+    def leave_one_out(self, weights: np.ndarray, replicate: np.ndarray,
+                      row: np.ndarray) -> dict[str, np.ndarray]:
+        """Every metric of the sets weights[replicate[i]] without row[i] (every copy of it), [L]
+        each, for the jackknife: per-sample metrics and diversity by removing the row's terms from
+        the set's sums; complexity by removing its histogram from the set's, on the set's grid,
+        or on the next grid down where the row held the set's maximum alone."""
+        weights = np.asarray(weights, dtype=np.float64)
+        copies = weights[replicate, row]
+        total = weights.sum(axis=1)
+        left = total[replicate] - copies
+        sums = weights @ self.per_sample
+        means = (sums[replicate] - copies[:, None] * self.per_sample[row]) / left[:, None]
+        values = dict(zip(PER_SAMPLE_METRICS, means.T))
+        pair_sums = weights @ self.correlation
+        pair_total = ((pair_sums * weights).sum(axis=1)[replicate]
+                      - 2 * copies * pair_sums[replicate, row])
+        pairs = left ** 2 - ((weights ** 2).sum(axis=1)[replicate] - copies ** 2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            values["diversity"] = 1.0 - pair_total / pairs
+        grid = self.grid(weights)
+        pooled = self.pooled(weights, grid)
+        at_top = (weights * (self.own_top[None, :] == grid[:, None])).sum(axis=1)
+        moves = (self.own_top[row] == grid[replicate]) & (at_top[replicate] == copies)
+        complexity = np.empty(len(row))
+        stays = ~moves
+        for g in np.unique(grid[replicate[stays]]):
+            chosen = stays & (grid[replicate] == g)
+            complexity[chosen] = _normalised_entropy(
+                pooled[replicate[chosen]]
+                - copies[chosen, None] * self.histograms(int(g))[row[chosen]])
+        if moves.any():
+            smaller = weights[replicate[moves]].copy()
+            smaller[np.arange(moves.sum()), row[moves]] = 0
+            complexity[moves] = _normalised_entropy(self.pooled(smaller, self.grid(smaller)))
+        values["complexity"] = complexity
+        return {name: values[name] for name in METRICS}
 
 
 def _draw_counts(n: int, settings: MetricSettings) -> np.ndarray:
     """[1 + bootstrap, n]: how often each question is drawn; row 0 is the original sample (each
     question once), each further row a replicate of n draws with replacement. It depends only on n
-    and the settings, so base and post get the same draws."""
+    and the settings, so every model gets the same draws."""
     rng = np.random.default_rng(settings.seed)
     draws = rng.integers(0, n, size=(settings.bootstrap, n))
     offsets = n * np.arange(settings.bootstrap)[:, None]
@@ -245,39 +294,121 @@ def _draw_counts(n: int, settings: MetricSettings) -> np.ndarray:
     return np.vstack([np.ones((1, n), dtype=np.int64), replicates.reshape(-1, n)])
 
 
-def _interval(values: np.ndarray, level: float) -> tuple[float, float] | None:
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return None
-    low, high = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
-    return float(low), float(high)
+def _swaps(n: int, settings: MetricSettings) -> tuple[np.ndarray, bool]:
+    """([S, n] of 0/1, exact): which questions swap base and post in each permutation. Every one
+    of the 2^n swap patterns (the first none) where 2^n <= `permutations`, exact = True; else
+    `permutations` random patterns (each question swapped with probability 1/2), seeded apart
+    from the bootstrap's draws."""
+    if n <= 30 and 2 ** n <= settings.permutations:
+        patterns = (np.arange(2 ** n)[:, None] >> np.arange(n)[None, :]) & 1
+        return patterns, True
+    rng = np.random.default_rng([settings.seed, 1])
+    return rng.integers(0, 2, size=(settings.permutations, n)), False
 
 
-def _change_scale(base: float, post: float, base_replicates: np.ndarray | None,
-                  post_replicates: np.ndarray | None) -> str:
-    """log_ratio where base and post are positive in the point estimate and in every replicate
-    that has both (a diversity replicate that drew one question has neither), else difference.
-    The bootstrap itself judges "near 0": a base whose replicates reach 0 or below cannot be told
-    from 0 at this sample size, and a % of it says nothing."""
-    positive = base > 0 and post > 0
-    if positive and base_replicates is not None:
-        both = np.isfinite(base_replicates) & np.isfinite(post_replicates)
-        positive = bool((base_replicates[both] > 0).all() and (post_replicates[both] > 0).all())
-    return "log_ratio" if positive else "difference"
+# Each metric's change is tested and given its interval on this transform of the two models'
+# values: log for intensity, a ratio quantity (the % change comes from the log ratio), the
+# identity for the others, whose zero is arbitrary (docs/method.md section 7).
+LOG_SCALE_METRICS = ("intensity",)
 
 
-def _log_ratio_interval(base_replicates: np.ndarray, post_replicates: np.ndarray,
-                        level: float) -> tuple[float, float] | None:
-    """Percentile interval of log(post / base) over the replicates, as % change."""
-    with np.errstate(invalid="ignore"):  # NaN replicates (see _change_scale) are left out
-        interval = _interval(np.log(post_replicates / base_replicates), level)
-    return None if interval is None else (100.0 * math.expm1(interval[0]),
-                                          100.0 * math.expm1(interval[1]))
+def _transform(name: str, values: np.ndarray) -> np.ndarray:
+    if name in LOG_SCALE_METRICS:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.log(values)
+    return values
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bootstrap:
+    """The paired bootstrap's draws and, for the jackknife inside each replicate, every (replicate,
+    question drawn, copies) triple: leaving that question out of that replicate."""
+
+    counts: np.ndarray      # [1 + R, n], row 0 the original sample
+    replicate: np.ndarray   # [L]
+    question: np.ndarray    # [L]
+    copies: np.ndarray      # [L]
+
+    @classmethod
+    def draw(cls, n: int, settings: MetricSettings) -> "_Bootstrap":
+        counts = _draw_counts(n, settings)
+        replicate, question = np.nonzero(counts)
+        return cls(counts, replicate, question, counts[replicate, question].astype(np.float64))
+
+    def evaluate(self, rows: _Rows, position: int, sides: int
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(values [1 + R], leave-one-out values [L]) of every metric of matrix `position` of
+        the `sides` stacked in `rows`."""
+        weights = _side(self.counts, position, sides)
+        n = self.counts.shape[1]
+        return (rows.evaluate(weights),
+                rows.leave_one_out(weights, self.replicate, position * n + self.question))
+
+    def standard_errors(self, statistic: np.ndarray, leave_one_out: np.ndarray) -> np.ndarray:
+        """[1 + R]: the jackknife standard error of a statistic in every replicate, from its
+        values without each question drawn (all its copies): sqrt((n - 1) / n sum over the n
+        draws of (T_(i) - their mean)^2), a question drawn c times counting as c draws of
+        T + (T_(-q) - T) / c. Leaving out every copy lets a replicate that drew the question
+        holding the pool's maximum twice still see what that question does to the grid."""
+        rows, n = self.counts.shape
+        own = statistic[self.replicate]
+        per_draw = own + (leave_one_out - own) / self.copies
+        mean = np.bincount(self.replicate, self.copies * per_draw, rows) / n
+        spread = np.bincount(self.replicate,
+                             self.copies * (per_draw - mean[self.replicate]) ** 2, rows)
+        return np.sqrt((n - 1) / n * spread)
+
+    def interval(self, statistic: np.ndarray, leave_one_out: np.ndarray, level: float,
+                 magnitude: float) -> tuple[float, float] | None:
+        """The symmetric bootstrap-t interval T_0 -+ q se_0, q the `level` quantile of
+        |T_r - T_0| / se_r over the replicates, se the jackknife's (docs/method.md section 7).
+        Studentizing widens the interval where a few heavy questions dominate (their
+        replicates' standard errors are larger), which a percentile interval cannot; the
+        symmetric form does not lean on the skew of t that a dominant question creates.
+        Deviations and standard errors below 1e-12 `magnitude` (the size of the values the
+        statistic is made of) are rounding, and count as 0."""
+        resolution = 1e-12 * magnitude
+        with np.errstate(invalid="ignore"):
+            se = self.standard_errors(statistic, leave_one_out)
+        se = np.where(se <= resolution, 0.0, se)
+        t0, se0 = statistic[0], se[0]
+        if not (math.isfinite(t0) and math.isfinite(se0)):
+            return None
+        if se0 == 0:
+            return float(t0), float(t0)
+        deviation, spread = np.abs(statistic[1:] - t0), se[1:]
+        deviation = np.where(deviation <= resolution, 0.0, deviation)
+        keep = np.isfinite(deviation) & np.isfinite(spread)
+        if not keep.any():
+            return None
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t = deviation[keep] / spread[keep]
+        # No spread in a replicate: 0/0 is no deviation, d/0 an unbounded one (kept finite so
+        # the quantile stays defined).
+        t = np.minimum(np.nan_to_num(t, nan=0.0), 1e12)
+        q = float(np.quantile(t, level))
+        return float(t0 - q * se0), float(t0 + q * se0)
+
+
+def _permutation_p(observed: float, swapped: np.ndarray, exact: bool, magnitude: float) -> float:
+    """Two-sided p of the paired permutation test from the observed statistic and its values under
+    the swaps (`_swaps`). Exact enumeration (the identity among the patterns): the share of all 2^n
+    patterns with |T| >= |T_obs|; random swaps: (1 + that count) / (1 + S), a valid p. A relative
+    tolerance of 1e-9 keeps a pattern equal to the observed value up to rounding counted, and an
+    observed change below 1e-12 `magnitude` (the size of the values compared) is rounding: p 1."""
+    if not math.isfinite(observed):
+        return math.nan
+    if abs(observed) <= 1e-12 * magnitude:
+        return 1.0
+    at_least = int((np.abs(swapped) >= abs(observed) * (1 - 1e-9)).sum())
+    return at_least / len(swapped) if exact else (1 + at_least) / (1 + len(swapped))
 
 
 def _wilcoxon_p(base: np.ndarray, post: np.ndarray) -> float:
     """Two-sided p of the paired Wilcoxon signed-rank test of post - base over the questions (zero
-    differences dropped, scipy's default); 1 where every difference is 0: no evidence of change."""
+    differences dropped, scipy's default); 1 where every difference is 0. Kept as a secondary
+    column only: it tests symmetry of the per-question differences about 0, not the change the
+    table reports (docs/method.md section 7)."""
     differences = post - base
     if not np.any(differences):
         return 1.0
@@ -306,8 +437,8 @@ def _read_float(value: float | None) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class ModelMetrics:
-    """One model's metrics and their bootstrap intervals (None when `settings.bootstrap` is 0);
-    complexity binned over [0, complexity_top]."""
+    """One model's metrics and their bootstrap-t intervals (None when `settings.bootstrap` is 0);
+    complexity binned over [0, complexity_top] (the pool's maximum under own-max)."""
 
     settings: MetricSettings
     n_samples: int
@@ -333,13 +464,17 @@ class ModelMetrics:
 
 @dataclasses.dataclass(frozen=True)
 class MetricChange:
-    """One metric before and after post-training, with paired bootstrap intervals.
+    """One metric before and after post-training, with paired bootstrap-t intervals and the paired
+    permutation test.
 
-    The change is reported on `scale` (CHANGE_SCALES): log_ratio, the % change and its interval
-    (from the interval of log(post / base)); or difference, the change post - base and its interval
-    (change_pct is then NaN: a % of a base near 0, or across a sign change, says nothing).
-    change_ci is given on both scales. `wilcoxon_p`: the paired signed-rank test's p for the
-    per-sample metrics, NaN for complexity and diversity (they have no per-sample form)."""
+    The change is reported on `scale` (CHANGE_SCALES): log_ratio for intensity, the % change and
+    its interval (from the interval of log(post / base)); difference for every other metric, the
+    change post - base and its interval in the metric's units (change_pct is then NaN: a % of an
+    entropy or a kurtosis depends on where its zero happens to be). change_ci is given on both
+    scales. `p`: the two-sided paired permutation p of the change on its test scale (log ratio for
+    intensity, difference otherwise), NaN without permutations. `wilcoxon_p`: the paired
+    signed-rank test of the per-sample metrics, a secondary column (it tests another hypothesis),
+    NaN for complexity and diversity."""
 
     base: float
     post: float
@@ -350,9 +485,10 @@ class MetricChange:
     change_ci: tuple[float, float] | None
     change_pct_ci: tuple[float, float] | None
     scale: str
+    p: float
     wilcoxon_p: float
 
-    _FLOATS = ("base", "post", "change", "change_pct", "wilcoxon_p")
+    _FLOATS = ("base", "post", "change", "change_pct", "p", "wilcoxon_p")
     _INTERVALS = ("base_ci", "post_ci", "change_ci", "change_pct_ci")
 
     @property
@@ -381,23 +517,27 @@ class MetricChange:
 @dataclasses.dataclass(frozen=True)
 class Comparison:
     """Every metric of a base and a post-trained model on the same questions, and its change;
-    complexity binned for both over [0, complexity_top]."""
+    complexity binned over [0, complexity_tops[0]] for base and [0, complexity_tops[1]] for post
+    (each model's own pool maximum under own-max, one shared quantile under shared-quantile);
+    `exact`: whether the permutation p enumerated every swap pattern."""
 
     settings: MetricSettings
     n_samples: int
     metrics: dict[str, MetricChange]
-    complexity_top: float
+    complexity_tops: tuple[float, float]
+    exact: bool
 
     def to_dict(self) -> dict[str, Any]:
         return {"settings": self.settings.as_dict(), "settings_key": self.settings.key(),
-                "n_samples": self.n_samples, "complexity_top": self.complexity_top,
+                "n_samples": self.n_samples, "complexity_tops": list(self.complexity_tops),
+                "exact": self.exact,
                 "metrics": {name: change.to_dict() for name, change in self.metrics.items()}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Comparison":
         return cls(settings=MetricSettings.from_dict(data["settings"]), n_samples=data["n_samples"],
                    metrics={name: MetricChange.from_dict(m) for name, m in data["metrics"].items()},
-                   complexity_top=data["complexity_top"])
+                   complexity_tops=tuple(data["complexity_tops"]), exact=data["exact"])
 
 
 def model_metrics(scores: np.ndarray, graph: ResidualGraph,
@@ -406,18 +546,39 @@ def model_metrics(scores: np.ndarray, graph: ResidualGraph,
     return summarise_model(scores, graph, settings.replace(bootstrap=0)).values
 
 
+def _side(counts: np.ndarray, position: int, sides: int) -> np.ndarray:
+    """Weights over `sides` stacked matrices of n rows each: `counts` [R, n] on matrix `position`,
+    0 on the others."""
+    weights = np.zeros((counts.shape[0], sides * counts.shape[1]))
+    weights[:, position * counts.shape[1]:(position + 1) * counts.shape[1]] = counts
+    return weights
+
+
+def _model_interval(name: str, boot: _Bootstrap, values: np.ndarray, leave_one_out: np.ndarray,
+                    level: float) -> tuple[float, float] | None:
+    """One model's bootstrap-t interval of a metric, on its transform's scale, mapped back."""
+    interval = boot.interval(_transform(name, values), _transform(name, leave_one_out), level,
+                             abs(float(_transform(name, values[:1])[0])))
+    if interval is None or name not in LOG_SCALE_METRICS:
+        return interval
+    return math.exp(interval[0]), math.exp(interval[1])
+
+
 def summarise_model(scores: np.ndarray, graph: ResidualGraph,
                     settings: MetricSettings = MetricSettings()) -> ModelMetrics:
-    """Every metric of one model with bootstrap intervals over its questions."""
+    """Every metric of one model with bootstrap-t intervals over its questions."""
     scores = check_scores(scores, graph)
     n = scores.shape[0]
-    top = _complexity_top([scores], graph, settings)
-    values = _values(_pieces(scores, graph, settings, top), _draw_counts(n, settings))
+    rows = _Rows([scores], graph, settings)
+    boot = _Bootstrap.draw(n, settings)
+    values, leave_one_out = boot.evaluate(rows, 0, 1)
     intervals: dict[str, tuple[float, float] | None] = dict.fromkeys(METRICS)
     if settings.bootstrap:
-        intervals = {name: _interval(v[1:], settings.ci_level) for name, v in values.items()}
-    return ModelMetrics(settings=settings, n_samples=n, values={k: float(v[0]) for k, v in values.items()},
-                        intervals=intervals, complexity_top=top)
+        intervals = {name: _model_interval(name, boot, values[name], leave_one_out[name],
+                                           settings.ci_level) for name in METRICS}
+    return ModelMetrics(settings=settings, n_samples=n,
+                        values={k: float(v[0]) for k, v in values.items()},
+                        intervals=intervals, complexity_top=float(rows.tops[rows.own_top].max()))
 
 
 def _check_pair(base: np.ndarray, post: np.ndarray, graph: ResidualGraph) -> tuple[np.ndarray, np.ndarray]:
@@ -428,36 +589,93 @@ def _check_pair(base: np.ndarray, post: np.ndarray, graph: ResidualGraph) -> tup
     return base, post
 
 
+def _change_statistic(name: str, base: np.ndarray, post: np.ndarray) -> np.ndarray:
+    """The change on its test scale: log(post / base) for intensity, post - base otherwise."""
+    return _transform(name, post) - _transform(name, base)
+
+
+def _typical_magnitude(scores: np.ndarray, graph: ResidualGraph) -> float:
+    """The median nonzero |W| over a model's real edges and samples: a scale that a pure gain
+    multiplies and a few extreme questions barely move."""
+    magnitude = np.abs(graph.edges(scores))
+    return float(np.median(magnitude[magnitude > 0]))
+
+
+def _swapped_changes(base: np.ndarray, post: np.ndarray, graph: ResidualGraph,
+                     settings: MetricSettings) -> tuple[dict[str, np.ndarray], bool]:
+    """Every metric's change on its test scale under each swap pattern (`_swaps`), and whether the
+    patterns are all 2^n. Intensity swaps the models' own values. The scale-free metrics swap each
+    model's matrices divided by its typical |W|: that changes none of their values (each is
+    invariant to a model's scale), but a swapped pool then mixes rows of one scale, so a pure gain,
+    which leaves them unchanged, is not mistaken for a change (under own-max; on a shared grid
+    complexity is not scale-free, and its rows are swapped as they are)."""
+    n = base.shape[0]
+    swaps, exact = _swaps(n, settings)
+    sides = (np.hstack([1 - swaps, swaps]), np.hstack([swaps, 1 - swaps]))
+    raw = _Rows([base, post], graph, settings)
+    scaled = raw
+    if settings.complexity_grid == "own-max":
+        scaled = _Rows([base / _typical_magnitude(base, graph),
+                        post / _typical_magnitude(post, graph)], graph, settings)
+    (scaled_base, scaled_post) = (scaled.evaluate(side) for side in sides)
+    changes = {name: _change_statistic(name, scaled_base[name], scaled_post[name])
+               for name in METRICS if name not in LOG_SCALE_METRICS}
+    for name in LOG_SCALE_METRICS:
+        column = raw.per_sample[:, PER_SAMPLE_METRICS.index(name)]
+        swapped_base, swapped_post = (side @ column / n for side in sides)
+        changes[name] = _change_statistic(name, swapped_base, swapped_post)
+    return changes, exact
+
+
 def compare_models(base: np.ndarray, post: np.ndarray, graph: ResidualGraph,
                    settings: MetricSettings = MetricSettings()) -> Comparison:
     """Every metric of base and post (sample k of both = the same question), the change post - base
-    on its scale, paired bootstrap intervals of each and of the change, and for the per-sample
-    metrics the paired Wilcoxon test."""
+    on its scale, paired bootstrap-t intervals of each model's value and of the change, the paired
+    permutation p of every metric, and for the per-sample metrics the Wilcoxon p."""
     base, post = _check_pair(base, post, graph)
     n = base.shape[0]
-    counts = _draw_counts(n, settings)  # the same draws for both models
-    top = _complexity_top([base, post], graph, settings)  # one grid for both models
-    base_pieces, post_pieces = _pieces(base, graph, settings, top), _pieces(post, graph, settings, top)
-    base_values, post_values = _values(base_pieces, counts), _values(post_pieces, counts)
+    rows = _Rows([base, post], graph, settings)
+    boot = _Bootstrap.draw(n, settings)  # the same draws for both models
+    (base_values, base_out), (post_values, post_out) = (boot.evaluate(rows, position, 2)
+                                                        for position in (0, 1))
+    swapped, exact = (_swapped_changes(base, post, graph, settings) if settings.permutations
+                      else (None, False))
+    level = settings.ci_level
     metrics = {}
     for name in METRICS:
         b, p = float(base_values[name][0]), float(post_values[name][0])
-        br, pr = (base_values[name][1:], post_values[name][1:]) if settings.bootstrap else (None, None)
-        scale = _change_scale(b, p, br, pr)
+        scale = "log_ratio" if name in LOG_SCALE_METRICS and b > 0 and p > 0 else "difference"
+        magnitude = max(abs(b), abs(p))
+        test_magnitude = (max(abs(math.log(b)), abs(math.log(p)), 1.0) if scale == "log_ratio"
+                          else magnitude)
         intervals = dict.fromkeys(MetricChange._INTERVALS)
         if settings.bootstrap:
-            level = settings.ci_level
-            intervals = {"base_ci": _interval(br, level), "post_ci": _interval(pr, level),
-                         "change_ci": _interval(pr - br, level),
-                         "change_pct_ci": (_log_ratio_interval(br, pr, level)
-                                           if scale == "log_ratio" else None)}
-        wilcoxon_p = (_wilcoxon_p(base_pieces.per_sample[name], post_pieces.per_sample[name])
-                      if name in base_pieces.per_sample else math.nan)
+            intervals |= {
+                "base_ci": _model_interval(name, boot, base_values[name], base_out[name], level),
+                "post_ci": _model_interval(name, boot, post_values[name], post_out[name], level),
+                "change_ci": boot.interval(post_values[name] - base_values[name],
+                                           post_out[name] - base_out[name], level, magnitude)}
+            if scale == "log_ratio":
+                log_ratio = boot.interval(
+                    _change_statistic(name, base_values[name], post_values[name]),
+                    _change_statistic(name, base_out[name], post_out[name]), level,
+                    test_magnitude)
+                intervals["change_pct_ci"] = (None if log_ratio is None else
+                                              (100.0 * math.expm1(log_ratio[0]),
+                                               100.0 * math.expm1(log_ratio[1])))
+        observed = float(_change_statistic(name, base_values[name][:1], post_values[name][:1])[0])
+        p_value = (math.nan if swapped is None
+                   else _permutation_p(observed, swapped[name], exact, test_magnitude))
+        wilcoxon_p = (_wilcoxon_p(rows.per_sample[:n, PER_SAMPLE_METRICS.index(name)],
+                                  rows.per_sample[n:, PER_SAMPLE_METRICS.index(name)])
+                      if name in PER_SAMPLE_METRICS else math.nan)
         metrics[name] = MetricChange(
             base=b, post=p, change=p - b,
             change_pct=100.0 * (p - b) / b if scale == "log_ratio" else math.nan,
-            scale=scale, wilcoxon_p=wilcoxon_p, **intervals)
-    return Comparison(settings=settings, n_samples=n, metrics=metrics, complexity_top=top)
+            scale=scale, p=p_value, wilcoxon_p=wilcoxon_p, **intervals)
+    tops = tuple(float(rows.tops[rows.own_top[side * n:(side + 1) * n]].max()) for side in (0, 1))
+    return Comparison(settings=settings, n_samples=n, metrics=metrics, complexity_tops=tops,
+                      exact=bool(exact))
 
 
 # --- Edges ----------------------------------------------------------------------------------------
@@ -663,15 +881,16 @@ class Decomposition:
     tokens = S(post, post) - S(post, base's tokens) (same weights, other tokens).
     `symmetric_*`: the other path, through S(base, post's tokens): weights = S(post, post) -
     S(base, post's tokens), tokens = S(base, post's tokens) - S(base, base); None where those scores
-    were not given. Point values per part (`values[part][metric]`) and paired-bootstrap percentile
-    intervals (`intervals[part][metric]`, None without bootstrap): the same question draws for every
-    matrix, complexity on one grid over all of them, so each replicate also sums exactly."""
+    were not given. Point values per part (`values[part][metric]`, on the difference scale) and
+    paired bootstrap-t intervals (`intervals[part][metric]`, None without bootstrap): the same
+    question draws for every matrix, each matrix's metrics by their definition (complexity on
+    each matrix's own grid under own-max, on one grid over all of them under shared-quantile),
+    so the parts add up to the total exactly, and the total equals `compare_models`' change."""
 
     settings: MetricSettings
     n_samples: int
     values: dict[str, dict[str, float]]
     intervals: dict[str, dict[str, tuple[float, float] | None]]
-    complexity_top: float
 
 
 def decompose(base: np.ndarray, post: np.ndarray, post_on_base: np.ndarray, graph: ResidualGraph,
@@ -690,9 +909,10 @@ def decompose(base: np.ndarray, post: np.ndarray, post_on_base: np.ndarray, grap
                          f"({ {k: m.shape[0] for k, m in checked.items()} }); the decomposition "
                          f"needs every one on the same questions, in the same order")
     n = sizes.pop()
-    counts = _draw_counts(n, settings)
-    top = _complexity_top(list(checked.values()), graph, settings)
-    values = {name: _values(_pieces(m, graph, settings, top), counts) for name, m in checked.items()}
+    boot = _Bootstrap.draw(n, settings)
+    rows = _Rows(list(checked.values()), graph, settings)
+    evaluated = {name: boot.evaluate(rows, position, len(checked))
+                 for position, name in enumerate(checked)}
     parts = {"total": ("post", "base"), "weights": ("post_on_base", "base"),
              "tokens": ("post", "post_on_base")}
     if base_on_post is not None:
@@ -700,14 +920,16 @@ def decompose(base: np.ndarray, post: np.ndarray, post_on_base: np.ndarray, grap
                   "symmetric_tokens": ("base_on_post", "base")}
     points, intervals = {}, {}
     for part, (minuend, subtrahend) in parts.items():
+        (high, high_out), (low, low_out) = evaluated[minuend], evaluated[subtrahend]
         points[part], intervals[part] = {}, {}
         for name in METRICS:
-            difference = values[minuend][name] - values[subtrahend][name]
+            difference = high[name] - low[name]
             points[part][name] = float(difference[0])
-            intervals[part][name] = (_interval(difference[1:], settings.ci_level)
+            magnitude = max(abs(high[name][0]), abs(low[name][0]))
+            intervals[part][name] = (boot.interval(difference, high_out[name] - low_out[name],
+                                                   settings.ci_level, magnitude)
                                      if settings.bootstrap else None)
-    return Decomposition(settings=settings, n_samples=n, values=points, intervals=intervals,
-                         complexity_top=top)
+    return Decomposition(settings=settings, n_samples=n, values=points, intervals=intervals)
 
 
 def exceeds_null(change: MetricChange, null: MetricChange) -> bool:

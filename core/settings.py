@@ -281,11 +281,39 @@ POSITION_VARIANTS = ("all", "no-sink", "answer-only")
 NORMALISATIONS = ("none", "logit-grad")
 
 
+# The distribution metrics (docs/method.md section 6), in the order every table lists them; here
+# rather than in core/metrics.py so that `primary` can be checked where it is given.
+METRIC_NAMES = ("intensity", "complexity", "edge_entropy", "kurtosis", "diversity", "output_entropy")
+# Complexity's histogram grid: each model's own pooled maximum (the paper's definition), or one
+# grid for both models at a quantile of their joint pool.
+COMPLEXITY_GRIDS = ("own-max", "shared-quantile")
+
+
+def parse_primary(text: str) -> tuple[tuple[str, float], ...]:
+    """The (metric, alpha) cells of `MetricSettings.primary`: "intensity@0.1", several separated by
+    commas, or "none"; a SettingsError naming what is wrong otherwise."""
+    if text.strip() == "none":
+        return ()
+    cells = []
+    for part in text.split(","):
+        metric, _, alpha = part.strip().partition("@")
+        try:
+            value = float(alpha)
+        except ValueError:
+            value = math.nan
+        if metric not in METRIC_NAMES or not 0 < value <= 1:
+            raise SettingsError(f"MetricSettings.primary={text!r}: {part.strip()!r} is not "
+                                f"metric@alpha with a metric of {list(METRIC_NAMES)} and an alpha "
+                                f"in (0, 1], e.g. 'intensity@0.1'; or give 'none'.")
+        cells.append((metric, value))
+    return tuple(cells)
+
+
 @dataclasses.dataclass(frozen=True)
 class MetricSettings(Settings):
     """Conventions of the distribution metrics and their statistics (docs/method.md sections 6-7). The
-    defaults follow the paper's formulas where it gives them (it gives no histogram range or bin
-    count); every stored or shown metric carries the key of the settings that made it."""
+    defaults follow the paper's formulas where it gives them (it gives no bin count); every stored
+    or shown metric carries the key of the settings that made it."""
 
     group: ClassVar[str] = "metrics"
     intensity_normaliser: str = setting("dense", choices=("dense", "edges"),
@@ -297,19 +325,31 @@ class MetricSettings(Settings):
                                 "the paper's flattened matrices) or real edges only (edges)")
     histogram_bins: int = setting(100, low=2, high=100000,
                                   help="equal-width bins of complexity's histogram")
+    complexity_grid: str = setting(
+        "own-max", choices=COMPLEXITY_GRIDS,
+        help="own-max (the paper): each model's bins span [0, the max of its own pooled |W|], "
+             "recomputed in every bootstrap resample, so complexity is scale-free; "
+             "shared-quantile: both models binned on [0, complexity_range_quantile of their "
+             "joint pool], fixed for every resample (not scale-free: it also moves with intensity)")
     complexity_range_quantile: float = setting(
         0.999, low=0.5, high=1.0,
-        help="complexity's bins span [0, this quantile of the pooled |W| of both models' full "
-             "samples], one range for the point value and every bootstrap resample; larger |W| go "
-             "into the last bin (1: the pooled maximum)")
+        help="complexity_grid shared-quantile only: the quantile of both models' pooled |W| "
+             "where the bins end; larger |W| go into the last bin")
     kurtosis_of: str = setting("signed", choices=("signed", "abs"),
                                help="excess kurtosis of signed W (paper) or of |W|")
     bootstrap: int = setting(1000, low=0, high=100000,
-                             help="paired bootstrap resamples of the questions for CIs (0: none)")
-    ci_level: float = setting(0.95, low=0.5, high=0.999, help="confidence level of the intervals")
+                             help="paired bootstrap resamples of the questions for the "
+                                  "studentized (bootstrap-t) intervals (0: none)")
+    permutations: int = setting(10000, low=0, high=1000000,
+                                help="random base/post swaps within questions for each metric's "
+                                     "paired permutation p (every one of the 2^n swaps where "
+                                     "2^n is not more; 0: no test)")
+    ci_level: float = setting(0.95, low=0.5, high=0.999,
+                              help="confidence level of the intervals; 1 - ci_level is the level "
+                                   "of the tests")
     fdr: float = setting(0.05, low=0.0, high=0.5, low_open=True,
                          help="Benjamini-Hochberg false discovery rate of the per-edge tests")
-    seed: int = setting(0, low=0, help="seed of the bootstrap resampling")
+    seed: int = setting(0, low=0, help="seed of the bootstrap resampling and the permutations")
     positions: str = setting("all", choices=POSITION_VARIANTS, key_omits_default=True,
                              help="positions whose scores the metrics use, from the stored position "
                                   "parts: all (W), no-sink (W without the first token's part) or "
@@ -319,6 +359,19 @@ class MetricSettings(Settings):
                                   "logits' gradient over its scored positions (the model's "
                                   "confidence on its own tokens, which every score is "
                                   "proportional to)")
+    primary: str = setting("intensity@0.1", in_key=False,
+                           help="the cell each claim rests on, declared before looking: "
+                                "metric@alpha (several separated by commas, or none); tables "
+                                "mark it, and its own p at 1 - ci_level is the claim's test")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_primary(self.primary)
+
+    @property
+    def primary_cells(self) -> tuple[tuple[str, float], ...]:
+        """`primary` as (metric, alpha) pairs."""
+        return parse_primary(self.primary)
 
 
 @dataclasses.dataclass(frozen=True)
