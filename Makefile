@@ -61,4 +61,4 @@ bench: venv
 
 clean-cache:
 	rm -rf cache/circuitdiff.duckdb cache/circuitdiff.duckdb.wal cache/circuitdiff.duckdb.version \
-	  cache/circuitdiff.duckdb.writer.lock cache/jobs
+	  cache/circuitdiff.duckdb.writer.lock cache/circuitdiff.duckdb.jobs cache/jobs

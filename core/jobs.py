@@ -3,10 +3,13 @@ in a detached process (its own session, so it outlives a page reload or the dash
 the only way it estimates one: `python -m core plan --request FILE --json` in a child process, so the
 dashboard's own process never imports transformers.
 
-Each job has, under `<cache dir>/jobs/`, its request `<job_id>.request.json`, a JSON status file
-`<job_id>.json` replaced atomically (write, then rename) by the run as it progresses, and a log
-`<job_id>.log` with its output. The cache's writer lock makes a second writer impossible; `start`
-refuses early, with a clear message, when one is running.
+Each job has, in its cache file's own jobs folder `<cache>.jobs/` (beside `<cache>.writer.lock`, so
+caches in one folder never see each other's jobs), its request `<job_id>.request.json`, a JSON
+status file `<job_id>.json` replaced atomically (write, then rename) by the run as it progresses, and
+a log `<job_id>.log` with its output. The cache's writer lock makes a second writer impossible;
+`start` refuses early, with a clear message, when one is running. A job's process takes SIGTERM (what
+`cancel` sends) and SIGINT as a cancel: it unwinds (open transactions roll back, the writer lock is
+released), records "cancelled" and exits.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from core.vocab import CONTROLS  # noqa: F401
 
 ACTIVE = ACTIVE_JOB_STATES
 REQUEST_SUFFIX = ".request.json"
+# The module whose `run --request FILE --job-id ID` a run job is (tests put a cheap stand-in here).
+RUN_MODULE = "core"
 # Popen objects of jobs started by this process: polling one reaps it when it has finished (a
 # zombie child would otherwise still look alive).
 _children: dict[str, subprocess.Popen] = {}
@@ -44,6 +49,16 @@ _children: dict[str, subprocess.Popen] = {}
 
 class JobConflictError(CircuitdiffError):
     """A run is already writing to the cache."""
+
+
+class JobCancelled(SystemExit):
+    """Raised in a job's process by SIGTERM or SIGINT. A SystemExit, so no `except Exception` (as
+    grading's guard around math-verify) swallows it, and the process ends without a traceback, with
+    status 128 + the signal's number."""
+
+
+# What a cancelled job's status says, after "cancelled".
+KEPT = "completed work is kept and a rerun resumes from it"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +80,8 @@ class JobStatus:
 
 
 def jobs_dir(cache: str | os.PathLike | None = None) -> Path:
-    return Store(cache).path.parent / "jobs"
+    """The cache file's jobs folder, `<cache>.jobs` (the same however the cache's path is spelled)."""
+    return Path(f"{Store(cache).path.resolve()}.jobs")
 
 
 def _status_path(job_id: str, cache=None) -> Path:
@@ -99,9 +115,22 @@ class JobReporter:
         self.path = path
         self.stage = ""
         self.stage_began = self.last_write = time.time()
+        # The name of the signal that cancelled the job; whether finish() has begun.
+        self.stopped_by: str | None = None
+        self.finishing = False
 
     def running(self) -> None:
+        """Report the job running; from now on SIGTERM and SIGINT cancel it."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._stop)
         write_status(self.path, state="running", pid=os.getpid(), message="")
+
+    def _stop(self, signum: int, frame) -> None:
+        # Only the first signal raises, and none once the result is being recorded: a second one
+        # would interrupt the unwinding that rolls back, releases the lock and writes the status.
+        if self.stopped_by is None and not self.finishing:
+            self.stopped_by = signal.Signals(signum).name
+            raise JobCancelled(128 + signum)
 
     # Seconds between status-file writes within a stage (grading calls progress per question).
     MIN_INTERVAL_S = 0.5
@@ -118,6 +147,10 @@ class JobReporter:
         write_status(self.path, stage=stage, done=done, total=total, eta_seconds=eta)
 
     def finish(self, state: JobState, message: str = "") -> None:
+        """Record the job's result; a job a signal stopped is cancelled, whatever it was doing."""
+        self.finishing = True
+        if self.stopped_by is not None:
+            state, message = "cancelled", f"cancelled ({self.stopped_by}); {KEPT}"
         write_status(self.path, state=state, message=message, eta_seconds=0 if state == "done" else None)
 
 
@@ -188,7 +221,8 @@ def start(request: RunRequest) -> str:
                  done=0, total=0, eta_seconds=None, message="", started_at=time.time(),
                  log_path=str(log_path))
     request_path = request.to_file(path.with_name(job_id + REQUEST_SUFFIX))
-    _spawn(job_id, path, ["run", "--request", str(request_path), "--job-id", job_id])
+    _spawn(job_id, path, ["run", "--request", str(request_path), "--job-id", job_id],
+           module=RUN_MODULE)
     return job_id
 
 
@@ -262,8 +296,7 @@ def _stop(job_id: str, state: JobState, pid: int | None, pid_created: float | No
         if child is not None:
             child.wait(timeout=wait_s)
     if state in ACTIVE:
-        write_status(path, state="cancelled",
-                     message="cancelled; completed work is kept and a rerun resumes from it")
+        write_status(path, state="cancelled", message=f"cancelled; {KEPT}")
 
 
 # --- the demo's runs (core/demo/run.py) as one background job, and what the pages' banner shows --
