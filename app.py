@@ -12,47 +12,31 @@ CIRCUITDIFF_READ_ONLY=1) hides Compute, for presenting. The pages read the resul
 view already shaped; none imports a model library.
 """
 
-import math
-
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from core import figures
-from core.query import METRICS, PAPER_DIRECTION, PER_SAMPLE_METRICS
+from core.query import METRICS, PAPER_DIRECTION, PRIMARY_MARK, overview_cell
 from pages._shared import layout, selection
 
 # Green where a clear change goes the way the paper reports for online RL, red where it goes against
 # it; both mid-tones so they read on light and dark backgrounds.
 DIRECTION_COLORS = {"as paper": "#2E9E44", "against paper": "#D64545"}
 # The paper's Table-1 metrics and diversity, with the bin-free edge entropy beside complexity: it
-# measures the same spread of attribution without a bin count or range to choose, is scale-free,
-# and has a per-sample form (so a Wilcoxon p); a complexity change it does not share may come
-# from the binning.
+# measures the same spread of attribution without a bin count to choose and has a per-sample form;
+# a complexity change it does not share may come from the binning.
 TABLE1_METRICS = ["intensity", "complexity", "edge_entropy", "kurtosis", "diversity"]
 CELL_INDEX = ["pair", "dataset", "post_label", "alphas"]
 # Marks a change that does not exceed its null model's (core.query's null_marks).
 WITHIN_NULL = "◇"
 
 
-def cell(row: pd.Series) -> str:
-    """base → post, an arrow for a clear change only, the change on its scale with its interval (*
-    where it excludes 0), and the Wilcoxon p of a per-sample metric."""
-    values = f"{row['base']:.3g} → {row['post']:.3g}"
-    if row["scale"] == "log_ratio":
-        change, low, high, spec = row["change_pct"], row["ci_low"], row["ci_high"], "+.1f"
-        text = f"{change:+.1f}%"
-    else:
-        change, low, high, spec = row["change"], row["change_low"], row["change_high"], "+.3g"
-        text = f"Δ{change:+.3g}"
-    if not math.isfinite(change):
-        return values
-    arrow = {1: "▲ ", -1: "▼ "}.get(row["clear_sign"], "")
-    interval = f" [{low:{spec}}, {high:{spec}}]" if math.isfinite(low) else ""
-    star = "*" if row["clear_sign"] else ""
-    test = f" p={row['wilcoxon_p']:.2g}" if math.isfinite(row["wilcoxon_p"]) else ""
+def cell(row: pd.Series, level: float) -> str:
+    """The cell as every output prints it (core.query's overview_cell), and ◇ where the change does
+    not exceed its null model's."""
     within_null = f" {WITHIN_NULL}" if row.get("exceeds_null") is False else ""
-    return f"{values}  {arrow}{text}{interval}{star}{test}{within_null}"
+    return overview_cell(row, level) + within_null
 
 
 def left_out_lines(left_out: pd.DataFrame) -> str:
@@ -64,35 +48,37 @@ sel = layout.page_header("Overview")
 if sel is not None:
     layout.report_download(sel)
     cache = selection.cache()
-    table = cache.metric_table(sel.metrics)
     pooling = cache.pooling()
     left_out = pooling[~pooling["pooled"].astype(bool)]
-    pooled = table[table["pooled"].astype(bool)]
-    if pooled.empty:
+    chosen = st.multiselect("Metrics", list(METRICS), default=TABLE1_METRICS,
+                            help="edge_entropy and output_entropy are this project's "
+                                 "reconstructions; the paper makes no claim about them")
+    long = cache.overview(sel.metrics, chosen)
+    if long.empty:
         st.info("No cached run has an alpha with every selected question scored for every model yet "
                 "(the Overview pools complete cells only); come back when a job has scored them "
                 "(Compute page)." + (f" Left out: {left_out_lines(left_out)}." if len(left_out) else ""))
         st.stop()
     level = f"{sel.metrics.ci_level:.0%}"
+    alpha = 1 - sel.metrics.ci_level
     st.markdown(
-        f"Each cell: base → post-trained, the change and its {level} paired-bootstrap interval: in % "
-        "(the interval of log(post/base)) where both stay positive, else as the difference "
-        "post − base (Δ), since the base is then near 0 or the signs differ; p: the paired Wilcoxon "
-        "signed-rank test of a per-sample metric. ▲/▼ and a colour only for a clear change, whose "
-        "interval excludes 0 (\\*): "
-        f"<span style='color:{DIRECTION_COLORS['as paper']}'>green</span> where it matches the "
-        "paper's report for online RL (intensity, complexity and diversity up, kurtosis down), "
-        f"<span style='color:{DIRECTION_COLORS['against paper']}'>red</span> where it goes against "
-        "it.", unsafe_allow_html=True)
-    chosen = st.multiselect("Metrics", list(METRICS), default=TABLE1_METRICS,
-                            help="edge_entropy and output_entropy are this project's "
-                                 "reconstructions; the paper makes no claim about them")
-    long = pooled[pooled["metric"].isin(chosen)]
+        f"Each cell: base → post-trained and the change with its {level} interval (paired "
+        "bootstrap-t over questions): intensity in % (from the interval of log(post/base)); "
+        "complexity, edge and output entropy as differences Δ in nats; kurtosis and diversity as "
+        "differences. ▲/▼ and a colour where that interval excludes 0: "
+        f"<span style='color:{DIRECTION_COLORS['as paper']}'>green</span> where the change "
+        "matches the paper's report for online RL (intensity, complexity and diversity up, "
+        f"kurtosis down), <span style='color:{DIRECTION_COLORS['against paper']}'>red</span> "
+        "where it goes against it. p: the paired permutation test of the change (base and post "
+        "swapped within questions); Holm: that p adjusted across every cell shown, \* where it "
+        f"is at most {alpha:g}. {PRIMARY_MARK}: a primary cell, declared before looking (sidebar → "
+        f"Metric conventions → primary: `{sel.metrics.primary}`); a claim rests on its own p.",
+        unsafe_allow_html=True)
     marks = cache.null_marks(sel.metrics)
     long = long.merge(marks, on=["run_key", "post_label", "alpha", "metric"], how="left")
     long["exceeds_null"] = long["exceeds_null"].astype(object).where(long["exceeds_null"].notna(),
                                                                      None)
-    shown = long.assign(text=long.apply(cell, axis=1))
+    shown = long.assign(text=long.apply(cell, axis=1, level=alpha))
     grid = shown.pivot_table(index=CELL_INDEX, columns="metric", values="text", aggfunc="first")
     direction = shown.pivot_table(index=CELL_INDEX, columns="metric", values="direction",
                                   aggfunc="first")
@@ -105,18 +91,19 @@ if sel is not None:
                           for d in direction[metric].to_numpy()]
     layout.table(frame.style.apply(lambda _: colors, axis=None), "metric_table", data=long,
                  hide_index=True)
-    tested = int(np.isfinite(np.where(long["scale"] == "log_ratio", long["ci_low"],
-                                      long["change_low"])).sum())
-    stars = int((long["clear_sign"] != 0).sum())
-    per_sample = ", ".join(PER_SAMPLE_METRICS)
+    tested = int(np.isfinite(long["p"]).sum())
+    significant = int((long["p_holm"] <= alpha).sum())
+    primary = long[long["primary"].astype(bool)]
+    primary_lines = "; ".join(
+        f"{r.pair} · {r.post_label} · {r.metric} at α={r.alphas}: p={r.p:.2g}"
+        f" ({'below' if r.p <= alpha else 'not below'} {alpha:g})"
+        for r in primary.itertuples()) or "none among the cells shown"
     st.caption(
         f"Pooled: {long['run_key'].nunique()} run(s), {len(grid)} (run, post model, T_cut) cells; "
         f"alphas with one T_cut are one cell. Metric conventions key {sel.metrics.key()} (sidebar → "
-        f"Metric conventions). \\* marks {stars} of the {tested} intervals shown, each at {level} "
-        f"with no multiplicity correction (each cell is reported in its own right, and "
-        f"{sel.metrics.bootstrap} bootstrap resamples cannot resolve the far tails a corrected "
-        f"interval needs): if nothing had changed, about {tested * (1 - sel.metrics.ci_level):.1f} "
-        f"would exclude 0 by chance. Wilcoxon p ({per_sample}) is uncorrected too.")
+        f"Metric conventions). \* marks {significant} of the {tested} tests shown after Holm's "
+        f"adjustment across all of them (family-wise error {alpha:g}); the raw p is beside each. "
+        f"Primary cells ({PRIMARY_MARK}): {primary_lines}.")
     within = int((long["exceeds_null"] == False).sum())  # noqa: E712 (None: no null run)
     with_null = int(long["exceeds_null"].notna().sum())
     st.caption(
@@ -130,7 +117,7 @@ if sel is not None:
             layout.table(left_out, "cells_left_out", hide_index=True)
 
     st.subheader("Inter-sample diversity (Figure 3a)")
-    diversity = pooled[pooled["metric"] == "diversity"]
+    diversity = cache.overview(sel.metrics, ["diversity"])
     # A cell is named by pair, dataset and its alphas; the post model too where a run has several.
     series = diversity.groupby("run_key")["post_label"].transform("nunique") > 1
     diversity = diversity.assign(cell=diversity["pair"]
@@ -141,12 +128,13 @@ if sel is not None:
     st.markdown(f"Diversity rose after post-training in **{overall['rose']} of {overall['cells']}** "
                 f"pooled cells ({overall['rose_ci_above_zero']} with the interval above 0; it fell "
                 f"in {overall['fell']}, {overall['fell_ci_below_zero']} with the interval below 0), "
-                f"mean change **{overall['mean_change_pct']:+.1f}%**. The paper: higher after RL in "
-                f"39 of 41 cells, +7.6% on average.")
+                f"mean change **Δ{overall['mean_change']:+.3g}** (a mean point change of "
+                f"{overall['mean_change_pct']:+.1f}% of the base's value). The paper: higher after "
+                f"RL in 39 of 41 cells, +7.6% on average.")
     layout.plot(figures.change_summary(diversity, "diversity",
                                         expected_sign=PAPER_DIRECTION["diversity"]),
                 "diversity_change", sel)
     st.caption("One bar per pooled cell, sorted: orange where diversity rose (as the paper reports "
-               "for RL), blue where it fell; whiskers: the % change's bootstrap interval (log "
-               "ratio). A cell whose change is on the difference scale has no bar.")
+               "for RL), blue where it fell; whiskers: the change's bootstrap-t interval "
+               "(diversity is reported as the difference post − base).")
     layout.table(summary, "diversity_summary", hide_index=True)

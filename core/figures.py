@@ -15,6 +15,7 @@ from plotly.subplots import make_subplots
 
 from core.circuit import Circuit, node_of_slot
 from core.graph import ResidualGraph
+from core.metrics import CHANGE_UNITS
 from core.trajectory import step_column
 
 BASE_COLOR = "#4C78A8"
@@ -167,22 +168,30 @@ def per_sample_violins(frame: pd.DataFrame, metric: str, *, intervals: pd.DataFr
 
 
 def change_summary(frame: pd.DataFrame, metric: str, *, expected_sign: int | None = None) -> go.Figure:
-    """One metric's % change per cell (`frame`: cell, change_pct, ci_low, ci_high), sorted, with CIs;
-    bars agreeing with `expected_sign` (the paper's direction) are coloured as such (Figure 3a)."""
-    ordered = frame.sort_values("change_pct").reset_index(drop=True)
+    """One metric's change per cell, sorted, with its interval, on the scale the tables report it
+    (`frame`: cell, scale, change_pct, ci_low, ci_high, change, change_low, change_high; the %
+    change where the scale is log_ratio, else the difference, in CHANGE_UNITS); bars agreeing with
+    `expected_sign` (the paper's direction) are coloured as such (Figure 3a)."""
+    percent = (frame["scale"] == "log_ratio").to_numpy()
+    ordered = pd.DataFrame({
+        "cell": frame["cell"].to_numpy(),
+        "value": np.where(percent, frame["change_pct"], frame["change"]),
+        "low": np.where(percent, frame["ci_low"], frame["change_low"]),
+        "high": np.where(percent, frame["ci_high"], frame["change_high"])})
+    ordered = ordered.sort_values("value").reset_index(drop=True)
     if expected_sign is None:
         colors = [POST_COLOR] * len(ordered)
     else:
         colors = [POST_COLOR if np.sign(v) == expected_sign else BASE_COLOR
-                  for v in ordered["change_pct"]]
+                  for v in ordered["value"]]
+    unit = "%" if percent.all() and len(frame) else f"Δ {CHANGE_UNITS[metric]}".strip()
     fig = go.Figure(go.Bar(
-        x=ordered["cell"], y=ordered["change_pct"], marker_color=colors,
-        error_y={"type": "data", "symmetric": False,
-                 "array": ordered["ci_high"] - ordered["change_pct"],
-                 "arrayminus": ordered["change_pct"] - ordered["ci_low"]},
-        hovertemplate="%{x}<br>change %{y:.2f}%<extra></extra>"))
+        x=ordered["cell"], y=ordered["value"], marker_color=colors,
+        error_y={"type": "data", "symmetric": False, "array": ordered["high"] - ordered["value"],
+                 "arrayminus": ordered["value"] - ordered["low"]},
+        hovertemplate="%{x}<br>change %{y:.3g}<extra></extra>"))
     fig.add_hline(y=0, line_width=1, line_color="gray")
-    fig.update_layout(yaxis={"title": f"{metric}: change after post-training (%)"},
+    fig.update_layout(yaxis={"title": f"{metric}: change after post-training ({unit})"},
                       xaxis={"title": "", "tickangle": -45, "type": "category"},
                       margin={"t": 40, "b": 120}, showlegend=False)
     return fig

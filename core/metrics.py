@@ -55,7 +55,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -601,71 +601,119 @@ def _typical_magnitude(scores: np.ndarray, graph: ResidualGraph) -> float:
     return float(np.median(magnitude[magnitude > 0]))
 
 
-def _swapped_changes(base: np.ndarray, post: np.ndarray, graph: ResidualGraph,
-                     settings: MetricSettings) -> tuple[dict[str, np.ndarray], bool]:
-    """Every metric's change on its test scale under each swap pattern (`_swaps`), and whether the
-    patterns are all 2^n. Intensity swaps the models' own values. The scale-free metrics swap each
-    model's matrices divided by its typical |W|: that changes none of their values (each is
-    invariant to a model's scale), but a swapped pool then mixes rows of one scale, so a pure gain,
-    which leaves them unchanged, is not mistaken for a change (under own-max; on a shared grid
-    complexity is not scale-free, and its rows are swapped as they are)."""
+def _swapped_changes(base: np.ndarray, post: np.ndarray, graph: ResidualGraph, rows: _Rows,
+                     settings: MetricSettings) -> dict[str, Callable[[float], tuple[float, np.ndarray]]]:
+    """Per metric, the paired permutation test of "the change is delta" as a function of delta:
+    delta -> (the observed statistic, its values under each swap pattern of `_swaps`), on the
+    metric's test scale; delta = 0 is the test of no change, and the interval is every delta it
+    does not reject (docs/method.md section 7).
+    - intensity (log scale): post's per-sample intensities divided by exp(delta), then swapped:
+      exact where post is exp(delta) times an exchangeable copy of base (a pure gain);
+    - the per-sample scale-free metrics: the per-question differences less delta, sign-flipped
+      (the paired test of a mean, exact where the differences are symmetric about delta);
+    - complexity and diversity, which have no per-question form: the swapped pools' changes,
+      each model's matrices divided by its typical |W| first (that changes none of their values,
+      both being scale-free, but a swapped pool then mixes rows of one scale, so a pure gain is
+      not mistaken for a change; on a shared-quantile grid complexity is not scale-free and is
+      swapped as it is), tested as a shift of the statistic: T_obs - delta against T_swapped."""
     n = base.shape[0]
     swaps, exact = _swaps(n, settings)
     sides = (np.hstack([1 - swaps, swaps]), np.hstack([swaps, 1 - swaps]))
-    raw = _Rows([base, post], graph, settings)
-    scaled = raw
+    scaled = rows
     if settings.complexity_grid == "own-max":
         scaled = _Rows([base / _typical_magnitude(base, graph),
                         post / _typical_magnitude(post, graph)], graph, settings)
-    (scaled_base, scaled_post) = (scaled.evaluate(side) for side in sides)
-    changes = {name: _change_statistic(name, scaled_base[name], scaled_post[name])
-               for name in METRICS if name not in LOG_SCALE_METRICS}
-    for name in LOG_SCALE_METRICS:
-        column = raw.per_sample[:, PER_SAMPLE_METRICS.index(name)]
-        swapped_base, swapped_post = (side @ column / n for side in sides)
-        changes[name] = _change_statistic(name, swapped_base, swapped_post)
-    return changes, exact
+    swapped_base, swapped_post = (scaled.evaluate(side) for side in sides)
+    observed_base, observed_post = (scaled.evaluate(_side(np.ones((1, n)), position, 2))
+                                    for position in (0, 1))
+    tests: dict[str, Callable[[float], tuple[float, np.ndarray]]] = {}
+    for name in ("complexity", "diversity"):
+        observed = float(observed_post[name][0] - observed_base[name][0])
+        swapped = swapped_post[name] - swapped_base[name]
+        tests[name] = lambda delta, observed=observed, swapped=swapped: (observed - delta, swapped)
+    signs = 1.0 - 2.0 * swaps
+    for j, name in enumerate(PER_SAMPLE_METRICS):
+        base_values, post_values = rows.per_sample[:n, j], rows.per_sample[n:, j]
+        if name in LOG_SCALE_METRICS:
+            def test(delta: float, b=base_values, p=post_values) -> tuple[float, np.ndarray]:
+                scaled_post = p * math.exp(-delta)
+                return (math.log(scaled_post.mean() / b.mean()),
+                        np.log((sides[1][:, :n] * b + sides[1][:, n:] * scaled_post).sum(axis=1)
+                               / (sides[0][:, :n] * b + sides[0][:, n:] * scaled_post).sum(axis=1)))
+        else:
+            def test(delta: float, d=post_values - base_values) -> tuple[float, np.ndarray]:
+                return float((d - delta).mean()), signs @ (d - delta) / n
+        tests[name] = test
+    return tests, exact
+
+
+def _inverted_interval(test: Callable[[float], tuple[float, np.ndarray]], exact: bool,
+                       level: float) -> tuple[float, float]:
+    """Every delta the permutation test `test` does not reject at 1 - level, as [low, high]:
+    from the observed change (where the test statistic is 0, p = 1) outwards, doubling a step
+    of the swapped statistics' spread until a delta is rejected, then bisecting to 1e-6 of
+    that step."""
+    center = test(0.0)[0]
+
+    def accepted(delta: float) -> bool:
+        observed, swapped = test(delta)
+        return _permutation_p(observed, swapped, exact, 0.0) > 1 - level
+
+    step = float(np.quantile(np.abs(test(center)[1]), level))
+    if not math.isfinite(step) or step == 0:
+        return center, center
+    ends = []
+    for direction in (-1.0, 1.0):
+        inside, outside = center, center + direction * step
+        for _ in range(60):
+            if not accepted(outside):
+                break
+            inside, outside = outside, center + 2 * (outside - center)
+        while abs(outside - inside) > 1e-6 * step:
+            middle = (inside + outside) / 2
+            inside, outside = (middle, outside) if accepted(middle) else (inside, middle)
+        ends.append(inside)
+    return ends[0], ends[1]
 
 
 def compare_models(base: np.ndarray, post: np.ndarray, graph: ResidualGraph,
                    settings: MetricSettings = MetricSettings()) -> Comparison:
     """Every metric of base and post (sample k of both = the same question), the change post - base
-    on its scale, paired bootstrap-t intervals of each model's value and of the change, the paired
-    permutation p of every metric, and for the per-sample metrics the Wilcoxon p."""
+    on its scale with the paired permutation test's p and its interval (every change the test
+    does not reject; `_swapped_changes`), each model's bootstrap-t interval, and for the
+    per-sample metrics the Wilcoxon p."""
     base, post = _check_pair(base, post, graph)
     n = base.shape[0]
     rows = _Rows([base, post], graph, settings)
     boot = _Bootstrap.draw(n, settings)  # the same draws for both models
     (base_values, base_out), (post_values, post_out) = (boot.evaluate(rows, position, 2)
                                                         for position in (0, 1))
-    swapped, exact = (_swapped_changes(base, post, graph, settings) if settings.permutations
-                      else (None, False))
+    tests, exact = (_swapped_changes(base, post, graph, rows, settings) if settings.permutations
+                    else ({}, False))
     level = settings.ci_level
     metrics = {}
     for name in METRICS:
         b, p = float(base_values[name][0]), float(post_values[name][0])
         scale = "log_ratio" if name in LOG_SCALE_METRICS and b > 0 and p > 0 else "difference"
-        magnitude = max(abs(b), abs(p))
-        test_magnitude = (max(abs(math.log(b)), abs(math.log(p)), 1.0) if scale == "log_ratio"
-                          else magnitude)
         intervals = dict.fromkeys(MetricChange._INTERVALS)
         if settings.bootstrap:
-            intervals |= {
-                "base_ci": _model_interval(name, boot, base_values[name], base_out[name], level),
-                "post_ci": _model_interval(name, boot, post_values[name], post_out[name], level),
-                "change_ci": boot.interval(post_values[name] - base_values[name],
-                                           post_out[name] - base_out[name], level, magnitude)}
+            intervals["base_ci"] = _model_interval(name, boot, base_values[name], base_out[name],
+                                                   level)
+            intervals["post_ci"] = _model_interval(name, boot, post_values[name], post_out[name],
+                                                   level)
+        p_value = math.nan
+        if name in tests:
+            observed, swapped = tests[name](0.0)
+            magnitude = (max(abs(math.log(b)), abs(math.log(p)), 1.0) if scale == "log_ratio"
+                         else max(abs(b), abs(p)))
+            p_value = _permutation_p(observed, swapped, exact, magnitude)
+            low, high = _inverted_interval(tests[name], exact, level)
             if scale == "log_ratio":
-                log_ratio = boot.interval(
-                    _change_statistic(name, base_values[name], post_values[name]),
-                    _change_statistic(name, base_out[name], post_out[name]), level,
-                    test_magnitude)
-                intervals["change_pct_ci"] = (None if log_ratio is None else
-                                              (100.0 * math.expm1(log_ratio[0]),
-                                               100.0 * math.expm1(log_ratio[1])))
-        observed = float(_change_statistic(name, base_values[name][:1], post_values[name][:1])[0])
-        p_value = (math.nan if swapped is None
-                   else _permutation_p(observed, swapped[name], exact, test_magnitude))
+                # The interval of log(post / base), as % and, at base's value, as a difference.
+                intervals["change_pct_ci"] = 100.0 * math.expm1(low), 100.0 * math.expm1(high)
+                intervals["change_ci"] = b * math.expm1(low), b * math.expm1(high)
+            else:
+                intervals["change_ci"] = low, high
         wilcoxon_p = (_wilcoxon_p(rows.per_sample[:n, PER_SAMPLE_METRICS.index(name)],
                                   rows.per_sample[n:, PER_SAMPLE_METRICS.index(name)])
                       if name in PER_SAMPLE_METRICS else math.nan)
@@ -772,7 +820,61 @@ GridEntry = tuple[str, str, float, Comparison]  # (pair, dataset, alpha, compari
 
 GRID_COLUMNS = ("pair", "dataset", "alpha", "metric", "base", "post", "scale", "change",
                 "change_low", "change_high", "change_pct", "change_pct_low", "change_pct_high",
-                "clear_sign", "wilcoxon_p", "direction", "settings_key")
+                "clear_sign", "p", "wilcoxon_p", "direction", "settings_key")
+
+
+# The unit of each metric's reported change: intensity's is a % (of a ratio quantity); the
+# entropies' a difference in nats; kurtosis and diversity differences in their own units.
+CHANGE_UNITS = {"intensity": "%", "complexity": "nats", "edge_entropy": "nats", "kurtosis": "",
+                "diversity": "", "output_entropy": "nats"}
+
+
+def _signed(value: float) -> str:
+    """A signed number with enough digits that a small change does not print as 0: one decimal
+    from 1 up, three significant digits below."""
+    return f"{value:+.1f}" if abs(value) >= 1 else f"{value:+.3g}"
+
+
+def format_change(metric: str, scale: str, change_pct: float, pct_interval: tuple[float, float],
+                  change: float, interval: tuple[float, float]) -> str:
+    """A change as every table prints it (the Overview, the report, the CLI's table, the README):
+    "+30.1% [+15.1, +58.6]" on the log_ratio scale, "Δ+0.0123 [-0.00412, +0.0287] nats" on the
+    difference scale (the unit from CHANGE_UNITS); the interval left out where it is NaN."""
+    if scale == "log_ratio":
+        value, (low, high), unit = change_pct, pct_interval, "%"
+        text = f"{_signed(value)}%"
+    else:
+        value, (low, high), unit = change, interval, CHANGE_UNITS[metric]
+        text = f"Δ{_signed(value)}"
+    if not math.isfinite(value):
+        return ""
+    if math.isfinite(low) and math.isfinite(high):
+        text += f" [{_signed(low)}, {_signed(high)}]"
+    return text + (f" {unit}" if unit and unit != "%" else "")
+
+
+# Marks the cell a claim rests on (MetricSettings.primary) wherever a table is printed.
+PRIMARY_MARK = "†"
+
+
+def overview_cell(row: Any, level: float) -> str:
+    """One cell of the Overview's table as every output prints it (the dashboard, the CLI's
+    `--table`, the README), from a row of core.query's `overview`: base → post, ▲/▼ where the
+    interval excludes 0, the change (format_change), the permutation p with its Holm-adjusted
+    value (* where that is at most `level`), and PRIMARY_MARK on a primary cell."""
+    values = f"{row['base']:.4g} → {row['post']:.4g}"
+    text = format_change(row["metric"], row["scale"], row["change_pct"],
+                         (row["ci_low"], row["ci_high"]), row["change"],
+                         (row["change_low"], row["change_high"]))
+    if not text:
+        return values
+    arrow = {1: "▲ ", -1: "▼ "}.get(row["clear_sign"], "")
+    test = ""
+    if math.isfinite(row["p"]):
+        star = "*" if row["p_holm"] <= level else ""
+        test = f"  p={row['p']:.2g} (Holm {row['p_holm']:.2g}){star}"
+    primary = f" {PRIMARY_MARK}" if row["primary"] else ""
+    return f"{values}  {arrow}{text}{test}{primary}"
 
 
 def _direction(metric: str, change: MetricChange) -> str:
@@ -790,7 +892,7 @@ def grid_table(comparisons: Iterable[GridEntry]) -> pd.DataFrame:
     change on its `scale` (change_pct and its interval on the log_ratio scale, NaN on the
     difference scale; change and its interval on both), whether the reported interval excludes 0,
     `clear_sign` (+1 or -1 where the reported interval lies above or below 0, else 0), the
-    Wilcoxon p of the per-sample metrics, and `direction`: whether a clear change goes the way
+    permutation p, the Wilcoxon p of the per-sample metrics (secondary), and `direction`: whether a clear change goes the way
     the paper reports for online RL (intensity, complexity, diversity up; kurtosis down). Every
     comparison must share one settings key, which the table's `settings_key` column records."""
     rows = []
@@ -805,7 +907,7 @@ def grid_table(comparisons: Iterable[GridEntry]) -> pd.DataFrame:
                          "change_low": change_low, "change_high": change_high,
                          "change_pct": m.change_pct, "change_pct_low": pct_low,
                          "change_pct_high": pct_high,
-                         "clear_sign": m.clear_sign,
+                         "clear_sign": m.clear_sign, "p": m.p,
                          "wilcoxon_p": m.wilcoxon_p, "direction": _direction(metric, m),
                          "settings_key": comparison.settings.key()})
     if len(keys) > 1:
@@ -816,8 +918,9 @@ def grid_table(comparisons: Iterable[GridEntry]) -> pd.DataFrame:
 
 def diversity_summary(comparisons: Iterable[GridEntry]) -> pd.DataFrame:
     """Figure-3a-style counts per model pair and over all ('all'): cells, cells where diversity rose
-    (the point change), rose with the reported interval above 0, fell, fell with it below 0, and
-    the mean % change of diversity (over the cells on the log_ratio scale)."""
+    (the point change), rose with the interval above 0, fell, fell with it below 0, the mean
+    change (a difference, as diversity is reported) and, to set beside the paper's "+7.6% on
+    average", the mean of the point % changes 100 (post - base) / base (no interval)."""
     table = grid_table(comparisons)
     table = table[table["metric"] == "diversity"]
     groups = [(pair, rows) for pair, rows in table.groupby("pair", sort=True)] + [("all", table)]
@@ -828,8 +931,23 @@ def diversity_summary(comparisons: Iterable[GridEntry]) -> pd.DataFrame:
                         "rose_ci_above_zero": int((rows["clear_sign"] > 0).sum()),
                         "fell": int((rows["change"] < 0).sum()),
                         "fell_ci_below_zero": int((rows["clear_sign"] < 0).sum()),
-                        "mean_change_pct": float(rows["change_pct"].mean()) if len(rows) else math.nan})
+                        "mean_change": float(rows["change"].mean()) if len(rows) else math.nan,
+                        "mean_change_pct": (float((100 * rows["change"] / rows["base"]).mean())
+                                            if len(rows) else math.nan)})
     return pd.DataFrame(summary)
+
+
+def holm(p: Iterable[float]) -> np.ndarray:
+    """Holm's step-down adjustment of p-values (family-wise error): the i-th smallest of m gets
+    max over j <= i of min(1, (m - j + 1) p_(j)). NaN stays NaN and is not counted in m."""
+    p = np.asarray(list(p), dtype=np.float64)
+    adjusted = np.full(p.shape, math.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m = len(order)
+    steps = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    adjusted[order] = np.maximum.accumulate(steps)
+    return adjusted
 
 
 # --- Controls (docs/method.md section 8) -----------------------------------------------------------

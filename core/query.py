@@ -41,7 +41,7 @@ from core.vocab import GRANULARITIES, ROLES
 from core.circuit import RANK_BY  # noqa: F401
 from core.faithfulness_stats import RECOVERY_TARGET  # noqa: F401
 from core.metrics import (EDGE_MEASURES, METRICS, PAPER_DIRECTION, PER_SAMPLE_METRICS,  # noqa: F401
-                          AllZeroSampleError)
+                          PRIMARY_MARK, AllZeroSampleError, overview_cell)
 from core.snapshot import RunNotFoundError  # noqa: F401
 # The Compute page's "New pair": declare, check (in a child process) and save a pair made there.
 from core.user_pairs import (MAX_DATASET_BYTES, MODEL_SOURCES, TEMPLATE_NAMES,  # noqa: F401
@@ -57,8 +57,11 @@ MIN_QUESTIONS = 2
 # change_high: the difference's; `scale` says which one is reported (core.metrics.CHANGE_SCALES).
 METRIC_TABLE_COLUMNS = ("run_key", "pair", "dataset", "post_label", "alpha", "metric", "base", "post",
                         "change_pct", "ci_low", "ci_high", "direction", "settings_key", "scale",
-                        "change", "change_low", "change_high", "clear_sign", "wilcoxon_p", "n",
-                        "t_cut", "alphas", "pooled", "left_out")
+                        "change", "change_low", "change_high", "clear_sign", "p", "wilcoxon_p",
+                        "n", "t_cut", "alphas", "pooled", "left_out")
+# The Overview's rows (`overview`): the pooled cells of the metrics shown, with the permutation p
+# Holm-adjusted across them and the primary cells (MetricSettings.primary) marked.
+OVERVIEW_COLUMNS = (*METRIC_TABLE_COLUMNS, "p_holm", "primary")
 # One row per (run, post model, alpha): whether the Overview and the Figure-3a summary pool it, and
 # why not (docs/method.md section 7).
 POOLING_COLUMNS = ("run_key", "pair", "dataset", "post_label", "alpha", "t_cut", "alphas",
@@ -574,9 +577,10 @@ class ResultCache(SnapshotReader):
     def metric_table(self, settings: MetricSettings = MetricSettings()) -> pd.DataFrame:
         """All runs x post models x alphas x metrics with enough complete questions: base -> post,
         the change on its scale with its interval, clear_sign (+1/-1 where the reported interval
-        lies above/below 0), the Wilcoxon p of the per-sample metrics, n (the questions it is
-        computed on, fewer than selected while a run is being computed), and the `pooling` columns
-        (t_cut, alphas, pooled, left_out)."""
+        lies above/below 0), the paired permutation p, the Wilcoxon p of the per-sample metrics (a
+        secondary column, docs/method.md section 7), n (the questions it is computed on, fewer
+        than selected while a run is being computed), and the `pooling` columns (t_cut, alphas,
+        pooled, left_out)."""
         def compute() -> pd.DataFrame:
             entries, keys = [], []
             for run, alpha, comparison in self._comparisons_of_every_run(settings):
@@ -592,6 +596,27 @@ class ResultCache(SnapshotReader):
             table = table.merge(pooling, on=["run_key", "post_label", "alpha"], how="left")
             return table[list(METRIC_TABLE_COLUMNS)]
         return self._cached(None, ("metric_table", settings.key()), compute)
+
+    @public
+    def overview(self, settings: MetricSettings = MetricSettings(),
+                 shown: Iterable[str] = METRICS) -> pd.DataFrame:
+        """The Overview's table (OVERVIEW_COLUMNS): the pooled rows of `metric_table` for the
+        metrics `shown`, `p_holm` the permutation p Holm-adjusted across exactly these cells (the
+        family a reader scans), and `primary` where the cell is one that settings.primary declares
+        (its metric, at an alpha among the cell's `alphas`): the cell a claim rests on, tested at
+        1 - ci_level on its own p."""
+        shown = [name for name in METRICS if name in set(shown)]
+        table = self.metric_table(settings)
+        table = table[table["pooled"].astype(bool) & table["metric"].isin(shown)]
+        table = table.reset_index(drop=True)
+        table["p_holm"] = metrics.holm(table["p"])
+        declared = settings.primary_cells
+        table["primary"] = [
+            any(metric == name and any(math.isclose(alpha, float(a), rel_tol=1e-9)
+                                       for a in str(alphas).split(", "))
+                for name, alpha in declared)
+            for metric, alphas in zip(table["metric"], table["alphas"])]
+        return table[list(OVERVIEW_COLUMNS)]
 
     @public
     def pooling(self) -> pd.DataFrame:

@@ -120,8 +120,10 @@ def _interval(value: tuple[float, float] | None) -> str:
 
 def table_1(ctx: ReportContext) -> Section:
     """core.metrics.grid_table at every comparable alpha (the dashboard's Overview rows): base and
-    post with their intervals, the change with its paired-bootstrap interval, and the direction the
-    paper reports for online RL."""
+    post with their intervals, the change as the Overview prints it (`reported change`,
+    core.metrics.format_change) and in numbers, the permutation p and its Holm adjustment across
+    this table's cells, the primary cells (MetricSettings.primary), and the direction the paper
+    reports for online RL."""
     frames = []
     for alpha in ctx.alphas:
         comparison = ctx.cache.comparison(ctx.run_key, alpha, **ctx.scope, settings=ctx.settings)
@@ -133,21 +135,37 @@ def table_1(ctx: ReportContext) -> Section:
                     [_interval(c.base_ci) for c in changes])
         grid.insert(list(grid.columns).index("post") + 1, "post interval",
                     [_interval(c.post_ci) for c in changes])
+        grid.insert(list(grid.columns).index("scale"), "reported change",
+                    [metrics.format_change(metric, c.scale, c.change_pct,
+                                           c.change_pct_ci or (math.nan, math.nan), c.change,
+                                           c.change_ci or (math.nan, math.nan))
+                     for metric, c in zip(grid["metric"], changes)])
         frames.append(grid)
-    table = _merge_intervals(pd.concat(frames, ignore_index=True)
-                             .drop(columns=["pair", "dataset", "settings_key"]))
+    table = pd.concat(frames, ignore_index=True)
+    table.insert(list(table.columns).index("p") + 1, "p_holm", metrics.holm(table["p"]))
+    declared = ctx.settings.primary_cells
+    table.insert(list(table.columns).index("metric") + 1, "primary",
+                 ["†" if any(metric == m and math.isclose(alpha, a) for m, a in declared) else ""
+                  for metric, alpha in zip(table["metric"], table["alpha"])])
+    table = _merge_intervals(table.drop(columns=["pair", "dataset", "settings_key", "wilcoxon_p"]))
     table["alpha"] = [f"{a:g}" for a in table["alpha"]]
     base, post = ctx.labels
     level = f"{ctx.settings.ci_level:.0%}"
     intro = (f"<p>{html.escape(base)} → {html.escape(post)}: each metric (docs/method.md section 6) "
-             f"over the n questions scored for both models, with {level} paired-bootstrap "
+             f"over the n questions scored for both models, with {level} paired bootstrap-t "
              f"intervals ({ctx.settings.bootstrap} resamples; none when 0; docs/method.md section "
-             f"7). <em>direction</em>: for a clear change (its interval excludes 0), whether it goes "
-             f"the way the paper reports for online RL (intensity, complexity and diversity up, "
-             f"kurtosis down); 'no clear change' otherwise; edge_entropy and output_entropy are "
-             f"this project's reconstructions, with no paper claim. <em>scale</em>: log_ratio (% "
-             f"change and its interval from log(post/base)) or difference (post - base, where the "
-             f"base is near 0 or the signs differ).</p>")
+             f"7). <em>reported change</em>: intensity in % (from the interval of log(post/base)); "
+             f"complexity, edge and output entropy as differences Δ in nats; kurtosis and "
+             f"diversity as differences. <em>p</em>: the paired permutation test of the change "
+             f"({ctx.settings.permutations} swaps of base and post within questions, or all of "
+             f"them); <em>p_holm</em>: Holm-adjusted across this table's cells. "
+             f"<em>primary</em> (†): the cells declared before looking "
+             f"(<code>{html.escape(ctx.settings.primary)}</code>), each a claim tested on its own "
+             f"p at {1 - ctx.settings.ci_level:g}. <em>direction</em>: for a clear change (its "
+             f"interval excludes 0), whether it goes the way the paper reports for online RL "
+             f"(intensity, complexity and diversity up, kurtosis down); 'no clear change' "
+             f"otherwise; edge_entropy and output_entropy are this project's reconstructions, with "
+             f"no paper claim.</p>")
     return Section("table-1", "Table 1: metrics before and after post-training",
                    intro + _table(table))
 

@@ -92,16 +92,31 @@ def test_overview_shows_table_1_and_diversity(monkeypatch, fixture_cache):
     table = at.dataframe[0].value
     assert len(table) == CELLS
     assert {"intensity", "complexity", "edge_entropy", "kurtosis", "diversity"} <= set(table.columns)
-    # base -> post, the % change and its interval in every cell, the Wilcoxon p of per-sample ones
+    # base -> post and the change with its interval in every cell: intensity in %, the entropies
+    # as differences in nats, kurtosis and diversity as differences (issue 26).
+    number = r"[+-][\d.]+(?:e[+-]\d+)?"
     cells = table["intensity"]
-    assert cells.str.contains(r"→ .* [+-]\d+\.\d% \[[+-]\d+\.\d, [+-]\d+\.\d\]").all()
-    assert cells.str.contains(r" p=").all() and not table["diversity"].str.contains(" p=").any()
-    # An arrow exactly where the interval excludes 0 (a star); none otherwise.
-    assert (cells.str.contains("[▲▼]") == cells.str.contains(r"\]\*")).all()
-    assert (~cells.str.contains(r"\]\*")).any(), "the fixture should hold an unclear change"
+    assert cells.str.contains(rf"→ .* {number}% \[{number}, {number}\]").all()
+    assert table["complexity"].str.contains(rf"Δ{number} \[{number}, {number}\] nats").all()
+    assert table["kurtosis"].str.contains(rf"Δ{number} \[{number}, {number}\]  p=").all()
+    # Every metric has its permutation p and its Holm-adjusted p; * exactly where the latter is
+    # at most 0.05.
+    for metric in ("intensity", "complexity", "edge_entropy", "kurtosis", "diversity"):
+        found = table[metric].str.extract(r"p=(\S+) \(Holm (\S+)\)(\*?)")
+        assert found[0].notna().all(), metric
+        assert ((found[1].astype(float) <= 0.05) == (found[2] == "*")).all(), metric
+    # An arrow only where the interval excludes 0.
+    assert (~cells.str.contains("[▲▼]")).any(), "the fixture should hold an unclear change"
+    # The default primary cell, intensity at alpha 0.1, is marked, and no other.
+    primary = table["alphas"].str.split(", ").apply(lambda alphas: "0.1" in alphas)
+    assert primary.any()
+    assert (table["intensity"].str.contains("†") == primary).all()
+    for metric in ("complexity", "edge_entropy", "kurtosis", "diversity"):
+        assert not table[metric].str.contains("†").any()
     captions = "\n".join(c.value for c in at.caption)
     assert f"{CELLS} (run, post model, T_cut) cells" in captions
-    assert "no multiplicity correction" in captions and "Left out" not in captions
+    assert "after Holm's adjustment" in captions and "Primary cells (†)" in captions
+    assert "Left out" not in captions
     assert "Diversity rose after post-training in" in markdown(at)
     assert len(charts(at)) == 1
     assert [b.proto.label for b in at.main.get("download_button")] == ["Download CSV"] * 2
@@ -520,11 +535,19 @@ def test_abs_histogram_counts_fractions_and_reports_zeros():
 
 
 def test_change_summary_colours_by_the_papers_direction():
-    frame = pd.DataFrame({"cell": ["a", "b"], "change_pct": [5.0, -2.0], "ci_low": [1.0, -4.0],
-                          "ci_high": [9.0, 0.5]})
-    bar = figures.change_summary(frame, "diversity", expected_sign=1).data[0]
+    # Diversity is reported as a difference (issue 26): the bars are the changes post - base.
+    nan = float("nan")
+    frame = pd.DataFrame({"cell": ["a", "b"], "scale": ["difference"] * 2,
+                          "change_pct": [nan, nan], "ci_low": [nan, nan], "ci_high": [nan, nan],
+                          "change": [0.05, -0.02], "change_low": [0.01, -0.04],
+                          "change_high": [0.09, 0.005]})
+    fig = figures.change_summary(frame, "diversity", expected_sign=1)
+    bar = fig.data[0]
     assert list(bar.x) == ["b", "a"]  # sorted by change
+    assert list(bar.y) == [-0.02, 0.05]
+    assert list(bar.error_y.arrayminus) == pytest.approx([0.02, 0.04])
     assert list(bar.marker.color) == [figures.BASE_COLOR, figures.POST_COLOR]
+    assert "(Δ)" in fig.layout.yaxis.title.text
 
 
 # --- Compute: where the user is, what selection will keep, where it runs ----------------------------
