@@ -422,7 +422,7 @@ class _Staging:
                                     f"); export the run again with this version of circuitdiff")
         try:
             held, rows = _read_at_most(file, entry["rows"])
-            found = self._arrow_columns(rows) if rows is not None else expected
+            found = None if rows is None else self._arrow_columns(rows)
         except (pa.ArrowException, OSError, duckdb.Error) as error:
             raise ExportFormatError(f"{file} is not a readable Parquet file of this code's types "
                                     f"({_short(error)}); copy the exported folder again") from None

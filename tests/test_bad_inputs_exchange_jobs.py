@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,9 +32,8 @@ from hypothesis import strategies as st
 from core import jobs
 from core.config import RunRequest
 from core.errors import CircuitdiffError
-from core import exchange
 from core.__main__ import main
-from core.exchange import MANIFEST, export_run
+from core.exchange import MANIFEST, check_manifest, export_run
 from core.store import Store
 from core.synthetic import build_fixture_cache
 from test_bad_inputs import cache_with_a_run, cli, refused, sha256
@@ -101,7 +99,8 @@ def test_a_score_or_run_value_that_is_not_finite_is_refused(pair_export, target,
     values = rows.column(column).to_pylist()
     values[0] = float("nan")
     index = rows.schema.get_field_index(column)
-    replace_file(folder, file, rows.set_column(index, column, pa.array(values, rows.schema.field(index).type)))
+    replace_file(folder, file,
+                 rows.set_column(index, column, pa.array(values, rows.schema.field(index).type)))
     table = file.removesuffix(".parquet")
     import_refused(f"`import` of an export with {column} NaN in {file}", folder, target,
                    rf".*{file} \(table {table}\): 1 rows? with values that are not finite \(NaN or "
@@ -191,9 +190,9 @@ def test_every_tables_declared_rows_are_bounded_before_its_file_is_read(pair_exp
         return real(self, source, *args, **kwargs)
     monkeypatch.setattr(pq.ParquetFile, "__init__", watched)
     listed = "edge_vectors" if table == "vectors" else table
-    import_refused(f"`import` of an export whose manifest declares 10^9 rows of {listed}", folder, target,
-                   rf".*manifest\.json: {name} \(table {listed}\) declares 1000000000 rows, more than its "
-                   rf"run can have \(at most \d+")
+    import_refused(f"`import` of an export whose manifest declares 10^9 rows of {listed}", folder,
+                   target, rf".*manifest\.json: {name} \(table {listed}\) declares 1000000000 rows, "
+                   rf"more than its run can have \(at most \d+")
     assert name not in opened
 
 
@@ -247,11 +246,11 @@ def test_a_clean_export_still_imports_and_round_trips_its_row_counts(pair_export
 # --- the manifest parser on arbitrary input --------------------------------------------------------
 
 def _manifest_outcome(folder: Path, content: bytes) -> None:
-    """exchange.check_manifest gives a manifest of well-formed entries, or one CircuitdiffError line
+    """check_manifest gives a manifest of well-formed entries, or one CircuitdiffError line
     naming a file of the folder; never another exception."""
     (folder / MANIFEST).write_bytes(content)
     try:
-        manifest = exchange.check_manifest(folder)
+        manifest = check_manifest(folder)
     except CircuitdiffError as error:
         message = str(error)
         assert "\n" not in message and str(folder) in message, message
@@ -325,7 +324,8 @@ def test_hostile_manifests_through_the_cli(pair_export, target, tmp_path, case, 
         content = json.dumps(manifest).encode()
     (folder / MANIFEST).write_bytes(content)
     before = sha256(target)
-    code, line = cli(f"`import` of a manifest with {case}", ["import", str(folder), "--cache", str(target)])
+    code, line = cli(f"`import` of a manifest with {case}",
+                     ["import", str(folder), "--cache", str(target)])
     assert code == 2 and str(folder) in line and len(line) < 1000, line
     assert sha256(target) == before
 
