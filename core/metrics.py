@@ -636,10 +636,13 @@ def _swapped_changes(base: np.ndarray, post: np.ndarray, graph: ResidualGraph, r
         base_values, post_values = rows.per_sample[:n, j], rows.per_sample[n:, j]
         if name in LOG_SCALE_METRICS:
             def test(delta: float, b=base_values, p=post_values) -> tuple[float, np.ndarray]:
-                scaled_post = p * math.exp(-delta)
-                return (math.log(scaled_post.mean() / b.mean()),
-                        np.log((sides[1][:, :n] * b + sides[1][:, n:] * scaled_post).sum(axis=1)
-                               / (sides[0][:, :n] * b + sides[0][:, n:] * scaled_post).sum(axis=1)))
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                    # A delta far out overflows to inf or 0: NaN statistics, never accepted.
+                    scaled_post = p * np.exp(-delta)
+                    return (float(np.log(scaled_post.mean() / b.mean())),
+                            np.log((sides[1][:, :n] * b + sides[1][:, n:] * scaled_post).sum(axis=1)
+                                   / (sides[0][:, :n] * b
+                                      + sides[0][:, n:] * scaled_post).sum(axis=1)))
         else:
             def test(delta: float, d=post_values - base_values) -> tuple[float, np.ndarray]:
                 return float((d - delta).mean()), signs @ (d - delta) / n
@@ -649,11 +652,17 @@ def _swapped_changes(base: np.ndarray, post: np.ndarray, graph: ResidualGraph, r
 
 def _inverted_interval(test: Callable[[float], tuple[float, np.ndarray]], exact: bool,
                        level: float) -> tuple[float, float]:
-    """Every delta the permutation test `test` does not reject at 1 - level, as [low, high]:
+    """Every delta the permutation test `test` does not reject at 1 - level, as [low, high]
+    (infinite where too few questions leave any p small enough):
     from the observed change (where the test statistic is 0, p = 1) outwards, doubling a step
     of the swapped statistics' spread until a delta is rejected, then bisecting to 1e-6 of
-    that step."""
+    that step (or to the floats' resolution, where the spread is rounding)."""
     center = test(0.0)[0]
+    swaps = len(test(center)[1])
+    # The smallest p the swaps can give (the identity and the full swap tie with the observed
+    # value's size): where even that exceeds 1 - level, no change is ever rejected.
+    if (2 / swaps if exact else 1 / (1 + swaps)) > 1 - level:
+        return -math.inf, math.inf
 
     def accepted(delta: float) -> bool:
         observed, swapped = test(delta)
@@ -669,8 +678,10 @@ def _inverted_interval(test: Callable[[float], tuple[float, np.ndarray]], exact:
             if not accepted(outside):
                 break
             inside, outside = outside, center + 2 * (outside - center)
-        while abs(outside - inside) > 1e-6 * step:
+        for _ in range(60):  # to 1e-6 of the step, or to the floats' resolution
             middle = (inside + outside) / 2
+            if abs(outside - inside) <= 1e-6 * step or middle in (inside, outside):
+                break
             inside, outside = (middle, outside) if accepted(middle) else (inside, middle)
         ends.append(inside)
     return ends[0], ends[1]

@@ -1,7 +1,9 @@
 """Metrics of per-sample score matrices: hand-computed values for every measure and convention,
-tail ordering, paired bootstrap on complexity's fixed grid, change scales (log ratio or difference),
-Wilcoxon tests, interval coverage in simulation, per-edge tests with BH, the loss correlation, grid
-summaries and the CLI."""
+tail ordering, the paper's own-max complexity against numpy, the paired bootstrap's and jackknife's
+resampled sets, the pure-gain invariance, change scales (% for intensity, differences otherwise),
+permutation p-values enumerated by hand and intervals that invert them, per-edge tests with BH, the
+loss correlation, grid summaries, Holm and the CLI. Calibration in simulation:
+tests/test_calibration.py."""
 
 import json
 import math
@@ -14,11 +16,11 @@ from core import metrics
 from core.__main__ import main
 from core.graph import ResidualGraph
 from core.metrics import (METRICS, NO_CLEAR_CHANGE, PER_SAMPLE_METRICS, Comparison, MetricChange,
-                          ModelMetrics, _draw_counts, _pieces, _values, check_scores, compare_models,
-                          complexity_top, diversity_summary, edge_change, grid_table,
-                          loss_correlation, model_metrics, per_sample_metrics, significant_edges,
-                          summarise_model)
-from core.settings import MetricSettings
+                          ModelMetrics, _draw_counts, _Rows, check_scores, compare_models,
+                          complexity_top, diversity_summary, edge_change, format_change,
+                          grid_table, holm, loss_correlation, model_metrics, per_sample_metrics,
+                          significant_edges, summarise_model)
+from core.settings import MetricSettings, SettingsError, stable_hash
 
 # One layer, qkv: sources input, a0, m0; slots a0<q>, a0<k>, a0<v>, m0, logits; 8 real edges of 15
 # entries, in row-major order: input->a0<q>, input->a0<k>, input->a0<v>, input->m0, input->logits,
@@ -63,7 +65,7 @@ def test_intensity_dense_and_edges():
 
 def test_complexity_pooled_histogram_dense_and_edges():
     scores = dense(X, ALTERNATING)
-    full_range = settings(complexity_range_quantile=1.0)  # bins up to the pooled max
+    full_range = settings()  # own-max: bins up to the pool's own maximum
     # Pool of |W| over edges: 1..8 and eight 1s; max 8. Two bins [0,4), [4,8]: 3+8 = 11 and 5.
     assert model_metrics(scores, SMALL, full_range.replace(histogram_bins=2, flatten="edges"))[
         "complexity"] == pytest.approx(entropy([11, 5]))
@@ -90,20 +92,43 @@ def test_complexity_bins_match_numpy_histogram_with_values_on_bin_edges():
     values[0, 0] = top
     scores = graph.dense(values * rng.choice([-1.0, 1.0], size=values.shape))
     counts, _ = np.histogram(np.abs(scores).ravel(), bins=bins, range=(0.0, top))
-    assert model_metrics(scores, graph, settings(histogram_bins=bins, complexity_range_quantile=1.0))[
+    assert model_metrics(scores, graph, settings(histogram_bins=bins))[
         "complexity"] == pytest.approx(entropy(counts), rel=1e-12)
+
+
+def test_complexity_is_the_papers_formula_computed_independently():
+    # The paper: the Shannon entropy (natural log) of the histogram of ONE model's pooled |W| over
+    # every sample, 100 equal-width bins over [0, that pool's max]. Computed here with numpy alone.
+    graph = ResidualGraph(4)
+    rng = np.random.default_rng(11)
+    base = graph.dense(rng.standard_t(3, size=(12, graph.n_edges)))
+    post = graph.dense(2.5 * rng.standard_t(5, size=(12, graph.n_edges)))
+
+    def paper(scores):
+        pool = np.abs(scores).ravel()  # dense: the flattened matrices, structural zeros included
+        counts, _ = np.histogram(pool, bins=100, range=(0.0, pool.max()))
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
+    assert model_metrics(base, graph)["complexity"] == pytest.approx(paper(base), rel=1e-12)
+    comparison = compare_models(base, post, graph, MetricSettings(bootstrap=0, permutations=0))
+    assert comparison.metrics["complexity"].base == pytest.approx(paper(base), rel=1e-12)
+    assert comparison.metrics["complexity"].post == pytest.approx(paper(post), rel=1e-12)
+    assert comparison.complexity_tops == (np.abs(base).max(), np.abs(post).max())
 
 
 def test_complexity_range_is_a_quantile_of_the_pool_and_larger_values_go_to_the_last_bin():
     scores = dense(X, ALTERNATING)
     # Pool over edges, sorted: nine 1s, then 2..8 (16 values). numpy's linear quantile at 11/15 sits
     # on position 11 of 0..15, the value 4: bins [0, 2), [2, 4]; 5..8 are clipped into the last bin.
-    conventions = settings(histogram_bins=2, flatten="edges", complexity_range_quantile=11 / 15)
+    conventions = settings(histogram_bins=2, flatten="edges", complexity_grid="shared-quantile",
+                           complexity_range_quantile=11 / 15)
     assert complexity_top([scores], SMALL, conventions) == pytest.approx(4.0)
     assert model_metrics(scores, SMALL, conventions)["complexity"] == pytest.approx(entropy([9, 7]))
     # A comparison bins both models on the quantile of their joint pool: post's larger values set it.
     comparison = compare_models(scores, 3 * scores, SMALL, conventions)
-    top = comparison.complexity_top
+    top = comparison.complexity_tops[0]
+    assert comparison.complexity_tops == (top, top)
     assert top == pytest.approx(complexity_top([scores, 3 * scores], SMALL, conventions))
     for model, side in ((scores, "base"), (3 * scores, "post")):
         counts, _ = np.histogram(np.minimum(np.abs(SMALL.edges(model)).ravel(), top), bins=2,
@@ -111,7 +136,8 @@ def test_complexity_range_is_a_quantile_of_the_pool_and_larger_values_go_to_the_
         assert getattr(comparison.metrics["complexity"], side) == pytest.approx(entropy(counts))
     with pytest.raises(ValueError, match="raise complexity_range_quantile"):
         # 21 of the 30 dense entries are zero: the median |W| is 0.
-        complexity_top([dense(X, np.eye(8)[0])], SMALL, settings(complexity_range_quantile=0.5))
+        complexity_top([dense(X, np.eye(8)[0])], SMALL,
+                       settings(complexity_grid="shared-quantile", complexity_range_quantile=0.5))
 
 
 def test_edge_entropy_and_output_entropy():
@@ -172,32 +198,46 @@ def test_heavy_tails_have_higher_kurtosis_and_lower_entropy(flatten):
 
 # --- Bootstrap ----------------------------------------------------------------------------------------
 
-def test_replicates_equal_the_metrics_of_the_resampled_set():
+def test_replicates_and_leave_one_out_equal_the_metrics_of_the_resampled_set():
     graph = ResidualGraph(2)
     rng = np.random.default_rng(3)
     scores = graph.dense(rng.standard_t(3, size=(6, graph.n_edges)))
-    conventions = settings(histogram_bins=13, complexity_range_quantile=0.9)
-    top = complexity_top([scores], graph, conventions)
     strongest = int(np.abs(scores).reshape(6, -1).max(axis=1).argmax())
     others = [k for k in range(6) if k != strongest]
     # Draws with repeats, and draws that miss the sample holding the pooled max.
     draws = np.array([[0, 0, 1, 2, 3, 5], others + [others[0]], [strongest] * 3 + others[:3],
-                      [others[1]] * 5 + [others[2]]])
-    counts = np.stack([np.bincount(d, minlength=6) for d in draws])
-    replicates = _values(_pieces(check_scores(scores, graph), graph, conventions, top), counts)
-    for r, draw in enumerate(draws):
-        direct = model_metrics(scores[draw], graph, conventions)
-        for name in ("intensity", "edge_entropy", "kurtosis", "output_entropy"):
-            assert replicates[name][r] == pytest.approx(direct[name], rel=1e-10), name
-        # Complexity: the resampled pool on the full sample's fixed grid, larger values clipped.
-        pool = np.minimum(np.abs(scores[draw]).ravel(), top)
-        hist, _ = np.histogram(pool, bins=13, range=(0.0, top))
-        assert replicates["complexity"][r] == pytest.approx(entropy(hist), rel=1e-10)
-        # Diversity: pairs of drawn positions, leaving out those of one question drawn twice.
-        flat = scores.reshape(6, -1)
-        pairs = [np.corrcoef(flat[a], flat[b])[0, 1] for i, a in enumerate(draw) for b in draw[i + 1:]
-                 if a != b]
-        assert replicates["diversity"][r] == pytest.approx(1 - np.mean(pairs), rel=1e-10)
+                      [others[1]] * 5 + [others[2]], [strongest] + others])
+    counts = np.stack([np.bincount(d, minlength=6) for d in draws]).astype(float)
+    for grid in ("own-max", "shared-quantile"):
+        conventions = settings(histogram_bins=13, complexity_grid=grid)
+        rows = _Rows([check_scores(scores, graph)], graph, conventions)
+        replicates = rows.evaluate(counts)
+        replicate, row = np.nonzero(counts)
+        left_out = rows.leave_one_out(counts, replicate, row)
+        sets = [(r, draw) for r, draw in enumerate(draws)]
+        # Leaving a question out removes every copy of it.
+        sets += [(len(draws) + i, draws[r][draws[r] != k]) for i, (r, k) in
+                 enumerate(zip(replicate, row))]
+        for index, draw in sets:
+            found = ({name: v[index] for name, v in replicates.items()} if index < len(draws) else
+                     {name: v[index - len(draws)] for name, v in left_out.items()})
+            direct = model_metrics(scores[draw], graph, conventions) if len(draw) > 1 else None
+            for name in ("intensity", "edge_entropy", "kurtosis", "output_entropy"):
+                expected = (direct[name] if direct else
+                            per_sample_metrics(scores, graph, conventions)[name][draw[0]])
+                assert found[name] == pytest.approx(expected, rel=1e-10), (grid, name)
+            # Complexity: the resampled pool on its own max (own-max), or on the full sample's
+            # fixed grid with larger values in the last bin (shared-quantile).
+            pool = np.abs(scores[draw]).ravel()
+            top = pool.max() if grid == "own-max" else complexity_top([scores], graph, conventions)
+            hist, _ = np.histogram(np.minimum(pool, top), bins=13, range=(0.0, top))
+            assert found["complexity"] == pytest.approx(entropy(hist), rel=1e-10), grid
+            # Diversity: pairs of drawn positions, leaving out those of one question drawn twice.
+            flat = scores.reshape(6, -1)
+            pairs = [np.corrcoef(flat[a], flat[b])[0, 1] for i, a in enumerate(draw)
+                     for b in draw[i + 1:] if a != b]
+            if pairs:
+                assert found["diversity"] == pytest.approx(1 - np.mean(pairs), rel=1e-10)
 
 
 def test_draws_are_seeded_and_row_zero_is_the_original_sample():
@@ -216,9 +256,10 @@ def test_identical_models_give_zero_change_and_no_significant_edge():
     base = random_scores(graph, 40, 0)
     comparison = compare_models(base, base.copy(), graph, MetricSettings(bootstrap=200))
     for name, m in comparison.metrics.items():
-        assert m.change == 0 and m.change_pct == 0 and m.scale == "log_ratio", name
-        assert m.change_ci == m.change_pct_ci == (0, 0), name
-        assert m.clear_sign == 0, name
+        assert m.change == 0, name
+        assert m.scale == ("log_ratio" if name == "intensity" else "difference"), name
+        assert m.change_ci == (0, 0) and m.interval == (0, 0), name
+        assert m.clear_sign == 0 and m.p == 1, name
         assert m.base_ci == m.post_ci and m.base_ci[0] <= m.base <= m.base_ci[1], name
         assert m.wilcoxon_p == 1 if name in PER_SAMPLE_METRICS else math.isnan(m.wilcoxon_p), name
     table = grid_table([("pair", "data", 0.1, comparison)])
@@ -230,41 +271,41 @@ def test_identical_models_give_zero_change_and_no_significant_edge():
     assert (change[graph.real_edge_mask] == 0).all() and np.isnan(change[~graph.real_edge_mask]).all()
 
 
-def test_pairing_scaled_model_changes_intensity_only():
-    # post = 2 * base on every question: every scale-free metric is unchanged in every replicate, and
-    # intensity rises by exactly 100% in every replicate (an unpaired bootstrap would blur both).
-    # Complexity, binned for both models on one grid, is not scale-free.
+SCALE_FREE = ("complexity", "edge_entropy", "kurtosis", "diversity", "output_entropy")
+
+
+@pytest.mark.parametrize("gain", [1e-3, 0.37, 1.0, 1.5, 3.0, 1e4])
+@pytest.mark.parametrize("flatten", ["dense", "edges"])
+def test_a_pure_gain_changes_intensity_only_and_by_exactly_the_gain(gain, flatten):
+    # post = c x base on every question: every scale-free metric is unchanged (up to rounding:
+    # 1e-12 of its value: c x W rounds differently), with p = 1 and an interval within rounding of
+    # 0; intensity moves by exactly c - 1,
+    # and its % interval is c - 1 exactly (every swap of a question scales it alike).
     graph = ResidualGraph(3)
     base = random_scores(graph, 30, 1)
-    comparison = compare_models(base, 2 * base, graph, MetricSettings(bootstrap=100))
-    intensity = comparison.metrics["intensity"]
-    assert intensity.change_pct == pytest.approx(100)
-    assert intensity.change_pct_ci == pytest.approx((100, 100))
-    for name in ("edge_entropy", "kurtosis", "diversity", "output_entropy"):
+    comparison = compare_models(base, gain * base, graph,
+                                MetricSettings(bootstrap=50, permutations=500, flatten=flatten))
+    for name in SCALE_FREE:
         m = comparison.metrics[name]
-        assert m.change == pytest.approx(0, abs=1e-9), name
-        assert m.change_ci == pytest.approx((0, 0), abs=1e-9), name
+        assert abs(m.change) <= 1e-12 * max(1.0, abs(m.base)), (name, m.change)
+        assert m.scale == "difference" and m.p == 1, name
+        assert max(map(abs, m.interval)) <= 1e-12 * max(1.0, abs(m.base)), name
+    intensity = comparison.metrics["intensity"]
+    assert intensity.post / intensity.base == pytest.approx(gain, rel=1e-12)
+    assert intensity.change == pytest.approx((gain - 1) * intensity.base, rel=1e-12)
+    assert intensity.change_pct == pytest.approx(100 * (gain - 1), rel=1e-9, abs=1e-9)
+    assert intensity.change_pct_ci == pytest.approx((100 * (gain - 1),) * 2, rel=1e-6, abs=1e-6)
 
 
-def test_percent_change_interval_is_the_log_ratio_interval_mapped_back():
+def test_on_a_shared_grid_complexity_is_not_scale_free():
     graph = ResidualGraph(3)
-    base, post = random_scores(graph, 30, 4), 1.5 * random_scores(graph, 30, 5)
-    conventions = MetricSettings(bootstrap=300, ci_level=0.9)
-    comparison = compare_models(base, post, graph, conventions)
-    counts = _draw_counts(30, conventions)
-    top = comparison.complexity_top
-    base_r = _values(_pieces(check_scores(base, graph), graph, conventions, top), counts)["intensity"]
-    post_r = _values(_pieces(check_scores(post, graph), graph, conventions, top), counts)["intensity"]
-    low, high = np.quantile(np.log(post_r[1:] / base_r[1:]), [0.05, 0.95])
-    m = comparison.metrics["intensity"]
-    assert m.scale == "log_ratio" and m.interval == m.change_pct_ci
-    assert m.change_pct_ci == pytest.approx((100 * np.expm1(low), 100 * np.expm1(high)))
-    assert m.change_pct == pytest.approx(100 * (m.post / m.base - 1))
+    base = random_scores(graph, 30, 1)
+    shared = MetricSettings(bootstrap=0, permutations=0, complexity_grid="shared-quantile")
+    assert compare_models(base, 1.5 * base, graph, shared).metrics["complexity"].change > 0.1
 
 
-def test_a_base_near_zero_or_a_sign_change_is_reported_as_a_difference():
-    # Signed kurtosis over edges: uniform scores have excess kurtosis near -1.2, Laplace ones near +3,
-    # so base and post differ in sign in the point value and in every replicate.
+def test_kurtosis_is_a_difference_even_when_signs_differ_and_intensity_a_percent():
+    # Signed kurtosis over edges: uniform scores near -1.2, Laplace ones near +3.
     graph = ResidualGraph(3)
     rng = np.random.default_rng(0)
     base = graph.dense(rng.uniform(-1, 1, size=(40, graph.n_edges)))
@@ -278,11 +319,13 @@ def test_a_base_near_zero_or_a_sign_change_is_reported_as_a_difference():
     row = grid_table([("pair", "data", 0.1, comparison)]).set_index("metric").loc["kurtosis"]
     assert row["scale"] == "difference" and row["direction"] == "against paper"
     assert (row["change_low"], row["change_high"]) == pytest.approx(kurtosis.change_ci)
-    # Without a bootstrap the point values decide.
-    plain = compare_models(base, post, graph, MetricSettings(bootstrap=0, flatten="edges"))
-    assert plain.metrics["kurtosis"].scale == "difference"
-    assert plain.metrics["intensity"].scale == "log_ratio"
-    assert plain.metrics["intensity"].clear_sign == 0  # no interval, no claim
+    intensity = comparison.metrics["intensity"]
+    assert intensity.scale == "log_ratio" and intensity.interval == intensity.change_pct_ci
+    assert intensity.change_pct == pytest.approx(100 * (intensity.post / intensity.base - 1))
+    # Without permutations there is no test and no interval of the change, so no claim.
+    plain = compare_models(base, post, graph, MetricSettings(bootstrap=0, permutations=0))
+    assert all(m.interval is None and m.clear_sign == 0 and math.isnan(m.p)
+               for m in plain.metrics.values())
 
 
 def test_wilcoxon_p_of_per_sample_metrics_by_hand():
@@ -297,69 +340,57 @@ def test_wilcoxon_p_of_per_sample_metrics_by_hand():
     assert math.isnan(comparison.metrics["diversity"].wilcoxon_p)
 
 
-def structured_draw(graph, rng, n, scale):
-    """Signed heavy-tailed scores shaped like real ones: a per-edge scale shared by all samples
-    (fixed seed), a per-sample scale, Student-t magnitudes, mostly positive signs."""
-    structure = np.random.default_rng(7).lognormal(0.0, 1.0, size=graph.n_edges)
-    shape = (n, graph.n_edges)
-    magnitude = rng.lognormal(0.0, 0.3, size=(n, 1)) * structure * np.abs(rng.standard_t(4, size=shape))
-    return graph.dense(scale * magnitude * rng.choice([-1.0, 1.0], size=shape, p=[0.3, 0.7]))
-
-
-def gaussian_draw(graph, rng, n, scale):
-    """Signed Gaussian scores with a per-sample scale: excess kurtosis near 0."""
-    per_sample = rng.lognormal(0.0, 0.3, size=(n, 1))
-    return graph.dense(scale * per_sample * rng.normal(size=(n, graph.n_edges)))
-
-
-REPLICATES = 200
-# 95% intervals: the share of replicates covering the true value is binomial(200, 0.95); 3 standard
-# errors either side (about 0.046) leave a correct method failing about 1 time in 300.
-COVERAGE_TOLERANCE = 3 * math.sqrt(0.95 * 0.05 / REPLICATES)
-
-
-def simulate(draw, post_scale: float, conventions: MetricSettings) -> dict[str, dict]:
-    """Per metric over REPLICATES simulated pairs (n = 60, post = post_scale x an independent draw
-    from base's law): how often the reported interval covers the true value (intensity: the scale's
-    % change; every other metric: 0, except complexity, which is not scale-free on its shared grid
-    and is only counted when post_scale is 1), the scales used, and how often Wilcoxon p < 0.05."""
+@pytest.mark.parametrize("n", [3, 4])
+def test_permutation_p_is_exact_on_every_swap_enumerated_by_hand(n):
+    # All 2^n ways of swapping base and post within questions, built as matrices and measured with
+    # the plain metrics: p = the share of them whose change is at least the observed one in size.
+    # The scale-free metrics swap each model's matrices divided by its median nonzero |W| on real
+    # edges (docs/method.md section 7; it changes none of their values, only which scale a
+    # swapped pool mixes); intensity swaps the matrices as they are, on the log-ratio scale.
     graph = ResidualGraph(2)
-    result: dict[str, dict] = {name: {"covered": 0, "scales": set(), "rejected": 0} for name in METRICS}
-    for r in range(REPLICATES):
-        rng = np.random.default_rng(r)
-        comparison = compare_models(draw(graph, rng, 60, 1.0), draw(graph, rng, 60, post_scale),
-                                    graph, conventions)
-        for name, m in comparison.metrics.items():
-            true = 100 * (post_scale - 1) if name == "intensity" else 0.0
-            result[name]["covered"] += m.interval[0] <= true <= m.interval[1]
-            result[name]["scales"].add(m.scale)
-            result[name]["rejected"] += m.wilcoxon_p < 0.05
-    if post_scale != 1:
-        del result["complexity"]
-    return {name: {**r, "coverage": r["covered"] / REPLICATES} for name, r in result.items()}
+    rng = np.random.default_rng(n)
+    base = random_scores(graph, n, 20 + n)
+    post = graph.dense(1.7 * rng.standard_t(4, size=(n, graph.n_edges)))
+    plain = MetricSettings(bootstrap=0, permutations=0)
+
+    def typical(scores):
+        magnitude = np.abs(graph.edges(scores))
+        return np.median(magnitude[magnitude > 0])
+
+    scaled_base, scaled_post = base / typical(base), post / typical(post)
+    changes = {name: [] for name in METRICS}
+    for pattern in range(2 ** n):
+        swap = np.array([(pattern >> k) & 1 for k in range(n)], dtype=bool)[:, None, None]
+        for name in METRICS:
+            b, p = (base, post) if name == "intensity" else (scaled_base, scaled_post)
+            left = model_metrics(np.where(swap, p, b), graph, plain)[name]
+            right = model_metrics(np.where(swap, b, p), graph, plain)[name]
+            changes[name].append(math.log(right / left) if name == "intensity" else right - left)
+    comparison = compare_models(base, post, graph, MetricSettings(bootstrap=0, permutations=2 ** n))
+    assert comparison.exact
+    for name in METRICS:
+        swapped = np.abs(changes[name])
+        observed = swapped[0]  # pattern 0 swaps nothing
+        expected = int((swapped >= observed * (1 - 1e-9)).sum()) / 2 ** n
+        assert comparison.metrics[name].p == pytest.approx(expected), name
+        assert comparison.metrics[name].p in {k / 2 ** n for k in range(1, 2 ** n + 1)}, name
 
 
-def test_log_ratio_intervals_cover_a_known_change_at_the_nominal_rate():
-    found = simulate(structured_draw, 1.3, MetricSettings(bootstrap=400, flatten="edges"))
-    for name, r in found.items():
-        assert r["scales"] == {"log_ratio"}, name
-        assert abs(r["coverage"] - 0.95) <= COVERAGE_TOLERANCE, (name, r["coverage"])
-    assert found["intensity"]["rejected"] / REPLICATES > 0.8  # Wilcoxon sees the 30% rise
-
-
-def test_difference_intervals_and_wilcoxon_hold_their_level_when_nothing_changed():
-    found = simulate(gaussian_draw, 1.0, MetricSettings(bootstrap=400, flatten="edges"))
-    assert found["kurtosis"]["scales"] == {"difference"}  # both near 0 (and negative)
-    for name, r in found.items():
-        if name == "diversity":
-            # Independent samples correlate about 0, a degenerate case for the bootstrap of a mean
-            # over pairs: its interval is conservative here (full coverage), never narrow.
-            assert r["coverage"] >= 0.95 - COVERAGE_TOLERANCE, (name, r["coverage"])
-        else:
-            assert abs(r["coverage"] - 0.95) <= COVERAGE_TOLERANCE, (name, r["coverage"])
-    for name in PER_SAMPLE_METRICS:
-        # Wilcoxon's size: binomial(200, 0.05) rejections, within 3 standard errors of 5%.
-        assert found[name]["rejected"] / REPLICATES <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / REPLICATES)
+def test_intervals_are_the_changes_the_permutation_test_does_not_reject():
+    # The interval excludes 0 exactly where p <= 1 - ci_level (one test, read two ways), and its
+    # ends are where the test starts to reject.
+    graph = ResidualGraph(3)
+    conventions = MetricSettings(bootstrap=0, permutations=999)
+    agree = 0
+    for seed in range(6):
+        base = random_scores(graph, 25, 100 + seed)
+        post = random_scores(graph, 25, 200 + seed, df=6.0) * (1.0 + 0.1 * seed)
+        for name, m in compare_models(base, post, graph, conventions).metrics.items():
+            excludes = not m.interval[0] <= 0 <= m.interval[1]
+            agree += excludes == (m.p <= 0.05)
+            assert m.interval[0] <= (m.change_pct if m.scale == "log_ratio" else m.change) \
+                <= m.interval[1], name
+    assert agree == 6 * len(METRICS)
 
 
 def test_loss_correlation_is_spearman_of_each_metric_with_the_loss():
@@ -467,15 +498,16 @@ def test_results_carry_their_settings_and_round_trip_through_json():
     assert Comparison.from_dict(data) == comparison
     model = summarise_model(base, graph, conventions)
     assert ModelMetrics.from_dict(json.loads(json.dumps(model.to_dict(), allow_nan=False))) == model
-    # One model alone bins complexity on its own pool; a comparison on both models' pool.
-    same = [k for k in METRICS if k != "complexity"]
-    assert {k: model.values[k] for k in same} == pytest.approx(
-        {k: comparison.metrics[k].base for k in same})
-    assert {k: model.intervals[k] for k in same} == {k: comparison.metrics[k].base_ci for k in same}
-    assert model.complexity_top == complexity_top([base], graph, conventions)
-    # Without bootstrap there are no intervals, and the JSON says so.
-    plain = compare_models(base, post, graph, conventions.replace(bootstrap=0)).to_dict()
+    # Under own-max each model is binned on its own pool, alone or in a comparison.
+    assert model.values == pytest.approx({k: comparison.metrics[k].base for k in METRICS})
+    for k in METRICS:
+        assert model.intervals[k] == pytest.approx(comparison.metrics[k].base_ci, rel=1e-9), k
+    assert model.complexity_top == np.abs(base).max() == comparison.complexity_tops[0]
+    # Without bootstrap and permutations there are no intervals, and the JSON says so.
+    plain = compare_models(base, post, graph,
+                           conventions.replace(bootstrap=0, permutations=0)).to_dict()
     assert plain["metrics"]["intensity"]["change_ci"] is None
+    assert plain["metrics"]["intensity"]["base_ci"] is None and plain["metrics"]["intensity"]["p"] is None
 
 
 def cell(diversity_pct, intensity_pct, kurtosis_change, conventions=MetricSettings()):
@@ -483,12 +515,14 @@ def cell(diversity_pct, intensity_pct, kurtosis_change, conventions=MetricSettin
         post = base * (1 + pct / 100)
         return MetricChange(base=base, post=post, change=post - base, change_pct=pct, base_ci=(0.9, 1.1),
                             post_ci=(0.9, 1.1), change_ci=(post - base - 0.01, post - base + 0.01),
-                            change_pct_ci=(pct - 1, pct + 1), scale="log_ratio", wilcoxon_p=0.5)
+                            change_pct_ci=(pct - 1, pct + 1), scale="log_ratio", p=0.5,
+                            wilcoxon_p=0.5)
 
     metrics = {name: change(0.0) for name in METRICS}
     metrics.update(diversity=change(diversity_pct), intensity=change(intensity_pct),
                    kurtosis=change(kurtosis_change * 100 / 300, base=300.0))
-    return Comparison(settings=conventions, n_samples=100, metrics=metrics, complexity_top=1.0)
+    return Comparison(settings=conventions, n_samples=100, metrics=metrics,
+                      complexity_tops=(1.0, 1.0), exact=False)
 
 
 def test_grid_table_and_diversity_summary():
@@ -510,6 +544,8 @@ def test_grid_table_and_diversity_summary():
     assert summary.loc["all", ["cells", "rose", "rose_ci_above_zero", "fell", "fell_ci_below_zero"]
                        ].tolist() == [3, 2, 1, 1, 1]
     assert summary.loc["all", "mean_change_pct"] == pytest.approx(5.5 / 3)
+    assert summary.loc["all", "mean_change"] == pytest.approx(0.055 / 3)
+    assert (table["p"] == 0.5).all()
     assert summary.loc["deepseek", "cells"] == 2 and summary.loc["qwen25-dpo", "rose"] == 1
     with pytest.raises(ValueError, match="different metric settings"):
         grid_table(grid + [("mistral", "MATH", 0.3, cell(1, 1, 1, MetricSettings(histogram_bins=50)))])
@@ -594,9 +630,49 @@ def test_per_sample_metrics_come_in_the_declared_order():
     assert tuple(metrics.per_sample_metrics(scores, graph)) == metrics.PER_SAMPLE_METRICS
 
 
-def test_the_fixed_range_enters_the_key_so_comparisons_of_the_old_method_are_not_served():
-    # Stored comparisons are found by MetricSettings().key(); the fixed-range complexity, the
-    # log-ratio intervals and the Wilcoxon tests came with this field, so it must enter the key
-    # at its default.
-    assert MetricSettings().key_dict()["complexity_range_quantile"] == 0.999
-    assert MetricSettings().key() != MetricSettings(complexity_range_quantile=1.0).key()
+def test_the_new_statistics_change_the_key_so_comparisons_of_the_old_method_are_not_served():
+    # Stored comparisons are found by MetricSettings().key(). The keys of the statistics before
+    # issue 26 (shared-quantile complexity, percentile intervals, no permutation p) had neither
+    # complexity_grid nor permutations: no key of today's settings can equal one of them.
+    current = MetricSettings().key_dict()
+    assert current["complexity_grid"] == "own-max" and current["permutations"] == 10000
+    old = {k: v for k, v in current.items() if k not in ("complexity_grid", "permutations")}
+    assert MetricSettings().key() != stable_hash({"group": "metrics", **old})
+    assert MetricSettings().key() != MetricSettings(complexity_grid="shared-quantile").key()
+    # The primary cell is a declaration about reading, not a result: outside the key.
+    assert "primary" not in current
+    assert MetricSettings(primary="kurtosis@0.3").key() == MetricSettings().key()
+
+
+@pytest.mark.parametrize("text", ["intensity", "intensity@", "entropy@0.1", "intensity@1.5",
+                                  "intensity@0.1,kurtosis"])
+def test_a_malformed_primary_is_refused_naming_the_form(text):
+    with pytest.raises(SettingsError, match="metric@alpha"):
+        MetricSettings(primary=text)
+
+
+def test_primary_cells_parse():
+    assert MetricSettings().primary_cells == (("intensity", 0.1),)
+    assert MetricSettings(primary="kurtosis@0.3, diversity@0.03").primary_cells == (
+        ("kurtosis", 0.3), ("diversity", 0.03))
+    assert MetricSettings(primary="none").primary_cells == ()
+
+
+def test_holm_by_hand():
+    # m = 4 (NaN not counted): sorted 0.005, 0.01, 0.03, 0.04 -> 4x, 3x, 2x, 1x, then running max.
+    adjusted = holm([0.01, 0.04, 0.03, math.nan, 0.005])
+    np.testing.assert_allclose(adjusted, [0.03, 0.06, 0.06, math.nan, 0.02])
+    assert holm([0.5, 0.9]).tolist() == [1.0, 1.0]
+
+
+def test_changes_print_with_their_unit_and_enough_digits():
+    nan = (math.nan, math.nan)
+    assert format_change("intensity", "log_ratio", 30.12, (15.1, 58.6), 0.1, nan) == \
+        "+30.1% [+15.1, +58.6]"
+    # A small entropy change keeps its digits (never "-0.0%"), in nats.
+    assert format_change("edge_entropy", "difference", math.nan, nan, -0.00123,
+                         (-0.002, -0.0004)) == "Δ-0.00123 [-0.002, -0.0004] nats"
+    assert format_change("kurtosis", "difference", math.nan, nan, -12.34, (-20.1, -3.3)) == \
+        "Δ-12.3 [-20.1, -3.3]"
+    assert format_change("intensity", "log_ratio", -0.0412, (-0.1, 0.02), 0.0, nan) == \
+        "-0.0412% [-0.1, +0.02]"
