@@ -70,7 +70,7 @@ if sel is not None:
         "matches the paper's report for online RL (intensity, complexity and diversity up, "
         f"kurtosis down), <span style='color:{DIRECTION_COLORS['against paper']}'>red</span> "
         "where it goes against it. p: the paired permutation test of the change (base and post "
-        "swapped within questions); Holm: that p adjusted across every cell shown, \* where it "
+        "swapped within questions); Holm: that p adjusted across every cell shown, \\* where it "
         f"is at most {alpha:g}. {PRIMARY_MARK}: a primary cell, declared before looking (sidebar → "
         f"Metric conventions → primary: `{sel.metrics.primary}`); a claim rests on its own p.",
         unsafe_allow_html=True)
@@ -101,7 +101,7 @@ if sel is not None:
     st.caption(
         f"Pooled: {long['run_key'].nunique()} run(s), {len(grid)} (run, post model, T_cut) cells; "
         f"alphas with one T_cut are one cell. Metric conventions key {sel.metrics.key()} (sidebar → "
-        f"Metric conventions). \* marks {significant} of the {tested} tests shown after Holm's "
+        f"Metric conventions). \\* marks {significant} of the {tested} tests shown after Holm's "
         f"adjustment across all of them (family-wise error {alpha:g}); the raw p is beside each. "
         f"Primary cells ({PRIMARY_MARK}): {primary_lines}.")
     within = int((long["exceeds_null"] == False).sum())  # noqa: E712 (None: no null run)

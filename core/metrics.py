@@ -205,6 +205,18 @@ class _Rows:
             self.own_top = np.zeros(len(flat), dtype=np.intp)
         self._histograms: dict[int, np.ndarray] = {}
 
+    def block(self, start: int, stop: int) -> "_Rows":
+        """Rows start..stop alone (one matrix of several stacked), on the same grids: a set of one
+        matrix's rows is computed from its own rows only, so two equal matrices give bit-equal
+        values wherever they are stacked."""
+        part = object.__new__(_Rows)
+        part.per_sample = self.per_sample[start:stop]
+        part.correlation = self.correlation[start:stop, start:stop]
+        part.sorted = self.sorted[start:stop]
+        part.bins, part.tops, part.own_top = self.bins, self.tops, self.own_top[start:stop]
+        part._histograms = {}
+        return part
+
     def histograms(self, grid: int) -> np.ndarray:
         """[m, bins] counts of every row's |W| in `bins` equal-width bins over [0, tops[grid]],
         binned as np.histogram with that range does ([e_i, e_i+1), the last bin closed; its edges
@@ -256,7 +268,8 @@ class _Rows:
         total = weights.sum(axis=1)
         left = total[replicate] - copies
         sums = weights @ self.per_sample
-        means = (sums[replicate] - copies[:, None] * self.per_sample[row]) / left[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):  # a replicate of one question: NaN
+            means = (sums[replicate] - copies[:, None] * self.per_sample[row]) / left[:, None]
         values = dict(zip(PER_SAMPLE_METRICS, means.T))
         pair_sums = weights @ self.correlation
         pair_total = ((pair_sums * weights).sum(axis=1)[replicate]
@@ -335,14 +348,14 @@ class _Bootstrap:
         replicate, question = np.nonzero(counts)
         return cls(counts, replicate, question, counts[replicate, question].astype(np.float64))
 
-    def evaluate(self, rows: _Rows, position: int, sides: int
+    def evaluate(self, rows: _Rows, position: int
                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(values [1 + R], leave-one-out values [L]) of every metric of matrix `position` of
-        the `sides` stacked in `rows`."""
-        weights = _side(self.counts, position, sides)
+        those stacked in `rows`."""
         n = self.counts.shape[1]
-        return (rows.evaluate(weights),
-                rows.leave_one_out(weights, self.replicate, position * n + self.question))
+        own = rows.block(position * n, (position + 1) * n)
+        return (own.evaluate(self.counts),
+                own.leave_one_out(self.counts, self.replicate, self.question))
 
     def standard_errors(self, statistic: np.ndarray, leave_one_out: np.ndarray) -> np.ndarray:
         """[1 + R]: the jackknife standard error of a statistic in every replicate, from its
@@ -571,7 +584,7 @@ def summarise_model(scores: np.ndarray, graph: ResidualGraph,
     n = scores.shape[0]
     rows = _Rows([scores], graph, settings)
     boot = _Bootstrap.draw(n, settings)
-    values, leave_one_out = boot.evaluate(rows, 0, 1)
+    values, leave_one_out = boot.evaluate(rows, 0)
     intervals: dict[str, tuple[float, float] | None] = dict.fromkeys(METRICS)
     if settings.bootstrap:
         intervals = {name: _model_interval(name, boot, values[name], leave_one_out[name],
@@ -697,7 +710,7 @@ def compare_models(base: np.ndarray, post: np.ndarray, graph: ResidualGraph,
     n = base.shape[0]
     rows = _Rows([base, post], graph, settings)
     boot = _Bootstrap.draw(n, settings)  # the same draws for both models
-    (base_values, base_out), (post_values, post_out) = (boot.evaluate(rows, position, 2)
+    (base_values, base_out), (post_values, post_out) = (boot.evaluate(rows, position)
                                                         for position in (0, 1))
     tests, exact = (_swapped_changes(base, post, graph, rows, settings) if settings.permutations
                     else ({}, False))
@@ -1040,7 +1053,7 @@ def decompose(base: np.ndarray, post: np.ndarray, post_on_base: np.ndarray, grap
     n = sizes.pop()
     boot = _Bootstrap.draw(n, settings)
     rows = _Rows(list(checked.values()), graph, settings)
-    evaluated = {name: boot.evaluate(rows, position, len(checked))
+    evaluated = {name: boot.evaluate(rows, position)
                  for position, name in enumerate(checked)}
     parts = {"total": ("post", "base"), "weights": ("post_on_base", "base"),
              "tokens": ("post", "post_on_base")}

@@ -155,7 +155,7 @@ def _change(change: float, low: float, high: float) -> metrics.MetricChange:
     return metrics.MetricChange(base=1.0, post=1.0 + change, change=change, change_pct=100 * change,
                                 base_ci=None, post_ci=None, change_ci=(low, high),
                                 change_pct_ci=(100 * low, 100 * high), scale="log_ratio",
-                                wilcoxon_p=math.nan)
+                                p=math.nan, wilcoxon_p=math.nan)
 
 
 @pytest.mark.parametrize("real, null, expected", [
