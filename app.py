@@ -53,6 +53,9 @@ if sel is not None:
     chosen = st.multiselect("Metrics", list(METRICS), default=TABLE1_METRICS,
                             help="edge_entropy and output_entropy are this project's "
                                  "reconstructions; the paper makes no claim about them")
+    if not chosen:
+        st.info("Choose at least one metric.")
+        st.stop()
     long = cache.overview(sel.metrics, chosen)
     if long.empty:
         st.info("No cached run has an alpha with every selected question scored for every model yet "

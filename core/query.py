@@ -846,8 +846,9 @@ class ResultCache(SnapshotReader):
             try:
                 parts = self.decomposition(run_key, alpha, **scope, settings=settings)
                 parts = parts.set_index("metric")
-                # The decomposition's own total: complexity's grid there spans the cross scores
-                # too, so only that total is exactly weights + tokens.
+                # The decomposition's own total, exactly weights + tokens (it equals the
+                # comparison's change; under shared-quantile its complexity grid spans the cross
+                # scores too). Its intervals are the bootstrap's, like its parts'.
                 for part in ("total", "weights", "tokens"):
                     for suffix in ("", "_low", "_high"):
                         column = "change" if part == "total" else part
