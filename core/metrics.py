@@ -1,6 +1,7 @@
-"""Distribution metrics of per-sample edge-score matrices (docs/method.md sections 6-7), their paired bootstrap
-confidence intervals and Wilcoxon tests, per-edge paired tests, the metrics' correlation with the
-loss, and summaries over a grid of runs.
+"""Distribution metrics of per-sample edge-score matrices (docs/method.md sections 6-7), the paired
+permutation test of every change and the interval that inverts it, bootstrap-t intervals of each
+model's value, Holm's adjustment, per-edge paired tests, the metrics' correlation with the loss, and
+summaries over a grid of runs.
 
 Pure functions of score arrays `scores[k, s, d]` (n samples, dense [n_src, n_dst] matrices whose
 non-edges are structural zeros) and a `ResidualGraph`; no model, no UI. Every convention is a field of
@@ -9,12 +10,10 @@ non-edges are structural zeros) and a `ResidualGraph`; no model, no UI. Every co
 The metrics (natural logs throughout):
 - intensity: mean |W| over samples and entries; entries = all n_src*n_dst (`intensity_normaliser`
   dense, the paper's formula) or real edges only (edges).
-- complexity: Shannon entropy of the histogram of the pooled |W| of all samples, `histogram_bins`
-  equal-width bins over [0, top] (numpy's binning: [e_i, e_i+1), the last bin closed), values above
-  top counted in the last bin. top is the `complexity_range_quantile` of the pooled |W| of the full
-  samples, of both models in a comparison: one grid for both models, the point value and every
-  bootstrap resample. On one grid complexity is not scale-free: a model whose scores are all
-  doubled spreads over more bins (edge_entropy is the scale-free, bin-free variant).
+- complexity: Shannon entropy of the histogram of the pooled |W| of all samples of one model,
+  `histogram_bins` equal-width bins over [0, that pool's maximum] (`complexity_grid` own-max, the
+  paper's definition: scale-free; numpy's binning, [e_i, e_i+1), the last bin closed), or over
+  [0, a quantile of both models' joint pool] (shared-quantile; not scale-free).
 - edge_entropy: the bin-free variant: entropy of p_e = |W_e| / sum |W| over real edges, per sample,
   averaged over samples.
 - kurtosis: excess (Fisher) kurtosis, population moments (scipy's bias=True), of each sample's flattened
@@ -26,23 +25,18 @@ all n_src*n_dst entries, structural zeros included (dense, the paper's flattened
 edges only. The choice changes all three (zeros fill the first bin, add a spike at 0, and are shared by
 every sample), so it is recorded, never implied.
 
-Paired bootstrap: each replicate draws n question indices with replacement, once, and applies the same
-indices to base and post, so the change's interval reflects the pairing. Every metric is recomputed
-exactly by its definition on the resampled set:
-- per-sample averages are weighted by how often each question was drawn;
-- complexity: the per-sample histograms on the fixed grid, summed with the draw counts (identical to
-  histogramming the resampled pool on that grid). A grid per model (each its own quantile) would be
-  scale-free, but its intervals miss the variation of that quantile, which they hold fixed: in
-  simulation they covered 52% for a nominal 95%; on the shared grid that variation is common to
-  both models and largely cancels in the change (tests/test_metrics.py checks the coverage);
-- diversity averages the correlation over pairs of drawn positions whose original questions differ:
-  a question drawn twice would otherwise contribute a self-pair with correlation 1.
-Intervals are percentile intervals at `ci_level`. A change is reported on one of two scales
-(`CHANGE_SCALES`): `log_ratio` where base and post are positive in the point estimate and in every
-replicate (the interval of log(post/base), shown as % change), else `difference` (post - base in the
-metric's units), since the base is then within bootstrap noise of 0 or the signs differ. A change is
-called a change (a direction word) only where that interval excludes 0. The per-sample metrics also
-get a paired Wilcoxon signed-rank test of post - base.
+Every metric of any weighted set of samples (a bootstrap replicate, a set with one question left
+out, a pool with base and post swapped within some questions) is computed exactly by its definition
+from per-sample pieces (`_Rows`): per-sample averages weighted, complexity's histogram the weighted
+sum of the samples' histograms on the set's own grid, diversity over pairs of different members.
+
+Changes (`compare_models`): intensity as a % from the log ratio, every other metric as the difference
+post - base (CHANGE_SCALES). Each gets the two-sided paired permutation p (base and post swapped
+within questions, every pattern or `permutations` random ones) and, as its interval, every change
+that test does not reject; so the interval excludes 0 exactly where p <= 1 - ci_level. Each model's
+value gets a symmetric bootstrap-t interval (paired bootstrap over questions, a jackknife standard
+error in every replicate). `holm` adjusts a table's p-values; `MetricSettings.primary` names the
+cells a claim rests on. The per-sample metrics also carry a Wilcoxon p, a secondary column.
 
 Per-edge tests: a paired t-test per real edge on d_k = |W_post,k,e| - |W_base,k,e| across questions
 (it tests the mean change in strength, which is what `rel_change` reports; with the paper's n = 100
@@ -76,8 +70,8 @@ PAPER_DIRECTION = {"intensity": 1, "complexity": 1, "edge_entropy": None, "kurto
 
 EDGE_MEASURES = ("ratio", "difference", "normalised")
 
-# The scale a change's interval is given on: the % change from a log-ratio interval, or the plain
-# difference post - base where the base is near 0 or the signs differ (see `_change_scale`).
+# The scale a change is reported on: the % change from the log ratio (intensity, a ratio quantity),
+# or the difference post - base (every other metric, whose zero is arbitrary; LOG_SCALE_METRICS).
 CHANGE_SCALES = ("log_ratio", "difference")
 # The word for a change whose interval contains 0 (or that has none): neither direction is claimed.
 NO_CLEAR_CHANGE = "no clear change"
@@ -916,8 +910,9 @@ def grid_table(comparisons: Iterable[GridEntry]) -> pd.DataFrame:
     change on its `scale` (change_pct and its interval on the log_ratio scale, NaN on the
     difference scale; change and its interval on both), whether the reported interval excludes 0,
     `clear_sign` (+1 or -1 where the reported interval lies above or below 0, else 0), the
-    permutation p, the Wilcoxon p of the per-sample metrics (secondary), and `direction`: whether a clear change goes the way
-    the paper reports for online RL (intensity, complexity, diversity up; kurtosis down). Every
+    permutation p, the Wilcoxon p of the per-sample metrics (secondary), and `direction`: whether
+    a clear change goes the way the paper reports for online RL (intensity, complexity, diversity
+    up; kurtosis down). Every
     comparison must share one settings key, which the table's `settings_key` column records."""
     rows = []
     keys = set()
