@@ -138,6 +138,12 @@ class ModelSpec:
             folder_path = Path(folder)
             return str(folder_path if folder_path.is_absolute() or root is None else root / folder_path)
 
+        if not isinstance(entry, dict):
+            raise InputError(f"model entry {entry!r} is not a table of `hub`, `path` or `adapter`")
+        for key in ("hub", "path", "adapter", "revision"):
+            if key in entry and not (isinstance(entry[key], str) and entry[key].strip()):
+                raise InputError(f"model entry {entry}: `{key}` must be a non-empty string, not "
+                                 f"{entry[key]!r}")
         if "adapter" in entry:
             if "base" not in entry:
                 raise InputError(f"model entry {entry}: an adapter needs `base = {{...}}`")

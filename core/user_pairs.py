@@ -190,14 +190,14 @@ def declaration_problems(name: str, declaration: dict, config: Config,
     declared = list(config.pairs) + list(config.series)
     problems = name_problems(name, "pair", declared, offered["user_pairs"], config)
     template = declaration.get("template")
-    if template not in TEMPLATES:
+    if not isinstance(template, str) or template not in TEMPLATES:
         problems.append(f"prompt template {template!r} is not one of {list(TEMPLATES)}")
     limit = declaration.get("max_new_tokens")
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         problems.append(f"max_new_tokens = {limit!r}: give the answer token limit, a positive "
                         f"integer")
     dataset = declaration.get("dataset")
-    if not uploading and dataset not in offered["datasets"]:
+    if not uploading and (not isinstance(dataset, str) or dataset not in offered["datasets"]):
         problems.append(f"dataset {dataset!r} is neither configured nor uploaded; known: "
                         f"{offered['datasets']}")
     blank = [message for role in ("base", "post")

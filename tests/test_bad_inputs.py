@@ -844,3 +844,26 @@ def test_model_entries_that_are_not_objects_are_problems_not_tracebacks(world, t
     assert problems and all("must be an object" in p or p.startswith(("post model", "base model"))
                             for p in problems if "object" in p), problems
     assert any("must be an object" in p for p in problems), problems
+
+
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=12)),
+    lambda children: st.one_of(st.lists(children, max_size=3),
+                               st.dictionaries(st.sampled_from(["hub", "path", "adapter", "base", "label",
+                                                                "revision", "algorithm", "x"]),
+                                               children, max_size=4)),
+    max_leaves=12)
+DECLARATIONS = st.one_of(JSON_VALUES, st.fixed_dictionaries(
+    {}, optional={"base": JSON_VALUES, "post": JSON_VALUES, "template": JSON_VALUES,
+                  "max_new_tokens": JSON_VALUES, "dataset": JSON_VALUES}))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(declaration=DECLARATIONS)
+def test_the_pair_declaration_check_gives_problems_never_a_traceback(world, tmp_path, declaration):
+    """What the New-pair form (or a hand-written declaration file) can send: problems, one line each."""
+    from core.user_pairs import check_pair
+
+    problems = check_pair("new", declaration, config_path=str(world / "pairs.toml"),
+                          cache=str(tmp_path / "c.duckdb"))
+    assert problems and all(isinstance(p, str) and "\n" not in p for p in problems)
