@@ -130,12 +130,14 @@ class _Runner:
         too_long = sorted(q for q, ids in self.prompts.items() if len(ids) > room)
         if too_long:
             longest = max(len(self.prompts[q]) for q in too_long)
+            fix = (f"lower max_new_tokens to at most {limit - longest + 1}, or leave those "
+                   f"questions out of the dataset" if longest < limit else
+                   "leave those questions out of the dataset (their prompts alone fill it)")
             raise InputError(
                 f"{len(too_long)} question(s) of dataset {self.dataset.name!r} (first "
                 f"{too_long[0]!r}, up to {longest} prompt tokens) would run past the "
                 f"{limit} positions {self.pair.base.spec} has embeddings for with "
-                f"max_new_tokens {self.max_new_tokens}; lower max_new_tokens to at most "
-                f"{limit - longest + 1}, or leave those questions out of the dataset")
+                f"max_new_tokens {self.max_new_tokens}; {fix}")
 
     def generation_key(self, label: str, question_id: str) -> str:
         return keys.generation_key(self.model_keys[label], self.questions[question_id].key,

@@ -792,7 +792,18 @@ def test_a_gpt2_prompt_longer_than_its_positions_is_refused_before_generating(wo
             ["run", "--pair", "tiny", "--dataset", "tiny", "--config", str(config), "--cache",
              str(tmp_path / "c.duckdb"), "--alpha", "0.5"],
             r"4 question\(s\) of dataset 'tiny' \(first 'q0', up to \d+ prompt tokens\) would run past "
-            r"the 12 positions .* has embeddings for with max_new_tokens 4; lower max_new_tokens")
+            r"the 12 positions .* has embeddings for with max_new_tokens 4; leave those questions out "
+            r"of the dataset \(their prompts alone fill it\)")
+    # Prompts that fit, but not with the answers' room: the limit that would do.
+    longest = max(len(p) for p in [get_template("deepseek-math").render(f"What is {i} plus 1", tiny_tokenizer())[1]
+                                   for i in range(4)])
+    roomy = gpt2_world(world, tmp_path / "gpt2-roomy", n_positions=longest + 2)
+    config.write_text((world / "pairs.toml").read_text().replace(str(world / "base"), str(roomy)))
+    refused("`run` on GPT-2 with prompts that leave too little room for max_new_tokens",
+            ["run", "--pair", "tiny", "--dataset", "tiny", "--config", str(config), "--cache",
+             str(tmp_path / "c.duckdb"), "--alpha", "0.5"],
+            rf"\d question\(s\) .* would run past the {longest + 2} positions .* with max_new_tokens 4; "
+            rf"lower max_new_tokens to at most 3, or leave those questions out of the dataset")
     samples = tmp_path / "samples.jsonl"
     samples.write_text(sample_line(prompt_ids=[1] * 12, answer_ids=[7, 8], t_cut=2) + "\n")
     refused("`score` of a GPT-2 sample longer than n_positions",
