@@ -143,6 +143,11 @@ TABLES = {
 }
 
 
+# The version token at which each cache file (resolved path) was last found whole in this process:
+# every Store of a file shares it, so the whole-file check runs once per version, not per reader.
+_FOUND_WHOLE: dict[Path, tuple] = {}
+
+
 class CacheError(CircuitdiffError, RuntimeError):
     """The cache cannot be used as asked; the message says why and what to do."""
 
@@ -363,7 +368,8 @@ class Store:
     def _check_open_file(self, con: duckdb.DuckDBPyConnection) -> None:
         """check_file on an open connection (while it is open, no writer changes the file)."""
         token = self.version_token()
-        if self._checked_token == token:
+        if token in (self._checked_token, _FOUND_WHOLE.get(self.path.resolve())):
+            self._checked_token = token
             return
         try:
             damage = file_damage(con, self.path)
@@ -373,7 +379,7 @@ class Store:
             raise self._failure(error, "read") from error
         if damage:
             raise self._corrupt(damage)
-        self._checked_token = token
+        self._checked_token = _FOUND_WHOLE[self.path.resolve()] = token
 
     def check_writable(self) -> None:
         """Raise OutputPathError unless the cache's folder (for the file, its lock, write-ahead log
@@ -432,7 +438,7 @@ class Store:
             finally:
                 con.close()
             # This process wrote the file as it is now, holding the writer lock.
-            self._checked_token = self.version_token()
+            self._checked_token = _FOUND_WHOLE[self.path.resolve()] = self.version_token()
 
     @contextlib.contextmanager
     def writer_lock(self, wait: bool = False, timeout: float = OPEN_TIMEOUT_S) -> Iterator[None]:
