@@ -72,7 +72,9 @@ def _evaluate(args) -> int:
 
 def _run(args) -> int:
     from core import jobs
-    from core.demo.run import format_metric_table, run_demo
+    from core.commands.metrics import overview_markdown
+    from core.demo.run import run_demo
+    from core.settings import MetricSettings
 
     reporter = (jobs.JobReporter(jobs.demo_status_path(args.job_id, args.cache)) if args.job_id
                 else None)
@@ -85,7 +87,7 @@ def _run(args) -> int:
         if reporter:
             reporter.finish("failed", f"{type(error).__name__}: {error}")
         raise
-    print(format_metric_table(table))
+    print(overview_markdown(table, MetricSettings()))
     if reporter:
         reporter.finish("done", f"demo {args.part} complete")
     return 0

@@ -61,8 +61,9 @@ def part_requests(part: str, cache: str | None = None) -> list:
 def run_demo(cache: str | None = None, part: str = "pairs", log=print, progress=None):
     """One part of the demo's runs, one after the other; `progress(stage, done, total)` hears each
     run's pipeline progress with stage "<pair>: <pipeline stage>". Returns the metric table of the
-    part's runs."""
+    part's runs as the Overview shows them (Holm across the cache's cells)."""
     from core import pipeline
+    from core.commands.metrics import TABLE_METRICS
     from core.query import ResultCache
 
     common.setup_torch()
@@ -79,23 +80,5 @@ def run_demo(cache: str | None = None, part: str = "pairs", log=print, progress=
         log(f"{pair}: run {summary.run_key}, {summary.selection['n_selected']} questions, "
             f"T_cut {summary.t_cuts}; done now: {work}; {summary.seconds:.1f} s")
     log(f"demo {part}: {time.monotonic() - began:.1f} s")
-    table = ResultCache.open(cache).metric_table()
+    table = ResultCache.open(cache).overview(shown=TABLE_METRICS)
     return table[table["run_key"].isin(run_keys)]
-
-
-def format_metric_table(table) -> str:
-    """One line per pooled (pair, T_cut, metric): base -> post, the change on its scale (% from the
-    log-ratio interval, or the difference) with its interval, * where the interval excludes 0, and
-    the paired Wilcoxon p of per-sample metrics (docs/method.md sections 6-7)."""
-    lines = []
-    pooled = table[table["pooled"].astype(bool)]
-    for row in pooled.sort_values(["pair", "alpha", "metric"]).itertuples():
-        if row.scale == "difference":
-            change = f"diff {row.change:+.3g} [{row.change_low:+.3g}, {row.change_high:+.3g}]"
-        else:
-            change = f"{row.change_pct:+.1f}% [{row.ci_low:+.1f}, {row.ci_high:+.1f}]"
-        star = "*" if row.clear_sign else ""
-        wilcoxon = "" if row.wilcoxon_p != row.wilcoxon_p else f"  p={row.wilcoxon_p:.2g}"
-        lines.append(f"{row.pair:10s} alpha={row.alphas:<9} {row.metric:15s} {row.base:.4g} -> "
-                     f"{row.post:.4g}  {change}{star}{wilcoxon}  n={row.n}")
-    return "\n".join(lines)
