@@ -283,9 +283,9 @@ def trajectory_metrics_figure(frame: pd.DataFrame, *, x_title: str = "training s
 
 def consistent_edge_lines(frame: pd.DataFrame, steps: list[int], measure: str, *,
                           x_title: str = "training step") -> go.Figure:
-    """The change of each edge of `frame` (the read model's consistent_edges: edge, and the change
-    at each of `steps` in core.trajectory.step_column(step)) over the steps, from 0 at the base
-    (step 0): one line per edge, in the table's order."""
+    """The change of each edge of `frame` (the read model's edge_trends(...).table: edge, and the
+    change at each of `steps` in core.trajectory.step_column(step)) over the steps, from 0 at the
+    base (step 0): one line per edge, in the table's order."""
     fig = go.Figure()
     for i, row in enumerate(frame.to_dict("records")):
         fig.add_trace(go.Scatter(
@@ -331,14 +331,19 @@ def _signed_log_axis(values: np.ndarray) -> tuple[float, dict]:
                                  for t in ticks]}
 
 
-def _agreement_title(label: str, row: pd.Series | None) -> str:
-    if row is None:
-        return label
-
-    def shown(value) -> str:
-        return "undefined" if pd.isna(value) else f"{value:.2f}"
-    return (f"{label}<br>Spearman {shown(row['spearman'])} · Pearson {shown(row['pearson'])} · "
-            f"same sign {shown(row['sign_agreement'])} (n {int(row['n'])})")
+def _agreement_title(label: str, rows: pd.DataFrame) -> str:
+    """The model's label over one line per stratum: its per-question Spearman and sign agreement,
+    averaged over questions (cross-fitted; docs/method.md section 8)."""
+    lines = [label]
+    for stratum in STRATUM_NAMES:
+        chosen = rows[rows["stratum"] == stratum].set_index("statistic")["value"]
+        if chosen.empty:
+            continue
+        shown = {name: "undefined" if pd.isna(chosen.get(name)) else f"{chosen.get(name):.2f}"
+                 for name in ("spearman", "sign_agreement")}
+        lines.append(f"{STRATUM_NAMES[stratum]}: Spearman {shown['spearman']} · same sign "
+                     f"{shown['sign_agreement']}")
+    return "<br>".join(lines)
 
 
 def faithfulness_scatter(edges: pd.DataFrame, agreement: pd.DataFrame) -> go.Figure:
@@ -346,13 +351,13 @@ def faithfulness_scatter(edges: pd.DataFrame, agreement: pd.DataFrame) -> go.Fig
     first), coloured by stratum, both axes on one sign-preserving log scale (asinh) so that the
     diagonal Delta = W is the line of perfect agreement. `edges`: label, sample_id, src, dst,
     stratum, w, delta (the read model's faithfulness_edges); `agreement` (faithfulness_agreement)
-    puts each model's correlations over all its edges in its panel title."""
+    puts each model's per-stratum agreement in its panel title."""
     labels = list(dict.fromkeys(edges["label"]))
-    overall = {row["label"]: row for _, row in agreement[agreement["stratum"] == "all"].iterrows()}
     values = edges[["w", "delta"]].to_numpy(dtype=np.float64).ravel()
     linear, axis = _signed_log_axis(values)
     fig = make_subplots(rows=1, cols=max(len(labels), 1), horizontal_spacing=0.08,
-                        subplot_titles=[_agreement_title(label, overall.get(label)) for label in labels])
+                        subplot_titles=[_agreement_title(label, agreement[agreement["label"] == label])
+                                        for label in labels])
     span = float(np.abs(_signed_log(values[np.isfinite(values)], linear)).max()) if values.size else 1.0
     for col, label in enumerate(labels, start=1):
         part = edges[edges["label"] == label]
@@ -374,8 +379,8 @@ def faithfulness_scatter(edges: pd.DataFrame, agreement: pd.DataFrame) -> go.Fig
     fig.update_xaxes(title_text="W (edge score)", tickangle=0, **axis)
     fig.update_yaxes(title_text="Δ = L(edge removed) − L", **axis)
     fig.update_annotations(font_size=13)
-    # The legend sits above the panels' two-line titles.
-    fig.update_layout(height=500, legend={**TOP_LEGEND, "y": 1.2}, margin={"t": 130})
+    # The legend sits above the panels' three-line titles.
+    fig.update_layout(height=520, legend={**TOP_LEGEND, "y": 1.27}, margin={"t": 160})
     return fig
 
 

@@ -118,6 +118,9 @@ def test_the_page_shows_scatter_correlations_recovery_and_areas(monkeypatch, fai
     scatter, recovery = charts(at)
     titles = [a["text"] for a in scatter["layout"]["annotations"]]
     assert len(titles) == 2
+    # Each panel names its model and the agreement of each stratum apart, never pooled.
+    assert all(t.count("Spearman") == 2 and "top by |W|: Spearman" in t
+               and "drawn at random: Spearman" in t for t in titles), titles
     edges = ResultCache.open(path).faithfulness_edges(pair, ALPHA)
     points = [t for t in scatter["data"] if t.get("mode") == "markers"]
     assert {t["name"] for t in points} == {"top by |W|", "drawn at random"}
