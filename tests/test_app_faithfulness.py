@@ -242,3 +242,20 @@ def test_token_view_figure_shares_one_colour_range_and_names_long_answers_by_pos
     assert len(ranges) == 1 and next(iter(ranges))[1] > 1.0
     assert list(fig["layout"]["xaxis"]["ticktext"]) == ["␣t0", "␣t1", "␣t2"]
     assert fig["layout"]["xaxis2"]["title"]["text"] == "answer position"
+
+
+def test_the_stored_control_prints_as_markdown_from_the_cli(faith_cache, capsys):
+    """`python -m core faithfulness --run RUN --stored`: the README's table, read from the cache."""
+    from core.__main__ import main
+
+    path, pair, _ = faith_cache
+    assert main(["faithfulness", "--run", pair, "--cache", str(path), "--stored"]) == 0
+    out = capsys.readouterr().out
+    agreement = ResultCache.open(path).faithfulness_agreement(pair, ALPHA)
+    rows = [line for line in out.splitlines() if line.startswith(f"| {ALPHA:g} |")]
+    # One agreement row per model and stratum, then one recovery row per model and the ratio.
+    n_pairs = agreement.groupby(["label", "stratum"]).ngroups
+    assert n_pairs == 4 and len(rows) == n_pairs + 3
+    spearman = agreement[agreement["statistic"] == "spearman"].iloc[0]
+    assert f"{spearman['value']:.3f} [{spearman['low']:.3f}, {spearman['high']:.3f}]" in out
+    assert main(["faithfulness", "--run", "nope", "--cache", str(path), "--stored"]) == 2

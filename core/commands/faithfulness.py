@@ -37,9 +37,14 @@ def register(subparsers) -> None:
                                         "cache/circuitdiff.duckdb)")
     parser.add_argument("--questions", type=int, default=10,
                         help="with --run: the run's first N selected questions (default: 10)")
-    parser.add_argument("--edges", required=True, type=int,
-                        help="real edges ablated per sample (all of them when it exceeds their number)")
-    parser.add_argument("--out", required=True, type=Path, help="output JSON file")
+    parser.add_argument("--stored", action="store_true",
+                        help="with --run (no --alpha): print the run's stored faithfulness control "
+                             "(`run --controls faithfulness`) at each of its alphas as Markdown; "
+                             "computes nothing")
+    parser.add_argument("--edges", type=int,
+                        help="real edges ablated per sample (all of them when it exceeds their "
+                             "number); required unless --stored")
+    parser.add_argument("--out", type=Path, help="output JSON file; required unless --stored")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random half of the edges")
     parser.add_argument("--copies", type=int, default=8,
                         help="interventions per forward pass, as copies of one sample (memory grows "
@@ -53,6 +58,15 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.stored:
+        if args.run is None or args.alpha is not None or args.model or args.samples:
+            raise InputError("--stored takes --run (and --cache) only: it prints the control the "
+                             "run stored at every alpha")
+        print(stored_markdown(args.run, args.cache))
+        return 0
+    if args.edges is None or args.out is None:
+        raise InputError("give --edges N and --out FILE (or --stored with --run to print a stored "
+                         "control)")
     by_samples = args.model is not None or args.samples is not None
     by_run = args.run is not None or args.alpha is not None
     if by_samples == by_run or (by_samples and None in (args.model, args.samples)) or (
@@ -119,8 +133,36 @@ def _summary(report: dict) -> str:
 
 
 def _interval(bounds: list[float]) -> str:
-    return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
+    return "" if any(b is None or b != b for b in bounds) else f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
 
 def _shown(value: float | None) -> str:
-    return "undefined" if value is None else f"{value:.3f}"
+    return "undefined" if value is None or value != value else f"{value:.3f}"
+
+
+def stored_markdown(run_key: str, cache: str | None) -> str:
+    """The run's stored faithfulness control as Markdown, read through the read model: per alpha
+    and model, each stratum's agreement of W with Delta (per-question means with BCa intervals,
+    cross-fitted) and the kept fraction k at which circuit recovery reaches 0.8."""
+    from core.query import ResultCache
+
+    cache_view = ResultCache.open(cache)
+    alphas = cache_view.faithfulness_alphas(run_key)
+    if not alphas:
+        raise InputError(f"the run {run_key} has no stored faithfulness control; compute it with "
+                         f"`python -m core run ... --controls faithfulness`")
+    lines = ["| alpha | model | edges | Spearman | Pearson | same sign | slope of Delta on W |",
+             "|---|---|---|---|---|---|---|"]
+    recovery = ["| alpha | model | k at 80% recovery |", "|---|---|---|"]
+    for alpha in alphas:
+        agreement = cache_view.faithfulness_agreement(run_key, alpha)
+        for (label, stratum), rows in agreement.groupby(["label", "stratum"], sort=False):
+            cell = {row.statistic: f"{_shown(row.value)} {_interval([row.low, row.high])}"
+                    for row in rows.itertuples()}
+            lines.append(f"| {alpha:g} | {label} | {stratum} ({int(rows['n_edges'].iloc[0])} over "
+                         f"{int(rows['n_questions'].iloc[0])} questions) | {cell.get('spearman', '')} | "
+                         f"{cell.get('pearson', '')} | {cell.get('sign_agreement', '')} | "
+                         f"{cell.get('calibration_slope', '')} |")
+        for row in cache_view.recovery_k(run_key, alpha).itertuples():
+            recovery.append(f"| {alpha:g} | {row.label} | {_shown(row.k)} {_interval([row.low, row.high])} |")
+    return "\n".join(lines + [""] + recovery)
