@@ -23,7 +23,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from core.runstore import RunStore
 from core.store import SCHEMA_VERSION, CacheCorruptError, Store
 from core.synthetic import build_fixture_cache, build_tiny_model, tiny_tokenizer
 from core.templates import get_template
+from job_stand_ins import wait_for, wait_for_release
 from test_exchange import copy_export, entry_of, read_manifest, replace_file, write_manifest
 
 TABLE_ENV = "CIRCUITDIFF_BAD_INPUTS_TABLE"
@@ -1206,22 +1206,10 @@ def _stand_in_pipeline_run(request, progress=None, log=print):
                 "run_key": "committed", "stage": "generate", "items": 1, "seconds": 1.0,
                 "code_version": "test", "git_commit": "test", "created_at": dt.datetime.now()}])
         progress("generate", 1, 2)
-        release = Path(os.environ[RELEASE_ENV])
-        deadline = time.monotonic() + 60
-        while not release.exists():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the test never wrote {release}")
-            time.sleep(0.05)
+        wait_for_release(RELEASE_ENV)
     return types.SimpleNamespace(run_key=f"key-{request.pair}", done={}, seconds=0.0, t_cuts={},
                                  selection={"n_selected": 0}, control_runs={})
 
-
-def _wait_for(predicate, what: str, seconds: float = 120.0):
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"waited {seconds:.0f} s for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -1235,7 +1223,7 @@ def stand_in_runs(monkeypatch, tmp_path) -> Path:
 
 def _start_and_wait(cache: Path) -> jobs.JobStatus:
     job_id = jobs.start(RunRequest(pair="tiny", dataset="tiny", cache=str(cache)))
-    _wait_for(lambda: jobs.status(job_id, cache).done == 1, "the job's committed progress")
+    wait_for(lambda: jobs.status(job_id, cache).done == 1, "the job's committed progress")
     return jobs.status(job_id, cache)
 
 
@@ -1286,7 +1274,7 @@ def test_caches_in_one_folder_have_their_own_jobs(stand_in_runs, tmp_path):
     finally:
         stand_in_runs.touch()
     for cache in (a, b):
-        _wait_for(lambda: jobs.active_jobs(cache) == [], f"the job of {cache.name} to end")
+        wait_for(lambda: jobs.active_jobs(cache) == [], f"the job of {cache.name} to end")
         assert [j.state for j in jobs.list_jobs(cache)] == ["done"], Path(
             jobs.list_jobs(cache)[0].log_path).read_text()
 
@@ -1298,7 +1286,6 @@ def test_the_same_cache_by_another_path_shares_its_jobs(tmp_path):
 
 if __name__ == "__main__":  # the stand-in for `python -m core` that jobs.start runs in the job tests
     from core import pipeline
-    from core.__main__ import main
 
     pipeline.run = _stand_in_pipeline_run
     sys.exit(main(sys.argv[1:]))

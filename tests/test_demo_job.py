@@ -15,6 +15,7 @@ import pytest
 
 from core import jobs
 from core.demo.run import DEMO_PAIRS
+from job_stand_ins import wait_for, wait_for_release
 
 TESTS = Path(__file__).resolve().parent
 # The stand-in pipeline waits for this file before it returns, so the job stays active meanwhile.
@@ -25,22 +26,10 @@ def _stand_in_pipeline_run(request, progress=None, log=print):
     """Two items of one stage, then wait for the test's release file (60 s at most)."""
     progress("generate base", 0, 2)
     progress("generate base", 2, 2)
-    release = Path(os.environ[RELEASE_ENV])
-    deadline = time.monotonic() + 60
-    while not release.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the test never wrote {release}")
-        time.sleep(0.05)
+    wait_for_release(RELEASE_ENV)
     return types.SimpleNamespace(run_key=f"key-{request.pair}", done={}, seconds=0.0, t_cuts={},
                                  selection={"n_selected": 0})
 
-
-def _wait_for(predicate, what: str, seconds: float = 120.0):
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"waited {seconds:.0f} s for {what}")
-        time.sleep(0.1)
 
 
 def test_the_demo_job_reports_each_pairs_stage_and_a_second_start_is_refused(monkeypatch, tmp_path):
@@ -55,14 +44,14 @@ def test_the_demo_job_reports_each_pairs_stage_and_a_second_start_is_refused(mon
             active = jobs.active_jobs(cache)
             return active and active[0].stage == "demo-grpo: generate base" and active[0].done == 2
 
-        _wait_for(reported, "the first pair's progress in the status file")
+        wait_for(reported, "the first pair's progress in the status file")
         (job,) = jobs.active_jobs(cache)
         assert (job.job_id, job.label, job.state, job.total) == (job_id, "demo", "running", 2)
         with pytest.raises(jobs.JobConflictError, match=f"demo job {job_id} is still running"):
             jobs.start_demo(cache)
     finally:
         release.touch()
-    _wait_for(lambda: jobs.demo_jobs(cache)[0].state != "running", "the job to end")
+    wait_for(lambda: jobs.demo_jobs(cache)[0].state != "running", "the job to end")
     (job,) = jobs.demo_jobs(cache)
     log = Path(job.log_path).read_text()
     assert (job.state, job.message) == ("done", "demo pairs complete"), log
@@ -77,7 +66,7 @@ def test_a_running_demo_job_is_cancelled_and_a_new_start_is_taken(monkeypatch, t
     # Never released: only cancelling ends this job.
     monkeypatch.setenv(RELEASE_ENV, str(tmp_path / "never"))
     job_id = jobs.start_demo(cache, "extras")
-    _wait_for(lambda: jobs.active_jobs(cache) and jobs.active_jobs(cache)[0].done == 2,
+    wait_for(lambda: jobs.active_jobs(cache) and jobs.active_jobs(cache)[0].done == 2,
               "the job's progress")
     (job,) = jobs.active_jobs(cache)
     assert (job.label, job.demo) == ("demo extras", True)
