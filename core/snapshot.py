@@ -6,7 +6,8 @@
 - Answers are memoised in-process per run, under the run's content key (docs/method.md section 9):
   a write to one run leaves every other run's answers warm. Answers over all runs are keyed by the
   content keys of all runs. After any commit (the version token changes) the first call re-reads
-  every run's content key in one query and drops the answers of runs whose key changed.
+  every run's content key in one query and drops the answers of runs whose key changed; readers
+  of the same file in one process share the keys read at a version.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ class RunNotFoundError(NotFoundError):
 class _SnapshotMoved(Exception):
     """A commit landed between a call's first use of the content keys and its first database read."""
 
+
+# The content keys last read from each cache file (resolved path) in this process: a fresh reader
+# of an unchanged file (a new dashboard session) takes them instead of reading every run again.
+_KEYS_FOUND: dict[Path, "_Keys"] = {}
 
 # Attempts of a public call whose snapshot moved (each needs a commit within milliseconds).
 _ATTEMPTS = 5
@@ -161,7 +166,11 @@ class SnapshotReader:
             if local.keys is None or local.keys.token != token:
                 if local.used_keys:
                     raise _SnapshotMoved()
-                local.keys = self._publish(_Keys.of(token, self._read_content_keys(local.con)))
+                shared = _KEYS_FOUND.get(self.path.resolve())
+                if shared is None or shared.token != token:
+                    shared = _KEYS_FOUND[self.path.resolve()] = _Keys.of(
+                        token, self._read_content_keys(local.con))
+                local.keys = self._publish(shared)
         return local.con
 
     @staticmethod

@@ -146,6 +146,9 @@ TABLES = {
 # The version token at which each cache file (resolved path) was last found whole in this process:
 # every Store of a file shares it, so the whole-file check runs once per version, not per reader.
 _FOUND_WHOLE: dict[Path, tuple] = {}
+# Likewise the version token at which each file's schema was last found current: a fresh Store (a
+# fresh ResultCache, a new dashboard session) skips reading every table's columns again.
+_SCHEMA_FOUND: dict[Path, tuple] = {}
 
 
 class CacheError(CircuitdiffError, RuntimeError):
@@ -509,6 +512,10 @@ class Store:
     def _check_schema(self, con: duckdb.DuckDBPyConnection) -> None:
         if self._schema_checked:
             return
+        token = self.version_token()
+        if _SCHEMA_FOUND.get(self.path.resolve()) == token:
+            self._schema_checked = True
+            return
         try:
             row = fetch_one(con, "SELECT value FROM meta WHERE key = 'schema_version'")
         except duckdb.CatalogException:
@@ -540,6 +547,7 @@ class Store:
                               f"{SCHEMA_VERSION} has {columns}")
                 raise self._corrupt(difference)
         self._schema_checked = True
+        _SCHEMA_FOUND[self.path.resolve()] = token
 
     def schema_version(self) -> str | None:
         """The version the file declares (None: no cache there yet), read without checking it."""
