@@ -1,7 +1,7 @@
 """Dashboard query latency on a synthetic cache of the paper's grid, alone or against another commit.
 
 Fills a synthetic cache (4 pairs x 3 datasets x 4 alphas x 2 models x 100 samples, 28-32 layers,
-some 40 M edge scores; --small: 2 pairs x 1 dataset, some 6.5 M) through core/store.py, then times
+some 40 M edge scores; --small: 2 pairs x 1 dataset, 6.3 M) through core/store.py, then times
 each dashboard query on a fresh ResultCache (so in-process memoisation does not hide the database
 work). Each side runs in its own worker process, which verifies the file once (untimed) and then
 answers the queries it is sent (a fresh process's first open is not timed here).
