@@ -272,19 +272,30 @@ class ResultCache(SnapshotReader):
         return table[list(RUNS_COLUMNS)].reset_index(drop=True)
 
     def _run(self, run_key: str) -> dict[str, Any]:
-        def load() -> dict[str, Any]:
+        return self._cached(run_key, ("run",), lambda: self._runs_described()[run_key])
+
+    def _runs_described(self) -> dict[str, dict[str, Any]]:
+        """Every run's name, graph, score key, models and T_cuts, read in three queries: views over
+        all runs (the metric table, the Overview) need each, and a query per run cost more."""
+        def load() -> dict[str, dict[str, Any]]:
             con = self._connection()
-            row = fetch_one(con, "SELECT name, n_layers, granularity, score_key FROM runs "
-                                 "WHERE run_key = ?", [run_key])
-            models = con.execute("SELECT label, role FROM run_models WHERE run_key = ? "
-                                 "ORDER BY position", [run_key]).fetchall()
-            alphas = dict(con.execute("SELECT alpha, t_cut FROM run_alphas WHERE run_key = ?",
-                                      [run_key]).fetchall())
-            return {"name": row[0], "graph": ResidualGraph(row[1], row[2]), "score_key": row[3],
-                    "base": next(label for label, role in models if role == BASE_ROLE),
-                    "posts": [label for label, role in models if role == POST_ROLE],
-                    "t_cuts": alphas}
-        return self._cached(run_key, ("run",), load)
+            models: dict[str, list[tuple[str, str]]] = {}
+            for key, label, role in con.execute("SELECT run_key, label, role FROM run_models "
+                                                "ORDER BY run_key, position").fetchall():
+                models.setdefault(key, []).append((label, role))
+            alphas: dict[str, dict[float, int]] = {}
+            for key, alpha, t_cut in con.execute("SELECT run_key, alpha, t_cut FROM run_alphas"
+                                                 ).fetchall():
+                alphas.setdefault(key, {})[alpha] = t_cut
+            return {key: {"name": name, "graph": ResidualGraph(n_layers, granularity),
+                          "score_key": score_key,
+                          "base": next(label for label, role in models[key] if role == BASE_ROLE),
+                          "posts": [label for label, role in models[key] if role == POST_ROLE],
+                          "t_cuts": alphas.get(key, {})}
+                    for key, name, n_layers, granularity, score_key in con.execute(
+                        "SELECT run_key, name, n_layers, granularity, score_key FROM runs"
+                    ).fetchall()}
+        return self._cached(None, ("runs described",), load)
 
     def _label(self, run_key: str, model: str | None) -> str:
         """The stored label of `model`: 'base', a label, or None for the first post model."""
