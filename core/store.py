@@ -297,8 +297,6 @@ class Store:
         self.lock_path = Path(str(self.path) + ".writer.lock")
         self.version_path = Path(str(self.path) + ".version")
         self._schema_checked = False
-        # The version_token at which the file was last found whole (None: not checked yet).
-        self._checked_token: tuple | None = None
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -360,7 +358,7 @@ class Store:
     def check_file(self) -> None:
         """Raise CacheCorruptError when the file is damaged (see file_damage); opens it read-only,
         so nothing is written to it."""
-        if not self.exists() or self._checked_token == self.version_token():
+        if not self.exists() or self._found_whole(self.version_token()):
             return
         con = self._connect(read_only=True, timeout=OPEN_TIMEOUT_S)
         try:
@@ -371,8 +369,7 @@ class Store:
     def _check_open_file(self, con: duckdb.DuckDBPyConnection) -> None:
         """check_file on an open connection (while it is open, no writer changes the file)."""
         token = self.version_token()
-        if token in (self._checked_token, _FOUND_WHOLE.get(self.path.resolve())):
-            self._checked_token = token
+        if self._found_whole(token):
             return
         try:
             damage = file_damage(con, self.path)
@@ -382,7 +379,11 @@ class Store:
             raise self._failure(error, "read") from error
         if damage:
             raise self._corrupt(damage)
-        self._checked_token = _FOUND_WHOLE[self.path.resolve()] = token
+        _FOUND_WHOLE[self.path.resolve()] = token
+
+    def _found_whole(self, token: tuple) -> bool:
+        """Whether this process found the file whole at version `token`."""
+        return _FOUND_WHOLE.get(self.path.resolve()) == token
 
     def check_writable(self) -> None:
         """Raise OutputPathError unless the cache's folder (for the file, its lock, write-ahead log
@@ -441,7 +442,7 @@ class Store:
             finally:
                 con.close()
             # This process wrote the file as it is now, holding the writer lock.
-            self._checked_token = _FOUND_WHOLE[self.path.resolve()] = self.version_token()
+            _FOUND_WHOLE[self.path.resolve()] = self.version_token()
 
     @contextlib.contextmanager
     def writer_lock(self, wait: bool = False, timeout: float = OPEN_TIMEOUT_S) -> Iterator[None]:
